@@ -1,0 +1,1 @@
+"""cluo-coord: the in-cluster coordinator that grants reboot slots."""

@@ -1,0 +1,1 @@
+"""cluo-agent: the host daemon that drains and reboots its own node."""

@@ -1,0 +1,311 @@
+"""The wire contract between cluo-agent, cluo-coord, hook DaemonSets and admins.
+
+Every annotation and label key cluo reads or writes is declared here, once, with who
+writes it and which values it takes. The keys keep CLUO's names under a configurable
+prefix, so cluo drops into a CLUO cluster (the default prefix) or a FLUO cluster
+(``FLUO_PREFIX``) and existing hook DaemonSets keep working. Keys that cluo adds to the
+CLUO protocol are marked ``cluo_extension``.
+
+This module is pure: it imports no I/O library and reads no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+CLUO_PREFIX = "container-linux-update.v1.coreos.com/"
+FLUO_PREFIX = "flatcar-linux-update.v1.flatcar-linux.net/"
+DEFAULT_PREFIX = CLUO_PREFIX
+
+TRUE = "true"
+FALSE = "false"
+
+# Reboot slots: one coordination.k8s.io/v1 Lease per slot, in the coordinator's
+# namespace, named SLOT_LEASE_PREFIX + slot index; holderIdentity is the node name.
+SLOT_LEASE_PREFIX = "cluo-reboot-slot-"
+LEADER_LEASE_NAME = "cluo-coord-leader"
+# Marks a Lease as a cluo reboot slot, so other Leases in the namespace are ignored.
+SLOT_LEASE_LABEL = "cluo.flatcar-linux.net/reboot-slot"
+
+_PREFIX_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]*[a-z0-9])?/$")
+_LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+class ProtocolError(ValueError):
+    """A key, prefix or value does not follow the protocol."""
+
+
+class Kind(enum.Enum):
+    ANNOTATION = "annotation"
+    LABEL = "label"
+
+
+class Writer(enum.Enum):
+    AGENT = "agent"
+    COORDINATOR = "coordinator"
+    ADMIN = "admin"
+    HOOK = "hook"
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One key of the protocol: its name below the prefix and its meaning."""
+
+    name: str
+    kind: Kind
+    writer: Writer
+    values: str
+    meaning: str
+    cluo_extension: bool = False
+
+
+# The whole vocabulary, in the order docs/protocol.md lists it.
+SPECS: tuple[KeySpec, ...] = (
+    KeySpec("reboot-needed", Kind.ANNOTATION, Writer.AGENT, "true/false",
+            "update_engine reported UPDATE_STATUS_UPDATED_NEED_REBOOT, or an admin asked "
+            "for a reboot by setting it to true."),
+    KeySpec("reboot-in-progress", Kind.ANNOTATION, Writer.AGENT, "true/false",
+            "The agent acted on the grant: it is draining or rebooting the node."),
+    KeySpec("reboot-ok", Kind.ANNOTATION, Writer.COORDINATOR, "true/false",
+            "The grant. true: the node may drain and reboot. Set back to false (never "
+            "deleted) once the after-reboot phase is over."),
+    KeySpec("reboot-paused", Kind.ANNOTATION, Writer.ADMIN, "true/false",
+            "true: the coordinator grants this node nothing."),
+    KeySpec("status", Kind.ANNOTATION, Writer.AGENT, "UPDATE_STATUS_*",
+            "update_engine's current_operation, mirrored."),
+    KeySpec("new-version", Kind.ANNOTATION, Writer.AGENT, "OS version",
+            "update_engine's new_version (0.0.0 when there is none), mirrored."),
+    KeySpec("last-checked-time", Kind.ANNOTATION, Writer.AGENT, "Unix seconds",
+            "update_engine's last_checked_time, mirrored."),
+    KeySpec("agent-made-unschedulable", Kind.ANNOTATION, Writer.AGENT, "true/false",
+            "The agent cordoned the node, so it may uncordon it. A node an admin "
+            "cordoned stays cordoned."),
+    KeySpec("boot-id-before-reboot", Kind.ANNOTATION, Writer.AGENT, "boot id",
+            "/proc/sys/kernel/random/boot_id recorded just before the agent asked logind "
+            "to reboot; a different boot id afterwards proves the reboot happened.",
+            cluo_extension=True),
+    KeySpec("blocked-reason", Kind.ANNOTATION, Writer.AGENT, "text, empty when none",
+            "Why the agent's current cycle cannot go on (pods blocking the drain, a "
+            "refused reboot); cleared when it goes on.", cluo_extension=True),
+    KeySpec("release-slot", Kind.ANNOTATION, Writer.ADMIN, "true",
+            "An admin releases the reboot slot of a node that did not come back; the "
+            "coordinator clears it when done.", cluo_extension=True),
+    KeySpec("reboot-needed", Kind.LABEL, Writer.AGENT, "true/false",
+            "Mirror of the reboot-needed annotation, for selectors."),
+    KeySpec("before-reboot", Kind.LABEL, Writer.COORDINATOR, "true (absent otherwise)",
+            "Before-reboot hook DaemonSets select on it; removed when the grant is given."),
+    KeySpec("after-reboot", Kind.LABEL, Writer.COORDINATOR, "true (absent otherwise)",
+            "After-reboot hook DaemonSets select on it; removed when the slot is released."),
+    KeySpec("id", Kind.LABEL, Writer.AGENT, "os-release ID",
+            "ID from /etc/os-release, quotes stripped."),
+    KeySpec("version", Kind.LABEL, Writer.AGENT, "os-release VERSION",
+            "VERSION from /etc/os-release, quotes stripped."),
+    KeySpec("group", Kind.LABEL, Writer.AGENT, "update group",
+            "GROUP from /usr/share/flatcar/update.conf, overridden by "
+            "/etc/flatcar/update.conf."),
+)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The full key strings for one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.match(self.prefix) or len(self.prefix) > 254:
+            raise ProtocolError(
+                f"annotation prefix {self.prefix!r} is not a DNS subdomain followed by '/'"
+            )
+
+    def key(self, name: str) -> str:
+        if not any(spec.name == name for spec in SPECS):
+            raise ProtocolError(f"{name!r} is not a key of the protocol")
+        return self.prefix + name
+
+    @property
+    def reboot_needed(self) -> str:
+        return self.prefix + "reboot-needed"
+
+    @property
+    def reboot_in_progress(self) -> str:
+        return self.prefix + "reboot-in-progress"
+
+    @property
+    def reboot_ok(self) -> str:
+        return self.prefix + "reboot-ok"
+
+    @property
+    def reboot_paused(self) -> str:
+        return self.prefix + "reboot-paused"
+
+    @property
+    def status(self) -> str:
+        return self.prefix + "status"
+
+    @property
+    def new_version(self) -> str:
+        return self.prefix + "new-version"
+
+    @property
+    def last_checked_time(self) -> str:
+        return self.prefix + "last-checked-time"
+
+    @property
+    def agent_made_unschedulable(self) -> str:
+        return self.prefix + "agent-made-unschedulable"
+
+    @property
+    def boot_id_before_reboot(self) -> str:
+        return self.prefix + "boot-id-before-reboot"
+
+    @property
+    def blocked_reason(self) -> str:
+        return self.prefix + "blocked-reason"
+
+    @property
+    def release_slot(self) -> str:
+        return self.prefix + "release-slot"
+
+    @property
+    def before_reboot(self) -> str:
+        return self.prefix + "before-reboot"
+
+    @property
+    def after_reboot(self) -> str:
+        return self.prefix + "after-reboot"
+
+    @property
+    def id(self) -> str:
+        return self.prefix + "id"
+
+    @property
+    def version(self) -> str:
+        return self.prefix + "version"
+
+    @property
+    def group(self) -> str:
+        return self.prefix + "group"
+
+
+def parse_bool(key: str, value: str | None) -> bool:
+    """Read a "true"/"false" value; a missing key is false, anything else is an error."""
+    if value is None or value == FALSE:
+        return False
+    if value == TRUE:
+        return True
+    raise ProtocolError(f"{key} must be 'true' or 'false', not {value!r}")
+
+
+def render_bool(value: bool) -> str:
+    return TRUE if value else FALSE
+
+
+def parse_bool_lenient(key: str, value: str | None) -> tuple[bool, str | None]:
+    """Like parse_bool, but a bad value reads as false and comes back as a complaint.
+
+    Readers use this so that one mistyped annotation on one node is reported instead
+    of stopping the whole controller.
+    """
+    try:
+        return parse_bool(key, value), None
+    except ProtocolError as err:
+        return False, str(err)
+
+
+def label_value(raw: str) -> str:
+    """Turn free text (an os-release field, a group) into a valid label value.
+
+    Quotes are stripped (FLUO crash-looped on quoted VERSION values); characters a
+    label value cannot hold become '_'; the result is cut to 63 characters.
+    """
+    value = raw.strip().strip("\"'")
+    value = re.sub(r"[^A-Za-z0-9_.-]", "_", value)[:63]
+    value = value.strip("_.-")
+    if not _LABEL_VALUE_RE.match(value):  # pragma: no cover - the steps above ensure it
+        raise ProtocolError(f"cannot make a label value out of {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class NodeProtocolState:
+    """What a node's annotations and labels say, typed.
+
+    ``complaints`` lists values that did not parse; they read as false.
+    """
+
+    reboot_needed: bool = False
+    reboot_in_progress: bool = False
+    reboot_ok: bool = False
+    reboot_paused: bool = False
+    agent_made_unschedulable: bool = False
+    release_slot: bool = False
+    before_reboot: bool = False
+    after_reboot: bool = False
+    status: str = ""
+    new_version: str = ""
+    last_checked_time: str = ""
+    boot_id_before_reboot: str = ""
+    blocked_reason: str = ""
+    complaints: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_metadata(
+        cls,
+        keys: Keys,
+        annotations: Mapping[str, str] | None,
+        labels: Mapping[str, str] | None,
+    ) -> NodeProtocolState:
+        annotations = annotations or {}
+        labels = labels or {}
+        complaints: list[str] = []
+
+        def flag(source: Mapping[str, str], key: str) -> bool:
+            value, complaint = parse_bool_lenient(key, source.get(key))
+            if complaint:
+                complaints.append(complaint)
+            return value
+
+        return cls(
+            reboot_needed=flag(annotations, keys.reboot_needed),
+            reboot_in_progress=flag(annotations, keys.reboot_in_progress),
+            reboot_ok=flag(annotations, keys.reboot_ok),
+            reboot_paused=flag(annotations, keys.reboot_paused),
+            agent_made_unschedulable=flag(annotations, keys.agent_made_unschedulable),
+            release_slot=flag(annotations, keys.release_slot),
+            before_reboot=flag(labels, keys.before_reboot),
+            after_reboot=flag(labels, keys.after_reboot),
+            status=annotations.get(keys.status, ""),
+            new_version=annotations.get(keys.new_version, ""),
+            last_checked_time=annotations.get(keys.last_checked_time, ""),
+            boot_id_before_reboot=annotations.get(keys.boot_id_before_reboot, ""),
+            blocked_reason=annotations.get(keys.blocked_reason, ""),
+            complaints=tuple(complaints),
+        )
+
+
+def hooks_done(keys_required: tuple[str, ...], annotations: Mapping[str, str] | None) -> bool:
+    """True when every user-chosen hook annotation is "true" (CLUO hook semantics)."""
+    annotations = annotations or {}
+    return all(annotations.get(key) == TRUE for key in keys_required)
+
+
+def parse_hook_annotations(raw: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of hook annotation keys (full keys, not names)."""
+    keys = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for key in keys:
+        prefix, _, name = key.rpartition("/")
+        if not name or not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", name):
+            raise ProtocolError(f"hook annotation {key!r} is not a valid annotation key")
+        if prefix and not _PREFIX_RE.match(prefix + "/"):
+            raise ProtocolError(f"hook annotation {key!r} has an invalid prefix {prefix!r}")
+    return keys
+
+
+def slot_lease_name(index: int) -> str:
+    if index < 0:
+        raise ProtocolError(f"slot index must not be negative, got {index}")
+    return f"{SLOT_LEASE_PREFIX}{index}"

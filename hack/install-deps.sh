@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Install what `make test` needs on a Debian bookworm machine, as root:
+# the Debian packages, then the Python virtualenv with cluo and its test tools.
+# Idempotent and quiet when everything is already there.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+
+# Debian packages:
+#  - libsystemd-dev, libdbus-1-dev, libglib2.0-dev, pkg-config: systemd-python
+#    and dbus-python (python-dbusmock's dependency) build from source.
+#  - dbus-daemon: private system buses for the dbus tests.
+#  - openssl: certificates and keys for the test control plane.
+#  - systemd-container, mmdebstrap: real systemd hosts for the e2e tests.
+#  - squashfs-tools: the agent's systemd-sysext image.
+packages=(
+    libsystemd-dev libdbus-1-dev libglib2.0-dev pkg-config dbus-daemon
+    openssl systemd-container mmdebstrap squashfs-tools
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "missing Debian packages (${missing[*]}); run as root to install them" >&2
+        exit 1
+    fi
+    echo "installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv=${CLUO_VENV:-$root/.venv}
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+stamp="$venv/.cluo-installed"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q -e "$root[test]"
+    touch "$stamp"
+fi
