@@ -89,7 +89,9 @@ SPECS: tuple[KeySpec, ...] = (
             cluo_extension=True),
     KeySpec("blocked-reason", Kind.ANNOTATION, Writer.AGENT, "text, empty when none",
             "Why the agent's current cycle cannot go on (pods blocking the drain, a "
-            "refused reboot); cleared when it goes on.", cluo_extension=True),
+            "refused reboot); cleared when it goes on. Together with reboot-ok=true and "
+            "reboot-in-progress=false it hands the grant back: the coordinator sets "
+            "reboot-ok=false and frees the slot.", cluo_extension=True),
     KeySpec("release-slot", Kind.ANNOTATION, Writer.ADMIN, "true",
             "An admin releases the reboot slot of a node that did not come back; the "
             "coordinator clears it when done.", cluo_extension=True),
@@ -243,6 +245,7 @@ class NodeProtocolState:
     reboot_paused: bool = False
     agent_made_unschedulable: bool = False
     release_slot: bool = False
+    reboot_needed_label: bool = False
     before_reboot: bool = False
     after_reboot: bool = False
     status: str = ""
@@ -276,6 +279,7 @@ class NodeProtocolState:
             reboot_paused=flag(annotations, keys.reboot_paused),
             agent_made_unschedulable=flag(annotations, keys.agent_made_unschedulable),
             release_slot=flag(annotations, keys.release_slot),
+            reboot_needed_label=flag(labels, keys.reboot_needed),
             before_reboot=flag(labels, keys.before_reboot),
             after_reboot=flag(labels, keys.after_reboot),
             status=annotations.get(keys.status, ""),
