@@ -160,11 +160,11 @@ class _Process:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0, *, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)
+            os.killpg(self.popen.pid, sig)
         try:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -280,10 +280,14 @@ class ControlPlane:
         self._wait_https(process, "/readyz", "kube-apiserver ready")
 
     def stop_apiserver(self) -> None:
-        """Stop the API server only (etcd keeps the state), for outage tests."""
+        """Kill the API server only (etcd keeps the state), for outage tests.
+
+        SIGKILL: an abrupt outage is the harder case, and a graceful stop waits for open
+        watches to drain (up to a minute).
+        """
         process = self._processes.get("kube-apiserver")
         if process:
-            process.stop()
+            process.stop(sig=signal.SIGKILL)
 
     def _start_controller_manager(self) -> None:
         self._spawn("kube-controller-manager", [

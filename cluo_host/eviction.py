@@ -1,0 +1,246 @@
+"""Pods bound to a node: list them, evict them (PDBs respected), delete them, check on them.
+
+Pods are summarised as ``drain_plan.PodSummary`` (the drain planner's input), read from
+the API server's JSON rather than the client's generated models. Evictions and deletions
+carry the pod's UID as a precondition, so a replacement pod that took the same name (a
+StatefulSet's) is never hit by a request meant for its predecessor.
+
+The calls are synchronous; the async agent runs them with ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import kubernetes.client
+from kubernetes.client.exceptions import ApiException
+
+from cluo_host.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
+from cluo_host.errors import KubeError, kube_error, status_details
+from cluo_host.kube_nodes import DEFAULT_REQUEST_TIMEOUT, TRANSPORT_ERRORS, read_json
+
+__all__ = [
+    "BlockedByBudget",
+    "Deleted",
+    "DeletionOutcome",
+    "Evicted",
+    "EvictionOutcome",
+    "Gone",
+    "KubePods",
+    "PodApi",
+    "PodState",
+    "Present",
+    "pod_summary",
+]
+
+log = logging.getLogger(__name__)
+
+LIST_PAGE_SIZE = 500
+DISRUPTION_BUDGET_CAUSE = "DisruptionBudget"  # policy/v1 DisruptionBudgetCause
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """The API server accepted the eviction: the pod is terminating (or already gone)."""
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """The API server accepted the deletion: the pod is terminating (or already gone)."""
+
+
+@dataclass(frozen=True)
+class BlockedByBudget:
+    """Eviction refused (429) by a PodDisruptionBudget; ``message`` is the server's."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Gone:
+    """The pod (this UID) no longer exists; ``replaced_by`` is the UID of a pod that
+    took its name since, if any."""
+
+    replaced_by: str | None = None
+
+
+@dataclass(frozen=True)
+class Present:
+    """The pod (this UID) still exists; ``deleting``: its deletion has started."""
+
+    uid: str
+    deleting: bool = False
+
+
+EvictionOutcome = Evicted | BlockedByBudget | Gone
+DeletionOutcome = Deleted | Gone
+PodState = Gone | Present
+
+
+class PodApi(Protocol):
+    """What the agent's drain needs from the API about pods."""
+
+    def pods_on_node(self, node: str) -> list[PodSummary]: ...
+
+    def evict(
+        self, pod: PodSummary, grace_period_seconds: int | None = None
+    ) -> EvictionOutcome: ...
+
+    def delete(
+        self, pod: PodSummary, grace_period_seconds: int | None = None
+    ) -> DeletionOutcome: ...
+
+    def pod_state(self, namespace: str, name: str, uid: str) -> PodState: ...
+
+
+def pod_summary(obj: Mapping[str, Any]) -> PodSummary:
+    """Summarise a Pod object as the API server sends it (JSON, camelCase keys)."""
+    metadata = obj.get("metadata") or {}
+    owners = tuple(
+        OwnerRef(
+            kind=str(ref.get("kind") or ""),
+            name=str(ref.get("name") or ""),
+            controller=bool(ref.get("controller")),
+        )
+        for ref in metadata.get("ownerReferences") or []
+    )
+    return PodSummary(
+        namespace=str(metadata.get("namespace") or ""),
+        name=str(metadata.get("name") or ""),
+        uid=str(metadata.get("uid") or ""),
+        owners=owners,
+        mirror=MIRROR_POD_ANNOTATION in (metadata.get("annotations") or {}),
+        phase=str((obj.get("status") or {}).get("phase") or "Pending"),
+        deleting=bool(metadata.get("deletionTimestamp")),
+    )
+
+
+class KubePods:
+    """``PodApi`` on a real API server."""
+
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        *,
+        request_timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT,
+    ) -> None:
+        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._timeout = request_timeout
+
+    def pods_on_node(self, node: str) -> list[PodSummary]:
+        """Every pod bound to ``node`` (spec.nodeName), in all namespaces."""
+        action = f"listing the pods on node {node!r}"
+        pods: list[PodSummary] = []
+        token: str | None = None
+        try:
+            while True:
+                page = read_json(self._core.list_pod_for_all_namespaces(
+                    field_selector=f"spec.nodeName={node}",
+                    limit=LIST_PAGE_SIZE,
+                    _continue=token,
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                ))
+                pods.extend(pod_summary(item) for item in page.get("items") or [])
+                token = (page.get("metadata") or {}).get("continue") or None
+                if token is None:
+                    return pods
+        except (ApiException, *TRANSPORT_ERRORS) as err:
+            raise kube_error(action, err) from err
+
+    def evict(self, pod: PodSummary, grace_period_seconds: int | None = None) -> EvictionOutcome:
+        """Ask the Eviction API to remove the pod; PodDisruptionBudgets are respected.
+
+        ``Evicted``: accepted. ``BlockedByBudget``: a budget refused it (try again
+        later). ``Gone``: the pod had already gone. Anything else raises ``KubeError``
+        (a 429 that is not from a budget, API throttling, has kind "blocked").
+        """
+        action = f"evicting pod {pod.ref!r}"
+        body = kubernetes.client.V1Eviction(
+            metadata=kubernetes.client.V1ObjectMeta(name=pod.name, namespace=pod.namespace),
+            delete_options=self._delete_options(pod, grace_period_seconds),
+        )
+        try:
+            read_json(self._core.create_namespaced_pod_eviction(
+                pod.name, pod.namespace, body,
+                _preload_content=False, _request_timeout=self._timeout,
+            ))
+        except ApiException as err:
+            if err.status == 429:
+                details = status_details(err.body)
+                if any(reason == DISRUPTION_BUDGET_CAUSE for reason, _ in details.causes) or (
+                    "disruption budget" in details.message.lower()
+                ):
+                    causes = "; ".join(m for _, m in details.causes if m)
+                    text = details.message.rstrip(".")
+                    text = f"{text}: {causes}" if text and causes else text or causes
+                    log.info("eviction blocked by a disruption budget",
+                             extra={"POD": pod.ref, "DETAIL": text})
+                    return BlockedByBudget(text)
+            return self._settle(action, pod, err)
+        except TRANSPORT_ERRORS as err:
+            raise kube_error(action, err) from err
+        log.info("pod evicted", extra={"POD": pod.ref})
+        return Evicted()
+
+    def delete(self, pod: PodSummary, grace_period_seconds: int | None = None) -> DeletionOutcome:
+        """Delete the pod outright (the "force" drain policy): budgets are NOT respected."""
+        action = f"deleting pod {pod.ref!r}"
+        try:
+            read_json(self._core.delete_namespaced_pod(
+                pod.name, pod.namespace,
+                body=self._delete_options(pod, grace_period_seconds),
+                _preload_content=False, _request_timeout=self._timeout,
+            ))
+        except ApiException as err:
+            return self._settle(action, pod, err)
+        except TRANSPORT_ERRORS as err:
+            raise kube_error(action, err) from err
+        log.info("pod deleted", extra={"POD": pod.ref})
+        return Deleted()
+
+    def pod_state(self, namespace: str, name: str, uid: str) -> PodState:
+        """Whether the pod with this UID still exists (a same-named successor does not count)."""
+        action = f"reading pod '{namespace}/{name}'"
+        try:
+            obj = read_json(self._core.read_namespaced_pod(
+                name, namespace, _preload_content=False, _request_timeout=self._timeout
+            ))
+        except ApiException as err:
+            if err.status == 404:
+                return Gone()
+            raise kube_error(action, err) from err
+        except TRANSPORT_ERRORS as err:
+            raise kube_error(action, err) from err
+        current = pod_summary(obj)
+        if current.uid != uid:
+            return Gone(replaced_by=current.uid)
+        return Present(uid, deleting=current.deleting)
+
+    def _settle(self, action: str, pod: PodSummary, err: ApiException) -> Gone:
+        """A failed evict/delete: the pod already gone is success, anything else raises."""
+        if err.status == 404:
+            return Gone()
+        if err.status == 409:
+            # The UID precondition failed: the name now belongs to another pod.
+            state = self.pod_state(pod.namespace, pod.name, pod.uid)
+            if isinstance(state, Gone):
+                return state
+        error: KubeError = kube_error(action, err)
+        raise error from err
+
+    @staticmethod
+    def _delete_options(
+        pod: PodSummary, grace_period_seconds: int | None
+    ) -> kubernetes.client.V1DeleteOptions:
+        return kubernetes.client.V1DeleteOptions(
+            grace_period_seconds=grace_period_seconds,
+            preconditions=kubernetes.client.V1Preconditions(uid=pod.uid) if pod.uid else None,
+        )
+
+
+if TYPE_CHECKING:  # the real adapter satisfies the protocol fakes are written against
+    _POD_API: type[PodApi] = KubePods
