@@ -1,10 +1,73 @@
-"""Entry point of cluo-agent (composition root)."""
+"""cluo-agent's composition root: settings, logging, the real adapters, the agent."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
 import sys
+from collections.abc import Callable, Sequence
+
+from cluo_host.agent import Agent
+from cluo_host.config import AgentSettings, load_settings
+from cluo_host.errors import CluoError
+from cluo_host.eviction import KubePods
+from cluo_host.host_facts import read_host_facts
+from cluo_host.journal import setup_logging
+from cluo_host.kube_config import kubeconfig_client
+from cluo_host.kube_nodes import KubeNodes
+from cluo_host.logind import Logind
+from cluo_host.notify import Notifier, watchdog_interval
+from cluo_host.update_engine import UpdateEngine, UpdateEngineEvent
+
+log = logging.getLogger("cluo_host")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("cluo-agent: not built yet (see issue 3)", file=sys.stderr)
-    return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings(args, os.environ)
+    except CluoError as err:
+        print(f"cluo-agent: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    use_journal = {"auto": None, "journal": True, "stderr": False}[settings.log_target]
+    setup_logging("cluo-agent", getattr(logging, settings.log_level.upper()),
+                  use_journal=use_journal)
+    try:
+        return asyncio.run(_run(settings))
+    except CluoError as err:
+        log.error("cluo-agent cannot start", extra={"ERROR": str(err), "KIND": err.kind})
+        return EXIT_CONFIG if err.kind in ("invalid", "not_found", "forbidden") else EXIT_FAILURE
+
+
+async def _run(settings: AgentSettings) -> int:
+    host = read_host_facts(settings.host_root)
+    api = kubeconfig_client(settings.kubeconfig, "cluo-agent")
+
+    def engine(on_event: Callable[[UpdateEngineEvent], None]) -> UpdateEngine:
+        return UpdateEngine(on_event)
+
+    notifier = Notifier()
+    agent = Agent(
+        settings,
+        host=host,
+        nodes=KubeNodes(api, settings.keys),
+        pods=KubePods(api),
+        engine_factory=engine,
+        rebooter=Logind(settings.bus_address),
+        notifier=notifier,
+        watchdog_interval=watchdog_interval(),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        return await agent.run(stop)
+    finally:
+        notifier.close()
+        api.close()  # type: ignore[no-untyped-call]

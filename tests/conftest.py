@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import kubernetes.client
 import pytest
 from kubernetes.client.rest import ApiException
 
 from tests.testbed.controlplane import ControlPlane, running_control_plane
+from tests.testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, MockService, spawn_mock
 
 pytest_plugins = ["dbusmock.pytest_fixtures"]
 
@@ -61,3 +63,38 @@ def service_account_client(
     yield make
     for client in clients:
         client.close()
+
+
+# -- private system bus -------------------------------------------------------------------
+# `dbusmock_system` (python-dbusmock) starts one private dbus-daemon per session and points
+# DBUS_SYSTEM_BUS_ADDRESS at it. Each mock fixture runs a fresh mock process per test; give
+# it template parameters with indirect parametrization:
+#     @pytest.mark.parametrize("update_engine_mock", [{"NewVersion": "4152.2.0"}], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def system_bus_address(dbusmock_system) -> str:  # type: ignore[no-untyped-def]
+    """Address of the private system bus, for MessageBus(bus_address=..., BusType.SYSTEM)."""
+    return str(dbusmock_system.address)
+
+
+def _spawn(request: pytest.FixtureRequest, template: Path, log_dir: Path) -> Iterator[MockService]:
+    parameters = getattr(request, "param", None)
+    with spawn_mock(template, parameters, log_dir / f"{template.stem}-mock.log") as mock:
+        yield mock
+
+
+@pytest.fixture
+def update_engine_mock(
+    request: pytest.FixtureRequest, system_bus_address: str, tmp_path: Path
+) -> Iterator[MockService]:
+    """com.coreos.update1 (tests/testbed/dbus_templates/update_engine.py)."""
+    yield from _spawn(request, UPDATE_ENGINE_TEMPLATE, tmp_path)
+
+
+@pytest.fixture
+def logind_mock(
+    request: pytest.FixtureRequest, system_bus_address: str, tmp_path: Path
+) -> Iterator[MockService]:
+    """org.freedesktop.login1 (tests/testbed/dbus_templates/logind.py)."""
+    yield from _spawn(request, LOGIND_TEMPLATE, tmp_path)

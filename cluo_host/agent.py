@@ -1,0 +1,413 @@
+"""The agent's driver: observe, ``decide``, act, and wait for the next change.
+
+All decisions are made by ``agent_core.decide``; this module only gathers the
+observation (the node from a watch, update_engine's status from D-Bus, the boot id, the
+drain and the reboot attempts it runs) and performs the actions, through the adapters it
+was given (``NodeApi``, ``PodApi``, ``UpdateStatusSource``, ``Rebooter``,
+``ServiceNotifier``). Kubernetes calls are synchronous and run in threads; the node
+watch runs in a thread of its own and wakes the loop on every change.
+
+The loop never sleeps blindly: it waits for a wake-up (node changed, update_engine
+status, drain progress) or for the decision's ``recheck_after``, whichever is first.
+A failed action stops the decision; the next one is made from a fresh observation after
+a backoff, so an API server or bus outage is ridden out without exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cluo_host.agent_core import (
+    AbortDrain,
+    Action,
+    ClearRebootAttempts,
+    Cordon,
+    Decision,
+    DrainStatus,
+    EmitEvent,
+    ForceDrain,
+    Observation,
+    PatchNode,
+    Reboot,
+    RebootAttempt,
+    RebootOutcome,
+    StartDrain,
+    Uncordon,
+    blocking_inhibitors,
+    decide,
+    describe_inhibitors,
+)
+from cluo_host.config import AgentSettings
+from cluo_host.drainer import Drainer
+from cluo_host.errors import CluoError, WatchExpired
+from cluo_host.eviction import PodApi
+from cluo_host.host_facts import HostFacts
+from cluo_host.kube_nodes import NodeApi, NodeSnapshot
+from cluo_host.logind import Rebooter, RebootError, RebootRefused
+from cluo_host.notify import ServiceNotifier, watchdog_loop
+from cluo_host.protocol import label_value
+from cluo_host.update_engine import (
+    BusDisconnected,
+    BusReconnected,
+    StatusUpdated,
+    UpdateEngineEvent,
+    UpdateStatusSource,
+)
+from cluo_host.update_status import UpdateEngineStatus
+
+log = logging.getLogger(__name__)
+
+WATCH_TIMEOUT_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 0.5
+    maximum: float = 30.0
+
+    def delay(self, failures: int) -> float:
+        return float(min(self.initial * 2 ** max(failures - 1, 0), self.maximum))
+
+
+def _newer(candidate: NodeSnapshot, current: NodeSnapshot | None) -> bool:
+    """Whether ``candidate`` is not older than ``current`` (resourceVersions compared as
+    numbers when both are; etcd's are)."""
+    if current is None:
+        return True
+    try:
+        return int(candidate.resource_version) >= int(current.resource_version)
+    except ValueError:
+        return True
+
+
+class Agent:
+    """One agent for one node. ``await run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        host: HostFacts,
+        nodes: NodeApi,
+        pods: PodApi,
+        engine_factory: Callable[[Callable[[UpdateEngineEvent], None]], UpdateStatusSource],
+        rebooter: Rebooter,
+        notifier: ServiceNotifier,
+        watchdog_interval: float | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._settings = settings
+        self._host = host
+        self._nodes = nodes
+        self._pods = pods
+        self._engine = engine_factory(self._on_engine_event)
+        self._rebooter = rebooter
+        self._notifier = notifier
+        self._watchdog_interval = watchdog_interval
+        self._backoff = backoff or Backoff()
+        self._name = settings.node_name
+        self._wake = asyncio.Event()
+        self._node: NodeSnapshot | None = None
+        self._engine_status: UpdateEngineStatus | None = None
+        self._drainer: Drainer | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._attempts: tuple[RebootAttempt, ...] = ()
+        self._watch_stop = threading.Event()
+        self._watch_thread: threading.Thread | None = None
+        self._watch_stream: object | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_phase = ""
+        self._last_status = ""
+        self.decisions = 0  # how many decisions were made (for tests and benchmarks)
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> int:
+        self._loop = asyncio.get_running_loop()
+        watchdog: asyncio.Task[None] | None = None
+        if self._watchdog_interval:
+            watchdog = asyncio.create_task(watchdog_loop(self._notifier, self._watchdog_interval))
+        try:
+            if not await self._start(stop):
+                return 0
+            self._notifier.ready(self._last_status or "started")
+            log.info("agent ready", extra={"NODE": self._name, "BOOT_ID": self._host.boot_id})
+            await self._loop_until(stop)
+            return 0
+        finally:
+            self._notifier.stopping("stopping")
+            log.info("agent stopping", extra={"NODE": self._name})
+            await self._shutdown()
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+
+    async def _start(self, stop: asyncio.Event) -> bool:
+        """Connect to update_engine, read the node, label it. False if stopped meanwhile."""
+        self._notifier.status("starting: connecting to update_engine")
+        failures = 0
+        while not stop.is_set():
+            try:
+                self._engine_status = await self._engine.connect(self._settings.bus_address)
+                break
+            except CluoError as err:
+                failures += 1
+                log.warning("cannot reach update_engine, retrying",
+                            extra={"NODE": self._name, "ERROR": str(err), "KIND": err.kind})
+                self._notifier.status(f"starting: update_engine unreachable: {err}")
+                await self._sleep_or_stop(stop, self._backoff.delay(failures))
+        self._notifier.status("starting: reading the node")
+        failures = 0
+        while not stop.is_set():
+            try:
+                self._node = await asyncio.to_thread(self._nodes.get, self._name)
+                await self._label_host()
+                break
+            except CluoError as err:
+                failures += 1
+                log.warning("cannot read or label the node, retrying",
+                            extra={"NODE": self._name, "ERROR": str(err), "KIND": err.kind})
+                self._notifier.status(f"starting: cannot read node: {err}")
+                await self._sleep_or_stop(stop, self._backoff.delay(failures))
+        if stop.is_set():
+            return False
+        self._watch_thread = threading.Thread(
+            target=self._watch_node, name="node-watch", daemon=True
+        )
+        self._watch_thread.start()
+        return True
+
+    async def _shutdown(self) -> None:
+        await self._stop_drain()
+        self._watch_stop.set()
+        stream = self._watch_stream
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()  # type: ignore[attr-defined]
+        if self._watch_thread is not None:
+            await asyncio.to_thread(self._watch_thread.join, 5.0)
+        with contextlib.suppress(Exception):
+            await self._engine.close()
+
+    async def _sleep_or_stop(self, stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+    async def _label_host(self) -> None:
+        keys = self._settings.keys
+        wanted = {
+            keys.id: label_value(self._host.os_id) or None,
+            keys.version: label_value(self._host.os_version) or None,
+            keys.group: label_value(self._host.group) or None,
+        }
+        node = self._node
+        if node is not None and all(node.labels.get(k) == v for k, v in wanted.items()):
+            return
+        self._set_node(await asyncio.to_thread(
+            self._nodes.patch_metadata, self._name, None, wanted
+        ))
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _loop_until(self, stop: asyncio.Event) -> None:
+        failures = 0
+        stop_waiter = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                decision = decide(self._observe(), self._now())
+                self.decisions += 1
+                self._report(decision)
+                error = await self._perform(decision.actions)
+                if error is not None:
+                    failures += 1
+                    recheck: float | None = self._backoff.delay(failures)
+                    log.warning(
+                        "action failed, deciding again after a pause",
+                        extra={"NODE": self._name, "PHASE": decision.phase, "ERROR": str(error),
+                               "KIND": error.kind, "RETRY_IN": recheck},
+                    )
+                    self._notifier.status(f"{decision.status} (retrying: {error})")
+                else:
+                    failures = 0
+                    recheck = decision.recheck_after
+                if recheck == 0:
+                    continue
+                wake_waiter = asyncio.create_task(self._wake.wait())
+                try:
+                    await asyncio.wait({wake_waiter, stop_waiter}, timeout=recheck,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake_waiter.cancel()
+        finally:
+            stop_waiter.cancel()
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _observe(self) -> Observation:
+        node = self._node
+        assert node is not None
+        return Observation(
+            node=node.state,
+            unschedulable=node.unschedulable,
+            reboot_needed_label=node.state.reboot_needed_label,
+            boot_id=self._host.boot_id,
+            engine=self._engine_status,
+            drain=self._drainer.status if self._drainer is not None else None,
+            reboot_attempts=self._attempts,
+            config=self._settings.core,
+        )
+
+    def _report(self, decision: Decision) -> None:
+        if decision.phase != self._last_phase:
+            log.info("phase changed", extra={"NODE": self._name, "PHASE": decision.phase,
+                                             "PREVIOUS_PHASE": self._last_phase or "none"})
+            self._last_phase = decision.phase
+        if decision.status != self._last_status:
+            self._last_status = decision.status
+            self._notifier.status(decision.status)
+
+    async def _perform(self, actions: tuple[Action, ...]) -> CluoError | None:
+        for action in actions:
+            try:
+                await self._act(action)
+            except CluoError as err:
+                return err
+        return None
+
+    async def _act(self, action: Action) -> None:
+        name = self._name
+        match action:
+            case PatchNode(patch=patch):
+                annotations, labels = patch.to_metadata(self._settings.keys)
+                self._set_node(await asyncio.to_thread(
+                    self._nodes.patch_metadata, name, annotations, labels
+                ))
+            case Cordon():
+                self._set_node(await asyncio.to_thread(self._nodes.set_unschedulable, name, True))
+                log.info("node cordoned", extra={"NODE": name})
+            case Uncordon():
+                self._set_node(await asyncio.to_thread(self._nodes.set_unschedulable, name, False))
+                log.info("node uncordoned", extra={"NODE": name})
+            case StartDrain(options=options):
+                await self._stop_drain()
+                self._drainer = Drainer(
+                    self._pods, name, options, self._on_drain_progress,
+                    started_at=self._now(), clock=self._now, tuning=self._settings.drain,
+                )
+                self._drain_task = asyncio.create_task(self._drainer.run())
+            case ForceDrain():
+                if self._drainer is not None:
+                    log.warning("drain timed out, deleting the remaining pods ignoring "
+                                "disruption budgets", extra={"NODE": name})
+                    self._drainer.force(self._now())
+            case AbortDrain():
+                await self._stop_drain()
+            case ClearRebootAttempts():
+                self._attempts = ()
+            case Reboot(attempt=attempt):
+                self._attempts += (await self._reboot(attempt),)
+            case EmitEvent(reason=reason, message=message, type=event_type):
+                await asyncio.to_thread(
+                    self._nodes.emit_event, name, reason.value, message, type=event_type.value
+                )
+            case _:  # pragma: no cover - a new action without a handler is a bug
+                raise NotImplementedError(f"no handler for {type(action).__name__}")
+
+    async def _reboot(self, attempt: int) -> RebootAttempt:
+        extra = {"NODE": self._name, "ATTEMPT": attempt, "BOOT_ID": self._host.boot_id}
+        try:
+            blocking = blocking_inhibitors(await self._rebooter.list_inhibitors())
+        except CluoError as err:
+            log.error("cannot list logind inhibitors", extra={**extra, "ERROR": str(err)})
+            return RebootAttempt(self._now(), RebootOutcome.FAILED, str(err))
+        if blocking:
+            detail = describe_inhibitors(blocking)
+            log.error("reboot blocked by an inhibitor", extra={**extra, "INHIBITORS": detail})
+            return RebootAttempt(self._now(), RebootOutcome.INHIBITED, detail)
+        log.info("rebooting", extra=extra)
+        self._notifier.status("rebooting")
+        try:
+            await self._rebooter.reboot()
+        except RebootRefused as err:
+            log.error("logind refused the reboot", extra={**extra, "ERROR": str(err)})
+            return RebootAttempt(self._now(), RebootOutcome.REFUSED, str(err))
+        except RebootError as err:
+            log.error("reboot call failed", extra={**extra, "ERROR": str(err)})
+            return RebootAttempt(self._now(), RebootOutcome.FAILED, str(err))
+        return RebootAttempt(self._now(), RebootOutcome.REQUESTED)
+
+    async def _stop_drain(self) -> None:
+        task, self._drain_task, self._drainer = self._drain_task, None, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def _set_node(self, node: NodeSnapshot) -> None:
+        if _newer(node, self._node):
+            self._node = node
+            self._wake.set()
+
+    def _on_drain_progress(self, status: DrainStatus) -> None:
+        self._wake.set()
+
+    def _on_engine_event(self, event: UpdateEngineEvent) -> None:
+        match event:
+            case StatusUpdated(status=status, sender=sender, from_owner=from_owner):
+                log.info("update_engine status", extra={
+                    "NODE": self._name, "OPERATION": status.current_operation,
+                    "NEW_VERSION": status.new_version, "SENDER": sender,
+                    "FROM_OWNER": from_owner})
+                self._engine_status = status
+            case BusDisconnected(reason=reason):
+                log.warning("system bus lost, reconnecting",
+                            extra={"NODE": self._name, "ERROR": reason})
+            case BusReconnected(status=status):
+                log.info("system bus reconnected", extra={"NODE": self._name})
+                self._engine_status = status
+        self._wake.set()
+
+    def _watch_node(self) -> None:
+        """Thread: follow the node with a watch; never poll."""
+        resource_version: str | None = None
+        failures = 0
+        loop = self._loop
+        assert loop is not None
+        while not self._watch_stop.is_set():
+            try:
+                with self._nodes.watch(self._name, resource_version,
+                                       WATCH_TIMEOUT_SECONDS) as stream:
+                    self._watch_stream = stream
+                    for event in stream:
+                        failures = 0
+                        if event.type == "DELETED":
+                            log.error("the node object was deleted",
+                                      extra={"NODE": self._name})
+                            continue
+                        loop.call_soon_threadsafe(self._set_node, event.node)
+                    resource_version = stream.resource_version
+            except WatchExpired:
+                resource_version = None
+            except CluoError as err:
+                if self._watch_stop.is_set():
+                    return
+                failures += 1
+                delay = self._backoff.delay(failures)
+                log.warning("node watch failed, watching again",
+                            extra={"NODE": self._name, "ERROR": str(err), "KIND": err.kind,
+                                   "RETRY_IN": delay})
+                resource_version = None
+                self._watch_stop.wait(delay)
+            finally:
+                self._watch_stream = None

@@ -1,0 +1,194 @@
+"""The drain: evict every pod that must leave the node and wait until they are gone.
+
+Level-based, like the rest of the agent: each round lists the pods bound to the node,
+classifies them (``drain_plan.plan_drain``), evicts the ones that must go through the
+Eviction API (PodDisruptionBudgets respected) with bounded concurrency, and waits for
+the terminating ones. A round that finds nothing left to move completes the drain. A
+restart simply starts the rounds again: evictions of pods already terminating are
+harmless.
+
+A 429 from a PodDisruptionBudget is retried with a per-pod exponential backoff. The
+drain itself never gives up: the agent's core owns the timeout and the policy (abort, or
+``force()``, which deletes the remaining pods ignoring budgets).
+
+The drain reports its progress through ``on_progress`` (a ``DrainStatus``), on the
+event loop, after every round that changed what blocks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cluo_host.agent_core import DrainStatus
+from cluo_host.drain_plan import BlockReason, DrainOptions, PodBlocker, PodSummary, plan_drain
+from cluo_host.errors import CluoError
+from cluo_host.eviction import BlockedByBudget, PodApi
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DrainTuning:
+    concurrency: int = 8  # evictions in flight at once
+    poll_interval: float = 0.25  # seconds between rounds while pods terminate
+    budget_retry_base: float = 1.0  # first retry of a 429, doubling per refusal
+    budget_retry_max: float = 10.0
+    error_retry: float = 2.0  # after a failed list or eviction (API unavailable, ...)
+    idle_relist: float = 5.0  # re-list while only pods that block for good are left
+
+
+class Drainer:
+    """One drain of one node. ``run()`` until complete or cancelled."""
+
+    def __init__(
+        self,
+        pods: PodApi,
+        node: str,
+        options: DrainOptions,
+        on_progress: Callable[[DrainStatus], None],
+        *,
+        started_at: float,
+        clock: Callable[[], float],
+        tuning: DrainTuning | None = None,
+    ) -> None:
+        self._pods = pods
+        self._node = node
+        self._options = options
+        self._on_progress = on_progress
+        self._clock = clock
+        self._tuning = tuning or DrainTuning()
+        self._status = DrainStatus(started_at=started_at)
+        self._force = False
+        self._retry_at: dict[str, float] = {}  # pod uid -> earliest next eviction
+        self._refusals: dict[str, int] = {}
+        self._evicted = 0
+
+    @property
+    def status(self) -> DrainStatus:
+        return self._status
+
+    @property
+    def evicted(self) -> int:
+        """Pods evicted (or deleted) by this drain so far."""
+        return self._evicted
+
+    def force(self, now: float) -> None:
+        """From now on, delete the pods that must go, ignoring PodDisruptionBudgets."""
+        self._force = True
+        self._retry_at.clear()
+        self._report(DrainStatus(self._status.started_at, False, now, self._status.blockers))
+
+    async def run(self) -> None:
+        log.info("drain started", extra={"NODE": self._node})
+        while True:
+            try:
+                done = await self._round()
+            except CluoError as err:
+                log.warning(
+                    "drain round failed, retrying",
+                    extra={"NODE": self._node, "ERROR": str(err), "KIND": err.kind},
+                )
+                await asyncio.sleep(self._tuning.error_retry)
+                continue
+            if done:
+                log.info("drain complete", extra={"NODE": self._node, "EVICTED": self._evicted})
+                return
+            await asyncio.sleep(self._next_wait())
+
+    async def _round(self) -> bool:
+        pods = await asyncio.to_thread(self._pods.pods_on_node, self._node)
+        plan = plan_drain(pods, self._options)
+        if plan.done:
+            self._report(DrainStatus(self._status.started_at, True, self._status.forced_at))
+            return True
+        now = self._clock()
+        due = [pod for pod in plan.evict if self._retry_at.get(pod.uid, 0.0) <= now]
+        semaphore = asyncio.Semaphore(self._tuning.concurrency)
+
+        async def move(pod: PodSummary) -> PodBlocker | None:
+            async with semaphore:
+                return await self._move(pod)
+
+        results = await asyncio.gather(*(move(pod) for pod in due))
+        blockers = [b for b in results if b is not None]
+        blockers += [
+            PodBlocker(pod.namespace, pod.name, BlockReason.DISRUPTION_BUDGET, "retrying")
+            for pod in plan.evict
+            if pod not in due
+        ]
+        blockers += list(plan.blocking)
+        blockers += [
+            PodBlocker(pod.namespace, pod.name, BlockReason.TERMINATING) for pod in plan.wait_for
+        ]
+        blockers += [
+            PodBlocker(pod.namespace, pod.name, BlockReason.TERMINATING)
+            for pod, result in zip(due, results, strict=True)
+            if result is None
+        ]
+        self._report(DrainStatus(self._status.started_at, False, self._status.forced_at,
+                                 tuple(sorted(set(blockers), key=_blocker_key))))
+        return False
+
+    async def _move(self, pod: PodSummary) -> PodBlocker | None:
+        """Evict (or, forced, delete) one pod. None: it is on its way out."""
+        try:
+            if self._force:
+                await asyncio.to_thread(self._pods.delete, pod)
+                outcome: object = None
+            else:
+                outcome = await asyncio.to_thread(self._pods.evict, pod)
+        except CluoError as err:
+            self._retry_at[pod.uid] = self._clock() + self._tuning.error_retry
+            log.warning(
+                "eviction failed",
+                extra={"NODE": self._node, "POD": pod.ref, "ERROR": str(err), "KIND": err.kind},
+            )
+            return PodBlocker(pod.namespace, pod.name, BlockReason.EVICTION_ERROR, str(err))
+        if isinstance(outcome, BlockedByBudget):
+            refusals = self._refusals.get(pod.uid, 0) + 1
+            self._refusals[pod.uid] = refusals
+            delay = min(
+                self._tuning.budget_retry_base * 2 ** (refusals - 1), self._tuning.budget_retry_max
+            )
+            self._retry_at[pod.uid] = self._clock() + delay
+            if refusals == 1:
+                log.info(
+                    "eviction refused by a disruption budget",
+                    extra={"NODE": self._node, "POD": pod.ref, "DETAIL": outcome.message},
+                )
+            return PodBlocker(
+                pod.namespace, pod.name, BlockReason.DISRUPTION_BUDGET, outcome.message
+            )
+        self._evicted += 1
+        log.info(
+            "pod deleted ignoring disruption budgets" if self._force else "pod evicted",
+            extra={"NODE": self._node, "POD": pod.ref},
+        )
+        return None
+
+    def _next_wait(self) -> float:
+        """Poll fast while pods terminate; otherwise sleep until the next retry is due."""
+        waiting = [
+            b for b in self._status.blockers
+            if b.reason in (BlockReason.TERMINATING, BlockReason.EVICTION_ERROR)
+        ]
+        if waiting:
+            return self._tuning.poll_interval
+        now = self._clock()
+        pending = [at - now for at in self._retry_at.values() if at > now]
+        # Only refused evictions or pods that block for good are left: nothing changes
+        # before the next retry, except an admin removing a pod (seen on the next list).
+        return max(self._tuning.poll_interval, min(pending, default=self._tuning.idle_relist))
+
+    def _report(self, status: DrainStatus) -> None:
+        if status == self._status:
+            return
+        self._status = status
+        self._on_progress(status)
+
+
+def _blocker_key(blocker: PodBlocker) -> tuple[str, str, str]:
+    return (blocker.namespace, blocker.name, blocker.reason.value)
