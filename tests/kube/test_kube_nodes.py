@@ -377,6 +377,9 @@ def test_an_api_server_restart_breaks_the_watch_and_expires_older_versions(
     start = nodes.patch_metadata(node.name, annotations={KEYS.last_checked_time: "1"})
     watch = nodes.watch(node.name, start.resource_version, timeout_seconds=60)
     collector = EventCollector(watch)
+    # Move the cluster's version past `start` with a write elsewhere, so the restarted
+    # cache (which begins at the current version) cannot reach back to `start`.
+    control_plane.kubectl("create", "configmap", f"bump-{node.name}", "-n", "default")
     control_plane.stop_apiserver()
     try:
         ended = collector.events.get(timeout=30)
