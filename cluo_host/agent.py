@@ -315,6 +315,9 @@ class Agent:
                 self._attempts = ()
             case Reboot(attempt=attempt):
                 self._attempts += (await self._reboot(attempt),)
+                # A recorded attempt is an action's result: decide again at once (report
+                # a refusal, schedule the retry) rather than after reboot_timeout.
+                self._wake.set()
             case EmitEvent(reason=reason, message=message, type=event_type):
                 await asyncio.to_thread(
                     self._nodes.emit_event, name, reason.value, message, type=event_type.value

@@ -10,6 +10,7 @@ value.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import socket
 from collections.abc import Mapping, Sequence
@@ -72,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"prefix of every annotation and label (default: {DEFAULT_PREFIX}; FLUO "
         "clusters use flatcar-linux-update.v1.flatcar-linux.net/)")
     add("--drain-timeout", help="how long the whole drain may take (default: 10m)")
-    add("--drain-timeout-policy", choices=[p.value for p in DrainTimeoutPolicy],
+    # No argparse `choices`: a bad value must give the same ConfigError as a bad
+    # environment value, not an argparse exit (see `choice` in load_settings).
+    add("--drain-timeout-policy",
         help="abort: uncordon and retry later (default); force: delete the remaining pods "
         "ignoring PodDisruptionBudgets")
     add("--drain-pods-without-controller", action="store_const", const="true",
@@ -86,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
         help="D-Bus address of the system bus (default: DBUS_SYSTEM_BUS_ADDRESS or the "
         "standard socket)")
     add("--host-root", help="where the host's /etc, /usr and /proc are (default: /)")
-    add("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
-    add("--log-target", choices=["auto", "journal", "stderr"],
-        help="auto: journald when started by systemd with stderr to the journal (default)")
+    add("--log-level", help="debug, info (default), warning or error")
+    add("--log-target",
+        help="auto: journald when started by systemd with stderr to the journal (default); "
+        "journal; stderr")
     return parser
 
 
@@ -107,9 +111,12 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
     def duration(flag: str, default: str) -> float:
         raw, source = value(flag, default)
         try:
-            return parse_duration(raw)
+            seconds = parse_duration(raw)
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ConfigError(f"{source}: {raw!r} must be a positive, finite duration")
+        return seconds
 
     def boolean(flag: str) -> bool:
         raw, source = value(flag, "false")
@@ -154,9 +161,13 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
     except ValueError as err:
         raise ConfigError(f"agent settings: {err}") from None
 
-    node_name, _ = value("node_name", socket.gethostname())
+    # The kubelet's default node name is the lowercased hostname.
+    node_name, node_source = value("node_name", socket.gethostname().strip().lower())
+    if node_source == "the default":
+        node_source = "the hostname (no --node-name nor CLUO_AGENT_NODE_NAME)"
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", node_name) or len(node_name) > 253:
-        raise ConfigError(f"node name {node_name!r} is not a valid Kubernetes node name")
+        raise ConfigError(f"{node_source}: node name {node_name!r} is not a valid Kubernetes "
+                          "node name")
     bus, _ = value("system_bus_address", env.get("DBUS_SYSTEM_BUS_ADDRESS", ""))
     kubeconfig, _ = value("kubeconfig", DEFAULT_KUBECONFIG)
     host_root, _ = value("host_root", "/")

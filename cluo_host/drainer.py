@@ -64,6 +64,9 @@ class Drainer:
         self._force = False
         self._retry_at: dict[str, float] = {}  # pod uid -> earliest next eviction
         self._refusals: dict[str, int] = {}
+        # pod uid -> why its last eviction did not go through, reported again while its
+        # retry is not due (so the reason keeps naming the budget that refused it)
+        self._last_blocker: dict[str, PodBlocker] = {}
         self._evicted = 0
 
     @property
@@ -113,9 +116,13 @@ class Drainer:
                 return await self._move(pod)
 
         results = await asyncio.gather(*(move(pod) for pod in due))
+        for pod, result in zip(due, results, strict=True):
+            if result is not None:
+                self._last_blocker[pod.uid] = result
         blockers = [b for b in results if b is not None]
         blockers += [
-            PodBlocker(pod.namespace, pod.name, BlockReason.DISRUPTION_BUDGET, "retrying")
+            self._last_blocker.get(pod.uid)
+            or PodBlocker(pod.namespace, pod.name, BlockReason.DISRUPTION_BUDGET, "retrying")
             for pod in plan.evict
             if pod not in due
         ]
