@@ -13,7 +13,7 @@ control-plane: deps
 	@bash hack/build-control-plane.sh >/dev/null
 
 lint: deps
-	$(VENV)/bin/ruff check cluo_host cluo_coord tests bench
+	$(VENV)/bin/ruff check cluo_host cluo_coord tests
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -27,7 +27,7 @@ demo: control-plane
 	$(PY) -m tests.testbed.controlplane
 
 bench: control-plane
-	$(PY) -m bench
+	@echo "make bench: the benchmarks are not built yet (issue 6)" >&2; exit 1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -124,7 +124,7 @@ def ListInhibitors(self):
 
 
 @dbus.service.method(MAIN_IFACE, in_signature="ssss", out_signature="h", sender_keyword="sender")
-def Inhibit(self, what, who, why, mode, sender=None):  # noqa: PLR0917 (D-Bus args are positional)
+def Inhibit(self, what, who, why, mode, sender=None):
     uid, pid = _caller_credentials(self, sender)
     read_fd, write_fd = os.pipe()
     self.inhibitors.append(((what, who, why, mode, uid, pid), read_fd))
@@ -135,7 +135,7 @@ def Inhibit(self, what, who, why, mode, sender=None):  # noqa: PLR0917 (D-Bus ar
 
 
 @dbus.service.method(MOCK_IFACE, in_signature=INHIBITOR_SIGNATURE, out_signature="")
-def AddInhibitor(self, what, who, why, mode, uid, pid):  # noqa: PLR0917 (D-Bus args are positional)
+def AddInhibitor(self, what, who, why, mode, uid, pid):
     self.inhibitors.append(((what, who, why, mode, uid, pid), None))
 
 

@@ -94,7 +94,7 @@ def ResetStatus(self):
 
 
 @dbus.service.method(MOCK_IFACE, in_signature=STATUS_SIGNATURE, out_signature="")
-def SetStatus(  # noqa: PLR0917 (D-Bus args are positional)
+def SetStatus(
     self, last_checked_time, progress, current_operation, new_version, new_size
 ):
     self.update_status = _status(
