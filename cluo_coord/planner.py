@@ -1,0 +1,773 @@
+"""The coordinator's pure planning core: ``plan(nodes, leases, now, policy) -> Plan``.
+
+The reconcile driver reads the whole cluster (Nodes and slot Leases), calls ``plan`` and
+applies the returned changes in order, stopping at the first error; then it runs again on
+the next watch event or after ``Plan.recheck_after``. Nothing here does I/O or reads a
+clock: ``now`` is an aware ``datetime`` (any zone; UTC is what the driver passes).
+
+One reboot cycle, CLUO compatible (docs/protocol.md)::
+
+    agent: reboot-needed=true
+    AcquireSlot          slot Lease names the node, records its bootID   (lease CAS)
+    LabelBeforeReboot    label before-reboot, clear before-hook annotations
+      ... before-reboot hook annotations become "true"
+    GrantRebootOk        reboot-ok=true, remove label + hook annotations  (node CAS,
+                         and only while the slot Lease is unchanged)
+      ... agent: reboot-in-progress, drain, reboot; reboot-needed=false, in-progress=false
+    LabelAfterReboot     once the reboot is proven (see ``reboot_proven``)
+      ... after-reboot hook annotations become "true"
+    ResetRebootOk        reboot-ok=false, remove labels + hook annotations  (node CAS)
+    ReleaseSlot          the Lease is free; the next node gets it on the next plan
+
+The rules that keep "never more than ``max_concurrent`` in flight" true whatever the
+cluster looks like (stale caches, restarts, partially applied plans, old coordinators):
+
+1. *In flight* means: named by a slot Lease, or ``reboot-ok=true``, or
+   ``reboot-in-progress=true``. A node that no slot names but that carries either
+   annotation (a stale view: an older coordinator, CLUO, a hand edit) counts too. The one
+   exception is ``release-slot=true``: the admin has taken that node out of the count.
+   New slots are taken only while fewer than ``max_concurrent`` nodes are in flight, and
+   only slots ``0 .. max_concurrent-1`` are ever taken.
+2. Every write carries the resource version of the object as the planner saw it, and the
+   driver writes with that precondition (compare-and-swap). A change computed from a stale
+   view therefore fails with a conflict instead of acting on an old picture. No plan writes
+   the same object twice, so every expected resource version is the one from the view.
+3. ``GrantRebootOk`` also carries the slot Lease's resource version: the driver writes
+   ``reboot-ok=true`` only while that Lease is unchanged (an uncached read, or a no-op
+   update with that resourceVersion, right before the node write). So reboot-ok=true is
+   only ever written while the Lease names the node.
+4. Every ``ReleaseSlot`` follows a ``ResetRebootOk`` of the holder in the same plan, even
+   when the view says there is nothing to reset: the node write is then a no-op that still
+   checks the node's resource version. A slot is released only if the node really is in
+   the reset state the planner saw. ``reboot-ok=false`` is never written while the node
+   reports ``reboot-in-progress=true`` (the cycle waits for the agent), except for an
+   admin release (rule 7).
+5. Restarts need no memory: the Lease is the source of truth. A slot that names a node
+   continues that node's cycle from whatever the node shows (a crash between AcquireSlot
+   and GrantRebootOk resumes the same grant); a taken slot is never given to another node.
+   A crash between the reset and the release of an *abort* is the one case where the node
+   shows nothing that tells it apart from a fresh slot: that node retries at once, still
+   holding its slot, instead of going to the back of the queue (safe, just less fair).
+6. Pauses and windows only stop *new* slots. A node that holds a slot finishes its cycle.
+7. A holder that has not finished ``reboot_timeout`` after taking its slot keeps the slot
+   (a bad update must not spread), is marked stuck on its Lease and gets one Warning
+   event. ``release-slot=true`` on the node releases it (reset first, as in rule 4); the
+   annotation is cleared once the node shows no reboot in progress, and until then the
+   node is not counted (rule 1). A holder whose Node object is gone keeps its slot too;
+   the admin deletes the slot Lease to free it.
+8. An abort (the agent cleared reboot-in-progress but still needs a reboot, with a
+   ``blocked-reason``) resets the grant and releases the slot; the node queues again behind
+   nodes without a blocked-reason (``queue_key``). GrantRebootOk clears ``blocked-reason``
+   so that a reason left from an earlier attempt never reads as an abort of this one.
+9. A node named by several slots (possible only after acting on a stale Lease view) keeps
+   all of them until its cycle ends: wasting capacity is safe, freeing a slot it uses is
+   not. Its *primary* slot, the one taken first, carries the grant and the boot id.
+
+The slot Lease records, besides ``spec.holderIdentity`` and ``spec.acquireTime``, the
+holder's ``status.nodeInfo.bootID`` at the time it took the slot, the release time and
+the stuck mark; see ``SlotLease`` for the proposed Lease annotations.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from cluo_coord.windows import RebootWindows
+from cluo_host.protocol import FALSE, TRUE, Keys, NodeProtocolState, hooks_done
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What the planner needs to know about one Node, as the driver read it.
+
+    ``ready_since`` is the Ready condition's ``lastTransitionTime`` while it is True.
+    ``boot_id`` is ``status.nodeInfo.bootID`` (empty when the kubelet did not report one).
+    ``annotations`` are all of the Node's annotations (hook annotations are user-chosen).
+    ``reboot_needed_since`` orders the queue; see ``reboot_needed_since`` for where the
+    driver takes it from. ``unschedulable`` is informational: an admin-cordoned node is
+    rebooted like any other and stays cordoned (the agent uncordons only what it cordoned).
+    """
+
+    name: str
+    state: NodeProtocolState
+    resource_version: str
+    ready: bool = False
+    ready_since: datetime | None = None
+    boot_id: str = ""
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    unschedulable: bool = False
+    runs_coordinator: bool = False
+    reboot_needed_since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SlotLease:
+    """One reboot slot: the Lease ``cluo-reboot-slot-<index>``.
+
+    ``resource_version`` is None when the Lease object does not exist yet (a free slot;
+    AcquireSlot then creates it). Where each field lives on the Lease (proposal):
+
+    - ``holder``: ``spec.holderIdentity`` (None or empty when free).
+    - ``acquired_at``: ``spec.acquireTime``.
+    - ``holder_boot_id``: annotation ``cluo.flatcar-linux.net/holder-boot-id``, the
+      holder's ``status.nodeInfo.bootID`` when it took the slot.
+    - ``released_at``: annotation ``cluo.flatcar-linux.net/released-at`` (RFC 3339), set
+      when the slot is released; ``delay_between_reboots`` counts from it.
+    - ``stuck``: annotation ``cluo.flatcar-linux.net/stuck: "true"``, set by MarkStuck.
+
+    ``spec.leaseDurationSeconds`` stays unset: a slot never expires on its own.
+    """
+
+    index: int
+    holder: str | None = None
+    resource_version: str | None = None
+    acquired_at: datetime | None = None
+    holder_boot_id: str = ""
+    released_at: datetime | None = None
+    stuck: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The coordinator's configuration, as far as planning goes.
+
+    ``reboot_timeout`` bounds a whole cycle, from taking the slot to releasing it (hooks,
+    drain, reboot, ``min_ready``): past it the holder is reported stuck (it keeps the slot).
+    ``min_ready`` is how long a rebooted node must have been Ready before it counts as back.
+    ``delay_between_reboots`` is how long a released slot rests before it is taken again.
+    ``paused`` is the global pause. ``windows`` gate new slots (default: always open).
+    """
+
+    max_concurrent: int = 1
+    before_reboot_annotations: tuple[str, ...] = ()
+    after_reboot_annotations: tuple[str, ...] = ()
+    reboot_timeout: timedelta = timedelta(hours=1)
+    min_ready: timedelta = timedelta(0)
+    delay_between_reboots: timedelta = timedelta(0)
+    paused: bool = False
+    windows: RebootWindows = field(default_factory=RebootWindows)
+    keys: Keys = field(default_factory=Keys)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, not {self.max_concurrent}")
+        if self.reboot_timeout <= timedelta(0):
+            raise ValueError(f"reboot_timeout must be positive, not {self.reboot_timeout}")
+        for name in ("min_ready", "delay_between_reboots"):
+            if getattr(self, name) < timedelta(0):
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+
+    @property
+    def hook_annotations(self) -> tuple[str, ...]:
+        return self.before_reboot_annotations + self.after_reboot_annotations
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class EventType(enum.StrEnum):
+    NORMAL = "Normal"
+    WARNING = "Warning"
+
+
+class Reason(enum.StrEnum):
+    """Event reasons, a small fixed set (they end up in metrics and alerts)."""
+
+    SLOT_ACQUIRED = "RebootSlotAcquired"
+    REBOOT_APPROVED = "RebootApproved"
+    REBOOT_VERIFIED = "RebootVerified"
+    REBOOT_FINISHED = "RebootFinished"
+    REBOOT_CANCELLED = "RebootCancelled"
+    REBOOT_ABORTED = "RebootAborted"
+    REBOOT_TIMED_OUT = "RebootTimedOut"
+    RELEASED_BY_ADMIN = "RebootSlotReleasedByAdmin"
+
+
+@dataclass(frozen=True)
+class MetadataPatch:
+    """Labels and annotations to set; a None value deletes the key."""
+
+    labels: Mapping[str, str | None]
+    annotations: Mapping[str, str | None]
+
+
+def _deleting(keys: Iterable[str]) -> dict[str, str | None]:
+    return dict.fromkeys(keys)
+
+
+@dataclass(frozen=True)
+class LabelBeforeReboot:
+    """Label the node before-reboot=true and clear stale before-reboot hook annotations."""
+
+    node: str
+    expected_resource_version: str
+    clear_annotations: tuple[str, ...] = ()
+
+    def patch(self, keys: Keys) -> MetadataPatch:
+        return MetadataPatch(
+            labels={keys.before_reboot: TRUE},
+            annotations=_deleting(self.clear_annotations),
+        )
+
+
+@dataclass(frozen=True)
+class GrantRebootOk:
+    """reboot-ok=true; remove the before-reboot label and hook annotations.
+
+    Also clears ``blocked-reason``: a grant starts a new attempt, and a reason left over
+    from an earlier attempt must not read as an abort of this one.
+    Precondition: the node at ``expected_resource_version`` *and* the slot Lease
+    ``slot`` still at ``expected_lease_resource_version``.
+    """
+
+    node: str
+    slot: int
+    expected_resource_version: str
+    expected_lease_resource_version: str
+    clear_annotations: tuple[str, ...] = ()
+
+    def patch(self, keys: Keys) -> MetadataPatch:
+        annotations = _deleting(self.clear_annotations)
+        annotations[keys.reboot_ok] = TRUE
+        annotations[keys.blocked_reason] = None
+        return MetadataPatch(labels={keys.before_reboot: None}, annotations=annotations)
+
+
+@dataclass(frozen=True)
+class LabelAfterReboot:
+    """Label the node after-reboot=true and clear stale after-reboot hook annotations."""
+
+    node: str
+    expected_resource_version: str
+    clear_annotations: tuple[str, ...] = ()
+
+    def patch(self, keys: Keys) -> MetadataPatch:
+        return MetadataPatch(
+            labels={keys.after_reboot: TRUE},
+            annotations=_deleting(self.clear_annotations),
+        )
+
+
+@dataclass(frozen=True)
+class ResetRebootOk:
+    """reboot-ok=false; remove both phase labels and every hook annotation.
+
+    With ``clear_release_slot`` the admin's ``release-slot`` annotation goes too.
+    """
+
+    node: str
+    expected_resource_version: str
+    clear_annotations: tuple[str, ...] = ()
+    clear_release_slot: bool = False
+
+    def patch(self, keys: Keys) -> MetadataPatch:
+        annotations = _deleting(self.clear_annotations)
+        annotations[keys.reboot_ok] = FALSE
+        if self.clear_release_slot:
+            annotations[keys.release_slot] = None
+        return MetadataPatch(
+            labels={keys.before_reboot: None, keys.after_reboot: None},
+            annotations=annotations,
+        )
+
+
+@dataclass(frozen=True)
+class AcquireSlot:
+    """Make the slot Lease name ``node`` (create it when ``expected_resource_version`` is None).
+
+    Records ``holder_boot_id`` and ``at`` (acquireTime); clears released-at and stuck.
+    """
+
+    slot: int
+    node: str
+    expected_resource_version: str | None
+    holder_boot_id: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ReleaseSlot:
+    """Free the slot Lease (holder none, released-at ``at``, stuck mark and boot id gone)."""
+
+    slot: int
+    node: str
+    expected_resource_version: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class MarkStuck:
+    """Mark the slot Lease stuck: its holder did not finish within reboot_timeout."""
+
+    slot: int
+    node: str
+    expected_resource_version: str
+
+
+@dataclass(frozen=True)
+class EmitEvent:
+    """Post a Kubernetes Event about the Node. Not a CAS write; it follows the change it
+    reports, so the driver posts it only when that change was applied."""
+
+    node: str
+    type: EventType
+    reason: Reason
+    message: str
+
+
+NodeWrite = LabelBeforeReboot | GrantRebootOk | LabelAfterReboot | ResetRebootOk
+LeaseWrite = AcquireSlot | ReleaseSlot | MarkStuck
+Change = NodeWrite | LeaseWrite | EmitEvent
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do now, and when time alone will change the answer.
+
+    ``recheck_after`` is None when only an event (a watch) can change the plan.
+    ``in_flight`` lists the nodes counted against ``max_concurrent`` (sorted by name),
+    ``queue`` the nodes waiting for a slot in the order they get one (those that get one
+    in this plan included); both are for status and metrics.
+    """
+
+    changes: tuple[Change, ...]
+    recheck_after: timedelta | None
+    in_flight: tuple[str, ...] = ()
+    queue: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def reboot_needed_since(state: NodeProtocolState) -> datetime | None:
+    """Where ``NodeView.reboot_needed_since`` comes from today: ``last-checked-time``.
+
+    update_engine's last update check, mirrored by the agent: usually the check that found
+    the update. It is a proxy, but one every coordinator reads the same way and that
+    survives coordinator restarts, so the order stays deterministic. Missing, zero or
+    unreadable: None (such nodes queue after the others). An agent-written
+    ``reboot-needed-since`` annotation would be exact (proposed protocol addition).
+    """
+    raw = state.last_checked_time.strip()
+    try:
+        seconds = int(raw)
+    except ValueError:
+        return None
+    if seconds <= 0:
+        return None
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def queue_key(view: NodeView) -> tuple[bool, bool, bool, datetime, str]:
+    """The grant order: deterministic, documented, tested.
+
+    1. the node running the coordinator goes last (its reboot moves the coordinator);
+    2. nodes whose agent reported a ``blocked-reason`` (an aborted attempt) go behind the
+       others, so one node with a stuck drain does not hold up the rest;
+    3. longest waiting first, by ``reboot_needed_since`` (unknown ones after known ones);
+    4. node name breaks ties.
+    """
+    since = view.reboot_needed_since
+    return (
+        view.runs_coordinator,
+        bool(view.state.blocked_reason.strip()),
+        since is None,
+        since if since is not None else datetime.min.replace(tzinfo=UTC),
+        view.name,
+    )
+
+
+def reboot_proven(
+    view: NodeView,
+    boot_id_at_grant: str,
+    policy: Policy,
+    now: datetime,
+    *,
+    accept_unknown_boot: bool = False,
+) -> tuple[bool, datetime | None]:
+    """Whether the node is back from a reboot, and if not, when time alone could make it so.
+
+    Proven means: the agent reported (reboot-needed=false, reboot-in-progress=false), the
+    node is Ready (for ``min_ready`` at least), and its bootID differs from every boot id
+    known from before the reboot: the one the slot Lease recorded at grant time and the
+    agent's ``boot-id-before-reboot``. With no boot id known at all the reboot cannot be
+    proven, unless ``accept_unknown_boot`` (a grant no slot backs, from CLUO: CLUO's rule).
+    """
+    state = view.state
+    if state.reboot_needed or state.reboot_in_progress or not view.ready or not view.boot_id:
+        return False, None
+    before = {boot for boot in (boot_id_at_grant, state.boot_id_before_reboot) if boot}
+    if view.boot_id in before or (not before and not accept_unknown_boot):
+        return False, None
+    if policy.min_ready > timedelta(0):
+        if view.ready_since is None:
+            return False, None
+        back_at = view.ready_since + policy.min_ready
+        if now < back_at:
+            return False, back_at
+    return True, None
+
+
+def _aborted(state: NodeProtocolState) -> bool:
+    """The agent gave up on its grant: not in progress, still needing a reboot, with a reason.
+
+    GrantRebootOk clears blocked-reason, so a reason seen while reboot-ok=true is fresh.
+    """
+    return (
+        state.reboot_ok
+        and state.reboot_needed
+        and not state.reboot_in_progress
+        and bool(state.blocked_reason.strip())
+    )
+
+
+def _counts_in_flight(state: NodeProtocolState) -> bool:
+    """Rule 1 for a node no slot names."""
+    return (state.reboot_ok or state.reboot_in_progress) and not state.release_slot
+
+
+def _is_candidate(view: NodeView) -> bool:
+    """May this node (which holds no slot) take one? Pauses and windows are checked later."""
+    state = view.state
+    return (
+        state.reboot_needed
+        and not state.reboot_ok
+        and not state.reboot_in_progress
+        and not state.reboot_paused
+        and not state.release_slot
+        and not state.before_reboot
+        and not state.after_reboot
+        and not state.complaints
+        and view.ready
+        and bool(view.boot_id)
+    )
+
+
+def _require_aware(now: datetime) -> None:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError(f"now must be a timezone-aware datetime, got naive {now!r}")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+class _Builder:
+    """Collects changes and wake-up times while the planner walks the cluster."""
+
+    def __init__(self, now: datetime, policy: Policy) -> None:
+        self.now = now
+        self.policy = policy
+        self.changes: list[Change] = []
+        self.wake_times: list[datetime] = []
+
+    def add(self, *changes: Change) -> None:
+        self.changes.extend(changes)
+
+    def wake_at(self, when: datetime | None) -> None:
+        if when is not None:
+            self.wake_times.append(when)
+
+    def event(self, node: str, type_: EventType, reason: Reason, message: str) -> None:
+        self.changes.append(EmitEvent(node, type_, reason, message))
+
+    def reset_and_release(
+        self, view: NodeView, slots: list[SlotLease], *, clear_release_slot: bool
+    ) -> None:
+        """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release."""
+        self.add(
+            ResetRebootOk(
+                view.name,
+                view.resource_version,
+                self.policy.hook_annotations,
+                clear_release_slot=clear_release_slot,
+            )
+        )
+        for lease in slots:
+            self.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now))
+
+    def recheck_after(self) -> timedelta | None:
+        if not self.wake_times:
+            return None
+        return max(min(self.wake_times) - self.now, timedelta(0))
+
+
+def _lease_rv(lease: SlotLease) -> str:
+    if lease.resource_version is None:  # excluded by _index_slots for held slots
+        raise ValueError(f"slot {lease.index} has a holder but no resource version")
+    return lease.resource_version
+
+
+def plan(
+    nodes: Iterable[NodeView],
+    leases: Iterable[SlotLease],
+    now: datetime,
+    policy: Policy,
+) -> Plan:
+    """Decide the next changes from the whole cluster state. Pure and deterministic."""
+    _require_aware(now)
+    views = _index_nodes(nodes)
+    slots = _index_slots(leases, policy.max_concurrent)
+    held = _holdings(slots)
+    out = _Builder(now, policy)
+
+    for name in sorted(held, key=lambda holder: held[holder][0].index):
+        _advance_holder(name, held[name], views.get(name), out)
+
+    for name in sorted(views):
+        if name not in held:
+            _tidy_unslotted(views[name], out)
+
+    in_flight = set(held) | {
+        name for name, view in views.items() if _counts_in_flight(view.state)
+    }
+    queue = sorted(
+        (view for name, view in views.items() if name not in held and _is_candidate(view)),
+        key=queue_key,
+    )
+    _take_free_slots(queue, slots, len(in_flight), out)
+
+    return Plan(
+        changes=tuple(out.changes),
+        recheck_after=out.recheck_after(),
+        in_flight=tuple(sorted(in_flight)),
+        queue=tuple(view.name for view in queue),
+    )
+
+
+def _index_nodes(nodes: Iterable[NodeView]) -> dict[str, NodeView]:
+    views: dict[str, NodeView] = {}
+    for view in nodes:
+        if view.name in views:
+            raise ValueError(f"node {view.name!r} appears twice in the planner's input")
+        views[view.name] = view
+    return views
+
+
+def _index_slots(leases: Iterable[SlotLease], max_concurrent: int) -> dict[int, SlotLease]:
+    """All slot Leases by index, with the missing ones below max_concurrent as free slots."""
+    slots: dict[int, SlotLease] = {}
+    for lease in leases:
+        if lease.index < 0:
+            raise ValueError(f"slot index must not be negative, got {lease.index}")
+        if lease.index in slots:
+            raise ValueError(f"slot {lease.index} appears twice in the planner's input")
+        if lease.holder and lease.resource_version is None:
+            raise ValueError(
+                f"slot {lease.index} names {lease.holder!r} but has no resource version"
+            )
+        slots[lease.index] = lease
+    for index in range(max_concurrent):
+        slots.setdefault(index, SlotLease(index))
+    return slots
+
+
+def _holdings(slots: Mapping[int, SlotLease]) -> dict[str, list[SlotLease]]:
+    """Node name -> the slots naming it, primary (first taken, then lowest index) first."""
+    held: dict[str, list[SlotLease]] = {}
+    for lease in slots.values():
+        if lease.holder:
+            held.setdefault(lease.holder, []).append(lease)
+    never = datetime.max.replace(tzinfo=UTC)
+    for leases in held.values():
+        leases.sort(key=lambda lease: (lease.acquired_at or never, lease.index))
+    return held
+
+
+def _advance_holder(
+    name: str, slots: list[SlotLease], view: NodeView | None, out: _Builder
+) -> None:
+    """One step of the cycle of a node a slot names (rules 4, 5, 7)."""
+    primary = slots[0]
+    policy = out.policy
+    if view is None:
+        _wait(name, primary, "its Node object is gone", out)
+        return
+    state = view.state
+
+    if state.release_slot:
+        out.reset_and_release(view, slots, clear_release_slot=not state.reboot_in_progress)
+        out.event(
+            name, EventType.NORMAL, Reason.RELEASED_BY_ADMIN,
+            f"An admin set {policy.keys.release_slot}=true: reboot slot {primary.index} "
+            "released; the node no longer counts against the limit.",
+        )
+        return
+
+    if state.after_reboot:
+        if state.reboot_in_progress:
+            # The agent took the grant that is still out for a new drain (a new update
+            # arrived during the after-reboot phase): that attempt must finish first.
+            _wait(name, primary, "the agent started another reboot during the after-reboot phase",
+                  out)
+        elif hooks_done(policy.after_reboot_annotations, view.annotations):
+            out.reset_and_release(view, slots, clear_release_slot=False)
+            out.event(
+                name, EventType.NORMAL, Reason.REBOOT_FINISHED,
+                f"After-reboot hooks done: {policy.keys.reboot_ok}=false, reboot slot "
+                f"{primary.index} released.",
+            )
+        else:
+            _wait(name, primary, "waiting for the after-reboot hooks", out)
+        return
+
+    if state.reboot_ok:
+        proven, back_at = reboot_proven(view, primary.holder_boot_id, policy, out.now)
+        if proven:
+            out.add(
+                LabelAfterReboot(name, view.resource_version, policy.after_reboot_annotations)
+            )
+            out.event(
+                name, EventType.NORMAL, Reason.REBOOT_VERIFIED,
+                f"The node is back with boot id {view.boot_id}; running after-reboot hooks.",
+            )
+        elif _aborted(state):
+            out.reset_and_release(view, slots, clear_release_slot=False)
+            out.event(
+                name, EventType.WARNING, Reason.REBOOT_ABORTED,
+                f"The agent gave up: {state.blocked_reason.strip()}. Reboot slot "
+                f"{primary.index} released for the next node; this node queues again.",
+            )
+        else:
+            out.wake_at(back_at)
+            _wait(name, primary, "granted; waiting for the node to drain, reboot and come back",
+                  out)
+        return
+
+    if state.reboot_in_progress:
+        _wait(name, primary, "the agent reports a reboot in progress this slot did not grant",
+              out)
+    elif not state.reboot_needed:
+        rebooted = bool(view.boot_id) and view.boot_id != primary.holder_boot_id
+        out.reset_and_release(view, slots, clear_release_slot=False)
+        out.event(
+            name, EventType.NORMAL,
+            Reason.REBOOT_FINISHED if rebooted else Reason.REBOOT_CANCELLED,
+            f"The node no longer needs a reboot; reboot slot {primary.index} released.",
+        )
+    elif not state.before_reboot:
+        out.add(LabelBeforeReboot(name, view.resource_version, policy.before_reboot_annotations))
+    elif hooks_done(policy.before_reboot_annotations, view.annotations):
+        out.add(
+            GrantRebootOk(
+                name, primary.index, view.resource_version, _lease_rv(primary),
+                policy.before_reboot_annotations,
+            )
+        )
+        out.event(
+            name, EventType.NORMAL, Reason.REBOOT_APPROVED,
+            f"Before-reboot hooks done: {policy.keys.reboot_ok}=true; the agent may drain "
+            "and reboot the node.",
+        )
+    else:
+        _wait(name, primary, "waiting for the before-reboot hooks", out)
+
+
+def _wait(holder: str, primary: SlotLease, doing: str, out: _Builder) -> None:
+    """A holder with nothing to do now: report it once if it is over its time (rule 7)."""
+    policy = out.policy
+    if primary.stuck:
+        return
+    deadline = (primary.acquired_at or out.now) + policy.reboot_timeout
+    if primary.acquired_at is not None and out.now < deadline:
+        out.wake_at(deadline)
+        return
+    out.add(MarkStuck(primary.index, holder, _lease_rv(primary)))
+    out.event(
+        holder, EventType.WARNING, Reason.REBOOT_TIMED_OUT,
+        f"Reboot slot {primary.index} was taken more than {policy.reboot_timeout} ago and "
+        f"the node is not done ({doing}). It keeps the slot so a bad update cannot spread; "
+        f"to release it: kubectl annotate node {holder} {policy.keys.release_slot}=true",
+    )
+
+
+def _tidy_unslotted(view: NodeView, out: _Builder) -> None:
+    """A node no slot names: admin releases, grants from older coordinators, leftovers."""
+    state = view.state
+    policy = out.policy
+    leftover_labels = state.before_reboot or state.after_reboot
+
+    if state.release_slot:
+        if state.reboot_ok or leftover_labels or not state.reboot_in_progress:
+            out.add(
+                ResetRebootOk(
+                    view.name, view.resource_version, policy.hook_annotations,
+                    clear_release_slot=not state.reboot_in_progress,
+                )
+            )
+        # Still in progress: keep release-slot (the node stays out of the count) until
+        # the agent clears reboot-in-progress.
+        return
+
+    if state.reboot_ok:
+        # A grant no slot backs (CLUO, an older coordinator, a hand edit). It counts as
+        # in flight; finish it the CLUO way, without taking a slot for it.
+        if state.after_reboot:
+            if not state.reboot_in_progress and hooks_done(
+                policy.after_reboot_annotations, view.annotations
+            ):
+                out.add(ResetRebootOk(view.name, view.resource_version, policy.hook_annotations))
+                out.event(
+                    view.name, EventType.NORMAL, Reason.REBOOT_FINISHED,
+                    f"After-reboot hooks done: {policy.keys.reboot_ok}=false.",
+                )
+            return
+        proven, back_at = reboot_proven(view, "", policy, out.now, accept_unknown_boot=True)
+        if proven:
+            out.add(
+                LabelAfterReboot(view.name, view.resource_version, policy.after_reboot_annotations)
+            )
+        elif _aborted(state):
+            out.add(ResetRebootOk(view.name, view.resource_version, policy.hook_annotations))
+            out.event(
+                view.name, EventType.WARNING, Reason.REBOOT_ABORTED,
+                f"The agent gave up: {state.blocked_reason.strip()}. Grant withdrawn; "
+                "the node queues again.",
+            )
+        else:
+            out.wake_at(back_at)
+        return
+
+    if leftover_labels:
+        # A before/after-reboot label without a grant or a slot: left over from an
+        # interrupted cycle or another coordinator. Remove it; the node queues normally.
+        out.add(ResetRebootOk(view.name, view.resource_version, policy.hook_annotations))
+
+
+def _take_free_slots(
+    queue: list[NodeView],
+    slots: Mapping[int, SlotLease],
+    in_flight: int,
+    out: _Builder,
+) -> None:
+    """Give free slots to the head of the queue (rules 1 and 6)."""
+    policy = out.policy
+    now = out.now
+    if not queue or policy.paused:
+        return
+    if not policy.windows.is_open(now):
+        out.wake_at(policy.windows.next_change(now))
+        return
+    room = policy.max_concurrent - in_flight
+    if room <= 0:
+        return
+    free = [slots[index] for index in range(policy.max_concurrent) if not slots[index].holder]
+    rested: list[SlotLease] = []
+    for lease in free:
+        if lease.released_at is not None and now < lease.released_at + policy.delay_between_reboots:
+            out.wake_at(lease.released_at + policy.delay_between_reboots)
+        else:
+            rested.append(lease)
+    for view, lease in zip(queue, rested[:room], strict=False):
+        out.add(
+            AcquireSlot(lease.index, view.name, lease.resource_version, view.boot_id, now),
+            LabelBeforeReboot(view.name, view.resource_version, policy.before_reboot_annotations),
+        )
+        out.event(
+            view.name, EventType.NORMAL, Reason.SLOT_ACQUIRED,
+            f"Reboot slot {lease.index} taken; running before-reboot hooks.",
+        )

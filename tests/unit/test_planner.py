@@ -1,0 +1,661 @@
+"""The coordinator's planning core: who gets a reboot slot, when, and what happens next."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+
+from cluo_coord.planner import (
+    AcquireSlot,
+    EmitEvent,
+    EventType,
+    GrantRebootOk,
+    LabelAfterReboot,
+    LabelBeforeReboot,
+    MarkStuck,
+    NodeView,
+    Plan,
+    Policy,
+    Reason,
+    ReleaseSlot,
+    ResetRebootOk,
+    SlotLease,
+    plan,
+    queue_key,
+    reboot_needed_since,
+)
+from cluo_coord.windows import parse_windows
+from cluo_host.protocol import FALSE, TRUE, Keys, NodeProtocolState
+
+KEYS = Keys()
+NOW = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)  # a Monday
+BEFORE_HOOK = "hooks.example.com/before-check"
+AFTER_HOOK = "hooks.example.com/after-check"
+HOOKS = Policy(before_reboot_annotations=(BEFORE_HOOK,), after_reboot_annotations=(AFTER_HOOK,))
+
+C = TypeVar("C")
+
+
+def node(
+    name: str,
+    *,
+    needed: bool = False,
+    in_progress: bool = False,
+    ok: bool = False,
+    paused: bool = False,
+    release: bool = False,
+    before_label: bool = False,
+    after_label: bool = False,
+    blocked: str = "",
+    boot: str = "boot-1",
+    boot_before: str = "",
+    ready: bool = True,
+    ready_since: datetime | None = NOW - timedelta(hours=1),
+    since: datetime | None = None,
+    coordinator: bool = False,
+    rv: str = "100",
+    extra: Mapping[str, str] | None = None,
+) -> NodeView:
+    annotations = {
+        KEYS.reboot_needed: str(needed).lower(),
+        KEYS.reboot_in_progress: str(in_progress).lower(),
+        KEYS.reboot_ok: str(ok).lower(),
+    }
+    if paused:
+        annotations[KEYS.reboot_paused] = TRUE
+    if release:
+        annotations[KEYS.release_slot] = TRUE
+    if blocked:
+        annotations[KEYS.blocked_reason] = blocked
+    if boot_before:
+        annotations[KEYS.boot_id_before_reboot] = boot_before
+    annotations.update(extra or {})
+    labels = {}
+    if before_label:
+        labels[KEYS.before_reboot] = TRUE
+    if after_label:
+        labels[KEYS.after_reboot] = TRUE
+    return NodeView(
+        name=name,
+        state=NodeProtocolState.from_metadata(KEYS, annotations, labels),
+        resource_version=rv,
+        ready=ready,
+        ready_since=ready_since if ready else None,
+        boot_id=boot,
+        annotations=annotations,
+        runs_coordinator=coordinator,
+        reboot_needed_since=since,
+    )
+
+
+def slot(
+    index: int,
+    holder: str | None = None,
+    *,
+    boot: str = "boot-1",
+    acquired: datetime | None = NOW - timedelta(minutes=5),
+    rv: str = "7",
+    released_at: datetime | None = None,
+    stuck: bool = False,
+) -> SlotLease:
+    if holder is None:
+        return SlotLease(index, resource_version=rv, released_at=released_at)
+    return SlotLease(
+        index, holder, resource_version=rv, acquired_at=acquired, holder_boot_id=boot,
+        stuck=stuck,
+    )
+
+
+def run(
+    nodes: list[NodeView], leases: list[SlotLease] | None = None, *, now: datetime = NOW,
+    **policy: Any,
+) -> Plan:
+    base = policy.pop("base", Policy())
+    return plan(nodes, leases or [], now, replace(base, **policy))
+
+
+def of(result: Plan, kind: type[C]) -> list[C]:
+    return [change for change in result.changes if isinstance(change, kind)]
+
+
+def acquired(result: Plan) -> list[tuple[int, str]]:
+    return [(change.slot, change.node) for change in of(result, AcquireSlot)]
+
+
+def reasons(result: Plan) -> list[Reason]:
+    return [event.reason for event in of(result, EmitEvent)]
+
+
+def kinds(result: Plan) -> list[str]:
+    return [type(change).__name__ for change in result.changes]
+
+
+# --------------------------------------------------------------------------- granting
+
+
+def test_grants_one_node_at_a_time_by_default() -> None:
+    result = run([node("a", needed=True), node("b", needed=True), node("c", needed=True)])
+    assert acquired(result) == [(0, "a")]
+    assert of(result, LabelBeforeReboot) == [LabelBeforeReboot("a", "100", ())]
+    assert result.queue == ("a", "b", "c")
+
+
+def test_first_grant_creates_the_slot_lease_and_records_the_boot_id() -> None:
+    result = run([node("a", needed=True, boot="boot-A")])
+    assert of(result, AcquireSlot) == [
+        AcquireSlot(slot=0, node="a", expected_resource_version=None, holder_boot_id="boot-A",
+                    at=NOW)
+    ]
+
+
+def test_slot_is_taken_before_the_node_is_labelled() -> None:
+    result = run([node("a", needed=True)])
+    assert kinds(result) == ["AcquireSlot", "LabelBeforeReboot", "EmitEvent"]
+
+
+def test_max_concurrent_two_grants_two() -> None:
+    result = run(
+        [node("a", needed=True), node("b", needed=True), node("c", needed=True)],
+        max_concurrent=2,
+    )
+    assert acquired(result) == [(0, "a"), (1, "b")]
+
+
+def test_existing_free_slot_is_taken_by_compare_and_swap_on_its_version() -> None:
+    result = run([node("a", needed=True)], [slot(0, rv="42")])
+    assert of(result, AcquireSlot)[0].expected_resource_version == "42"
+
+
+def test_does_not_take_a_slot_while_another_node_holds_it() -> None:
+    result = run([node("a", needed=True, ok=True, in_progress=True), node("b", needed=True)],
+                 [slot(0, "a")])
+    assert acquired(result) == []
+    assert result.in_flight == ("a",)
+    assert result.queue == ("b",)
+
+
+def test_second_slot_goes_to_the_next_node_while_the_first_is_busy() -> None:
+    result = run(
+        [node("a", needed=True, ok=True, in_progress=True), node("b", needed=True)],
+        [slot(0, "a")],
+        max_concurrent=2,
+    )
+    assert acquired(result) == [(1, "b")]
+
+
+@pytest.mark.parametrize(
+    ("view", "why"),
+    [
+        (node("a", needed=True, paused=True), "paused by an admin"),
+        (node("a", needed=True, ready=False), "not Ready"),
+        (node("a", needed=True, boot=""), "no bootID to prove the reboot with"),
+        (node("a", needed=True, release=True), "release-slot still set"),
+        (node("a", needed=False), "no reboot needed"),
+        (
+            node("a", needed=True, extra={KEYS.reboot_paused: "yes"}),
+            "an annotation that does not parse",
+        ),
+    ],
+)
+def test_node_that_cannot_take_a_slot_is_skipped(view: NodeView, why: str) -> None:
+    result = run([view])
+    assert acquired(result) == [], why
+    assert result.queue == ()
+
+
+def test_paused_node_is_skipped() -> None:
+    result = run([
+        node("a", needed=True, paused=True, since=NOW - timedelta(days=3)),
+        node("b", needed=True, since=NOW - timedelta(days=1)),
+    ])
+    assert acquired(result) == [(0, "b")]
+
+
+def test_global_pause_grants_nothing() -> None:
+    result = run([node("a", needed=True)], paused=True)
+    assert result.changes == ()
+    assert result.recheck_after is None
+
+
+def test_closed_window_grants_nothing() -> None:
+    windows = parse_windows("Mon 14:00 1h")
+    result = run([node("a", needed=True)], windows=windows)
+    assert acquired(result) == []
+    assert result.recheck_after == timedelta(hours=2)  # opens at 14:00, it is 12:00
+
+
+def test_open_window_grants() -> None:
+    windows = parse_windows("Mon 11:00 2h")
+    assert acquired(run([node("a", needed=True)], windows=windows)) == [(0, "a")]
+
+
+def test_delay_between_reboots_rests_a_released_slot() -> None:
+    leases = [slot(0, released_at=NOW - timedelta(minutes=1))]
+    result = run([node("a", needed=True)], leases, delay_between_reboots=timedelta(minutes=5))
+    assert acquired(result) == []
+    assert result.recheck_after == timedelta(minutes=4)
+    later = run([node("a", needed=True)], leases, now=NOW + timedelta(minutes=4),
+                delay_between_reboots=timedelta(minutes=5))
+    assert acquired(later) == [(0, "a")]
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+@pytest.mark.parametrize(
+    ("nodes", "order"),
+    [
+        pytest.param(
+            [node("b", needed=True, since=NOW - timedelta(hours=1)),
+             node("a", needed=True, since=NOW - timedelta(hours=5))],
+            ["a", "b"], id="longest-waiting-first",
+        ),
+        pytest.param(
+            [node("b", needed=True, since=NOW), node("a", needed=True, since=NOW)],
+            ["a", "b"], id="name-breaks-ties",
+        ),
+        pytest.param(
+            [node("a", needed=True), node("b", needed=True, since=NOW)],
+            ["b", "a"], id="known-wait-before-unknown",
+        ),
+        pytest.param(
+            [node("a", needed=True, coordinator=True, since=NOW - timedelta(days=9)),
+             node("b", needed=True, since=NOW)],
+            ["b", "a"], id="coordinator-node-last",
+        ),
+        pytest.param(
+            [node("a", needed=True, blocked="PDB web blocks eviction",
+                  since=NOW - timedelta(days=9)),
+             node("b", needed=True, since=NOW)],
+            ["b", "a"], id="aborted-node-at-the-back",
+        ),
+    ],
+)
+def test_queue_order(nodes: list[NodeView], order: list[str]) -> None:
+    result = run(nodes)
+    assert list(result.queue) == order
+    assert acquired(result) == [(0, order[0])]
+    assert sorted(nodes, key=queue_key) == sorted(nodes, key=lambda n: order.index(n.name))
+
+
+def test_reboot_needed_since_reads_last_checked_time() -> None:
+    state = NodeProtocolState.from_metadata(KEYS, {KEYS.last_checked_time: "1704110400"}, {})
+    assert reboot_needed_since(state) == NOW
+    for raw in ("", "0", "soon"):
+        state = NodeProtocolState.from_metadata(KEYS, {KEYS.last_checked_time: raw}, {})
+        assert reboot_needed_since(state) is None
+
+
+# --------------------------------------------------------------------------- before reboot
+
+
+def test_restart_between_slot_and_grant_continues_same_node() -> None:
+    # The coordinator took slot 0 for "a" and died before labelling it. "b" has waited
+    # longer, but the slot is a's: the plan labels a and grants nothing else.
+    result = run(
+        [node("a", needed=True, since=NOW),
+         node("b", needed=True, since=NOW - timedelta(days=1))],
+        [slot(0, "a")],
+    )
+    assert of(result, LabelBeforeReboot) == [LabelBeforeReboot("a", "100", ())]
+    assert acquired(result) == []
+
+
+def test_waits_for_before_reboot_hooks() -> None:
+    leases = [slot(0, "a", rv="8")]
+    waiting = run([node("a", needed=True, before_label=True,
+                        extra={BEFORE_HOOK: FALSE})], leases, base=HOOKS)
+    assert of(waiting, GrantRebootOk) == []
+    done = run([node("a", needed=True, before_label=True, extra={BEFORE_HOOK: TRUE})],
+               leases, base=HOOKS)
+    assert of(done, GrantRebootOk) == [
+        GrantRebootOk("a", slot=0, expected_resource_version="100",
+                      expected_lease_resource_version="8", clear_annotations=(BEFORE_HOOK,))
+    ]
+    assert reasons(done) == [Reason.REBOOT_APPROVED]
+
+
+def test_labelling_clears_hook_annotations_left_from_the_last_cycle() -> None:
+    result = run([node("a", needed=True)], base=HOOKS)
+    label = of(result, LabelBeforeReboot)[0]
+    assert label.patch(KEYS).annotations == {BEFORE_HOOK: None}
+    assert label.patch(KEYS).labels == {KEYS.before_reboot: TRUE}
+
+
+def test_grant_without_hooks_follows_the_label() -> None:
+    result = run([node("a", needed=True, before_label=True)], [slot(0, "a")])
+    assert kinds(result) == ["GrantRebootOk", "EmitEvent"]
+
+
+def test_grant_removes_the_label_and_a_blocked_reason_from_an_earlier_attempt() -> None:
+    grant = GrantRebootOk("a", 0, "100", "8", (BEFORE_HOOK,))
+    patch = grant.patch(KEYS)
+    assert patch.labels == {KEYS.before_reboot: None}
+    assert patch.annotations == {
+        BEFORE_HOOK: None, KEYS.reboot_ok: TRUE, KEYS.blocked_reason: None,
+    }
+
+
+def test_in_flight_node_finishes_when_window_closes() -> None:
+    closed = parse_windows("Sun 03:00 1h")
+    before = run([node("a", needed=True, before_label=True)], [slot(0, "a")], windows=closed)
+    assert [c.node for c in of(before, GrantRebootOk)] == ["a"]
+    after = run([node("a", ok=True, boot="boot-2")], [slot(0, "a")], windows=closed)
+    assert [c.node for c in of(after, LabelAfterReboot)] == ["a"]
+
+
+def test_paused_holder_and_global_pause_still_finish_the_cycle() -> None:
+    result = run([node("a", needed=True, paused=True, before_label=True)], [slot(0, "a")],
+                 paused=True)
+    assert [c.node for c in of(result, GrantRebootOk)] == ["a"]
+
+
+def test_request_withdrawn_before_the_grant_releases_the_slot() -> None:
+    result = run([node("a", needed=False, before_label=True)], [slot(0, "a")], base=HOOKS)
+    assert kinds(result) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    assert reasons(result) == [Reason.REBOOT_CANCELLED]
+
+
+# --------------------------------------------------------------------------- after reboot
+
+
+def test_labels_after_reboot_once_the_reboot_is_proven() -> None:
+    result = run([node("a", ok=True, boot="boot-2", boot_before="boot-1")],
+                 [slot(0, "a", boot="boot-1")], base=HOOKS)
+    assert of(result, LabelAfterReboot) == [LabelAfterReboot("a", "100", (AFTER_HOOK,))]
+    assert reasons(result) == [Reason.REBOOT_VERIFIED]
+
+
+@pytest.mark.parametrize(
+    ("view", "why"),
+    [
+        (node("a", ok=True, needed=True, boot="boot-2"), "agent still says reboot-needed"),
+        (node("a", ok=True, in_progress=True, boot="boot-2"), "agent still in progress"),
+        (node("a", ok=True, boot="boot-2", ready=False), "node not Ready"),
+        (node("a", ok=True, boot="boot-1"), "kubelet bootID same as at grant"),
+        (node("a", ok=True, boot="boot-3", boot_before="boot-3"),
+         "kubelet bootID same as the agent recorded before rebooting"),
+        (node("a", ok=True, boot=""), "kubelet reports no bootID"),
+    ],
+)
+def test_reboot_is_not_done_until_proven(view: NodeView, why: str) -> None:
+    result = run([view], [slot(0, "a", boot="boot-1")])
+    assert of(result, LabelAfterReboot) == [], why
+    assert of(result, ReleaseSlot) == [], why
+
+
+def test_min_ready_waits_and_says_when_to_look_again() -> None:
+    view = node("a", ok=True, boot="boot-2", ready_since=NOW - timedelta(seconds=20))
+    result = run([view], [slot(0, "a")], min_ready=timedelta(seconds=60))
+    assert of(result, LabelAfterReboot) == []
+    assert result.recheck_after == timedelta(seconds=40)
+    later = run([view], [slot(0, "a")], now=NOW + timedelta(seconds=40),
+                min_ready=timedelta(seconds=60))
+    assert [c.node for c in of(later, LabelAfterReboot)] == ["a"]
+
+
+def test_waits_for_after_reboot_hooks_then_resets_before_releasing() -> None:
+    leases = [slot(0, "a", rv="9")]
+    waiting = run([node("a", ok=True, after_label=True, boot="boot-2")], leases, base=HOOKS)
+    assert of(waiting, ResetRebootOk) == []
+    done = run([node("a", ok=True, after_label=True, boot="boot-2",
+                     extra={AFTER_HOOK: TRUE})], leases, base=HOOKS)
+    assert done.changes[:2] == (
+        ResetRebootOk("a", "100", (BEFORE_HOOK, AFTER_HOOK)),
+        ReleaseSlot(0, "a", "9", NOW),
+    )
+    assert reasons(done) == [Reason.REBOOT_FINISHED]
+
+
+@pytest.mark.parametrize("holds_slot", [True, False], ids=["slot-holder", "stale-grant"])
+def test_cycle_does_not_finish_while_the_agent_drains_again(holds_slot: bool) -> None:
+    # A new update arrived during the after-reboot phase and the agent acted on the grant
+    # that is still out: reboot-ok=false now would leave a draining node without a slot.
+    draining = node("a", ok=True, needed=True, in_progress=True, after_label=True,
+                    boot="boot-2")
+    result = run([draining], [slot(0, "a")] if holds_slot else [])
+    assert of(result, ResetRebootOk) == []
+    assert of(result, ReleaseSlot) == []
+    assert result.in_flight == ("a",)
+
+
+def test_reset_sets_reboot_ok_false_and_removes_labels_and_hook_annotations() -> None:
+    patch = ResetRebootOk("a", "1", (BEFORE_HOOK, AFTER_HOOK), clear_release_slot=True).patch(KEYS)
+    assert patch.labels == {KEYS.before_reboot: None, KEYS.after_reboot: None}
+    assert patch.annotations == {
+        BEFORE_HOOK: None, AFTER_HOOK: None, KEYS.reboot_ok: FALSE, KEYS.release_slot: None,
+    }
+
+
+def test_released_slot_is_not_reused_in_the_same_plan() -> None:
+    # The release may fail; the next plan (woken by the Lease watch) hands it on.
+    result = run(
+        [node("a", ok=True, after_label=True, boot="boot-2"), node("b", needed=True)],
+        [slot(0, "a")],
+    )
+    assert [c.node for c in of(result, ReleaseSlot)] == ["a"]
+    assert acquired(result) == []
+
+
+def test_restart_between_reset_and_release_releases_the_slot() -> None:
+    result = run([node("a", boot="boot-2")], [slot(0, "a", boot="boot-1")])
+    assert kinds(result) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    assert reasons(result) == [Reason.REBOOT_FINISHED]
+
+
+# --------------------------------------------------------------------------- aborts
+
+
+def test_aborted_drain_resets_the_grant_and_releases_the_slot() -> None:
+    result = run(
+        [node("a", ok=True, needed=True, blocked="PDB web allows 0 disruptions"),
+         node("b", needed=True)],
+        [slot(0, "a")],
+    )
+    assert kinds(result) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    event = of(result, EmitEvent)[0]
+    assert (event.type, event.reason) == (EventType.WARNING, Reason.REBOOT_ABORTED)
+    assert "PDB web allows 0 disruptions" in event.message
+
+
+def test_granted_node_that_has_not_started_yet_is_not_an_abort() -> None:
+    result = run([node("a", ok=True, needed=True)], [slot(0, "a")])
+    assert result.changes == ()
+
+
+def test_drain_blocked_but_still_in_progress_keeps_its_slot() -> None:
+    result = run([node("a", ok=True, needed=True, in_progress=True, blocked="PDB web")],
+                 [slot(0, "a")])
+    assert result.changes == ()
+
+
+# --------------------------------------------------------------------------- stuck holders
+
+
+def test_keeps_slot_when_node_does_not_come_back() -> None:
+    late = NOW - timedelta(hours=2)
+    result = run(
+        [node("a", ok=True, needed=True, in_progress=True, ready=False), node("b", needed=True)],
+        [slot(0, "a", acquired=late, rv="9")],
+    )
+    assert of(result, ReleaseSlot) == []
+    assert acquired(result) == []
+    assert of(result, MarkStuck) == [MarkStuck(0, "a", "9")]
+    event = of(result, EmitEvent)[0]
+    assert (event.type, event.reason) == (EventType.WARNING, Reason.REBOOT_TIMED_OUT)
+    assert f"kubectl annotate node a {KEYS.release_slot}=true" in event.message
+
+
+def test_stuck_holder_is_reported_once() -> None:
+    result = run([node("a", ok=True, in_progress=True, ready=False)],
+                 [slot(0, "a", acquired=NOW - timedelta(hours=2), stuck=True)])
+    assert result.changes == ()
+    assert result.recheck_after is None
+
+
+def test_reboot_timeout_says_when_to_look_again() -> None:
+    result = run([node("a", ok=True, in_progress=True)],
+                 [slot(0, "a", acquired=NOW - timedelta(minutes=50))])
+    assert result.recheck_after == timedelta(minutes=10)
+
+
+def test_stuck_node_that_comes_back_finishes_normally() -> None:
+    result = run([node("a", ok=True, boot="boot-2")],
+                 [slot(0, "a", acquired=NOW - timedelta(hours=3), stuck=True)])
+    assert [c.node for c in of(result, LabelAfterReboot)] == ["a"]
+
+
+def test_holder_whose_node_is_gone_keeps_its_slot() -> None:
+    result = run([node("b", needed=True)], [slot(0, "gone", acquired=NOW - timedelta(hours=2))])
+    assert of(result, ReleaseSlot) == []
+    assert acquired(result) == []
+    assert of(result, MarkStuck) == [MarkStuck(0, "gone", "7")]
+    assert result.in_flight == ("gone",)
+
+
+def test_admin_release_frees_stuck_slot() -> None:
+    dead = node("a", ok=True, needed=True, in_progress=True, ready=False, release=True)
+    leases = [slot(0, "a", acquired=NOW - timedelta(hours=5), stuck=True, rv="9")]
+    result = run([dead, node("b", needed=True)], leases)
+    assert result.changes[:2] == (
+        ResetRebootOk("a", "100", (), clear_release_slot=False),
+        ReleaseSlot(0, "a", "9", NOW),
+    )
+    assert reasons(result) == [Reason.RELEASED_BY_ADMIN]
+
+    # After those writes: a is still "in progress" (it is dead) but released by the admin,
+    # so it does not count, and b gets the slot.
+    released = node("a", needed=True, in_progress=True, ready=False, release=True)
+    after = run([released, node("b", needed=True)], [slot(0, rv="10")])
+    assert acquired(after) == [(0, "b")]
+    assert "a" not in after.in_flight
+    assert of(after, ResetRebootOk) == []  # release-slot stays while a is in progress
+
+
+def test_admin_release_annotation_is_cleared_once_nothing_is_in_progress() -> None:
+    result = run([node("a", needed=True, release=True, blocked="gave up")])
+    assert of(result, ResetRebootOk) == [ResetRebootOk("a", "100", (), clear_release_slot=True)]
+    assert acquired(result) == []
+
+
+# --------------------------------------------------------------------------- stale views
+
+
+def test_stale_reboot_ok_without_a_slot_counts_against_the_limit() -> None:
+    result = run([node("old", ok=True, needed=True), node("a", needed=True)])
+    assert acquired(result) == []
+    assert result.in_flight == ("old",)
+
+
+def test_stale_reboot_in_progress_without_a_slot_counts_against_the_limit() -> None:
+    result = run([node("old", needed=True, in_progress=True), node("a", needed=True)])
+    assert acquired(result) == []
+    assert result.in_flight == ("old",)
+
+
+def test_stale_grant_is_finished_the_cluo_way_without_a_slot() -> None:
+    came_back = run([node("old", ok=True, boot="boot-9")])
+    assert kinds(came_back) == ["LabelAfterReboot"]
+    hooks_done = run([node("old", ok=True, after_label=True)])
+    assert kinds(hooks_done) == ["ResetRebootOk", "EmitEvent"]
+    assert of(hooks_done, ReleaseSlot) == []
+
+
+def test_stale_grant_that_aborted_is_withdrawn() -> None:
+    result = run([node("old", ok=True, needed=True, blocked="drain timed out")])
+    assert kinds(result) == ["ResetRebootOk", "EmitEvent"]
+
+
+@pytest.mark.parametrize("label", ["before_label", "after_label"])
+def test_leftover_phase_label_without_a_slot_is_removed(label: str) -> None:
+    result = run([node("a", needed=True, **{label: True})])
+    assert kinds(result) == ["ResetRebootOk"]
+    assert acquired(result) == []  # it queues on the next plan, once the label is gone
+
+
+def test_node_named_by_two_slots_keeps_both_until_it_finishes() -> None:
+    leases = [
+        slot(0, "a", acquired=NOW - timedelta(minutes=3), rv="7"),
+        slot(1, "a", acquired=NOW - timedelta(minutes=9), rv="8"),
+    ]
+    labelled = run([node("a", needed=True, before_label=True), node("b", needed=True)], leases,
+                   max_concurrent=2)
+    assert [(c.slot, c.node) for c in of(labelled, GrantRebootOk)] == [(1, "a")]  # primary
+    assert acquired(labelled) == []
+    finished = run([node("a", ok=True, after_label=True, boot="boot-2")], leases,
+                   max_concurrent=2)
+    assert [c.slot for c in of(finished, ReleaseSlot)] == [1, 0]
+
+
+def test_slot_beyond_a_lowered_limit_finishes_but_is_not_reused() -> None:
+    result = run([node("a", ok=True, after_label=True, boot="boot-2"), node("b", needed=True)],
+                 [slot(3, "a")])
+    assert [c.slot for c in of(result, ReleaseSlot)] == [3]
+    free_again = run([node("b", needed=True)], [slot(3)])
+    assert acquired(free_again) == [(0, "b")]
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def test_no_plan_writes_the_same_object_twice() -> None:
+    result = run(
+        [
+            node("a", ok=True, after_label=True, boot="boot-2"),
+            node("b", needed=True, release=True, ok=True),
+            node("c", needed=True, before_label=True),
+            node("d", needed=True),
+            node("e", needed=True),
+        ],
+        [slot(0, "a"), slot(1, "c")],
+        max_concurrent=4,
+    )
+    targets: list[tuple[str, str | int]] = []
+    for change in result.changes:
+        if isinstance(change, (AcquireSlot, ReleaseSlot, MarkStuck)):
+            targets.append(("lease", change.slot))
+        elif not isinstance(change, EmitEvent):
+            targets.append(("node", change.node))
+    assert len(targets) == len(set(targets)), targets
+
+
+def test_same_input_same_plan() -> None:
+    nodes = [node(name, needed=True) for name in "zyxw"]
+    assert run(nodes) == run(list(reversed(nodes)))
+
+
+@pytest.mark.parametrize(
+    ("nodes", "leases", "complaint"),
+    [
+        ([node("a"), node("a")], [], "node 'a' appears twice"),
+        ([], [slot(0), slot(0)], "slot 0 appears twice"),
+        ([], [SlotLease(0, "a")], "slot 0 names 'a' but has no resource version"),
+    ],
+)
+def test_inconsistent_input_is_refused(
+    nodes: list[NodeView], leases: list[SlotLease], complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        plan(nodes, leases, NOW, Policy())
+
+
+def test_naive_now_is_refused() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        plan([], [], datetime(2024, 1, 1), Policy())
+
+
+@pytest.mark.parametrize(
+    ("fields", "complaint"),
+    [
+        ({"max_concurrent": 0}, "max_concurrent must be at least 1"),
+        ({"reboot_timeout": timedelta(0)}, "reboot_timeout must be positive"),
+        ({"min_ready": timedelta(seconds=-1)}, "min_ready must not be negative"),
+    ],
+)
+def test_bad_policy_is_refused(fields: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        Policy(**fields)

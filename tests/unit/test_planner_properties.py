@@ -1,0 +1,692 @@
+"""Property test: never more nodes in flight than allowed, whatever happens.
+
+A small model of the cluster (Nodes and slot Leases with resource versions) plays the
+agents, the kubelets, hook DaemonSets, admins and the clock at random, and runs the
+planner the way the driver does, including the ways drivers go wrong: plans computed from
+old snapshots (nodes and leases of different ages, as two informer caches can be),
+plans applied only in part (a crash after any change), restarts (a plan from the cluster
+alone, since the planner keeps no memory). Coordinator writes are compare-and-swap on the
+resource version the change carries; a conflict stops the plan, as in the driver.
+
+In flight: a slot Lease names the node, or it has reboot-ok=true, or reboot-in-progress=true
+(unless an admin released it with release-slot=true, which takes it out of the count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from cluo_coord.planner import (
+    AcquireSlot,
+    Change,
+    EmitEvent,
+    GrantRebootOk,
+    LabelAfterReboot,
+    LabelBeforeReboot,
+    MarkStuck,
+    NodeView,
+    Plan,
+    Policy,
+    ReleaseSlot,
+    ResetRebootOk,
+    SlotLease,
+    plan,
+    reboot_needed_since,
+)
+from cluo_coord.windows import parse_windows
+from cluo_host.protocol import FALSE, TRUE, Keys, NodeProtocolState
+
+KEYS = Keys()
+BEFORE_HOOK = "hooks.example.com/before"
+AFTER_HOOK = "hooks.example.com/after"
+START = datetime(2024, 1, 1, tzinfo=UTC)
+HISTORY = 8
+
+
+class Conflict(Exception):
+    """The object changed since the plan was computed (HTTP 409)."""
+
+
+@dataclass
+class FakeNode:
+    name: str
+    boot_id: str
+    runs_coordinator: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    ready: bool = True
+    ready_since: datetime | None = START
+    up: bool = True
+    resource_version: int = 0
+
+    def flag(self, key: str) -> bool:
+        return self.annotations.get(key) == TRUE
+
+    @property
+    def state(self) -> NodeProtocolState:
+        return NodeProtocolState.from_metadata(KEYS, self.annotations, self.labels)
+
+
+@dataclass
+class FakeLease:
+    index: int
+    resource_version: int
+    holder: str | None = None
+    acquired_at: datetime | None = None
+    holder_boot_id: str = ""
+    released_at: datetime | None = None
+    stuck: bool = False
+
+
+class FakeCluster:
+    """Nodes and Leases with etcd-like resource versions (one counter, bumped on change)."""
+
+    def __init__(self, names: list[str], coordinator_on: str | None) -> None:
+        self.revision = 0
+        self.boots = 0
+        self.nodes = {
+            name: FakeNode(name, self.new_boot_id(), runs_coordinator=name == coordinator_on)
+            for name in names
+        }
+        for node in self.nodes.values():
+            node.resource_version = self.bump()
+        self.leases: dict[int, FakeLease] = {}
+        self.events: list[EmitEvent] = []
+
+    def bump(self) -> int:
+        self.revision += 1
+        return self.revision
+
+    def new_boot_id(self) -> str:
+        self.boots += 1
+        return f"boot-{self.boots}"
+
+    # ------------------------------------------------------------------ reading
+
+    def node_views(self) -> tuple[NodeView, ...]:
+        views = []
+        for node in self.nodes.values():
+            state = node.state
+            views.append(
+                NodeView(
+                    name=node.name,
+                    state=state,
+                    resource_version=str(node.resource_version),
+                    ready=node.ready,
+                    ready_since=node.ready_since if node.ready else None,
+                    boot_id=node.boot_id,
+                    annotations=dict(node.annotations),
+                    runs_coordinator=node.runs_coordinator,
+                    reboot_needed_since=reboot_needed_since(state),
+                )
+            )
+        return tuple(views)
+
+    def lease_views(self) -> tuple[SlotLease, ...]:
+        return tuple(
+            SlotLease(
+                index=lease.index,
+                holder=lease.holder,
+                resource_version=str(lease.resource_version),
+                acquired_at=lease.acquired_at,
+                holder_boot_id=lease.holder_boot_id,
+                released_at=lease.released_at,
+                stuck=lease.stuck,
+            )
+            for lease in self.leases.values()
+        )
+
+    def in_flight(self) -> set[str]:
+        holders = {lease.holder for lease in self.leases.values() if lease.holder}
+        flagged = {
+            node.name
+            for node in self.nodes.values()
+            if (node.flag(KEYS.reboot_ok) or node.flag(KEYS.reboot_in_progress))
+            and not node.flag(KEYS.release_slot)
+        }
+        return holders | flagged
+
+    def holders(self) -> set[str]:
+        return {lease.holder for lease in self.leases.values() if lease.holder}
+
+    # ------------------------------------------------------------------ writing
+
+    def write_node(
+        self,
+        name: str,
+        annotations: dict[str, str | None] | None = None,
+        labels: dict[str, str | None] | None = None,
+        **status: object,
+    ) -> None:
+        """A write by someone who reads the object first (agent, kubelet, hook, admin)."""
+        node = self.nodes[name]
+        changed = _merge(node.annotations, annotations or {})
+        changed |= _merge(node.labels, labels or {})
+        for attribute, value in status.items():
+            if getattr(node, attribute) != value:
+                setattr(node, attribute, value)
+                changed = True
+        if changed:
+            node.resource_version = self.bump()
+
+    def apply(self, change: Change) -> None:
+        """A coordinator write: compare-and-swap on the version the change carries."""
+        match change:
+            case EmitEvent():
+                self.events.append(change)
+            case AcquireSlot(slot=index, expected_resource_version=expected):
+                lease = self.leases.get(index)
+                if expected is None:
+                    if lease is not None:
+                        raise Conflict(f"lease {index} exists")
+                    lease = self.leases[index] = FakeLease(index, 0)
+                elif lease is None or str(lease.resource_version) != expected:
+                    raise Conflict(f"lease {index}")
+                lease.holder = change.node
+                lease.acquired_at = change.at
+                lease.holder_boot_id = change.holder_boot_id
+                lease.released_at = None
+                lease.stuck = False
+                lease.resource_version = self.bump()
+            case ReleaseSlot(slot=index) | MarkStuck(slot=index):
+                lease = self.leases.get(index)
+                if lease is None or str(lease.resource_version) != change.expected_resource_version:
+                    raise Conflict(f"lease {index}")
+                if isinstance(change, MarkStuck):
+                    lease.stuck = True
+                else:
+                    lease.holder = None
+                    lease.acquired_at = None
+                    lease.holder_boot_id = ""
+                    lease.released_at = change.at
+                    lease.stuck = False
+                lease.resource_version = self.bump()
+            case LabelBeforeReboot() | GrantRebootOk() | LabelAfterReboot() | ResetRebootOk():
+                node = self.nodes.get(change.node)
+                if node is None or str(node.resource_version) != change.expected_resource_version:
+                    raise Conflict(f"node {change.node}")
+                if isinstance(change, GrantRebootOk):
+                    lease = self.leases.get(change.slot)
+                    if (
+                        lease is None
+                        or str(lease.resource_version) != change.expected_lease_resource_version
+                    ):
+                        raise Conflict(f"lease {change.slot} (grant precondition)")
+                patch = change.patch(KEYS)
+                self.write_node(change.node, dict(patch.annotations), dict(patch.labels))
+            case _:  # pragma: no cover - every Change is handled above
+                raise AssertionError(f"unknown change {change!r}")
+
+    def apply_plan(self, result: Plan, limit: int | None = None) -> int:
+        """Apply in order, stopping at the first conflict or after ``limit`` changes."""
+        applied = 0
+        for change in result.changes[:limit]:
+            try:
+                self.apply(change)
+            except Conflict:
+                break
+            applied += 1
+        return applied
+
+
+def _merge(target: dict[str, str], patch: dict[str, str | None]) -> bool:
+    changed = False
+    for key, value in patch.items():
+        if value is None:
+            changed |= target.pop(key, None) is not None
+        elif target.get(key) != value:
+            target[key] = value
+            changed = True
+    return changed
+
+
+# ---------------------------------------------------------------------- behaviour of others
+
+
+class Agents:
+    """What well-behaved cluo agents, kubelets and hooks do, one node at a time."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+
+    def request_reboot(self, name: str, now: datetime) -> None:
+        self.cluster.write_node(name, {
+            KEYS.reboot_needed: TRUE,
+            KEYS.last_checked_time: str(int(now.timestamp())),
+        }, {KEYS.reboot_needed: TRUE})
+
+    def withdraw_request(self, name: str) -> None:
+        self.cluster.write_node(name, {KEYS.reboot_needed: FALSE}, {KEYS.reboot_needed: FALSE})
+
+    def start(self, name: str) -> None:
+        node = self.cluster.nodes[name]
+        self.cluster.write_node(name, {
+            KEYS.reboot_in_progress: TRUE,
+            KEYS.blocked_reason: None,
+            KEYS.boot_id_before_reboot: node.boot_id,
+        })
+
+    def abort(self, name: str) -> None:
+        self.cluster.write_node(name, {
+            KEYS.reboot_in_progress: FALSE,
+            KEYS.blocked_reason: "PDB web allows 0 disruptions",
+        })
+
+    def go_down(self, name: str, *, not_ready: bool) -> None:
+        self.cluster.write_node(name, up=False)
+        if not_ready:
+            self.cluster.write_node(name, ready=False)
+
+    def come_back(self, name: str, now: datetime, *, ready_flaps: bool) -> None:
+        node = self.cluster.nodes[name]
+        ready_since = now if (ready_flaps or not node.ready) else node.ready_since
+        self.cluster.write_node(
+            name, up=True, boot_id=self.cluster.new_boot_id(), ready=True, ready_since=ready_since
+        )
+
+    def report_after_boot(self, name: str) -> None:
+        self.cluster.write_node(
+            name,
+            {KEYS.reboot_needed: FALSE, KEYS.reboot_in_progress: FALSE},
+            {KEYS.reboot_needed: FALSE},
+        )
+
+    def next_step(self, name: str, now: datetime) -> None:
+        """Whatever this node's agent, hooks and host do next when all goes well."""
+        node = self.cluster.nodes[name]
+        if node.labels.get(KEYS.before_reboot) == TRUE:
+            self.cluster.write_node(name, {BEFORE_HOOK: TRUE})
+        if node.labels.get(KEYS.after_reboot) == TRUE:
+            self.cluster.write_node(name, {AFTER_HOOK: TRUE})
+        if self.may_start(name):
+            self.start(name)
+        elif self.draining(name):
+            if node.flag(KEYS.reboot_ok):
+                self.go_down(name, not_ready=False)
+                self.come_back(name, now, ready_flaps=True)
+            else:  # the grant was withdrawn (admin release): give up the drain
+                self.abort(name)
+        elif self.rebooted(name):
+            self.report_after_boot(name)
+
+    # --- conditions, read from the current object as a real agent would
+
+    def may_start(self, name: str) -> bool:
+        node = self.cluster.nodes[name]
+        return (
+            node.up
+            and node.flag(KEYS.reboot_ok)
+            and node.flag(KEYS.reboot_needed)
+            and not node.flag(KEYS.reboot_in_progress)
+        )
+
+    def draining(self, name: str) -> bool:
+        node = self.cluster.nodes[name]
+        return (
+            node.up
+            and node.flag(KEYS.reboot_in_progress)
+            and node.annotations.get(KEYS.boot_id_before_reboot) == node.boot_id
+        )
+
+    def rebooted(self, name: str) -> bool:
+        node = self.cluster.nodes[name]
+        return (
+            node.up
+            and node.flag(KEYS.reboot_in_progress)
+            and node.annotations.get(KEYS.boot_id_before_reboot) != node.boot_id
+        )
+
+
+# ---------------------------------------------------------------------- the state machine
+
+node_index = st.integers(min_value=0, max_value=4)
+
+# What can happen on a node, repeated to weigh the choice towards progress.
+HAPPENINGS = (
+    ["agent_requests_reboot"] * 3
+    + ["everyone_on_the_node_does_their_next_step"] * 6
+    + [
+        "agent_withdraws_request_before_a_grant",
+        "agent_aborts_drain",
+        "agent_reports_drain_blocked_but_keeps_trying",
+        "host_reboots",
+        "host_loses_power",
+        "host_comes_back",
+        "host_comes_back",
+        "kubelet_reports_readiness",
+        "stray_hook_annotations_appear",
+        "admin_pauses_node",
+        "admin_releases_slot",
+        "admin_pauses_everything",
+    ]
+)
+
+
+class PlannerMachine(RuleBasedStateMachine):
+    cluster: FakeCluster
+    agents: Agents
+    policy: Policy
+    names: list[str]
+    legacy: set[str]
+    now: datetime
+    history: list[tuple[tuple[NodeView, ...], tuple[SlotLease, ...]]]
+
+    @initialize(
+        count=st.integers(min_value=1, max_value=5),
+        max_concurrent=st.integers(min_value=1, max_value=3),
+        hooks=st.booleans(),
+        min_ready=st.sampled_from([0, 30]),
+        delay=st.sampled_from([0, 120]),
+        windowed=st.booleans(),
+        coordinator_on=st.integers(min_value=0, max_value=5),
+        legacy=st.sampled_from([0, 0, 0, 1, 2]),
+    )
+    def setup(
+        self,
+        count: int,
+        max_concurrent: int,
+        hooks: bool,
+        min_ready: int,
+        delay: int,
+        windowed: bool,
+        coordinator_on: int,
+        legacy: int,
+    ) -> None:
+        self.names = [f"node-{i}" for i in range(count)]
+        on = self.names[coordinator_on] if coordinator_on < count else None
+        self.cluster = FakeCluster(self.names, on)
+        self.agents = Agents(self.cluster)
+        # Grants an older coordinator (CLUO) left behind, within the limit: no slot names
+        # these nodes, and the planner must count them and finish them.
+        self.legacy = set(self.names[: min(legacy, max_concurrent, count)])
+        for name in self.legacy:
+            self.agents.request_reboot(name, START)
+            self.cluster.write_node(name, {KEYS.reboot_ok: TRUE})
+        self.policy = Policy(
+            max_concurrent=max_concurrent,
+            before_reboot_annotations=(BEFORE_HOOK,) if hooks else (),
+            after_reboot_annotations=(AFTER_HOOK,) if hooks else (),
+            reboot_timeout=timedelta(hours=1),
+            min_ready=timedelta(seconds=min_ready),
+            delay_between_reboots=timedelta(seconds=delay),
+            windows=parse_windows("00:00 16h, 18:00 4h") if windowed else parse_windows(""),
+        )
+        self.now = START
+        self.history = []
+
+    def name(self, index: int) -> str:
+        return self.names[index % len(self.names)]
+
+    # ------------------------------------------------------------------ everyone else
+
+    @rule(happenings=st.lists(st.tuples(st.sampled_from(HAPPENINGS), node_index, st.booleans()),
+                              min_size=1, max_size=4))
+    def things_happen_on_nodes(self, happenings: list[tuple[str, int, bool]]) -> None:
+        for what, i, flag in happenings:
+            getattr(self, what)(self.name(i), flag)
+
+    def agent_requests_reboot(self, name: str, _: bool) -> None:
+        if self.cluster.nodes[name].up:
+            self.agents.request_reboot(name, self.now)
+
+    def agent_withdraws_request_before_a_grant(self, name: str, _: bool) -> None:
+        node = self.cluster.nodes[name]
+        if node.up and not node.flag(KEYS.reboot_ok) and not node.flag(KEYS.reboot_in_progress):
+            self.agents.withdraw_request(name)
+
+    def everyone_on_the_node_does_their_next_step(self, name: str, _: bool) -> None:
+        if self.cluster.nodes[name].up:
+            self.agents.next_step(name, self.now)
+
+    def agent_aborts_drain(self, name: str, _: bool) -> None:
+        if self.agents.draining(name):
+            self.agents.abort(name)
+
+    def agent_reports_drain_blocked_but_keeps_trying(self, name: str, _: bool) -> None:
+        if self.agents.draining(name):
+            self.cluster.write_node(name, {KEYS.blocked_reason: "waiting for PDB web"})
+
+    def host_reboots(self, name: str, not_ready: bool) -> None:
+        if self.agents.draining(name):
+            self.agents.go_down(name, not_ready=not_ready)
+
+    def host_loses_power(self, name: str, _: bool) -> None:
+        if self.cluster.nodes[name].up:
+            self.agents.go_down(name, not_ready=True)
+
+    def host_comes_back(self, name: str, ready_flaps: bool) -> None:
+        if not self.cluster.nodes[name].up:
+            self.agents.come_back(name, self.now, ready_flaps=ready_flaps)
+
+    def kubelet_reports_readiness(self, name: str, ready: bool) -> None:
+        node = self.cluster.nodes[name]
+        if node.up and node.ready != ready:
+            self.cluster.write_node(name, ready=ready, ready_since=self.now)
+
+    def stray_hook_annotations_appear(self, name: str, _: bool) -> None:
+        self.cluster.write_node(name, {BEFORE_HOOK: TRUE, AFTER_HOOK: TRUE})
+
+    def admin_pauses_node(self, name: str, paused: bool) -> None:
+        self.cluster.write_node(name, {KEYS.reboot_paused: TRUE if paused else None})
+
+    def admin_releases_slot(self, name: str, _: bool) -> None:
+        self.cluster.write_node(name, {KEYS.release_slot: TRUE})
+
+    def admin_pauses_everything(self, _: str, paused: bool) -> None:
+        self.policy = replace(self.policy, paused=paused)
+
+    @rule(seconds=st.integers(min_value=1, max_value=3000))
+    def time_passes(self, seconds: int) -> None:
+        self.now += timedelta(seconds=seconds)
+
+    # ------------------------------------------------------------------ the coordinator
+
+    @rule(limit=st.none() | st.integers(min_value=0, max_value=6))
+    def coordinator_reconciles(self, limit: int | None) -> None:
+        """A fresh plan (after a restart too: the planner has no memory), maybe cut short."""
+        result = plan(self.cluster.node_views(), self.cluster.lease_views(), self.now, self.policy)
+        self.cluster.apply_plan(result, limit)
+
+    @precondition(lambda self: len(self.history) > 1)
+    @rule(
+        node_age=st.integers(min_value=0, max_value=HISTORY - 1),
+        lease_age=st.integers(min_value=0, max_value=HISTORY - 1),
+        limit=st.none() | st.integers(min_value=0, max_value=6),
+    )
+    def coordinator_acts_on_stale_views(
+        self, node_age: int, lease_age: int, limit: int | None
+    ) -> None:
+        nodes, _ = self.history[-1 - min(node_age, len(self.history) - 1)]
+        _, leases = self.history[-1 - min(lease_age, len(self.history) - 1)]
+        self.cluster.apply_plan(plan(nodes, leases, self.now, self.policy), limit)
+
+    # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def never_more_in_flight_than_allowed(self) -> None:
+        in_flight = self.cluster.in_flight()
+        assert len(in_flight) <= self.policy.max_concurrent, (
+            f"{sorted(in_flight)} in flight, max {self.policy.max_concurrent}"
+        )
+
+    @invariant()
+    def reboot_ok_only_while_a_slot_names_the_node(self) -> None:
+        """Stronger than the limit: the planner never writes a grant no slot backs."""
+        holders = self.cluster.holders()
+        for node in self.cluster.nodes.values():
+            if node.name in self.legacy:
+                if node.flag(KEYS.reboot_ok) or node.flag(KEYS.reboot_in_progress):
+                    continue  # the older coordinator's grant is still being finished
+                self.legacy.discard(node.name)
+            if node.flag(KEYS.reboot_ok):
+                assert node.name in holders, f"{node.name} has reboot-ok=true and no slot"
+            if node.flag(KEYS.reboot_in_progress) and not node.flag(KEYS.release_slot):
+                assert node.name in holders, f"{node.name} is in progress and holds no slot"
+
+    @invariant()
+    def remember_what_the_coordinator_could_have_seen(self) -> None:
+        self.history.append((self.cluster.node_views(), self.cluster.lease_views()))
+        del self.history[:-HISTORY]
+
+    def teardown(self) -> None:
+        """Liveness: once everyone cooperates, every requested reboot gets done."""
+        if not hasattr(self, "cluster"):
+            return
+        settle(self.cluster, self.agents, replace(self.policy, paused=False), self.now)
+
+
+def settle(cluster: FakeCluster, agents: Agents, policy: Policy, now: datetime) -> None:
+    """Run cooperative agents and fresh plans until every reboot cycle is over."""
+    for name in cluster.nodes:
+        cluster.write_node(name, {KEYS.reboot_paused: None})
+    for _ in range(400):
+        cluster.apply_plan(plan(cluster.node_views(), cluster.lease_views(), now, policy))
+        for name, node in cluster.nodes.items():
+            if not node.up:
+                agents.come_back(name, now, ready_flaps=True)
+            elif not node.ready:
+                cluster.write_node(name, ready=True, ready_since=now)
+            agents.next_step(name, now)
+        assert len(cluster.in_flight()) <= policy.max_concurrent
+        if _settled(cluster):
+            return
+        now += timedelta(minutes=10)
+    unsettled = {
+        name: (node.annotations, node.labels) for name, node in cluster.nodes.items()
+    }
+    leases = {lease.index: lease.holder for lease in cluster.leases.values()}
+    raise AssertionError(f"the cluster did not settle: {unsettled} {leases}")
+
+
+def _settled(cluster: FakeCluster) -> bool:
+    return not cluster.holders() and all(
+        not node.flag(KEYS.reboot_needed)
+        and not node.flag(KEYS.reboot_ok)
+        and not node.flag(KEYS.reboot_in_progress)
+        and not node.flag(KEYS.release_slot)
+        and not node.labels.get(KEYS.before_reboot)
+        and not node.labels.get(KEYS.after_reboot)
+        for node in cluster.nodes.values()
+    )
+
+
+PlannerMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_planner_never_exceeds_max_concurrent = PlannerMachine.TestCase
+
+
+# ---------------------------------------------------------------------- one walk, spelled out
+
+
+def test_planner_walks_a_full_cycle_in_the_model() -> None:
+    """The happy path through the model, phase by phase, with hooks."""
+    cluster = FakeCluster(["a", "b"], coordinator_on=None)
+    agents = Agents(cluster)
+    policy = Policy(
+        before_reboot_annotations=(BEFORE_HOOK,), after_reboot_annotations=(AFTER_HOOK,)
+    )
+    now = START
+
+    def step() -> list[str]:
+        result = plan(cluster.node_views(), cluster.lease_views(), now, policy)
+        assert cluster.apply_plan(result) == len(result.changes)
+        return [
+            type(change).__name__
+            for change in result.changes
+            if not isinstance(change, EmitEvent)
+        ]
+
+    agents.request_reboot("a", now)
+    agents.request_reboot("b", now + timedelta(seconds=1))
+    assert step() == ["AcquireSlot", "LabelBeforeReboot"]
+    assert step() == []  # waiting for the before-reboot hook
+    cluster.write_node("a", {BEFORE_HOOK: TRUE})
+    assert step() == ["GrantRebootOk"]
+    assert cluster.nodes["a"].flag(KEYS.reboot_ok)
+    agents.start("a")
+    agents.go_down("a", not_ready=True)
+    assert step() == []
+    agents.come_back("a", now, ready_flaps=True)
+    agents.report_after_boot("a")
+    assert step() == ["LabelAfterReboot"]
+    cluster.write_node("a", {AFTER_HOOK: TRUE})
+    assert step() == ["ResetRebootOk", "ReleaseSlot"]
+    assert not cluster.nodes["a"].flag(KEYS.reboot_ok)
+    assert cluster.nodes["a"].labels == {KEYS.reboot_needed: FALSE}
+    assert step() == ["AcquireSlot", "LabelBeforeReboot"]
+    assert cluster.leases[0].holder == "b"
+
+
+def _kinds(result: Plan) -> list[str]:
+    return [type(change).__name__ for change in result.changes if not isinstance(change, EmitEvent)]
+
+
+def test_grant_planned_from_a_stale_lease_view_is_refused() -> None:
+    """Rule 3: reboot-ok=true is written only while the slot Lease is unchanged."""
+    cluster = FakeCluster(["m", "n"], coordinator_on=None)
+    agents = Agents(cluster)
+    policy = Policy(before_reboot_annotations=(BEFORE_HOOK,))
+    now = START
+
+    def fresh() -> Plan:
+        result = plan(cluster.node_views(), cluster.lease_views(), now, policy)
+        cluster.apply_plan(result)
+        return result
+
+    agents.request_reboot("n", now)
+    fresh()  # slot 0 -> n
+    leases_naming_n = cluster.lease_views()
+    agents.withdraw_request("n")
+    fresh()  # n no longer needs it: reset, slot 0 released
+    agents.request_reboot("m", now)
+    fresh()  # slot 0 -> m
+    assert cluster.leases[0].holder == "m"
+
+    # A coordinator whose Lease cache still says slot 0 is n's, with fresh Nodes.
+    agents.request_reboot("n", now)
+    cluster.apply_plan(plan(cluster.node_views(), leases_naming_n, now, policy))
+    cluster.write_node("n", {BEFORE_HOOK: TRUE})
+    stale = plan(cluster.node_views(), leases_naming_n, now, policy)
+    assert _kinds(stale)[0] == "GrantRebootOk"
+    cluster.apply_plan(stale)
+
+    assert not cluster.nodes["n"].flag(KEYS.reboot_ok)
+    assert cluster.in_flight() == {"m"}
+
+
+def test_release_planned_from_a_stale_node_view_is_refused() -> None:
+    """Rule 4: a slot is released only after a reset that checks the node's version."""
+    cluster = FakeCluster(["n"], coordinator_on=None)
+    agents = Agents(cluster)
+    policy = Policy()
+    now = START
+    nodes_before_the_request = cluster.node_views()
+
+    agents.request_reboot("n", now)
+    for _ in range(2):  # slot, then the grant
+        cluster.apply_plan(plan(cluster.node_views(), cluster.lease_views(), now, policy))
+    assert cluster.nodes["n"].flag(KEYS.reboot_ok)
+
+    # Node cache from before the request, Lease cache current: "n holds a slot it does not
+    # need any more" -- the plan would cancel, but the reset's precondition fails first.
+    stale = plan(nodes_before_the_request, cluster.lease_views(), now, policy)
+    assert _kinds(stale) == ["ResetRebootOk", "ReleaseSlot"]
+    cluster.apply_plan(stale)
+
+    assert cluster.leases[0].holder == "n"
+    assert cluster.nodes["n"].flag(KEYS.reboot_ok)
