@@ -1,0 +1,218 @@
+"""Reboot-slot Leases (coordination.k8s.io/v1) on a real API server.
+
+One Lease per slot, ``cluo-reboot-slot-<i>`` in the coordinator's namespace, labelled
+``cluo.flatcar-linux.net/reboot-slot``. Every write is a compare-and-swap: a replace
+carrying the resourceVersion the planner saw (or a create, which fails if the Lease
+exists), so a write computed from a stale view fails with ``KubeError(kind="conflict")``
+instead of taking a slot someone else holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes.client
+from kubernetes.client.exceptions import ApiException
+
+from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
+from cluo_host.errors import KubeError, kube_error
+from cluo_host.kube_nodes import TRANSPORT_ERRORS, read_json
+from cluo_host.protocol import SLOT_LEASE_LABEL, SLOT_LEASE_PREFIX, slot_lease_name
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_PREFIX = "cluo.flatcar-linux.net/"
+HOLDER_BOOT_ID = ANNOTATION_PREFIX + "holder-boot-id"
+RELEASED_AT = ANNOTATION_PREFIX + "released-at"
+STUCK = ANNOTATION_PREFIX + "stuck"
+LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+
+def _time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _micro_time(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
+    """A SlotLease from a Lease object, or None if the Lease is not a slot."""
+    metadata = obj.get("metadata") or {}
+    name = str(metadata.get("name") or "")
+    if not name.startswith(SLOT_LEASE_PREFIX):
+        return None
+    try:
+        index = int(name.removeprefix(SLOT_LEASE_PREFIX))
+    except ValueError:
+        return None
+    spec = obj.get("spec") or {}
+    annotations = metadata.get("annotations") or {}
+    return SlotLease(
+        index=index,
+        holder=str(spec.get("holderIdentity") or "") or None,
+        resource_version=str(metadata.get("resourceVersion") or "") or None,
+        acquired_at=_time(spec.get("acquireTime")),
+        holder_boot_id=str(annotations.get(HOLDER_BOOT_ID) or ""),
+        released_at=_time(annotations.get(RELEASED_AT)),
+        stuck=annotations.get(STUCK) == "true",
+    )
+
+
+class KubeSlots:
+    """The slot Leases of one namespace."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+        self._api = api
+        self._coordination = kubernetes.client.CoordinationV1Api(api)
+        self._namespace = namespace
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    def list(self) -> tuple[list[SlotLease], str]:
+        """Every slot Lease, and the list's resourceVersion (to watch from)."""
+        action = f"listing reboot-slot leases in {self._namespace!r}"
+        try:
+            response = self._coordination.list_namespaced_lease(
+                self._namespace, label_selector=SLOT_LEASE_LABEL, _preload_content=False
+            )
+        except (ApiException, *TRANSPORT_ERRORS) as err:
+            raise kube_error(action, err) from err
+        body = read_json(response)
+        slots = [s for s in map(slot_from_object, body.get("items") or []) if s is not None]
+        return sorted(slots, key=lambda s: s.index), str(
+            (body.get("metadata") or {}).get("resourceVersion") or ""
+        )
+
+    def acquire(self, change: AcquireSlot) -> SlotLease:
+        name = slot_lease_name(change.slot)
+        action = f"taking reboot slot {name!r} for node {change.node!r}"
+        annotations: dict[str, str | None] = {
+            HOLDER_BOOT_ID: change.holder_boot_id, RELEASED_AT: None, STUCK: None
+        }
+        spec = {
+            "holderIdentity": change.node,
+            "acquireTime": _micro_time(change.at),
+            "renewTime": _micro_time(change.at),
+        }
+        if change.expected_resource_version is None:
+            body = self._lease(name, None, annotations, spec, transitions=0)
+            return self._write(action, "POST", self._path(), body)
+        current = self._read(name, action)
+        transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0) + 1
+        body = self._lease(name, change.expected_resource_version,
+                           {**(current.get("metadata") or {}).get("annotations", {}),
+                            **annotations}, spec, transitions=transitions)
+        return self._write(action, "PUT", self._path(name), body)
+
+    def release(self, change: ReleaseSlot) -> SlotLease:
+        name = slot_lease_name(change.slot)
+        action = f"releasing reboot slot {name!r} held by {change.node!r}"
+        current = self._read(name, action)
+        annotations = {
+            **((current.get("metadata") or {}).get("annotations") or {}),
+            RELEASED_AT: _micro_time(change.at), HOLDER_BOOT_ID: None, STUCK: None,
+        }
+        transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0)
+        body = self._lease(name, change.expected_resource_version, annotations, {},
+                           transitions=transitions)
+        return self._write(action, "PUT", self._path(name), body)
+
+    def mark_stuck(self, change: MarkStuck) -> SlotLease:
+        name = slot_lease_name(change.slot)
+        action = f"marking reboot slot {name!r} of {change.node!r} stuck"
+        current = self._read(name, action)
+        metadata = dict(current.get("metadata") or {})
+        metadata["annotations"] = {**(metadata.get("annotations") or {}), STUCK: "true"}
+        metadata["resourceVersion"] = change.expected_resource_version
+        body = {**current, "metadata": metadata}
+        return self._write(action, "PUT", self._path(name), body)
+
+    def delete(self, index: int) -> None:
+        """Delete a slot Lease (the admin's way to free a slot whose node is gone)."""
+        name = slot_lease_name(index)
+        try:
+            self._coordination.delete_namespaced_lease(name, self._namespace)
+        except (ApiException, *TRANSPORT_ERRORS) as err:
+            error = kube_error(f"deleting reboot slot {name!r}", err)
+            if error.kind != "not_found":
+                raise error from err
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _lease(
+        self, name: str, resource_version: str | None, annotations: Mapping[str, str | None],
+        spec: Mapping[str, Any], *, transitions: int,
+    ) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "name": name,
+            "namespace": self._namespace,
+            "labels": {SLOT_LEASE_LABEL: "true"},
+            "annotations": {k: v for k, v in annotations.items() if v is not None},
+        }
+        if resource_version is not None:
+            metadata["resourceVersion"] = resource_version
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": {**spec, "leaseTransitions": transitions},
+        }
+
+    def _read(self, name: str, action: str) -> dict[str, Any]:
+        try:
+            response = self._coordination.read_namespaced_lease(
+                name, self._namespace, _preload_content=False
+            )
+        except (ApiException, *TRANSPORT_ERRORS) as err:
+            raise kube_error(action, err) from err
+        body = read_json(response)
+        assert isinstance(body, dict)
+        return body
+
+    def _path(self, name: str = "") -> str:
+        path = LEASE_PATH.format(namespace=self._namespace)
+        return f"{path}/{name}" if name else path
+
+    def _send(self, method: str, path: str, body: Mapping[str, Any]) -> Any:
+        """A raw JSON request: the typed client would re-encode Lease times without the
+        microseconds the API server requires."""
+        request = self._api.param_serialize(
+            method=method, resource_path=path,
+            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            body=dict(body), auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(*request, _request_timeout=(5.0, 30.0))
+        data = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(
+                http_resp=response, body=data.decode("utf-8", "replace"), data=None
+            )
+        return json.loads(data)
+
+    def _write(self, action: str, method: str, path: str, body: Mapping[str, Any]) -> SlotLease:
+        try:
+            written = self._send(method, path, body)
+        except (ApiException, *TRANSPORT_ERRORS) as err:
+            error = kube_error(action, err)
+            if error.status == 409:  # AlreadyExists on create, Conflict on replace
+                raise KubeError(action, "the slot changed since it was read: not taken",
+                                kind="conflict", status=409) from err
+            raise error from err
+        slot = slot_from_object(written)
+        assert slot is not None
+        log.info("reboot slot written", extra={"SLOT": slot.index, "HOLDER": slot.holder or "",
+                                               "ACTION": action})
+        return slot

@@ -1,0 +1,84 @@
+"""Reboot-slot Leases on the real API server: every write is a compare-and-swap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import kubernetes.client
+import pytest
+
+from cluo_coord.leases import KubeSlots
+from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot
+from cluo_host.errors import KubeError
+from tests.testbed.controlplane import ControlPlane
+
+pytestmark = pytest.mark.kube
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def coord_api(
+    control_plane: ControlPlane,
+) -> Callable[[], kubernetes.client.ApiClient]:
+    """Clients authenticated as the cluo-coord ServiceAccount of deploy/ (real RBAC)."""
+    control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
+                          "-f", str(DEPLOY / "coordinator-rbac.yaml"))
+    return lambda: control_plane.service_account_api_client("cluo-system", "cluo-coord")
+
+
+def test_two_coordinators_racing_for_a_free_slot_only_one_wins(
+    coord_api: Callable[[], kubernetes.client.ApiClient],
+    kube_admin: kubernetes.client.ApiClient,
+) -> None:
+    first, second = KubeSlots(coord_api(), "cluo-system"), KubeSlots(coord_api(), "cluo-system")
+    slots, _ = first.list()
+    assert all(s.index != 7 for s in slots)
+    taken = first.acquire(AcquireSlot(7, "node-a", None, "boot-a", T0))
+    assert taken.holder == "node-a"
+    assert taken.holder_boot_id == "boot-a"
+    assert taken.acquired_at == T0
+    with pytest.raises(KubeError) as lost:
+        second.acquire(AcquireSlot(7, "node-b", None, "boot-b", T0))
+    assert lost.value.kind == "conflict"
+    assert [s.holder for s in second.list()[0] if s.index == 7] == ["node-a"]
+    # Deleting a slot is an admin's action, not the coordinator's (RBAC says so).
+    with pytest.raises(KubeError) as denied:
+        first.delete(7)
+    assert denied.value.kind == "forbidden"
+    KubeSlots(kube_admin, "cluo-system").delete(7)
+
+
+def test_stale_resource_version_cannot_take_release_or_mark(
+    coord_api: Callable[[], kubernetes.client.ApiClient],
+    kube_admin: kubernetes.client.ApiClient,
+) -> None:
+    slots = KubeSlots(coord_api(), "cluo-system")
+    created = slots.acquire(AcquireSlot(8, "node-a", None, "boot-a", T0))
+    assert created.resource_version is not None
+    released = slots.release(ReleaseSlot(8, "node-a", created.resource_version, T0))
+    assert released.holder is None
+    assert released.released_at == T0
+    assert released.holder_boot_id == ""
+    stale = created.resource_version
+    for write in (
+        lambda: slots.acquire(AcquireSlot(8, "node-b", stale, "boot-b", T0)),
+        lambda: slots.release(ReleaseSlot(8, "node-a", stale, T0)),
+        lambda: slots.mark_stuck(MarkStuck(8, "node-a", stale)),
+    ):
+        with pytest.raises(KubeError) as refused:
+            write()
+        assert refused.value.kind == "conflict"
+    assert released.resource_version is not None
+    retaken = slots.acquire(AcquireSlot(8, "node-b", released.resource_version, "boot-b", T0))
+    assert (retaken.holder, retaken.holder_boot_id, retaken.released_at) == ("node-b", "boot-b",
+                                                                             None)
+    assert retaken.resource_version is not None
+    stuck = slots.mark_stuck(MarkStuck(8, "node-b", retaken.resource_version))
+    assert stuck.stuck and stuck.holder == "node-b"
+    admin = KubeSlots(kube_admin, "cluo-system")
+    admin.delete(8)
+    admin.delete(8)  # deleting a missing slot is not an error
