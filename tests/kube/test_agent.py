@@ -696,6 +696,27 @@ def test_sigterm_mid_cycle_leaves_no_half_write(
     assert rig.reboots() == 1
 
 
+@pytest.mark.parametrize("rig", [("--drain-timeout", "3s")], indirect=True)
+def test_pod_without_controller_blocks_with_a_clear_reason(rig: Rig) -> None:
+    rig.core.create_namespaced_pod(rig.namespace, make_pod("lonely", rig.name, controller=False))
+    announce_and_grant(rig)
+    rig.wait(lambda: "lonely" in (rig.annotation("blocked-reason") or ""),
+             "blocked-reason naming the pod without a controller")
+    assert "has no controller" in (rig.annotation("blocked-reason") or "")
+    rig.wait(lambda: not rig.cordoned(), "the abort to uncordon")
+    assert rig.reboots() == 0
+    assert rig.agent.running(), "a blocking pod is reported, not a crash loop"
+
+
+@pytest.mark.parametrize("rig", [("--drain-pods-without-controller",)], indirect=True)
+def test_flag_drains_pods_without_controller(rig: Rig) -> None:
+    rig.core.create_namespaced_pod(rig.namespace, make_pod("lonely", rig.name, controller=False))
+    announce_and_grant(rig)
+    rig.wait(lambda: rig.reboots() == 1, "the drain (lonely pod included) and the reboot")
+    assert rig.pods() == []
+
+
+
 # Last in the file: it restarts the session's kube-apiserver.
 def test_api_server_outage_mid_drain(rig: Rig, control_plane: ControlPlane) -> None:
     rig.add_pod("slow", grace=SLOW_GRACE_SECONDS)
