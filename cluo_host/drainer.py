@@ -18,6 +18,7 @@ event loop, after every round that changed what blocks it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Drainer:
         self._tuning = tuning or DrainTuning()
         self._status = DrainStatus(started_at=started_at)
         self._force = False
+        self._kick = asyncio.Event()  # set by force(): start the next round now
         self._retry_at: dict[str, float] = {}  # pod uid -> earliest next eviction
         self._refusals: dict[str, int] = {}
         # pod uid -> why its last eviction did not go through, reported again while its
@@ -82,6 +84,7 @@ class Drainer:
         """From now on, delete the pods that must go, ignoring PodDisruptionBudgets."""
         self._force = True
         self._retry_at.clear()
+        self._kick.set()
         self._report(DrainStatus(self._status.started_at, False, now, self._status.blockers))
 
     async def run(self) -> None:
@@ -94,12 +97,18 @@ class Drainer:
                     "drain round failed, retrying",
                     extra={"NODE": self._node, "ERROR": str(err), "KIND": err.kind},
                 )
-                await asyncio.sleep(self._tuning.error_retry)
+                await self._pause(self._tuning.error_retry)
                 continue
             if done:
                 log.info("drain complete", extra={"NODE": self._node, "EVICTED": self._evicted})
                 return
-            await asyncio.sleep(self._next_wait())
+            await self._pause(self._next_wait())
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep until the next round is due, or until force() asks for one now."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), seconds)
+        self._kick.clear()
 
     async def _round(self) -> bool:
         pods = await asyncio.to_thread(self._pods.pods_on_node, self._node)

@@ -696,6 +696,20 @@ def test_sigterm_mid_cycle_leaves_no_half_write(
     assert rig.reboots() == 1
 
 
+@pytest.mark.parametrize(
+    "rig", [("--drain-timeout", "2s", "--drain-timeout-policy", "force")], indirect=True
+)
+def test_force_policy_deletes_past_the_budget_and_reboots(rig: Rig) -> None:
+    rig.add_budget("web", min_available=2)  # every eviction is refused
+    announce_and_grant(rig)
+    rig.wait(lambda: rig.reboots() == 1, "the forced drain to finish and the reboot")
+    assert rig.pods() == []
+    assert rig.events("DrainForced"), "the forced deletion is reported"
+    rig.reboot_host()
+    rig.finish_cycle()
+    assert rig.reboots() == 1
+
+
 @pytest.mark.parametrize("rig", [("--drain-timeout", "3s")], indirect=True)
 def test_pod_without_controller_blocks_with_a_clear_reason(rig: Rig) -> None:
     rig.core.create_namespaced_pod(rig.namespace, make_pod("lonely", rig.name, controller=False))
