@@ -21,14 +21,20 @@ from kubernetes.client.exceptions import ApiException
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
 from cluo_host.errors import KubeError, kube_error
 from cluo_host.kube_nodes import TRANSPORT_ERRORS, read_json
-from cluo_host.protocol import SLOT_LEASE_LABEL, SLOT_LEASE_PREFIX, slot_lease_name
+from cluo_host.protocol import (
+    SLOT_HOLDER_BOOT_ID,
+    SLOT_LEASE_LABEL,
+    SLOT_LEASE_PREFIX,
+    SLOT_RELEASED_AT,
+    SLOT_STUCK,
+    slot_lease_name,
+)
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_PREFIX = "cluo.flatcar-linux.net/"
-HOLDER_BOOT_ID = ANNOTATION_PREFIX + "holder-boot-id"
-RELEASED_AT = ANNOTATION_PREFIX + "released-at"
-STUCK = ANNOTATION_PREFIX + "stuck"
+HOLDER_BOOT_ID = SLOT_HOLDER_BOOT_ID
+RELEASED_AT = SLOT_RELEASED_AT
+STUCK = SLOT_STUCK
 LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 
 

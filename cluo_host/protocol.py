@@ -29,6 +29,11 @@ SLOT_LEASE_PREFIX = "cluo-reboot-slot-"
 LEADER_LEASE_NAME = "cluo-coord-leader"
 # Marks a Lease as a cluo reboot slot, so other Leases in the namespace are ignored.
 SLOT_LEASE_LABEL = "cluo.flatcar-linux.net/reboot-slot"
+# Slot Lease annotations (written by the coordinator only). spec.leaseDurationSeconds
+# stays unset: a slot never expires on its own.
+SLOT_HOLDER_BOOT_ID = "cluo.flatcar-linux.net/holder-boot-id"  # holder's bootID at grant
+SLOT_RELEASED_AT = "cluo.flatcar-linux.net/released-at"  # RFC 3339, set on release
+SLOT_STUCK = "cluo.flatcar-linux.net/stuck"  # "true": the holder missed reboot_timeout
 
 _PREFIX_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]*[a-z0-9])?/$")
 _LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -91,7 +96,8 @@ SPECS: tuple[KeySpec, ...] = (
             "Why the agent's current cycle cannot go on (pods blocking the drain, a "
             "refused reboot); cleared when it goes on. Together with reboot-ok=true and "
             "reboot-in-progress=false it hands the grant back: the coordinator sets "
-            "reboot-ok=false and frees the slot.", cluo_extension=True),
+            "reboot-ok=false and frees the slot. The coordinator clears it when it grants "
+            "reboot-ok=true.", cluo_extension=True),
     KeySpec("release-slot", Kind.ANNOTATION, Writer.ADMIN, "true",
             "An admin releases the reboot slot of a node that did not come back; the "
             "coordinator clears it when done.", cluo_extension=True),
