@@ -4,7 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CLUO_CACHE ?= /var/cache/cluo
 
-.PHONY: deps control-plane lint test unit demo bench clean
+.PHONY: deps control-plane lint test unit demo bench clean artifact
+
+# `make artifact`: cluo-agent's systemd-sysext image and its sha512 in $(ARTIFACT_DIR)
+# (hack/build-agent-artifact.sh; SYSEXT_ID=debian builds the nspawn test image).
+ARTIFACT_DIR ?= build
+SYSEXT_ID ?= flatcar
 
 deps:
 	@bash hack/install-deps.sh
@@ -27,7 +32,11 @@ demo: control-plane
 	$(PY) -m tests.testbed.controlplane
 
 bench: control-plane
-	@echo "make bench: the benchmarks are not built yet (issue 6)" >&2; exit 1
+	$(PY) -m bench --output docs/benchmarks.md
+
+artifact: deps
+	@$(PY) -c 'import PyInstaller' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[build]'
+	OUT_DIR=$(ARTIFACT_DIR) VENV=$(VENV) SYSEXT_ID=$(SYSEXT_ID) bash hack/build-agent-artifact.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -14,9 +14,10 @@ root=$(dirname "$here")
 #  - openssl: certificates and keys for the test control plane.
 #  - systemd-container, mmdebstrap: real systemd hosts for the e2e tests.
 #  - squashfs-tools: the agent's systemd-sysext image.
+#  - ignition: ignition-validate checks the generated Ignition config.
 packages=(
     libsystemd-dev libdbus-1-dev libglib2.0-dev pkg-config dbus-daemon
-    openssl systemd-container mmdebstrap squashfs-tools
+    openssl systemd-container mmdebstrap squashfs-tools ignition
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -40,6 +41,6 @@ fi
 stamp="$venv/.cluo-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e "$root[test]"
+    "$venv/bin/pip" install -q -e "$root[test,build]"
     touch "$stamp"
 fi

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Build cluo-agent's Flatcar artifact: a PyInstaller onedir bundle of cluo_host.main,
+# laid out as a systemd-sysext image and packed with mksquashfs:
+#
+#   OUT_DIR/cluo-agent-VERSION-x86-64.raw          the extension image
+#   OUT_DIR/cluo-agent-VERSION-x86-64.raw.sha512   its sha512 (`sha512sum` format)
+#   OUT_DIR/cluo-agent-VERSION-x86-64/             the tree it was packed from
+#
+# Image layout (only /usr merges; Ignition writes the unit into /etc/systemd/system):
+#   usr/lib/cluo-agent/cluo-agent (+ _internal/)   the onedir bundle
+#   usr/bin/cluo-agent -> ../lib/cluo-agent/cluo-agent
+#   usr/lib/extension-release.d/extension-release.cluo-agent
+#
+# Settings (environment):
+#   OUT_DIR         where the results go (default: build/ in the repository)
+#   VENV            the virtualenv with cluo and PyInstaller (default: .venv)
+#   SYSEXT_ID       `flatcar` (default: the release image), `debian` (a test image for
+#                   Debian bookworm nspawn hosts: ID=debian VERSION_ID=12) or `_any`
+#   ARTIFACT_VERSION  version in the file name and extension-release (default: cluo's
+#                   version from pyproject.toml)
+#   EXTRA_FILE      a file copied into usr/lib/cluo-agent/ (tests use it to change the
+#                   image without changing the code)
+#   WORK_DIR        PyInstaller's work tree, kept between builds for speed (default:
+#                   OUT_DIR/pyinstaller-work)
+#   SOURCE_DATE_EPOCH  time stamp of every file in the image (default: 0), so the same
+#                   input gives the same sha512
+#
+# Built on Debian bookworm (glibc 2.36), the bundle runs on every Flatcar channel
+# (glibc >= 2.38).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+# Absolute paths: PyInstaller's cache is keyed by them, so `make` and direct runs share it.
+out=$(realpath -m "${OUT_DIR:-$root/build}")
+venv=$(realpath -m "${VENV:-$root/.venv}")
+id=${SYSEXT_ID:-flatcar}
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
+arch=x86-64
+
+die() { echo "build-agent-artifact: $*" >&2; exit 2; }
+
+[ "$(uname -m)" = x86_64 ] || die "builds x86-64 images only, this machine is $(uname -m)"
+[ -x "$venv/bin/python" ] || die "no virtualenv at $venv (run hack/install-deps.sh)"
+"$venv/bin/python" -c 'import PyInstaller' 2>/dev/null \
+    || die "PyInstaller is missing in $venv: $venv/bin/pip install -e '$root[build]'"
+command -v mksquashfs >/dev/null || die "mksquashfs is missing (Debian package squashfs-tools)"
+
+version=${ARTIFACT_VERSION:-$("$venv/bin/python" - "$root/pyproject.toml" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    print(tomllib.load(f)["project"]["version"])
+PY
+)}
+[[ "$version" =~ ^[A-Za-z0-9][A-Za-z0-9._+~-]*$ ]] || die "bad version ${version@Q}"
+
+case "$id" in
+    flatcar) release=$'ID=flatcar\nSYSEXT_LEVEL=1.0\nARCHITECTURE='"$arch" ;;
+    debian) release=$'ID=debian\nVERSION_ID=12\nARCHITECTURE='"$arch" ;;
+    _any) release=$'ID=_any\nARCHITECTURE='"$arch" ;;
+    *) die "SYSEXT_ID must be flatcar, debian or _any, not ${id@Q}" ;;
+esac
+name=cluo-agent-$version-$arch
+[ "$id" = flatcar ] || name=$name-$id
+image=$out/$name.raw
+tree=$out/$name
+work=$(realpath -m "${WORK_DIR:-$out/pyinstaller-work}")
+mkdir -p "$out" "$work"
+# One build at a time per work tree (PyInstaller's cache and dist live there).
+exec 9>"$work/.lock"
+flock 9
+
+started=$(date +%s)
+# The onedir bundle. --noconfirm replaces the previous dist; the work folder (analysis
+# cache) is kept between builds, which is what makes a warm build fast.
+"$venv/bin/python" -m PyInstaller \
+    --noconfirm --log-level WARN --onedir --name cluo-agent \
+    --distpath "$work/dist" --workpath "$work/build" --specpath "$work" \
+    --paths "$root" \
+    --collect-submodules cluo_host \
+    --hidden-import systemd.journal \
+    "$here/cluo-agent-entry.py" >"$work/pyinstaller.log" 2>&1 \
+    || { tail -40 "$work/pyinstaller.log" >&2; die "PyInstaller failed (log: $work/pyinstaller.log)"; }
+
+rm -rf "$tree"
+mkdir -p "$tree/usr/lib/cluo-agent" "$tree/usr/bin" "$tree/usr/lib/extension-release.d"
+cp -a "$work/dist/cluo-agent/." "$tree/usr/lib/cluo-agent/"
+ln -s ../lib/cluo-agent/cluo-agent "$tree/usr/bin/cluo-agent"
+printf '%s\n' "$release" >"$tree/usr/lib/extension-release.d/extension-release.cluo-agent"
+printf '%s\n' "$version" >"$tree/usr/lib/cluo-agent/VERSION"
+if [ -n "${EXTRA_FILE:-}" ]; then
+    [ -f "$EXTRA_FILE" ] || die "EXTRA_FILE ${EXTRA_FILE@Q} is not a file"
+    cp "$EXTRA_FILE" "$tree/usr/lib/cluo-agent/"
+fi
+chmod -R u=rwX,go=rX "$tree"
+
+# The bundle must start on this machine before it is packed.
+"$tree/usr/lib/cluo-agent/cluo-agent" --help >/dev/null \
+    || die "the bundle does not run: $tree/usr/lib/cluo-agent/cluo-agent --help failed"
+
+rm -f "$image" "$image.sha512"
+mksquashfs "$tree" "$image.tmp" -all-root -noappend -quiet -no-progress \
+    -comp zstd >/dev/null  # SOURCE_DATE_EPOCH sets every time stamp
+mv "$image.tmp" "$image"
+(cd "$out" && sha512sum "$name.raw" >"$name.raw.sha512")
+
+echo "built $image ($(du -h "$image" | cut -f1), $(($(date +%s) - started))s)" >&2
+echo "$image"

@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""Generate the Ignition config (or its Butane source) that installs cluo-agent on Flatcar.
+
+    python ignition/cluo_ignition.py \\
+        --artifact-url https://example.com/cluo-agent-0.1.0-x86-64.raw \\
+        --artifact build/cluo-agent-0.1.0-x86-64.raw \\
+        --kubeconfig cluo-agent.kubeconfig \\
+        --node-setting drain-timeout=15m -o node.ign
+
+What the config does on the node's first boot (docs/install.md):
+
+- downloads the systemd-sysext image to /opt/extensions/cluo-agent/NAME.raw, checked by its
+  sha512, and links /etc/extensions/cluo-agent.raw to it (systemd-sysext merges it into /usr);
+- writes /etc/cluo/kubeconfig (mode 0600) and /etc/cluo/agent.env (CLUO_AGENT_* settings);
+- installs units/cluo-agent.service and enables it, enables update-engine.service and masks
+  locksmithd.service.
+
+`--format ignition` (the default) writes Ignition JSON, spec 3.3.0 (`--spec 3.4.0` for the
+newer spec, which every Flatcar channel accepts). `--format butane` fills the placeholders
+of ignition/cluo-agent.bu instead. Bad input exits with status 2 and a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import re
+import sys
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout: the agent's config module
+    sys.path.insert(0, str(ROOT))
+
+from cluo_host import config as agent_config  # noqa: E402
+from cluo_host.errors import ConfigError  # noqa: E402
+
+UNIT_FILE = ROOT / "units" / "cluo-agent.service"
+BUTANE_TEMPLATE = HERE / "cluo-agent.bu"
+
+EXTENSIONS_DIR = "/opt/extensions/cluo-agent"
+EXTENSION_LINK = "/etc/extensions/cluo-agent.raw"
+CONFIG_DIR = "/etc/cluo"
+KUBECONFIG_PATH = "/etc/cluo/kubeconfig"
+AGENT_ENV_PATH = "/etc/cluo/agent.env"
+
+# Ignition spec -> the Butane flatcar variant version that produces it.
+SPECS = {"3.3.0": "1.0.0", "3.4.0": "1.1.0"}
+DEFAULT_SPEC = "3.3.0"
+URL_SCHEMES = ("http", "https", "s3", "gs", "tftp")
+# File modes; Ignition JSON wants them in decimal.
+MODE_SECRET = 0o600  # 384
+MODE_FILE = 0o644  # 420
+MODE_DIR = 0o755  # 493
+
+ARTIFACT_NAME_RE = re.compile(r"^cluo-agent-[A-Za-z0-9][A-Za-z0-9._+~-]*\.raw$")
+SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
+# Environment values written without quotes; anything else is double-quoted.
+PLAIN_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/@%+,=-]*$")
+# Settings this tool owns, so a node setting may not override them.
+OWNED_SETTINGS = {"kubeconfig": f"the kubeconfig is always written to {KUBECONFIG_PATH}"}
+KUBECONFIG_FILE_FIELDS = {
+    "certificate-authority": "certificate-authority-data",
+    "client-certificate": "client-certificate-data",
+    "client-key": "client-key-data",
+    "tokenFile": "token",
+}
+
+
+class InputError(ValueError):
+    """Input the config cannot be made from; the message names the input and the problem."""
+
+
+@dataclass(frozen=True)
+class Kubeconfig:
+    """Either the kubeconfig's text (embedded) or a URL the node fetches it from."""
+
+    text: str | None = None
+    url: str | None = None
+    sha512: str | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    artifact_url: str
+    artifact_sha512: str
+    kubeconfig: Kubeconfig
+    settings: Mapping[str, str] = field(default_factory=dict)  # CLUO_AGENT_* -> value
+    spec: str = DEFAULT_SPEC
+
+    @property
+    def artifact_name(self) -> str:
+        return artifact_name(self.artifact_url)
+
+    @property
+    def artifact_path(self) -> str:
+        return f"{EXTENSIONS_DIR}/{self.artifact_name}"
+
+
+# --- checking the input -------------------------------------------------------------------
+
+
+def check_url(url: str, what: str) -> str:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in URL_SCHEMES or not (parsed.netloc or parsed.scheme == "tftp"):
+        raise InputError(
+            f"{what}: {url!r} is not a URL Ignition can fetch "
+            f"(schemes: {', '.join(URL_SCHEMES)})"
+        )
+    return url
+
+
+def artifact_name(url: str) -> str:
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    if not ARTIFACT_NAME_RE.match(name):
+        raise InputError(
+            f"--artifact-url: the file name {name!r} is not an artifact name like "
+            "cluo-agent-0.1.0-x86-64.raw (hack/build-agent-artifact.sh makes it)"
+        )
+    return name
+
+
+def check_sha512(text: str, what: str) -> str:
+    value = text.strip().lower()
+    if value.startswith("sha512-"):
+        value = value[len("sha512-"):]
+    if not SHA512_RE.match(value):
+        raise InputError(f"{what}: {text!r} is not a sha512 (128 hex digits)")
+    return value
+
+
+def raise_if_other_file(named: str, artifact: str) -> None:
+    if named.lstrip("*") != artifact:
+        raise InputError(
+            f"--artifact-sha512: the sum is for {named!r}, not for {artifact!r}"
+        )
+
+
+def file_sha512(path: Path) -> str:
+    digest = hashlib.sha512()
+    try:
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise InputError(f"--artifact: cannot read {str(path)!r}: {err.strerror}") from None
+    return digest.hexdigest()
+
+
+def check_kubeconfig(text: str, source: str) -> str:
+    """The kubeconfig's text if it is a kubeconfig the node can use on its own."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"--kubeconfig: {source} is not YAML: {err}") from None
+    if not isinstance(document, dict) or document.get("kind", "Config") != "Config":
+        raise InputError(f"--kubeconfig: {source} is not a kubeconfig (kind: Config)")
+    for section in ("clusters", "users", "contexts"):
+        if not isinstance(document.get(section), list) or not document[section]:
+            raise InputError(f"--kubeconfig: {source} has no {section}")
+    for section, key in (("clusters", "cluster"), ("users", "user")):
+        for entry in document[section]:
+            body = entry.get(key) if isinstance(entry, dict) else None
+            for file_field, data_field in KUBECONFIG_FILE_FIELDS.items():
+                if isinstance(body, dict) and body.get(file_field):
+                    raise InputError(
+                        f"--kubeconfig: {source} refers to the file {body[file_field]!r} "
+                        f"({file_field}), which the node does not have: embed it as "
+                        f"{data_field}"
+                    )
+    return text
+
+
+def settings_from(pairs: Sequence[str]) -> dict[str, str]:
+    """CLUO_AGENT_* variables from KEY=VALUE pairs, checked as the agent itself would.
+
+    KEY is a flag of cluo-agent (`drain-timeout`, `--drain-timeout`, `drain_timeout`) or its
+    variable (`CLUO_AGENT_DRAIN_TIMEOUT`).
+    """
+    flags = agent_flags()
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--node-setting: {pair!r} is not KEY=VALUE")
+        flag = key.strip()
+        if flag.upper().startswith(agent_config.ENV_PREFIX):
+            flag = flag[len(agent_config.ENV_PREFIX):]
+        flag = flag.lstrip("-").lower().replace("_", "-")
+        if flag in OWNED_SETTINGS:
+            raise InputError(f"--node-setting: {key!r} cannot be set: {OWNED_SETTINGS[flag]}")
+        if flag not in flags:
+            raise InputError(
+                f"--node-setting: {key!r} is not a cluo-agent flag "
+                f"(known: {', '.join(sorted(flags))})"
+            )
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise InputError(f"--node-setting: the value of {key!r} has control characters")
+        variable = agent_config.ENV_PREFIX + flag.upper().replace("-", "_")
+        if variable in settings:
+            raise InputError(f"--node-setting: {key!r} is given twice")
+        settings[variable] = value
+    # The agent's own checks, on the values as it will read them. The node name defaults to
+    # the node's hostname, which this machine does not know: a stand-in when it is not set.
+    environment = {agent_config.ENV_PREFIX + "NODE_NAME": "node", **settings}
+    try:
+        agent_config.load_settings([], environment)
+    except ConfigError as err:
+        raise InputError(f"--node-setting: {err}") from None
+    return settings
+
+
+def agent_flags() -> set[str]:
+    """cluo-agent's flags without the dashes (`drain-timeout`), from its argument parser."""
+    parser = agent_config._parser()  # the agent's own flag list: no copy to drift
+    return {
+        option[2:]
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+
+
+# --- the config ------------------------------------------------------------------------
+
+
+def data_url(content: str, *, base64_encoded: bool = False) -> str:
+    if base64_encoded:
+        return "data:;base64," + base64.b64encode(content.encode()).decode()
+    return "data:," + urllib.parse.quote(content, safe="")
+
+
+def agent_env(settings: Mapping[str, str]) -> str:
+    lines = [
+        "# cluo-agent's settings (CLUO_AGENT_<FLAG>=value), read through the unit's",
+        "# EnvironmentFile=. See docs/agent.md.",
+    ]
+    for variable, value in settings.items():
+        if PLAIN_VALUE_RE.match(value):
+            lines.append(f"{variable}={value}")
+        else:
+            quoted = value.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{variable}="{quoted}"')
+    return "\n".join(lines) + "\n"
+
+
+def unit_text() -> str:
+    return UNIT_FILE.read_text()
+
+
+def build_config(inputs: Inputs) -> dict[str, Any]:
+    """The Ignition config, as the dict that becomes its JSON."""
+    if inputs.spec not in SPECS:
+        raise InputError(f"--spec: {inputs.spec!r} is not one of {', '.join(SPECS)}")
+    kubeconfig: dict[str, Any]
+    if inputs.kubeconfig.text is not None:
+        kubeconfig = {"source": data_url(inputs.kubeconfig.text, base64_encoded=True)}
+    elif inputs.kubeconfig.url is not None:
+        kubeconfig = {"source": inputs.kubeconfig.url}
+        if inputs.kubeconfig.sha512:
+            kubeconfig["verification"] = {"hash": f"sha512-{inputs.kubeconfig.sha512}"}
+    else:
+        raise InputError("--kubeconfig or --kubeconfig-url is required")
+    return {
+        "ignition": {"version": inputs.spec},
+        "storage": {
+            "directories": [
+                {"path": EXTENSIONS_DIR, "mode": MODE_DIR},
+                {"path": CONFIG_DIR, "mode": MODE_DIR},
+            ],
+            "files": [
+                {
+                    "path": inputs.artifact_path,
+                    "mode": MODE_FILE,
+                    "contents": {
+                        "source": inputs.artifact_url,
+                        "verification": {"hash": f"sha512-{inputs.artifact_sha512}"},
+                    },
+                },
+                {"path": KUBECONFIG_PATH, "mode": MODE_SECRET, "contents": kubeconfig},
+                {
+                    "path": AGENT_ENV_PATH,
+                    "mode": MODE_FILE,
+                    "contents": {"source": data_url(agent_env(inputs.settings))},
+                },
+            ],
+            "links": [{"path": EXTENSION_LINK, "target": inputs.artifact_path, "hard": False}],
+        },
+        "systemd": {
+            "units": [
+                {"name": "locksmithd.service", "mask": True},
+                {"name": "update-engine.service", "enabled": True},
+                {"name": "cluo-agent.service", "enabled": True, "contents": unit_text()},
+            ]
+        },
+    }
+
+
+def render_butane(inputs: Inputs, template: str | None = None) -> str:
+    """ignition/cluo-agent.bu with its placeholders filled."""
+    if inputs.spec not in SPECS:
+        raise InputError(f"--spec: {inputs.spec!r} is not one of {', '.join(SPECS)}")
+    if inputs.kubeconfig.text is not None:
+        kubeconfig = "inline: |\n" + _indent(inputs.kubeconfig.text, "  ")
+    elif inputs.kubeconfig.url is not None:
+        kubeconfig = f"source: {json.dumps(inputs.kubeconfig.url)}"
+        if inputs.kubeconfig.sha512:
+            kubeconfig += f"\nverification:\n  hash: sha512-{inputs.kubeconfig.sha512}"
+    else:
+        raise InputError("--kubeconfig or --kubeconfig-url is required")
+    env_lines = agent_env(inputs.settings).splitlines()[2:]  # the header is in the template
+    values = {
+        "BUTANE_VERSION": SPECS[inputs.spec],
+        "ARTIFACT_NAME": inputs.artifact_name,
+        "ARTIFACT_URL": json.dumps(inputs.artifact_url),
+        "ARTIFACT_SHA512": inputs.artifact_sha512,
+        "KUBECONFIG": kubeconfig,
+        "AGENT_ENV": "\n".join(env_lines),
+        "AGENT_UNIT": unit_text(),
+    }
+    text = template if template is not None else BUTANE_TEMPLATE.read_text()
+    # Drop the template's own header comment (it documents the placeholders).
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("variant:"))
+    out: list[str] = ["# Generated by ignition/cluo_ignition.py from ignition/cluo-agent.bu."]
+    for line in lines[start:]:
+        match = re.fullmatch(r"(\s*)@([A-Z0-9_]+)@", line)
+        if match:  # a placeholder alone on its line: a block, indented as the placeholder
+            block = values[match.group(2)]
+            out.extend(_indent(block, match.group(1)).splitlines() if block else [])
+            continue
+        out.append(re.sub(r"@([A-Z0-9_]+)@", lambda m: values[m.group(1)], line))
+    return "\n".join(out) + "\n"
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "".join(prefix + line if line.strip() else line for line in text.splitlines(True))
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cluo_ignition.py",
+        description="Write the Ignition config (or Butane) that installs cluo-agent on a "
+        "Flatcar node.",
+    )
+    add = parser.add_argument
+    add("--artifact-url", required=True,
+        help="where the node downloads cluo-agent-VERSION-x86-64.raw")
+    add("--artifact-sha512", help="the image's sha512 (or the contents of its .sha512 file)")
+    add("--artifact", type=Path, help="the built image: its sha512 is computed")
+    add("--kubeconfig", type=Path,
+        help="kubeconfig of the cluo-agent ServiceAccount, embedded (mode 0600)")
+    add("--kubeconfig-url", help="or: a URL the node fetches the kubeconfig from")
+    add("--kubeconfig-sha512", help="sha512 of what --kubeconfig-url serves (optional)")
+    add("--node-setting", action="append", default=[], metavar="KEY=VALUE",
+        help="a cluo-agent flag for /etc/cluo/agent.env, e.g. drain-timeout=15m (repeatable)")
+    add("--spec", default=DEFAULT_SPEC, choices=list(SPECS), help="Ignition spec version")
+    add("--format", default="ignition", choices=["ignition", "butane"])
+    add("-o", "--output", type=Path, help="output file (default: stdout)")
+    return parser
+
+
+def inputs_from(args: argparse.Namespace) -> Inputs:
+    url = check_url(args.artifact_url, "--artifact-url")
+    artifact_name(url)
+    if (args.artifact is None) == (args.artifact_sha512 is None):
+        raise InputError("give exactly one of --artifact-sha512 and --artifact")
+    if args.artifact is not None:
+        sha512 = file_sha512(args.artifact)
+        if args.artifact.name != artifact_name(url):
+            raise InputError(
+                f"--artifact: {args.artifact.name!r} is not the file --artifact-url names "
+                f"({artifact_name(url)!r})"
+            )
+    else:
+        # Also takes a line of the .sha512 file: "HEX  NAME".
+        words = args.artifact_sha512.split()
+        if len(words) > 1:
+            raise_if_other_file(words[1], artifact_name(url))
+        sha512 = check_sha512(words[0] if words else args.artifact_sha512, "--artifact-sha512")
+    if (args.kubeconfig is None) == (args.kubeconfig_url is None):
+        raise InputError("give exactly one of --kubeconfig and --kubeconfig-url")
+    if args.kubeconfig is not None:
+        if args.kubeconfig_sha512 is not None:
+            raise InputError("--kubeconfig-sha512 goes with --kubeconfig-url only")
+        try:
+            text = args.kubeconfig.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise InputError(f"--kubeconfig: cannot read {str(args.kubeconfig)!r}: "
+                             f"{reason}") from None
+        kubeconfig = Kubeconfig(text=check_kubeconfig(text, repr(str(args.kubeconfig))))
+    else:
+        kubeconfig = Kubeconfig(
+            url=check_url(args.kubeconfig_url, "--kubeconfig-url"),
+            sha512=(check_sha512(args.kubeconfig_sha512, "--kubeconfig-sha512")
+                    if args.kubeconfig_sha512 is not None else None),
+        )
+    return Inputs(
+        artifact_url=url,
+        artifact_sha512=sha512,
+        kubeconfig=kubeconfig,
+        settings=settings_from(args.node_setting),
+        spec=args.spec,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        inputs = inputs_from(args)
+        if args.format == "butane":
+            text = render_butane(inputs)
+        else:
+            text = json.dumps(build_config(inputs), indent=2) + "\n"
+    except InputError as err:
+        print(f"cluo_ignition.py: {err}", file=sys.stderr)
+        return 2
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
