@@ -34,6 +34,8 @@ SLOT_LEASE_LABEL = "cluo.flatcar-linux.net/reboot-slot"
 SLOT_HOLDER_BOOT_ID = "cluo.flatcar-linux.net/holder-boot-id"  # holder's bootID at grant
 SLOT_RELEASED_AT = "cluo.flatcar-linux.net/released-at"  # RFC 3339, set on release
 SLOT_STUCK = "cluo.flatcar-linux.net/stuck"  # "true": the holder missed reboot_timeout
+# The global pause: "true" on the coordinator's leader Lease (`cluo-coord pause`).
+PAUSED_ANNOTATION = "cluo.flatcar-linux.net/paused"
 
 _PREFIX_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]*[a-z0-9])?/$")
 _LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")

@@ -1,0 +1,251 @@
+"""Leader election on the Lease ``cluo-coord-leader`` (client-go's leaderelection, simplified).
+
+Every write is a compare-and-swap on the Lease's resourceVersion. A candidate takes the
+Lease when it is free or when its record (holder, renewTime) has not changed for
+``lease_duration`` seconds *as observed by this process's own monotonic clock*, so clock
+skew between replicas does not matter. The leader renews every ``renew_period`` and
+considers itself leader only until ``renew_deadline`` after its last successful renewal.
+On ``stop()`` the leader steps down: it clears ``holderIdentity`` so a standby takes over
+at once instead of after ``lease_duration``.
+
+Leader election only saves work and log noise: safety comes from the CAS writes of the
+planner's changes, which hold with any number of coordinators.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kubernetes.client
+from kubernetes.client.exceptions import ApiException
+
+from cluo_host.errors import KubeError, kube_error
+from cluo_host.kube_nodes import TRANSPORT_ERRORS
+from cluo_host.protocol import LEADER_LEASE_NAME
+
+log = logging.getLogger(__name__)
+
+LEASE_DURATION = 15.0
+RENEW_DEADLINE = 10.0
+RENEW_PERIOD = 5.0
+RETRY_PERIOD = 2.0
+REQUEST_TIMEOUT = (5.0, 10.0)
+LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+
+def micro_time(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def lease_request(
+    api: kubernetes.client.ApiClient, method: str, path: str, body: Mapping[str, Any] | None,
+    action: str,
+) -> Any:
+    """A raw JSON request (the typed client drops the microseconds Lease times need)."""
+    request = api.param_serialize(
+        method=method, resource_path=path,
+        header_params={"Accept": "application/json", "Content-Type": "application/json"},
+        body=dict(body) if body is not None else None, auth_settings=["BearerToken"],
+    )
+    try:
+        response = api.call_api(*request, _request_timeout=REQUEST_TIMEOUT)
+        data = response.read()  # type: ignore[no-untyped-call]
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(
+                http_resp=response, body=data.decode("utf-8", "replace"), data=None
+            )
+    except (ApiException, *TRANSPORT_ERRORS) as err:
+        raise kube_error(action, err) from err
+    return json.loads(data)
+
+
+class LeaderElector:
+    """Campaign for, hold and give up the leader Lease, in a thread."""
+
+    def __init__(
+        self,
+        api: kubernetes.client.ApiClient,
+        namespace: str,
+        identity: str,
+        *,
+        on_change: Callable[[bool], None] = lambda _: None,
+        lease_duration: float = LEASE_DURATION,
+        renew_deadline: float = RENEW_DEADLINE,
+        renew_period: float = RENEW_PERIOD,
+        retry_period: float = RETRY_PERIOD,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if not renew_period < renew_deadline < lease_duration:
+            raise ValueError("need renew_period < renew_deadline < lease_duration")
+        self._api = api
+        self._namespace = namespace
+        self.identity = identity
+        self._on_change = on_change
+        self._lease_duration = lease_duration
+        self._renew_deadline = renew_deadline
+        self._renew_period = renew_period
+        self._retry_period = retry_period
+        self._clock = clock
+        self._path = LEASE_PATH.format(namespace=namespace) + "/" + LEADER_LEASE_NAME
+        self._lock = threading.Lock()
+        self._valid_until = 0.0  # monotonic; leader while now < this
+        self._observed: tuple[str, str, float] | None = None  # (holder, renewTime, seen at)
+        self._stop = threading.Event()
+        self._was_leader = False
+        self._thread = threading.Thread(target=self._run, name="leader-election", daemon=True)
+
+    @property
+    def is_leader(self) -> bool:
+        with self._lock:
+            return time.monotonic() < self._valid_until
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop campaigning; if leader, step down (clear the holder) before returning."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._try_acquire_or_renew()
+            except KubeError as err:
+                log.warning("leader election request failed", extra={
+                    "ERROR": str(err), "ERROR_KIND": err.kind})
+            leader = self.is_leader
+            if leader != self._was_leader:
+                self._was_leader = leader
+                log.info("leadership changed", extra={"LEADER": leader, "IDENTITY": self.identity})
+                self._on_change(leader)
+            self._stop.wait(self._renew_period if leader else self._retry_period)
+        self._step_down()
+
+    def _try_acquire_or_renew(self) -> None:
+        action = f"reading leader lease {LEADER_LEASE_NAME!r}"
+        now = self._clock()
+        try:
+            current = lease_request(self._api, "GET", self._path, None, action)
+        except KubeError as err:
+            if err.kind != "not_found":
+                raise
+            current = None
+        if current is None:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": LEADER_LEASE_NAME, "namespace": self._namespace},
+                "spec": self._spec(now, acquired=True, transitions=0),
+            }
+            self._write("POST", LEASE_PATH.format(namespace=self._namespace), body)
+            return
+        spec = current.get("spec") or {}
+        holder = str(spec.get("holderIdentity") or "")
+        renewed = str(spec.get("renewTime") or "")
+        seen_at = time.monotonic()
+        if self._observed is None or self._observed[:2] != (holder, renewed):
+            self._observed = (holder, renewed, seen_at)
+        duration = float(spec.get("leaseDurationSeconds") or self._lease_duration)
+        expired = seen_at - self._observed[2] > duration
+        transitions = int(spec.get("leaseTransitions") or 0)
+        if holder == self.identity:
+            spec = {**spec, "renewTime": micro_time(now),
+                    "leaseDurationSeconds": int(self._lease_duration)}
+        elif not holder or expired:
+            spec = self._spec(now, acquired=True, transitions=transitions + 1)
+        else:
+            return  # someone else leads
+        self._write("PUT", self._path, {**current, "spec": spec})
+
+    def _spec(self, now: datetime, *, acquired: bool, transitions: int) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self._lease_duration),
+            "renewTime": micro_time(now),
+            "leaseTransitions": transitions,
+        }
+        if acquired:
+            spec["acquireTime"] = micro_time(now)
+        return spec
+
+    def _write(self, method: str, path: str, body: Mapping[str, Any]) -> None:
+        started = time.monotonic()
+        try:
+            lease_request(self._api, method, path, body,
+                          f"writing leader lease {LEADER_LEASE_NAME!r}")
+        except KubeError as err:
+            if err.kind == "conflict":
+                return  # someone else wrote first: not leader this round
+            raise
+        with self._lock:
+            self._valid_until = started + self._renew_deadline
+
+    def _step_down(self) -> None:
+        with self._lock:
+            was_leader = time.monotonic() < self._valid_until
+            self._valid_until = 0.0
+        if self._was_leader:
+            self._was_leader = False
+            self._on_change(False)
+        if not was_leader:
+            return
+        try:
+            current = lease_request(self._api, "GET", self._path, None, "reading leader lease")
+            spec = current.get("spec") or {}
+            if spec.get("holderIdentity") != self.identity:
+                return
+            spec = {**spec, "leaseDurationSeconds": 1, "renewTime": micro_time(self._clock())}
+            spec.pop("holderIdentity", None)
+            lease_request(self._api, "PUT", self._path, {**current, "spec": spec},
+                          "stepping down from the leader lease")
+            log.info("stepped down as leader", extra={"IDENTITY": self.identity})
+        except KubeError as err:
+            log.warning("could not step down cleanly", extra={
+                "ERROR": str(err), "ERROR_KIND": err.kind})
+
+
+def set_paused(api: kubernetes.client.ApiClient, namespace: str, paused: bool,
+               annotation: str) -> None:
+    """Set (or clear) the global pause annotation on the leader Lease, creating it if needed."""
+    path = LEASE_PATH.format(namespace=namespace) + "/" + LEADER_LEASE_NAME
+    for _ in range(5):
+        try:
+            current = lease_request(api, "GET", path, None, "reading leader lease")
+        except KubeError as err:
+            if err.kind != "not_found":
+                raise
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": LEADER_LEASE_NAME, "namespace": namespace,
+                                 "annotations": {annotation: "true"} if paused else {}},
+                    "spec": {}}
+            try:
+                lease_request(api, "POST", LEASE_PATH.format(namespace=namespace), body,
+                              "creating leader lease")
+                return
+            except KubeError as create_err:
+                if create_err.kind == "conflict":
+                    continue
+                raise
+        metadata = dict(current.get("metadata") or {})
+        annotations = dict(metadata.get("annotations") or {})
+        if paused:
+            annotations[annotation] = "true"
+        else:
+            annotations.pop(annotation, None)
+        metadata["annotations"] = annotations
+        try:
+            lease_request(api, "PUT", path, {**current, "metadata": metadata},
+                          "setting the pause on the leader lease")
+            return
+        except KubeError as err:
+            if err.kind != "conflict":
+                raise
+    raise KubeError("setting the pause on the leader lease", "the lease kept changing",
+                    kind="conflict", status=409)
+

@@ -1,0 +1,133 @@
+"""Prometheus metrics and health endpoints of cluo-coord, served from a thread.
+
+``/metrics`` is the Prometheus text exposition of the coordinator's own registry (no
+process-global collectors); ``/healthz`` answers 200 while the reconcile loop ticks
+(a wedged loop fails it, and the kubelet restarts the pod); ``/readyz`` answers 200 once
+the Node and Lease caches are synced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from cluo_coord.planner import SlotLease
+
+log = logging.getLogger(__name__)
+
+HANDOFF_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+class CoordMetrics:
+    """The coordinator's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.nodes_needing_reboot = Gauge(
+            "cluo_nodes_needing_reboot", "Nodes whose agent reports reboot-needed=true.",
+            registry=r)
+        self.nodes_in_flight = Gauge(
+            "cluo_nodes_in_flight",
+            "Nodes counted against --max-concurrent (holding a slot or granted).", registry=r)
+        self.slot_holder_info = Gauge(
+            "cluo_slot_holder_info",
+            "One series per held reboot slot; the value is the acquire time (Unix seconds).",
+            ["slot", "node"], registry=r)
+        self.grants = Counter(
+            "cluo_grants", "reboot-ok=true grants written by this process.", registry=r)
+        self.handoff_seconds = Histogram(
+            "cluo_handoff_seconds",
+            "Time from a slot's release to the next reboot-ok grant on that slot.",
+            buckets=HANDOFF_BUCKETS, registry=r)
+        self.stuck_nodes = Gauge(
+            "cluo_stuck_nodes", "Slot holders marked stuck (past --reboot-timeout).",
+            registry=r)
+        self.reconcile_errors = Counter(
+            "cluo_reconcile_errors", "Failed reconcile steps, by error kind.", ["kind"],
+            registry=r)
+        self.is_leader = Gauge(
+            "cluo_is_leader", "1 while this process holds the leader Lease.", registry=r)
+
+    def observe_cluster(
+        self, needing_reboot: int, in_flight: int, slots: Iterable[SlotLease]
+    ) -> None:
+        self.nodes_needing_reboot.set(needing_reboot)
+        self.nodes_in_flight.set(in_flight)
+        self.slot_holder_info.clear()
+        stuck = 0
+        for slot in slots:
+            if not slot.holder:
+                continue
+            since = slot.acquired_at.timestamp() if slot.acquired_at else 0.0
+            self.slot_holder_info.labels(slot=str(slot.index), node=slot.holder).set(since)
+            stuck += slot.stuck
+        self.stuck_nodes.set(stuck)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """/metrics, /healthz and /readyz on ``host:port`` in a daemon thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: CoordMetrics,
+        *,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+    ) -> None:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._answer(200, owner.metrics.exposition(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    ok = owner.healthy()
+                    self._answer(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
+                elif path == "/readyz":
+                    ok = owner.ready()
+                    self._answer(200 if ok else 503, b"ok\n" if ok else b"caches not synced\n")
+                else:
+                    self._answer(404, b"not found\n")
+
+            def _answer(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # no access log
+
+        self.metrics = metrics
+        self.healthy = healthy
+        self.ready = ready
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics server listening", extra={"PORT": self.port})
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5.0)

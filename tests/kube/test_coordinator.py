@@ -1,0 +1,625 @@
+"""cluo-coord as a process against the real control plane.
+
+The coordinator runs as its console script (``cluo-coord``), authenticated with a real
+token of the cluo-coord ServiceAccount bound by deploy/coordinator-rbac.yaml. Nodes are
+virtual (KubeletEmulator) and carry a per-test label the coordinator selects on. The
+test plays the agents (``Agents``: reboot-in-progress, shutdown, boot with a new bootID,
+reboot-needed=false) and the hook DaemonSets. ``Recorder`` watches the Nodes and the slot
+Leases for the whole test; both live in the same etcd, so ordering their events by
+resourceVersion gives one history, and the invariant "never more than max-concurrent
+nodes in flight" is asserted over every state in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+import pytest
+from kubernetes.client import CoordinationV1Api, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch import Watch
+
+from cluo_coord.coordinator import CRASH_AFTER_ENV, CRASH_EXIT_CODE
+from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
+from tests.testbed.controlplane import ControlPlane, free_port
+from tests.testbed.kubelet import KubeletEmulator
+from tests.testbed.waiting import assert_stays, wait_for
+
+pytestmark = pytest.mark.kube
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+COORD = Path(sys.executable).parent / "cluo-coord"
+NAMESPACE = "cluo-system"
+KEYS = Keys()
+SELECTOR_LABEL = "cluo-coord-test"
+BEFORE_HOOK = "hooks.example.com/before-done"
+AFTER_HOOK = "hooks.example.com/after-done"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def coord_kubeconfig(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Path:
+    """A kubeconfig with a real cluo-coord ServiceAccount token (RBAC from deploy/)."""
+    control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
+                          "-f", str(DEPLOY / "coordinator-rbac.yaml"),
+                          "-f", str(DEPLOY / "agent-rbac.yaml"))
+    path = tmp_path_factory.mktemp("coord") / "kubeconfig"
+    return control_plane.service_account_kubeconfig(NAMESPACE, "cluo-coord", path)
+
+
+def _clean_leases(api: kubernetes.client.ApiClient) -> None:
+    coordination = CoordinationV1Api(api)
+    coordination.delete_collection_namespaced_lease(NAMESPACE, label_selector=SLOT_LEASE_LABEL)
+    try:
+        coordination.delete_namespaced_lease(LEADER_LEASE_NAME, NAMESPACE)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
+@dataclass
+class Rig:
+    control_plane: ControlPlane
+    admin: kubernetes.client.ApiClient
+    kubeconfig: Path
+    workdir: Path
+    emulator: KubeletEmulator
+    test_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    coordinators: list[CoordProcess] = field(default_factory=list)
+
+    @property
+    def selector(self) -> str:
+        return f"{SELECTOR_LABEL}={self.test_id}"
+
+    @property
+    def core(self) -> CoreV1Api:
+        return CoreV1Api(self.admin)
+
+    def add_nodes(self, count: int, *, needing_reboot: bool = True) -> list[str]:
+        names = [f"c{self.test_id}-{i}" for i in range(count)]
+        self.emulator.add_nodes(names, labels={SELECTOR_LABEL: self.test_id})
+        for i, name in enumerate(names):
+            if needing_reboot:
+                # last-checked-time orders the queue: node 0 first.
+                self.annotate(name, {KEYS.reboot_needed: "true",
+                                     KEYS.last_checked_time: str(1_700_000_000 + i)})
+        wait_for(lambda: all(self.node(n).status.node_info.boot_id for n in names), 20,
+                 "the emulated nodes to report a bootID")
+        return names
+
+    def node(self, name: str) -> Any:
+        return self.core.read_node(name)
+
+    def annotations(self, name: str) -> dict[str, str]:
+        return dict(self.node(name).metadata.annotations or {})
+
+    def annotate(self, name: str, values: dict[str, str | None]) -> None:
+        self.core.patch_node(name, {"metadata": {"annotations": values}})
+
+    def start(self, *flags: str, leader_elect: bool = False, env: dict[str, str] | None = None,
+              name: str = "") -> CoordProcess:
+        process = CoordProcess.start(self, list(flags), leader_elect=leader_elect,
+                                     env=env or {}, name=name or f"coord{len(self.coordinators)}")
+        self.coordinators.append(process)
+        return process
+
+    def admin_command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(COORD), *args, "--kubeconfig", str(self.control_plane.admin_kubeconfig)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+
+    def slot_holders(self) -> dict[str, str]:
+        leases = CoordinationV1Api(self.admin).list_namespaced_lease(
+            NAMESPACE, label_selector=SLOT_LEASE_LABEL).items
+        return {lease.metadata.name: lease.spec.holder_identity for lease in leases
+                if lease.spec.holder_identity}
+
+    def events(self, node: str, reason: str) -> list[Any]:
+        items = self.core.list_namespaced_event(
+            "default", field_selector=f"involvedObject.name={node}").items
+        return [e for e in items if e.reason == reason and e.source.component == "cluo-coord"]
+
+    def done(self, name: str) -> bool:
+        """The node's cycle is over: rebooted, reboot-ok=false, no phase labels."""
+        node = self.node(name)
+        annotations = node.metadata.annotations or {}
+        labels = node.metadata.labels or {}
+        return (annotations.get(KEYS.reboot_needed) == "false"
+                and annotations.get(KEYS.reboot_ok) == "false"
+                and KEYS.before_reboot not in labels and KEYS.after_reboot not in labels
+                and name not in self.slot_holders().values())
+
+
+@dataclass
+class CoordProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @classmethod
+    def start(cls, rig: Rig, flags: list[str], *, leader_elect: bool, env: dict[str, str],
+              name: str) -> CoordProcess:
+        port = free_port()
+        log_path = rig.workdir / f"{name}.log"
+        argv = [str(COORD), "--kubeconfig", str(rig.kubeconfig), "--namespace", NAMESPACE,
+                "--node-selector", rig.selector, "--metrics-address", f"127.0.0.1:{port}",
+                "--leader-elect", "true" if leader_elect else "false", "--identity", name,
+                *flags]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CLUO_COORD_")}
+        environment.update(env)
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                       env=environment)
+        coord = cls(name, process, port, log_path)
+        wait_for(lambda: coord.get("/readyz")[0] == 200 or process.poll() is not None, 30,
+                 f"{name} to report ready on /readyz")
+        return coord
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                        timeout=2) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, ""
+        except OSError:
+            return 0, ""
+
+    def metric(self, line_start: str) -> float | None:
+        _, text = self.get("/metrics")
+        for line in text.splitlines():
+            if line.startswith(line_start + " ") or line.startswith(line_start + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+class Recorder:
+    """Watches the test's Nodes and the slot Leases; one history ordered by resourceVersion."""
+
+    def __init__(self, admin: kubernetes.client.ApiClient, selector: str) -> None:
+        self._core = CoreV1Api(admin)
+        self._coordination = CoordinationV1Api(admin)
+        self._selector = selector
+        self._lock = threading.Lock()
+        self.events: list[tuple[int, float, str, str, Any]] = []  # (rv, t, kind, name, state)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=("node",), daemon=True),
+            threading.Thread(target=self._run, args=("lease",), daemon=True),
+        ]
+
+    def start(self) -> Recorder:
+        self._ready = threading.Barrier(3, timeout=20)
+        for thread in self._threads:
+            thread.start()
+        self._ready.wait()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        assert not any(t.is_alive() for t in self._threads), "recorder threads did not stop"
+
+    def _call(self, kind: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+        if kind == "node":
+            return self._core.list_node, (), {"label_selector": self._selector}
+        return (self._coordination.list_namespaced_lease, (NAMESPACE,),
+                {"label_selector": SLOT_LEASE_LABEL})
+
+    def _run(self, kind: str) -> None:
+        call, args, kwargs = self._call(kind)
+        listed = call(*args, **kwargs)
+        for obj in listed.items:
+            self._record(kind, obj)
+        version = listed.metadata.resource_version
+        self._ready.wait()
+        while not self._stop.is_set():
+            watch = Watch()
+            for event in watch.stream(call, *args, **kwargs, resource_version=version,
+                                      timeout_seconds=1, _request_timeout=5):
+                obj = event["object"]
+                version = obj.metadata.resource_version
+                self._record(kind, obj, deleted=event["type"] == "DELETED")
+                if self._stop.is_set():
+                    watch.stop()
+
+    def _record(self, kind: str, obj: Any, *, deleted: bool = False) -> None:
+        name = obj.metadata.name
+        if kind == "node":
+            annotations = obj.metadata.annotations or {}
+            state: Any = (
+                not deleted and annotations.get(KEYS.release_slot) != "true" and (
+                    annotations.get(KEYS.reboot_ok) == "true"
+                    or annotations.get(KEYS.reboot_in_progress) == "true"),
+                annotations.get(KEYS.reboot_ok) == "true",
+            )
+        else:
+            state = None if deleted else obj.spec.holder_identity
+        with self._lock:
+            self.events.append((int(obj.metadata.resource_version), time.monotonic(), kind,
+                                name, state))
+
+    def history(self) -> list[tuple[float, frozenset[str], frozenset[str]]]:
+        """Each state in order: (time, nodes in flight, nodes with reboot-ok=true)."""
+        with self._lock:
+            events = sorted(self.events)
+        flying: dict[str, bool] = {}
+        granted: dict[str, bool] = {}
+        holders: dict[str, str | None] = {}
+        states = []
+        for _, at, kind, name, state in events:
+            if kind == "node":
+                flying[name], granted[name] = state
+            else:
+                holders[name] = state
+            in_flight = {n for n, f in flying.items() if f} | {h for h in holders.values() if h}
+            states.append((at, frozenset(in_flight), frozenset(n for n, g in granted.items() if g)))
+        return states
+
+    def max_in_flight(self) -> int:
+        return max((len(flight) for _, flight, _ in self.history()), default=0)
+
+    def grant_order(self) -> list[str]:
+        """Nodes in the order reboot-ok became true (a node may appear more than once)."""
+        order: list[str] = []
+        previous: frozenset[str] = frozenset()
+        for _, _, granted in self.history():
+            order.extend(sorted(granted - previous))
+            previous = granted
+        return order
+
+
+class Agents:
+    """Plays cluo-agent on every test node: on reboot-ok=true, reboot once and report.
+
+    It writes as the cluo-agent ServiceAccount of deploy/ (a real token), so the agent's
+    RBAC is exercised by the real authorizer in every coordinator test.
+    """
+
+    def __init__(self, rig: Rig, *, never_return: frozenset[str] = frozenset()) -> None:
+        self._rig = rig
+        self._core = CoreV1Api(
+            rig.control_plane.service_account_api_client(NAMESPACE, "cluo-agent")
+        )
+        self._never_return = never_return
+        self._stop = threading.Event()
+        self._busy: set[str] = set()
+        self._workers: list[threading.Thread] = []
+        self.errors: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="agents", daemon=True)
+
+    def __enter__(self) -> Agents:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for worker in self._workers:
+            worker.join(30)
+        assert not self._thread.is_alive(), "agents thread did not stop"
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for node in self._core.list_node(label_selector=self._rig.selector).items:
+                annotations = node.metadata.annotations or {}
+                name = node.metadata.name
+                if (annotations.get(KEYS.reboot_ok) == "true"
+                        and annotations.get(KEYS.reboot_needed) == "true"
+                        and annotations.get(KEYS.reboot_in_progress) != "true"
+                        and name not in self._busy):
+                    self._busy.add(name)
+                    worker = threading.Thread(target=self._reboot, args=(name,), daemon=True)
+                    self._workers.append(worker)
+                    worker.start()
+
+    def _reboot(self, name: str) -> None:
+        try:
+            old_boot = self._core.read_node(name).status.node_info.boot_id
+            self._annotate(name, {KEYS.reboot_in_progress: "true",
+                                  KEYS.boot_id_before_reboot: old_boot})
+            host = self._rig.emulator.node(name)
+            host.shutdown()
+            if name in self._never_return:
+                return
+            time.sleep(0.1)
+            new_boot = host.boot()
+            wait_for(lambda: self._core.read_node(name).status.node_info.boot_id == new_boot,
+                     20, f"{name} to report its new bootID")
+            self._annotate(name, {KEYS.reboot_needed: "false",
+                                  KEYS.reboot_in_progress: "false"})
+        except Exception as err:  # reported by the test
+            self.errors.append(f"{name}: {err!r}")
+
+    def _annotate(self, name: str, values: dict[str, str | None]) -> None:
+        self._core.patch_node(name, {"metadata": {"annotations": values}})
+
+
+@pytest.fixture
+def rig(control_plane: ControlPlane, kube_admin: kubernetes.client.ApiClient,
+        coord_kubeconfig: Path, tmp_path: Path) -> Iterator[Rig]:
+    _clean_leases(kube_admin)
+    with KubeletEmulator(kube_admin, heartbeat_interval=5.0) as emulator:
+        the_rig = Rig(control_plane, kube_admin, coord_kubeconfig, tmp_path, emulator)
+        try:
+            yield the_rig
+        finally:
+            for coord in the_rig.coordinators:
+                coord.stop()
+            emulator.stop(delete_nodes=True)
+            _clean_leases(kube_admin)
+    for coord in the_rig.coordinators:
+        if coord.process.returncode not in (0, CRASH_EXIT_CODE):
+            pytest.fail(f"{coord.name} exited with {coord.process.returncode}:\n"
+                        f"{coord.log_tail()}")
+
+
+@pytest.fixture
+def recorder(rig: Rig) -> Iterator[Recorder]:
+    rec = Recorder(rig.admin, rig.selector).start()
+    yield rec
+    rec.stop()
+
+
+def _all_done(rig: Rig, names: list[str]) -> Callable[[], bool]:
+    return lambda: all(rig.done(name) for name in names)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_five_nodes_roll_one_at_a_time_with_subsecond_handoff(
+    rig: Rig, recorder: Recorder
+) -> None:
+    names = rig.add_nodes(5)
+    coord = rig.start()
+    with Agents(rig) as agents:
+        wait_for(_all_done(rig, names), 60, "all five nodes to reboot and finish")
+    assert not agents.errors
+    assert recorder.max_in_flight() == 1
+    assert recorder.grant_order() == names  # queue order: last-checked-time
+    for name in names:
+        assert rig.events(name, "RebootApproved"), f"no RebootApproved event for {name}"
+        assert rig.events(name, "RebootFinished"), f"no RebootFinished event for {name}"
+    # Metrics: five grants, four handoffs, each well under a second.
+    assert coord.metric("cluo_grants_total") == 5
+    assert coord.metric("cluo_handoff_seconds_count") == 4
+    assert coord.metric('cluo_handoff_seconds_bucket{le="1.0"}') == 4  # every one under 1 s
+    assert coord.metric("cluo_nodes_needing_reboot") == 0
+    assert coord.metric("cluo_nodes_in_flight") == 0
+    assert coord.metric("cluo_is_leader") == 1
+    assert coord.get("/healthz")[0] == 200
+    assert coord.get("/readyz")[0] == 200
+    # Logs: one JSON object per line, constant messages with fields.
+    entries = [json.loads(line) for line in coord.log_path.read_text().splitlines()]
+    assert all({"time", "level", "msg"} <= entry.keys() for entry in entries)
+    granted = [e for e in entries if e["msg"] == "reboot granted"]
+    assert [e["node"] for e in granted] == names
+
+
+def test_max_concurrent_two_is_reached_and_never_exceeded(
+    rig: Rig, recorder: Recorder
+) -> None:
+    names = rig.add_nodes(5)
+    rig.start("--max-concurrent", "2")
+    with Agents(rig) as agents:
+        wait_for(_all_done(rig, names), 60, "all five nodes to reboot and finish")
+    assert not agents.errors
+    assert recorder.max_in_flight() == 2
+
+
+def test_crash_between_slot_and_grant_resumes_the_same_node(
+    rig: Rig, recorder: Recorder
+) -> None:
+    first, second = rig.add_nodes(2)
+    crashing = rig.start(env={CRASH_AFTER_ENV: "AcquireSlot"}, name="crashing")
+    wait_for(lambda: crashing.process.poll() is not None, 20, "the crash hook to exit")
+    assert crashing.process.returncode == CRASH_EXIT_CODE, crashing.log_tail()
+    # The state a crash leaves: a slot names the first node, nobody has reboot-ok.
+    assert list(rig.slot_holders().values()) == [first]
+    assert KEYS.reboot_ok not in rig.annotations(first)
+    rig.start(name="restarted")
+    with Agents(rig) as agents:
+        wait_for(_all_done(rig, [first, second]), 40, "both nodes to reboot and finish")
+    assert not agents.errors
+    assert recorder.grant_order() == [first, second]
+    assert recorder.max_in_flight() == 1
+
+
+@pytest.mark.parametrize("leader_elect", [False, True], ids=["cas-only", "leader-election"])
+def test_two_coordinators_never_put_two_nodes_in_flight(
+    rig: Rig, recorder: Recorder, leader_elect: bool
+) -> None:
+    names = rig.add_nodes(4)
+    coords = [rig.start(leader_elect=leader_elect, name=f"twin{i}") for i in range(2)]
+    with Agents(rig) as agents:
+        wait_for(_all_done(rig, names), 60, "all four nodes to reboot and finish")
+    assert not agents.errors
+    assert recorder.max_in_flight() == 1
+    assert sorted(set(recorder.grant_order())) == names
+    if leader_elect:
+        leaders = [c.metric("cluo_is_leader") for c in coords]
+        assert sorted(leaders) == [0, 1], leaders
+        # The leader steps down on SIGTERM: the standby takes over well before the
+        # 15 s lease would expire.
+        leader, standby = (coords[0], coords[1]) if leaders[0] == 1 else (coords[1], coords[0])
+        leader.stop()
+        assert leader.process.returncode == 0
+        wait_for(lambda: standby.metric("cluo_is_leader") == 1, 8,
+                 "the standby to take over after the leader stepped down")
+
+
+def test_node_that_never_returns_keeps_its_slot_until_released(
+    rig: Rig, recorder: Recorder
+) -> None:
+    lost, nxt = rig.add_nodes(2)
+    coord = rig.start("--reboot-timeout", "4s")
+    with Agents(rig, never_return=frozenset({lost})) as agents:
+        wait_for(lambda: rig.events(lost, "RebootTimedOut"), 30,
+                 "a RebootTimedOut Warning event for the lost node")
+        event = rig.events(lost, "RebootTimedOut")[0]
+        assert event.type == "Warning"
+        lease = CoordinationV1Api(rig.admin).read_namespaced_lease(
+            "cluo-reboot-slot-0", NAMESPACE)
+        assert lease.spec.holder_identity == lost
+        assert lease.metadata.annotations.get("cluo.flatcar-linux.net/stuck") == "true"
+        wait_for(lambda: coord.metric("cluo_stuck_nodes") == 1, 10, "cluo_stuck_nodes to be 1")
+        assert coord.metric(f'cluo_slot_holder_info{{node="{lost}",slot="0"}}')
+        assert_stays(lambda: KEYS.reboot_ok not in rig.annotations(nxt)
+                     or rig.annotations(nxt)[KEYS.reboot_ok] != "true", 1.0,
+                     "the next node to get no grant while the lost node holds the slot")
+        result = rig.admin_command("release", lost)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: rig.done(nxt), 30, "the next node to reboot after the release")
+        assert rig.events(lost, "RebootSlotReleasedByAdmin")
+    assert not agents.errors
+    assert recorder.max_in_flight() == 1
+    assert coord.metric("cluo_stuck_nodes") == 0
+
+
+def test_hooks_gate_the_grant_and_the_release(rig: Rig, recorder: Recorder) -> None:
+    names = rig.add_nodes(2)
+    violations: list[str] = []
+    stop = threading.Event()
+
+    def hook_daemonsets() -> None:
+        while not stop.wait(0.05):
+            for node in rig.core.list_node(label_selector=rig.selector).items:
+                labels = node.metadata.labels or {}
+                annotations = node.metadata.annotations or {}
+                name = node.metadata.name
+                if labels.get(KEYS.before_reboot) == "true" and BEFORE_HOOK not in annotations:
+                    time.sleep(0.5)
+                    if rig.annotations(name).get(KEYS.reboot_ok) == "true":
+                        violations.append(f"{name} granted before its before-reboot hook")
+                    rig.annotate(name, {BEFORE_HOOK: "true"})
+                if labels.get(KEYS.after_reboot) == "true" and AFTER_HOOK not in annotations:
+                    time.sleep(0.5)
+                    if name not in rig.slot_holders().values():
+                        violations.append(f"{name} released before its after-reboot hook")
+                    rig.annotate(name, {AFTER_HOOK: "true"})
+
+    hooks = threading.Thread(target=hook_daemonsets, daemon=True)
+    hooks.start()
+    try:
+        rig.start("--before-reboot-annotations", BEFORE_HOOK,
+                  "--after-reboot-annotations", AFTER_HOOK)
+        with Agents(rig) as agents:
+            wait_for(_all_done(rig, names), 60, "both nodes to go through both hooks")
+    finally:
+        stop.set()
+        hooks.join(10)
+    assert not violations
+    assert not agents.errors
+    assert recorder.grant_order() == names
+    for name in names:  # hook annotations are cleared when the cycle ends
+        annotations = rig.annotations(name)
+        assert BEFORE_HOOK not in annotations and AFTER_HOOK not in annotations
+
+
+def test_paused_node_is_skipped_and_global_pause_holds_new_slots(
+    rig: Rig, recorder: Recorder
+) -> None:
+    paused, first, second = rig.add_nodes(3)
+    rig.annotate(paused, {KEYS.reboot_paused: "true"})
+    result = rig.admin_command("pause")
+    assert result.returncode == 0, result.stderr
+    rig.start()
+    with Agents(rig) as agents:
+        assert_stays(lambda: not rig.slot_holders(), 2.0,
+                     "no slot to be taken while globally paused")
+        result = rig.admin_command("resume")
+        assert result.returncode == 0, result.stderr
+        wait_for(_all_done(rig, [first, second]), 40, "the unpaused nodes to reboot")
+        assert_stays(lambda: not rig.slot_holders(), 1.0,
+                     "the paused node to get no slot")
+    assert not agents.errors
+    assert recorder.grant_order() == [first, second]
+    assert rig.annotations(paused).get(KEYS.reboot_needed) == "true"
+
+
+def test_closed_window_grants_nothing_and_open_window_grants(
+    rig: Rig, recorder: Recorder
+) -> None:
+    names = rig.add_nodes(1)
+    now = datetime.now(UTC)
+    closed = f"{now + timedelta(hours=2):%H:%M} 1h"
+    opened = f"{now - timedelta(minutes=5):%H:%M} 1h"
+    closed_coord = rig.start("--reboot-windows", closed, "--time-zone", "UTC", name="closed")
+    assert_stays(lambda: not rig.slot_holders(), 2.0, "no slot outside the window")
+    closed_coord.stop()
+    rig.start("--reboot-windows", opened, "--time-zone", "UTC", name="open")
+    with Agents(rig) as agents:
+        wait_for(_all_done(rig, names), 30, "the node to reboot inside the window")
+    assert not agents.errors
+    assert recorder.grant_order() == names
+
+
+def test_grant_is_refused_when_the_slot_lease_moved_since_the_plan(
+    rig: Rig, coord_kubeconfig: Path
+) -> None:
+    """Rule 3, driven in-process: reboot-ok=true only while the slot Lease is unchanged."""
+    from cluo_coord.cluster import ClusterCache, ClusterWriter
+    from cluo_coord.coordinator import Coordinator
+    from cluo_coord.leases import KubeSlots
+    from cluo_coord.metrics import CoordMetrics
+    from cluo_coord.planner import AcquireSlot, GrantRebootOk, Policy, ReleaseSlot
+    from cluo_host.errors import KubeError
+    from cluo_host.kube_config import kubeconfig_client
+    from cluo_host.kube_nodes import KubeNodes
+
+    (name,) = rig.add_nodes(1)
+    api = kubeconfig_client(coord_kubeconfig, "cluo-coord")
+    try:
+        slots = KubeSlots(api, NAMESPACE)
+        cache = ClusterCache(api, NAMESPACE, KEYS, node_selector=rig.selector)
+        metrics = CoordMetrics()
+        coordinator = Coordinator(
+            cache, writer=ClusterWriter(api, NAMESPACE, KEYS), slots=slots,
+            nodes=KubeNodes(api, KEYS), policy=Policy(), metrics=metrics)
+        now = datetime.now(UTC)
+        taken = slots.acquire(AcquireSlot(0, name, None, "boot", now))
+        assert taken.resource_version is not None
+        node_version = rig.node(name).metadata.resource_version
+        # The slot moves on (released) after the planner saw it taken.
+        slots.release(ReleaseSlot(0, name, taken.resource_version, now))
+        grant = GrantRebootOk(name, 0, node_version, taken.resource_version)
+        with pytest.raises(KubeError) as refused:
+            coordinator._apply(grant, {})
+        assert refused.value.kind == "conflict"
+        assert KEYS.reboot_ok not in rig.annotations(name)
+        assert metrics.grants._value.get() == 0
+    finally:
+        api.close()

@@ -1,0 +1,123 @@
+"""cluo-coord's flags and CLUO_COORD_* environment."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from cluo_coord.config import load_settings
+from cluo_coord.main import main
+from cluo_host.errors import ConfigError
+from cluo_host.protocol import FLUO_PREFIX
+
+
+def test_defaults_match_cluo_and_the_deployment() -> None:
+    settings = load_settings([], {"POD_NAMESPACE": "ops", "POD_NAME": "coord-abc",
+                                  "NODE_NAME": "n1"})
+    policy = settings.policy
+    assert settings.kubeconfig is None  # in-cluster
+    assert settings.namespace == "ops"
+    assert settings.identity == "coord-abc"
+    assert settings.node_name == "n1"
+    assert (settings.metrics_host, settings.metrics_port) == ("", 8080)
+    assert settings.leader_elect is True
+    assert policy.max_concurrent == 1
+    assert policy.reboot_timeout == timedelta(hours=1)
+    assert policy.min_ready == timedelta(0)
+    assert policy.delay_between_reboots == timedelta(0)
+    assert policy.paused is False
+    assert policy.windows.always_open
+    assert settings.resync_period == 600
+
+
+def test_namespace_defaults_to_cluo_system_without_pod_namespace() -> None:
+    assert load_settings([], {}).namespace == "cluo-system"
+
+
+def test_flags_win_over_environment() -> None:
+    settings = load_settings(
+        ["--max-concurrent", "3"],
+        {"CLUO_COORD_MAX_CONCURRENT": "2", "CLUO_COORD_REBOOT_TIMEOUT": "30m"},
+    )
+    assert settings.policy.max_concurrent == 3
+    assert settings.policy.reboot_timeout == timedelta(minutes=30)
+
+
+def test_every_policy_flag_is_read() -> None:
+    settings = load_settings(
+        [
+            "--annotation-prefix", FLUO_PREFIX,
+            "--before-reboot-annotations", "a.example.com/x, b.example.com/y",
+            "--after-reboot-annotations", "c.example.com/z",
+            "--min-ready", "30s", "--delay-between-reboots", "2m", "--pause", "true",
+            "--node-selector", "pool=workers", "--metrics-address", "127.0.0.1:9000",
+            "--leader-elect", "false", "--identity", "me", "--kubeconfig", "/k",
+        ],
+        {},
+    )
+    policy = settings.policy
+    assert policy.keys.prefix == FLUO_PREFIX
+    assert policy.before_reboot_annotations == ("a.example.com/x", "b.example.com/y")
+    assert policy.after_reboot_annotations == ("c.example.com/z",)
+    assert policy.min_ready == timedelta(seconds=30)
+    assert policy.delay_between_reboots == timedelta(minutes=2)
+    assert policy.paused is True
+    assert settings.node_selector == "pool=workers"
+    assert (settings.metrics_host, settings.metrics_port) == ("127.0.0.1", 9000)
+    assert settings.leader_elect is False
+    assert settings.identity == "me"
+    assert settings.kubeconfig == "/k"
+
+
+def test_cluo_window_and_several_windows_combine_in_the_time_zone() -> None:
+    settings = load_settings(
+        ["--reboot-window-start", "Mon 14:00", "--reboot-window-length", "1h",
+         "--reboot-windows", "Sat 02:00 1h30m", "--time-zone", "Europe/Berlin"],
+        {},
+    )
+    windows = settings.policy.windows
+    assert len(windows.windows) == 2
+    # Monday 2026-11-23 14:30 in Berlin (CET, UTC+1) is 13:30 UTC.
+    assert windows.is_open(datetime(2026, 11, 23, 13, 30, tzinfo=UTC))
+    assert not windows.is_open(datetime(2026, 11, 23, 15, 30, tzinfo=UTC))
+    assert windows.is_open(datetime(2026, 11, 28, 2, 0, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "names"),
+    [
+        (["--max-concurrent", "0"], {}, "--max-concurrent"),
+        ([], {"CLUO_COORD_MAX_CONCURRENT": "two"}, "CLUO_COORD_MAX_CONCURRENT"),
+        (["--reboot-timeout", "0s"], {}, "--reboot-timeout"),
+        (["--reboot-timeout", "soon"], {}, "soon"),
+        (["--min-ready", "-5s"], {}, "--min-ready"),
+        (["--reboot-window-start", "Mon 14:00"], {}, "--reboot-window-length"),
+        (["--reboot-window-start", "Someday 14:00", "--reboot-window-length", "1h"], {},
+         "Someday"),
+        (["--reboot-windows", "Mon 25:00 1h"], {}, "--reboot-windows"),
+        (["--time-zone", "Mars/Olympus"], {}, "Mars/Olympus"),
+        (["--annotation-prefix", "not a prefix"], {}, "--annotation-prefix"),
+        (["--before-reboot-annotations", "bad key!"], {}, "--before-reboot-annotations"),
+        (["--pause", "maybe"], {}, "--pause"),
+        (["--leader-elect", "perhaps"], {}, "CLUO_COORD_LEADER_ELECT"),
+        (["--metrics-address", "8080"], {}, "--metrics-address"),
+        (["--namespace", "Bad_NS"], {}, "Bad_NS"),
+        (["--log-level", "loud"], {}, "--log-level"),
+    ],
+)
+def test_bad_values_name_the_flag_variable_and_value(
+    argv: list[str], environ: dict[str, str], names: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(argv, environ)
+    assert names in str(err.value)
+
+
+def test_bad_value_exits_with_code_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--max-concurrent", "-1"]) == 2
+    assert "--max-concurrent" in capsys.readouterr().err
+
+
+def test_empty_metrics_address_turns_the_server_off() -> None:
+    assert load_settings(["--metrics-address", ""], {}).metrics_port == -1
