@@ -22,8 +22,8 @@
 #                   image without changing the code)
 #   WORK_DIR        PyInstaller's work tree, kept between builds for speed (default:
 #                   OUT_DIR/pyinstaller-work)
-#   SOURCE_DATE_EPOCH  time stamp of every file in the image (default: 0), so the same
-#                   input gives the same sha512
+#   SOURCE_DATE_EPOCH  time stamp of every file in the image (default: 0); warm builds
+#                   of the same input give the same sha512 (cold ones may not)
 #
 # Built on Debian bookworm (glibc 2.36), the bundle runs on every Flatcar channel
 # (glibc >= 2.38).

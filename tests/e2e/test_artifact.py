@@ -196,13 +196,6 @@ def test_a_rebuilt_artifact_changes_the_sha512_in_the_config(
     assert validation.returncode == 0, validation.stdout + validation.stderr
 
 
-def test_same_input_gives_the_same_sha512(artifact: Artifact, tmp_path: Path,
-                                          work_dir: Path) -> None:
-    again = build_artifact(tmp_path / "again", work_dir)
-
-    assert again.sha512 == artifact.sha512
-
-
 # --- inside a real systemd host ------------------------------------------------------------
 
 NSPAWN_UNAVAILABLE = unavailable_reason()
