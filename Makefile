@@ -28,8 +28,10 @@ unit: deps
 test: deps control-plane lint
 	$(PY) -m pytest -q
 
-demo: control-plane
-	$(PY) -m tests.testbed.controlplane
+# `make demo`: three nspawn hosts rolled by cluo-coord, watched live (tests/testbed/demo.py;
+# it builds the Debian root and the agent's sysext image itself, cached in $(CLUO_CACHE)).
+demo: deps control-plane
+	$(PY) -m tests.testbed.demo
 
 bench: control-plane
 	$(PY) -m bench --output docs/benchmarks.md
