@@ -6,15 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import api_cost, drain_vs_kubectl
+from bench import (
+    agent_footprint,
+    api_cost,
+    coord_api_cost,
+    coord_scale,
+    drain_vs_kubectl,
+    roll,
+)
 from bench.context import BenchContext
 from bench.records import BenchResult, Status
-
-NO_COORDINATOR = (
-    "it needs the coordinator's driver (the cluo-coord process that watches nodes and grants "
-    "reboot slots), which does not exist yet: only its pure planner and the Lease adapter "
-    "are written. Nothing can be measured without inventing the numbers."
-)
 
 
 @dataclass(frozen=True)
@@ -29,21 +30,12 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark("handoff-latency", "1. Handoff latency", not_built=NO_COORDINATOR),
-    Benchmark("roll-overhead", "2. Roll overhead", not_built=NO_COORDINATOR),
+    Benchmark(roll.HANDOFF_NAME, roll.HANDOFF_TITLE, roll.run_handoff),
+    Benchmark(roll.OVERHEAD_NAME, roll.OVERHEAD_TITLE, roll.run_overhead),
     Benchmark(api_cost.NAME, api_cost.TITLE, api_cost.run),
-    Benchmark("api-cost-coordinator", "3. API cost: the idle coordinator with 100 nodes",
-              not_built=NO_COORDINATOR),
-    Benchmark("coordinator-scale", "4. Coordinator scale", not_built=NO_COORDINATOR),
-    Benchmark(
-        "agent-footprint", "5. Agent footprint",
-        not_built=(
-            "the target is about the real agent artifact (the PyInstaller build shipped to "
-            "Flatcar), which is being built in parallel and is not in the tree yet. The venv "
-            "console script is a different program (a CPython interpreter with site-packages "
-            "on disk), so its RSS and start-up time would not answer the question."
-        ),
-    ),
+    Benchmark(coord_api_cost.NAME, coord_api_cost.TITLE, coord_api_cost.run),
+    Benchmark(coord_scale.NAME, coord_scale.TITLE, coord_scale.run),
+    Benchmark(agent_footprint.NAME, agent_footprint.TITLE, agent_footprint.run),
     Benchmark(drain_vs_kubectl.NAME, drain_vs_kubectl.TITLE, drain_vs_kubectl.run),
 )
 

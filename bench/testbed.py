@@ -18,16 +18,27 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from dbusmock import BusType
 from dbusmock.testcase import PrivateDBus
 
 from tests.testbed.controlplane import ControlPlane, _Process
 
+# Metadata for every request; the bodies of Node patches and of the writes to Leases in
+# cluo-system as well (Request level), so a benchmark can tell which write set
+# reboot-ok=true, which freed a slot (they are few: heartbeats go to kube-node-lease).
 AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
+  - level: Request
+    verbs: ["patch"]
+    resources: [{group: "", resources: ["nodes"]}]
+  - level: Request
+    verbs: ["create", "update"]
+    namespaces: ["cluo-system"]
+    resources: [{group: "coordination.k8s.io", resources: ["leases"]}]
   - level: Metadata
 """
 SYSTEM_BUS_VARIABLE = "DBUS_SYSTEM_BUS_ADDRESS"
@@ -123,6 +134,75 @@ def read_audit_log(path: Path) -> list[AuditedRequest]:
                 uri=event.get("requestURI", ""),
             )
     return sorted(seen.values(), key=lambda r: r.received)
+
+
+@dataclass(frozen=True)
+class AuditedWrite:
+    """A write whose body the audit policy records (a Node patch, a cluo-system Lease write).
+
+    ``completed`` is the API server's ``stageTimestamp`` of ResponseComplete (microseconds,
+    the server's clock): the moment the write was stored and answered.
+    """
+
+    received: datetime
+    completed: datetime
+    verb: str
+    resource: str
+    namespace: str
+    name: str
+    code: int
+    user: str
+    body: dict[str, Any]
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        metadata = self.body.get("metadata") or {}
+        return {str(k): str(v) for k, v in (metadata.get("annotations") or {}).items()
+                if v is not None}
+
+    @property
+    def removed_annotations(self) -> frozenset[str]:
+        metadata = self.body.get("metadata") or {}
+        return frozenset(str(k) for k, v in (metadata.get("annotations") or {}).items()
+                         if v is None)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+def read_audited_writes(path: Path) -> list[AuditedWrite]:
+    """Every write logged with its body (see AUDIT_POLICY), in order of completion."""
+    writes: list[AuditedWrite] = []
+    with contextlib.suppress(FileNotFoundError), path.open() as lines:
+        for line in lines:
+            if '"requestObject"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+            if event.get("stage") != "ResponseComplete":
+                continue
+            ref = event.get("objectRef") or {}
+            body = event.get("requestObject")
+            writes.append(AuditedWrite(
+                received=datetime.fromisoformat(event["requestReceivedTimestamp"]),
+                completed=datetime.fromisoformat(event["stageTimestamp"]),
+                verb=event.get("verb", ""),
+                resource=ref.get("resource", ""),
+                namespace=ref.get("namespace", ""),
+                name=ref.get("name", "") or _body_name(body),
+                code=int((event.get("responseStatus") or {}).get("code") or 0),
+                user=(event.get("user") or {}).get("username", ""),
+                body=body if isinstance(body, dict) else {},
+            ))
+    return sorted(writes, key=lambda w: w.completed)
+
+
+def _body_name(body: object) -> str:
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    return str((metadata or {}).get("name") or "")
 
 
 def unique_suffix() -> str:
