@@ -41,6 +41,6 @@ fi
 stamp="$venv/.cluo-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e "$root[test,build]"
+    "$venv/bin/pip" install -q -e "$root[test,build,bench]"
     touch "$stamp"
 fi
