@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "reboots last")
     add("--metrics-address", help=f"host:port of /metrics, /healthz, /readyz (default: "
         f"{DEFAULT_METRICS_ADDRESS}; empty: off)")
-    add("--leader-elect", help="true: only the holder of the leader Lease acts (default: true)")
+    add("--leader-elect", help="true: only the holder of the leader Lease acts, for running "
+        "two replicas (default: false: one replica, no renewals)")
     add("--identity", help="leader election identity (default: $POD_NAME or the hostname)")
     add("--resync-period", help="full re-list as a safety net (default: 10m)")
     add("--log-level", help="debug, info, warning or error (default: info)")
@@ -174,7 +175,7 @@ def load_settings(
         node_name=text("--node-name", environ.get("NODE_NAME", "")),
         metrics_host=host,
         metrics_port=port,
-        leader_elect=boolean("--leader-elect", True),
+        leader_elect=boolean("--leader-elect", False),
         identity=text("--identity", environ.get("POD_NAME") or socket.gethostname()),
         resync_period=resync,
         log_level=log_level,

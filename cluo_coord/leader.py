@@ -96,6 +96,9 @@ class LeaderElector:
         self._lock = threading.Lock()
         self._valid_until = 0.0  # monotonic; leader while now < this
         self._observed: tuple[str, str, float] | None = None  # (holder, renewTime, seen at)
+        # The Lease as this process last wrote it while leading: a renewal is one PUT on
+        # it, no GET first (a conflict means someone else wrote: read again next round).
+        self._held: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._was_leader = False
         self._thread = threading.Thread(target=self._run, name="leader-election", daemon=True)
@@ -129,8 +132,14 @@ class LeaderElector:
         self._step_down()
 
     def _try_acquire_or_renew(self) -> None:
-        action = f"reading leader lease {LEADER_LEASE_NAME!r}"
         now = self._clock()
+        held, self._held = self._held, None
+        if held is not None and self.is_leader:
+            spec = {**(held.get("spec") or {}), "renewTime": micro_time(now),
+                    "leaseDurationSeconds": int(self._lease_duration)}
+            self._write("PUT", self._path, {**held, "spec": spec})
+            return
+        action = f"reading leader lease {LEADER_LEASE_NAME!r}"
         try:
             current = lease_request(self._api, "GET", self._path, None, action)
         except KubeError as err:
@@ -177,14 +186,15 @@ class LeaderElector:
     def _write(self, method: str, path: str, body: Mapping[str, Any]) -> None:
         started = time.monotonic()
         try:
-            lease_request(self._api, method, path, body,
-                          f"writing leader lease {LEADER_LEASE_NAME!r}")
+            written = lease_request(self._api, method, path, body,
+                                    f"writing leader lease {LEADER_LEASE_NAME!r}")
         except KubeError as err:
             if err.kind == "conflict":
                 return  # someone else wrote first: not leader this round
             raise
         with self._lock:
             self._valid_until = started + self._renew_deadline
+        self._held = written if isinstance(written, dict) else None
 
     def _step_down(self) -> None:
         with self._lock:

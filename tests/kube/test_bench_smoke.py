@@ -101,7 +101,10 @@ def test_api_cost_coordinator_quick(audited_context: BenchContext) -> None:
     result = coord_api_cost.run(audited_context)
     assert_well_formed(result, coord_api_cost.NAME)
     assert "cluo-coord/" in " ".join(result.notes), "requests attributed to the coordinator"
-    assert "leader election off: requests per hour beyond the watches" in render(result)
+    assert "as deployed (one replica, leader election off)" in render(result)
+    election = next(n for n in result.notes if n.startswith("leader election on, requests"))
+    assert "update leases" in election, "the leader renewed its Lease in the window"
+    assert "get leases" not in election, "a renewal is one PUT, no GET first"
 
 
 def test_coordinator_scale_quick(audited_context: BenchContext) -> None:

@@ -21,7 +21,7 @@ def test_defaults_match_cluo_and_the_deployment() -> None:
     assert settings.identity == "coord-abc"
     assert settings.node_name == "n1"
     assert (settings.metrics_host, settings.metrics_port) == ("", 8080)
-    assert settings.leader_elect is True
+    assert settings.leader_elect is False  # deploy/ runs one replica
     assert policy.max_concurrent == 1
     assert policy.reboot_timeout == timedelta(hours=1)
     assert policy.min_ready == timedelta(0)
