@@ -122,8 +122,8 @@ def run(context: BenchContext) -> BenchResult:
     idle_watches = [r for r in idle if r.is_watch]
     seconds = (idle_to - idle_from).total_seconds()
     per_hour = len(idle_other) * 3600.0 / seconds
-    agents = sorted({r.user_agent for r in requests})
-    notes = [f"user agent seen for {AGENT_USER}: {', '.join(agents) or 'none'}",
+    agents = sorted({r.user_agent for r in (*idle, *cycle)})
+    notes = [f"user agents seen for {AGENT_USER} in the windows: {', '.join(agents) or 'none'}",
              f"idle window requests by verb and resource: {_breakdown(idle)}",
              f"reboot cycle requests by verb and resource: {_breakdown(cycle)}"]
     if context.quick:
