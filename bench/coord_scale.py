@@ -9,8 +9,8 @@ started, and from /proc/PID:
 
 - *RSS*: ``VmRSS`` once it reported ready (both caches synced) and its first plans are
   done (the process went quiet), and ``VmHWM``, the peak so far;
-- *idle CPU*: CPU seconds (utime + stime) over a quiet window (the loop plans every 2 s
-  even when nothing changes);
+- *idle CPU*: CPU seconds (utime + stime) over a quiet window (nothing changes: the
+  leader Lease renewals and the loop's health tick);
 - *CPU per 1,000 node updates*: the bench patches ``last-checked-time`` on that many nodes
   (an annotation the agent refreshes; it changes no plan of a node that needs no reboot),
   8 writers in parallel; the coordinator's CPU delta from the first patch until it went
@@ -19,17 +19,29 @@ started, and from /proc/PID:
   that write to the completion of the coordinator's ``reboot-ok=true`` on it, both from
   the API server's audit log. In between: the watch event, a plan over all nodes, the
   slot Lease taken, the before-reboot label, an Event, a second plan, the slot Lease
-  re-read, the grant. Repeated on different nodes (each keeps its slot).
+  re-read, the grant. Repeated on different nodes (each keeps its slot). The audit log
+  also splits each decision: the time inside the coordinator's own API requests in
+  between (received to response complete, the API server's share) and the rest (watch
+  delivery, plans, the client).
+
+When a decision misses its target, the coordinator is started once more and sampled by
+py-spy (``py-spy record --pid``, the bench extra) while it idles and makes grants; the
+top functions go into the result's notes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import signal
 import statistics
+import subprocess
+import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,7 +56,7 @@ from bench import coord_rig
 from bench.context import BenchContext
 from bench.records import BenchResult, Comparison, Measurement, Status, Target
 from bench.testbed import read_audited_writes
-from cluo_host.protocol import Keys
+from cluo_host.protocol import LEADER_LEASE_NAME, Keys
 from tests.testbed.waiting import wait_for
 
 log = logging.getLogger(__name__)
@@ -57,6 +69,10 @@ SIZES = {False: (1000, 5000), True: (100,)}
 UPDATES = {False: 1000, True: 100}
 DECISIONS = {False: 5, True: 2}
 IDLE_WINDOW = {False: 10.0, True: 4.0}
+PROFILE_IDLE = 4.0  # s of idling sampled before the profiled grants
+PY_SPY = Path(sys.executable).parent / "py-spy"
+PY_SPY_RATE = 250  # samples per second
+ENTRY_POINTS = frozenset({"main", "run", "_run"})  # always on the stack: left out of totals
 MAX_CONCURRENT = 8
 WRITERS = 8
 KEYS = Keys()
@@ -73,6 +89,7 @@ class SizeResult:
     cpu_per_1000: float  # CPU seconds per 1,000 node updates
     update_seconds: float  # how long the bench took to write the updates
     decisions: tuple[float, ...]  # s
+    in_requests: tuple[tuple[float, int], ...]  # per decision: s in its own requests, count
 
 
 def run(context: BenchContext) -> BenchResult:
@@ -142,10 +159,10 @@ def _measure(context: BenchContext, audit_log: Path, core: CoreV1Api, *, kubecon
             raise RuntimeError(f"cluo-coord exited:\n{coord.log_tail()}")
     finally:
         coord.stop()
-    decisions = _decision_times(audit_log, decided)
+    decisions, in_requests = _decision_times(audit_log, decided)
     _undecide(core, decided)
     return SizeResult(len(names), ready_after, rss, peak, idle_rate, cpu_per_1000,
-                      update_seconds, decisions)
+                      update_seconds, decisions, in_requests)
 
 
 def _decide(core: CoreV1Api, names: Sequence[str]) -> None:
@@ -167,6 +184,48 @@ def _undecide(core: CoreV1Api, names: Sequence[str]) -> None:
 
 def _profile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequence[str],
              workdir: Path, decisions: int) -> str:
+    """The coordinator sampled by py-spy while it idles and makes ``decisions`` grants
+    (cProfile of its main thread when py-spy is not installed)."""
+    if not PY_SPY.exists():
+        return _cprofile(core, kubeconfig=kubeconfig, selector=selector, names=names,
+                         workdir=workdir, decisions=decisions)
+    raw = workdir / "coord-profile.raw"
+    coord = coord_rig.CoordProcess.start(kubeconfig, selector, workdir / "coord-profile.log",
+                                         leader_elect=True,
+                                         flags=("--max-concurrent", str(MAX_CONCURRENT)))
+    chosen = names[-2 * decisions:-decisions]
+    spy: subprocess.Popen[bytes] | None = None
+    errors = b""
+    try:
+        wait_for(coord.leading, 60, "cluo-coord to lead")
+        coord_rig.wait_quiet(coord.pid, quiet_for=2.0, tolerance=0.2 + len(names) / 10_000)
+        spy = subprocess.Popen(
+            [str(PY_SPY), "record", "--pid", str(coord.pid), "--format", "raw",
+             "--output", str(raw), "--rate", str(PY_SPY_RATE), "--nonblocking", "--threads",
+             "--function"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        began = time.monotonic()
+        time.sleep(PROFILE_IDLE)
+        _decide(core, chosen)
+        seconds = time.monotonic() - began
+    finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                _, errors = spy.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                _, errors = spy.communicate()
+        coord.stop()
+    _undecide(core, chosen)
+    if not raw.exists():
+        return f"py-spy wrote no profile: {errors.decode(errors='replace')[-300:]}"
+    return (f"py-spy record of the cluo-coord process, {PY_SPY_RATE} Hz, non-blocking, over "
+            f"{seconds:.1f} s ({PROFILE_IDLE:.0f} s idle, then {decisions} grants): "
+            + py_spy_summary(raw))
+
+
+def _cprofile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequence[str],
+              workdir: Path, decisions: int) -> str:
     """The coordinator under cProfile while it idles and makes ``decisions`` grants."""
     dump = workdir / "coord.prof"
     coord = coord_rig.CoordProcess.start(kubeconfig, selector, workdir / "coord-profile.log",
@@ -176,12 +235,64 @@ def _profile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequenc
     try:
         wait_for(coord.leading, 60, "cluo-coord to lead")
         coord_rig.wait_quiet(coord.pid, quiet_for=2.0, tolerance=0.2 + len(names) / 10_000)
-        time.sleep(4.0)
+        time.sleep(PROFILE_IDLE)
         _decide(core, chosen)
     finally:
         coord.stop()
     _undecide(core, chosen)
-    return coord_rig.profile_summary(dump)
+    return ("cProfile of the main thread (py-spy is not installed): "
+            + coord_rig.profile_summary(dump))
+
+
+def py_spy_summary(path: Path, top: int = 8) -> str:
+    """CPU by thread, and the functions with the most samples, from ``py-spy record
+    --format raw --threads --function`` (one ``thread;frame;...;frame COUNT`` per line).
+
+    "Total" counts a function once per sample it is anywhere on the stack (cluo code
+    only, the entry points left out); "own" counts the innermost frame (any code).
+    """
+    threads: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread = frames[0]
+        if thread.startswith("thread ("):
+            frames = frames[1:]
+            thread = thread.partition("): ")[2] or "unnamed"
+        samples += count
+        threads[_thread_group(thread)] += count
+        if frames:
+            own[_frame(frames[-1])] += count
+        for frame in {_frame(f) for f in frames if "cluo_" in f}:
+            if frame.rpartition(" ")[2].rpartition(".")[2] not in ENTRY_POINTS:
+                total[frame] += count
+    if not samples:
+        return "no samples on CPU"
+
+    def share(counter: Counter[str]) -> str:
+        return "; ".join(f"{name} {count / PY_SPY_RATE:.2f} s ({count / samples:.0%})"
+                         for name, count in counter.most_common(top))
+
+    return (f"{samples} samples on CPU ({samples / PY_SPY_RATE:.2f} CPU s); by thread: "
+            f"{share(threads)}. Most samples including callees (cluo code): {share(total)}. "
+            f"Most own samples: {share(own)}")
+
+
+def _thread_group(name: str) -> str:
+    """Thread names without their per-thread numbers (the HTTP server's handlers)."""
+    return name.rstrip("0123456789").rstrip("-_ ") or name
+
+
+def _frame(frame: str) -> str:
+    """``Class.function (path/file.py:line)`` as ``path/file.py:line Class.function``."""
+    function, _, where = frame.rpartition(" (")
+    return f"{where.rstrip(')')} {function}" if function else frame
 
 
 def _granted(core: CoreV1Api, name: str) -> bool:
@@ -190,7 +301,10 @@ def _granted(core: CoreV1Api, name: str) -> bool:
     return annotations.get(KEYS.reboot_ok) == "true"
 
 
-def _decision_times(audit_log: Path, names: Sequence[str]) -> tuple[float, ...]:
+def _decision_times(audit_log: Path, names: Sequence[str]
+                    ) -> tuple[tuple[float, ...], tuple[tuple[float, int], ...]]:
+    """Per node: the decision time, and the time inside the coordinator's own API
+    requests made in between (with their number)."""
     asked: dict[str, datetime] = {}
     granted: dict[str, datetime] = {}
     wanted = set(names)
@@ -206,7 +320,34 @@ def _decision_times(audit_log: Path, names: Sequence[str]) -> tuple[float, ...]:
     missing = [n for n in names if n not in asked or n not in granted]
     if missing:
         raise RuntimeError(f"the audit log lacks the request or the grant for {missing}")
-    return tuple((granted[n] - asked[n]).total_seconds() for n in names)
+    requests = _coordinator_requests(audit_log)
+    inside = []
+    for n in names:
+        spans = [(received, completed) for received, completed in requests
+                 if asked[n] <= received and completed <= granted[n]]
+        inside.append((sum((c - r).total_seconds() for r, c in spans), len(spans)))
+    return tuple((granted[n] - asked[n]).total_seconds() for n in names), tuple(inside)
+
+
+def _coordinator_requests(audit_log: Path) -> list[tuple[datetime, datetime]]:
+    """(received, completed) of the coordinator's requests, watches and leader election
+    left out (those run on their own threads, beside the decision)."""
+    spans = []
+    with audit_log.open() as lines:
+        for line in lines:
+            if coord_rig.COORD_USER not in line or '"ResponseComplete"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # a line being written right now
+                continue
+            if (event.get("stage") != "ResponseComplete" or event.get("verb") == "watch"
+                    or (event.get("user") or {}).get("username") != coord_rig.COORD_USER
+                    or (event.get("objectRef") or {}).get("name") == LEADER_LEASE_NAME):
+                continue
+            spans.append((datetime.fromisoformat(event["requestReceivedTimestamp"]),
+                          datetime.fromisoformat(event["stageTimestamp"])))
+    return spans
 
 
 def _result(results: Sequence[SizeResult], context: BenchContext, seconds: float,
@@ -229,12 +370,18 @@ def _result(results: Sequence[SizeResult], context: BenchContext, seconds: float
             Measurement(f"{n} nodes: start to ready (caches synced)", r.ready_after, "s"),
         ]
     notes = []
-    if profile:
+    for r in results:
+        inside = ", ".join(f"{seconds * 1000:.0f}" for seconds, _ in r.in_requests)
+        rest = ", ".join(f"{(d - seconds) * 1000:.0f}"
+                         for d, (seconds, _) in zip(r.decisions, r.in_requests, strict=True))
+        counts = sorted({count for _, count in r.in_requests})
         notes.append(
-            f"Profile of the decision (cProfile of the coordinator's main thread, the "
-            f"reconcile loop, at {largest:,} nodes while it idled ~6 s and made "
-            f"{DECISIONS[context.quick]} grants; py-spy and pyinstrument are not installed): "
-            f"{profile}")
+            f"{r.nodes:,} nodes, each decision split (ms, in order): inside the coordinator's "
+            f"own API requests ({'/'.join(map(str, counts))} of them: slot Lease, label, "
+            f"Event, Lease re-read, grant) {inside}; the rest (watch delivery, plans, "
+            f"client) {rest}")
+    if profile:
+        notes.append(f"Profile of the decision at {largest:,} nodes: {profile}")
     if context.quick:
         notes.append(f"quick mode: {largest} nodes only; the RSS target is for 5,000 nodes "
                      "and is not applied")

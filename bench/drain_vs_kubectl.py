@@ -205,7 +205,7 @@ def _cluo_drain(context: BenchContext, node: str) -> tuple[float, int]:
         asyncio.run(asyncio.wait_for(drainer.run(), DRAIN_TIMEOUT))
         return time.monotonic() - began, pods.refusals
     finally:
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
 
 
 # -- the layout ---------------------------------------------------------------------------

@@ -18,25 +18,20 @@ guards every ``reboot-ok=true`` (planner rule 3).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import kubernetes.client
-from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
-
-from cluo_coord.leases import slot_from_object
+from cluo_coord.leases import LEASE_PATH, slot_from_object
 from cluo_coord.planner import MetadataPatch, NodeView, SlotLease, reboot_needed_since
 from cluo_host.errors import KubeError, WatchExpired, kind_for_status, kube_error
-from cluo_host.kube_nodes import MERGE_PATCH, TRANSPORT_ERRORS, node_patch, read_json
+from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient, WatchStream, segment
+from cluo_host.kube_nodes import MERGE_PATCH, NODES_PATH, node_patch
 from cluo_host.protocol import (
     LEADER_LEASE_NAME,
     PAUSED_ANNOTATION,
@@ -112,6 +107,80 @@ def node_view(obj: Mapping[str, Any], keys: Keys, coordinator_node: str = "") ->
     )
 
 
+NodeChange = tuple[str, NodeView | None, NodeView | None]  # name, before, after (None: absent)
+
+
+class NodeViewCache:
+    """Planner NodeViews, each built once per Node resourceVersion, kept in name order.
+
+    A Node object at a given resourceVersion never changes (every write gives it a new
+    one), so the view built from it is kept until the version moves. ``update()`` looks
+    only at the nodes a watch changed; ``rebuild()`` (after a fresh list) looks at every
+    node but still rebuilds only those whose version moved. Either way the sorted tuple is
+    re-sorted only when nodes come or go. An object without a resourceVersion (never seen
+    from an API server) is always rebuilt.
+    """
+
+    def __init__(self, keys: Keys, coordinator_node: str = "") -> None:
+        self._keys = keys
+        self._coordinator_node = coordinator_node
+        self._views: dict[str, NodeView] = {}
+        self._ordered: list[NodeView] = []
+        self._position: dict[str, int] = {}
+        self._frozen: tuple[NodeView, ...] = ()
+        self.built = 0  # views built so far (tests and profiles read it)
+        # What the last update() or rebuild() changed: (name, view before, view after).
+        self.changes: tuple[NodeChange, ...] = ()
+
+    @property
+    def views(self) -> tuple[NodeView, ...]:
+        """Every node's view, sorted by name."""
+        return self._frozen
+
+    def rebuild(self, objects: Iterable[Mapping[str, Any]]) -> tuple[NodeView, ...]:
+        """All current Nodes (a fresh list): forget the ones missing from ``objects``."""
+        listed: dict[str, Mapping[str, Any] | None] = {
+            str((obj.get("metadata") or {}).get("name") or ""): obj for obj in objects}
+        for name in self._views:
+            listed.setdefault(name, None)
+        return self.update(listed)
+
+    def update(self, changed: Mapping[str, Mapping[str, Any] | None]) -> tuple[NodeView, ...]:
+        """Apply the Nodes that changed by name (None: deleted); returns ``views``."""
+        moved: list[NodeView] = []
+        changes: list[NodeChange] = []
+        added_or_gone = False
+        for name, obj in changed.items():
+            current = self._views.get(name)
+            if obj is None:
+                if current is not None:
+                    del self._views[name]
+                    added_or_gone = True
+                    changes.append((name, current, None))
+                continue
+            version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            if current is not None and version and current.resource_version == version:
+                continue
+            view = node_view(obj, self._keys, self._coordinator_node)
+            self.built += 1
+            self._views[name] = view
+            changes.append((name, current, view))
+            if current is None:
+                added_or_gone = True
+            else:
+                moved.append(view)
+        self.changes = tuple(changes)
+        if added_or_gone:
+            self._ordered = [self._views[name] for name in sorted(self._views)]
+            self._position = {view.name: i for i, view in enumerate(self._ordered)}
+        else:
+            for view in moved:
+                self._ordered[self._position[view.name]] = view
+        if added_or_gone or moved:
+            self._frozen = tuple(self._ordered)
+        return self._frozen
+
+
 class _Store:
     """Objects by name; an object never goes back to an older resourceVersion."""
 
@@ -152,27 +221,77 @@ class _Store:
             return list(self._objects.values())
 
 
+class _NodeStore(_Store):
+    """The Node store; it also remembers which names changed since ``take_changes()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changes_lock = threading.Lock()
+        self._changed: set[str] | None = None  # None: any may have (a fresh list)
+
+    def put(self, obj: Obj) -> bool:
+        return self._mark(obj, super().put(obj))
+
+    def delete(self, obj: Obj) -> bool:
+        return self._mark(obj, super().delete(obj))
+
+    def replace(self, objects: list[Obj], list_version: str) -> None:
+        super().replace(objects, list_version)
+        with self._changes_lock:
+            self._changed = None
+
+    def _mark(self, obj: Obj, changed: bool) -> bool:
+        if changed:
+            with self._changes_lock:
+                if self._changed is not None:
+                    self._changed.add(_name(obj))
+        return changed
+
+    def take_changes(self) -> tuple[bool, dict[str, Obj | None]]:
+        """``(complete, objects)``: every object when ``complete`` (after a list), else
+        only those changed since the last call (None: deleted).
+
+        A change is marked right after the store took it and the watcher's wake-up comes
+        after the mark, so a snapshot that runs in between and misses it is followed by
+        one that sees it.
+        """
+        with self._changes_lock:
+            changed, self._changed = self._changed, set()
+        with self._lock:
+            if changed is None:
+                return True, dict(self._objects)
+            return False, {name: self._objects.get(name) for name in changed}
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
 class Reflector:
     """List then watch one collection into a ``_Store``, in its own thread."""
 
     def __init__(
         self,
         what: str,
-        call: Callable[..., Any],
+        client: KubeClient,
+        path: str,
         store: _Store,
         on_change: Callable[[Obj | None], None],
         *,
         resync_period: float,
+        label_selector: str = "",
     ) -> None:
         self.what = what
-        self._call = call
+        self._client = client
+        self._path = path
+        self._label_selector = label_selector or None
         self._store = store
         self._on_change = on_change
         self._resync_period = resync_period
         self._stop = threading.Event()
         self._synced = threading.Event()
         self._relist = threading.Event()
-        self._response: Any = None
+        self._stream: WatchStream | None = None
         self._thread = threading.Thread(target=self._run, name=f"reflector-{what}", daemon=True)
 
     @property
@@ -198,18 +317,19 @@ class Reflector:
         self._store.replace(items, version)
 
     def _close_watch(self) -> None:
-        response = self._response
-        if response is not None:
-            with contextlib.suppress(AttributeError, OSError):
-                response.shutdown()
+        stream = self._stream
+        if stream is not None:
+            stream.close()  # unblocks the watcher's read
 
     def _list(self) -> tuple[list[Obj], str]:
         action = f"listing {self.what}"
         try:
-            response = self._call(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+            body = self._client.request(
+                "GET", self._path, query={"labelSelector": self._label_selector},
+                timeout=REQUEST_TIMEOUT,
+            )
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             raise kube_error(action, err) from err
-        body = read_json(response)
         return list(body.get("items") or []), _version(body)
 
     def _run(self) -> None:
@@ -244,20 +364,17 @@ class Reflector:
     def _watch(self, version: str) -> str:
         """One watch request from ``version``; returns the version to continue from."""
         action = f"watching {self.what}"
+        stream = self._stream = self._client.watch(self._path, query={
+            "labelSelector": self._label_selector,
+            "watch": True,
+            "resourceVersion": version,
+            "allowWatchBookmarks": True,
+            "timeoutSeconds": WATCH_TIMEOUT_SECONDS,
+        }, timeout=(REQUEST_TIMEOUT[0], WATCH_TIMEOUT_SECONDS + WATCH_READ_GRACE))
+        if self._stop.is_set() or self._relist.is_set():  # asked while it was being made
+            stream.close()
         try:
-            self._response = self._call(
-                watch=True, resource_version=version, allow_watch_bookmarks=True,
-                timeout_seconds=WATCH_TIMEOUT_SECONDS, _preload_content=False,
-                _request_timeout=(REQUEST_TIMEOUT[0], WATCH_TIMEOUT_SECONDS + WATCH_READ_GRACE),
-            )
-        except ApiException as err:
-            if err.status == 410:
-                raise WatchExpired(action, "resourceVersion too old", version) from err
-            raise kube_error(action, err) from err
-        except TRANSPORT_ERRORS as err:
-            raise kube_error(action, err) from err
-        try:
-            for event in self._events(action):
+            for event in self._events(stream, action):
                 kind = str(event.get("type") or "")
                 obj = event.get("object") or {}
                 version = _version(obj) or version
@@ -266,27 +383,23 @@ class Reflector:
                 changed = self._store.delete(obj) if kind == "DELETED" else self._store.put(obj)
                 if changed:
                     self._on_change(obj)
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+        except ApiError as err:
+            if err.status == 410:
+                raise WatchExpired(action, "resourceVersion too old", version) from err
+            raise kube_error(action, err) from err
+        except TRANSPORT_ERRORS as err:  # a garbled event too
             if self._stop.is_set() or self._relist.is_set():
                 return version
             raise kube_error(action, err) from err
         finally:
-            response, self._response = self._response, None
-            if response is not None:
-                response.close()
-                response.release_conn()
+            self._stream = None
+            stream.close()
         return version
 
-    def _events(self, action: str) -> Iterator[Obj]:
-        for line in iter_resp_lines(self._response):  # type: ignore[no-untyped-call]
+    def _events(self, stream: WatchStream, action: str) -> Iterator[Obj]:
+        for event in stream:
             if self._stop.is_set() or self._relist.is_set():
                 return
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError as err:
-                raise KubeError(action, "malformed watch event", kind="unavailable") from err
             if event.get("type") == "ERROR":
                 status = event.get("object") or {}
                 code = int(status.get("code") or 0)
@@ -299,9 +412,17 @@ class Reflector:
 
 @dataclass(frozen=True)
 class ClusterSnapshot:
+    """The planner's input. ``expires_in``: seconds after which the cache may read
+    differently with no watch event (a slot Lease this coordinator wrote stops overriding
+    the watched one, see ``WRITTEN_SLOT_TTL``); None when only an event can change it.
+    ``node_changes``: the node views that changed since the previous snapshot (name,
+    before, after), None when unknown (after a fresh list)."""
+
     nodes: tuple[NodeView, ...]
     slots: tuple[SlotLease, ...]
     paused_by_admin: bool
+    expires_in: float | None = None
+    node_changes: tuple[NodeChange, ...] | None = None
 
 
 class ClusterCache:
@@ -309,7 +430,7 @@ class ClusterCache:
 
     def __init__(
         self,
-        api: kubernetes.client.ApiClient,
+        api: KubeClient,
         namespace: str,
         keys: Keys,
         *,
@@ -318,29 +439,21 @@ class ClusterCache:
         resync_period: float = 600.0,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
-        core = kubernetes.client.CoreV1Api(api)
-        coordination = kubernetes.client.CoordinationV1Api(api)
         self._keys = keys
         self._coordinator_node = coordinator_node
-        self._nodes = _Store()
+        self._nodes = _NodeStore()
         self._leases = _Store()
+        self._views = NodeViewCache(keys, coordinator_node)
         self._written_lock = threading.Lock()
         self._written: dict[int, tuple[SlotLease, float]] = {}
-
-        def list_nodes(**kwargs: Any) -> Any:
-            if node_selector:
-                kwargs["label_selector"] = node_selector
-            return core.list_node(**kwargs)
-
-        def list_leases(**kwargs: Any) -> Any:
-            return coordination.list_namespaced_lease(namespace, **kwargs)
 
         self._on_change = on_change
         self._paused_seen: bool | None = None
         self._reflectors = (
-            Reflector("nodes", list_nodes, self._nodes, lambda _: on_change(),
-                      resync_period=resync_period),
-            Reflector(f"leases in {namespace}", list_leases, self._leases,
+            Reflector("nodes", api, NODES_PATH, self._nodes, lambda _: on_change(),
+                      resync_period=resync_period, label_selector=node_selector),
+            Reflector(f"leases in {namespace}", api,
+                      LEASE_PATH.format(namespace=segment(namespace)), self._leases,
                       self._lease_changed, resync_period=resync_period),
         )
 
@@ -380,9 +493,11 @@ class ClusterCache:
             self._written[slot.index] = (slot, time.monotonic())
 
     def snapshot(self) -> ClusterSnapshot:
-        views = tuple(
-            node_view(obj, self._keys, self._coordinator_node) for obj in self._nodes.values()
-        )
+        """The planner's input; node views are rebuilt only for nodes that changed."""
+        complete, changed = self._nodes.take_changes()
+        views = (self._views.rebuild(obj for obj in changed.values() if obj is not None)
+                 if complete else self._views.update(changed))
+        node_changes = None if complete else self._views.changes
         slots: list[SlotLease] = []
         paused = False
         for obj in self._leases.values():
@@ -395,17 +510,20 @@ class ClusterCache:
             slot = slot_from_object(obj)
             if slot is not None:
                 slots.append(slot)
-        slots = self._with_written(slots)
+        slots, expires_in = self._with_written(slots)
         return ClusterSnapshot(
-            tuple(sorted(views, key=lambda v: v.name)),
+            views,
             tuple(sorted(slots, key=lambda s: s.index)),
             paused,
+            expires_in,
+            node_changes,
         )
 
-
-    def _with_written(self, watched: list[SlotLease]) -> list[SlotLease]:
+    def _with_written(self, watched: list[SlotLease]) -> tuple[list[SlotLease], float | None]:
+        """The watched slots with the ones written since; and when the first override ends."""
         by_index = {slot.index: slot for slot in watched}
         now = time.monotonic()
+        expires_in: float | None = None
         with self._written_lock:
             for index, (slot, at) in list(self._written.items()):
                 seen = by_index.get(index)
@@ -415,15 +533,16 @@ class ClusterCache:
                     del self._written[index]
                 else:
                     by_index[index] = slot
-        return list(by_index.values())
+                    left = max(at + WRITTEN_SLOT_TTL - now, 0.0)
+                    expires_in = left if expires_in is None else min(expires_in, left)
+        return list(by_index.values()), expires_in
 
 
 class ClusterWriter:
     """Node writes with compare-and-swap, and uncached Lease reads."""
 
-    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, keys: Keys) -> None:
-        self._core = kubernetes.client.CoreV1Api(api)
-        self._coordination = kubernetes.client.CoordinationV1Api(api)
+    def __init__(self, api: KubeClient, namespace: str, keys: Keys) -> None:
+        self._api = api
         self._namespace = namespace
         self._keys = keys
 
@@ -435,28 +554,24 @@ class ClusterWriter:
             resource_version=resource_version,
         )
         try:
-            response = self._core.patch_node(
-                name, body, _content_type=MERGE_PATCH, _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+            obj = self._api.request(
+                "PATCH", f"{NODES_PATH}/{segment(name)}", body=body, content_type=MERGE_PATCH,
+                timeout=REQUEST_TIMEOUT,
             )
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             raise kube_error(action, err) from err
-        obj = read_json(response)
         assert isinstance(obj, dict)
         return obj
 
     def read_lease(self, name: str) -> Obj | None:
         """One Lease, read from the API server (not the cache); None if missing."""
+        path = f"{LEASE_PATH.format(namespace=segment(self._namespace))}/{segment(name)}"
         try:
-            response = self._coordination.read_namespaced_lease(
-                name, self._namespace, _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+            obj = self._api.request("GET", path, timeout=REQUEST_TIMEOUT)
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             error = kube_error(f"reading lease {name!r}", err)
             if error.kind == "not_found":
                 return None
             raise error from err
-        obj = read_json(response)
         assert isinstance(obj, dict)
         return obj

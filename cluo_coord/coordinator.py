@@ -1,8 +1,13 @@
 """The reconcile driver: read the cached cluster, ``plan()``, apply the changes in order.
 
-The loop runs on every watch event, when ``Plan.recheck_after`` elapses, and at once
-after it applied changes (so the next node gets its slot right after a release). It
-honours the planner's safety rules (see cluo_coord.planner):
+The loop plans on every watch event, when a deadline passes, and at once after it
+applied changes (so the next node gets its slot right after a release); otherwise it does
+not plan at all. The deadlines are the planner's ``Plan.recheck_after`` (a reboot
+timeout, ``min_ready``, a window opening, ``delay_between_reboots``: every rule that
+depends on time alone says when) and the cache's ``ClusterSnapshot.expires_in``. The loop
+still ticks every ``IDLE_TICK`` for /healthz; a tick also checks the deadline against the
+(injected) wall clock, so a clock step forward is noticed within a tick. It honours the
+planner's safety rules (see cluo_coord.planner):
 
 - every node write is a JSON merge patch carrying the resourceVersion the planner saw,
   every Lease write a KubeSlots compare-and-swap (rule 2);
@@ -25,11 +30,11 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from cluo_coord.cluster import ClusterCache, ClusterWriter
+from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
 from cluo_coord.leases import KubeSlots, slot_from_object
 from cluo_coord.metrics import CoordMetrics
 from cluo_coord.planner import (
@@ -44,6 +49,7 @@ from cluo_coord.planner import (
     Policy,
     ReleaseSlot,
     ResetRebootOk,
+    ignored_while_unslotted,
     plan,
 )
 from cluo_host.errors import CluoError, KubeError
@@ -57,7 +63,8 @@ COMPONENT = "cluo-coord"
 # CRASH_EXIT_CODE right after applying the first such change, as a crash would.
 CRASH_AFTER_ENV = "CLUO_COORD_TEST_CRASH_AFTER"
 CRASH_EXIT_CODE = 70
-IDLE_TICK = 2.0  # the loop wakes at least this often (for /healthz)
+IDLE_TICK = 2.0  # the loop wakes at least this often (for /healthz), planning or not
+DEADLINE_SLACK = 0.01  # s past a deadline before the monotonic wake-up (clock granularity)
 BACKOFF_START = 0.2
 BACKOFF_MAX = 30.0
 MAX_PLANS_WITHOUT_PAUSE = 50
@@ -76,6 +83,35 @@ class AlwaysLeader:
         return True
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When to plan again without an event, on both clocks: the loop sleeps on the
+    monotonic one, and a tick also compares the wall clock (the planner's time)."""
+
+    monotonic: float
+    wall: datetime
+
+    @classmethod
+    def after(cls, delay: timedelta, *, monotonic_now: float, wall_now: datetime) -> Deadline:
+        return cls(monotonic_now + delay.total_seconds() + DEADLINE_SLACK, wall_now + delay)
+
+    def passed(self, *, monotonic_now: float, wall_now: datetime) -> bool:
+        return monotonic_now >= self.monotonic or wall_now >= self.wall
+
+    def seconds_left(self, monotonic_now: float) -> float:
+        return max(self.monotonic - monotonic_now, 0.0)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """One pass of the loop: the plan, how many writes were made, and when time alone
+    could change the next plan (None: only an event can)."""
+
+    plan: Plan
+    writes: int
+    deadline: Deadline | None
+
+
 class Coordinator:
     """Drives ``plan()`` from the cluster cache and applies its changes."""
 
@@ -91,6 +127,7 @@ class Coordinator:
         leadership: Leadership | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         crash_after: str = "",
+        tick: float = IDLE_TICK,
     ) -> None:
         self._cache = cache
         self._writer = writer
@@ -102,7 +139,14 @@ class Coordinator:
         self._clock = clock
         self._crash_after = crash_after or os.environ.get(CRASH_AFTER_ENV, "")
         self._wake = threading.Event()
+        self._tick = tick
         self._last_tick = time.monotonic()
+        self._plan_due = True  # plan at the next tick whatever the deadline
+        self._deadline: Deadline | None = None
+        # The snapshot of the last plan that changed nothing, kept up to date with the
+        # snapshots found to give the same plan; None: plan on the next event.
+        self._baseline: ClusterSnapshot | None = None
+        self.plans = 0  # plans made so far (tests and profiles read it)
         self._released_at: dict[int, float] = {}  # slot -> monotonic time of its release
 
     # -- health --------------------------------------------------------------------
@@ -120,15 +164,30 @@ class Coordinator:
         backoff = BACKOFF_START
         plans_in_a_row = 0
         conflicts = 0
+        acting = False
         while not stop.is_set():
             self._last_tick = time.monotonic()
-            self._metrics.is_leader.set(1 if self._leadership.is_leader else 0)
-            if not self._cache.synced or not self._leadership.is_leader:
-                self._wait(stop, IDLE_TICK)
+            leader = self._leadership.is_leader
+            self._metrics.is_leader.set(1 if leader else 0)
+            if not self._cache.synced or not leader:
+                acting = False
+                self._wait(stop, self._tick)
+                continue
+            if not acting:  # just synced or just elected: plan from what is there now
+                acting = self._plan_due = True
+                self._baseline = None
+            forced = self._plan_due or self._deadline_passed()
+            if not forced and not self._wake.is_set():
+                self._wait(stop, self._sleep_for())
                 continue
             self._wake.clear()
+            snapshot = self._cache.snapshot()
+            if not forced and self._same_plan(snapshot):
+                self._baseline = snapshot
+                continue
+            self._plan_due, self._deadline, self._baseline = True, None, None  # until done
             try:
-                current, applied = self.reconcile_once()
+                done = self.reconcile_once(snapshot)
             except KubeError as err:
                 self._metrics.reconcile_errors.labels(kind=err.kind).inc()
                 if err.kind == "conflict":
@@ -156,16 +215,51 @@ class Coordinator:
                 continue
             backoff = BACKOFF_START
             conflicts = 0
-            if applied:
+            if done.writes:
                 plans_in_a_row += 1
                 if plans_in_a_row < MAX_PLANS_WITHOUT_PAUSE:
                     continue  # plan again at once: the next step may be possible now
                 log.warning("plans keep changing the cluster, pausing briefly")
+                plans_in_a_row = 0
+                self._schedule(Deadline.after(timedelta(seconds=self._tick),
+                                              monotonic_now=time.monotonic(),
+                                              wall_now=self._clock()))
+                continue
             plans_in_a_row = 0
-            timeout = IDLE_TICK
-            if current.recheck_after is not None:
-                timeout = min(timeout, current.recheck_after.total_seconds() + 0.01)
-            self._wait(stop, timeout)
+            self._schedule(done.deadline)
+            self._baseline = None if done.plan.changes else snapshot  # (leadership lost)
+
+    def _deadline_passed(self) -> bool:
+        return self._deadline is not None and self._deadline.passed(
+            monotonic_now=time.monotonic(), wall_now=self._clock())
+
+    def _same_plan(self, snapshot: ClusterSnapshot) -> bool:
+        """Whether planning ``snapshot`` would give the last plan again, which changed
+        nothing: the slots and the pause are as they were, and every node that changed
+        since went from one state the planner ignores to another (its absence included)
+        while no slot names it. No deadline passed either (the caller checks), so time
+        changed nothing. The metrics stay right too: such a node needs no reboot."""
+        baseline = self._baseline
+        if baseline is None or snapshot.node_changes is None:
+            return False
+        if snapshot.slots != baseline.slots or snapshot.paused_by_admin != baseline.paused_by_admin:
+            return False
+        holders = {slot.holder for slot in snapshot.slots if slot.holder}
+        return all(
+            name not in holders and ignored_while_unslotted(before)
+            and ignored_while_unslotted(after)
+            for name, before, after in snapshot.node_changes
+        )
+
+    def _schedule(self, deadline: Deadline | None) -> None:
+        """No plan until an event, or until ``deadline`` when given."""
+        self._plan_due = False
+        self._deadline = deadline
+
+    def _sleep_for(self) -> float:
+        if self._deadline is None:
+            return self._tick
+        return min(self._tick, self._deadline.seconds_left(time.monotonic()))
 
     def _wait(self, stop: threading.Event, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -184,13 +278,17 @@ class Coordinator:
                 "ERROR": str(err), "ERROR_KIND": err.kind})
             self._wait(stop, BACKOFF_START * 5)
 
-    def reconcile_once(self) -> tuple[Plan, int]:
-        """Plan from the cache and apply; returns the plan and how many writes were made."""
-        snapshot = self._cache.snapshot()
+    def reconcile_once(self, snapshot: ClusterSnapshot | None = None) -> Reconciled:
+        """Plan from ``snapshot`` (else the cache's) and apply; returns the plan, the
+        writes made and when to plan again without an event."""
+        if snapshot is None:
+            snapshot = self._cache.snapshot()
         policy = self._policy
         if snapshot.paused_by_admin and not policy.paused:
             policy = replace(policy, paused=True)
-        current = plan(snapshot.nodes, snapshot.slots, self._clock(), policy)
+        now, monotonic_now = self._clock(), time.monotonic()
+        current = plan(snapshot.nodes, snapshot.slots, now, policy)
+        self.plans += 1
         self._metrics.observe_cluster(
             sum(1 for view in snapshot.nodes if view.state.reboot_needed),
             len(current.in_flight),
@@ -205,7 +303,13 @@ class Coordinator:
             if self._apply(change, released):
                 writes += 1
             self._maybe_crash(change)
-        return current, writes
+        recheck_after = current.recheck_after
+        if snapshot.expires_in is not None:
+            expires = timedelta(seconds=snapshot.expires_in)
+            recheck_after = expires if recheck_after is None else min(recheck_after, expires)
+        deadline = None if recheck_after is None else Deadline.after(
+            recheck_after, monotonic_now=monotonic_now, wall_now=now)
+        return Reconciled(current, writes, deadline)
 
     # -- applying one change -------------------------------------------------------
 

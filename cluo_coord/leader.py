@@ -14,7 +14,6 @@ planner's changes, which hold with any number of coordinators.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -22,11 +21,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import kubernetes.client
-from kubernetes.client.exceptions import ApiException
-
 from cluo_host.errors import KubeError, kube_error
-from cluo_host.kube_nodes import TRANSPORT_ERRORS
+from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient
 from cluo_host.protocol import LEADER_LEASE_NAME
 
 log = logging.getLogger(__name__)
@@ -44,25 +40,16 @@ def micro_time(at: datetime) -> str:
 
 
 def lease_request(
-    api: kubernetes.client.ApiClient, method: str, path: str, body: Mapping[str, Any] | None,
-    action: str,
+    api: KubeClient, method: str, path: str, body: Mapping[str, Any] | None, action: str,
 ) -> Any:
-    """A raw JSON request (the typed client drops the microseconds Lease times need)."""
-    request = api.param_serialize(
-        method=method, resource_path=path,
-        header_params={"Accept": "application/json", "Content-Type": "application/json"},
-        body=dict(body) if body is not None else None, auth_settings=["BearerToken"],
-    )
+    """One JSON request on a Lease (times keep the microseconds the API server requires)."""
     try:
-        response = api.call_api(*request, _request_timeout=REQUEST_TIMEOUT)
-        data = response.read()  # type: ignore[no-untyped-call]
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(
-                http_resp=response, body=data.decode("utf-8", "replace"), data=None
-            )
-    except (ApiException, *TRANSPORT_ERRORS) as err:
+        return api.request(
+            method, path, body=dict(body) if body is not None else None,
+            timeout=REQUEST_TIMEOUT,
+        )
+    except (ApiError, *TRANSPORT_ERRORS) as err:
         raise kube_error(action, err) from err
-    return json.loads(data)
 
 
 class LeaderElector:
@@ -70,7 +57,7 @@ class LeaderElector:
 
     def __init__(
         self,
-        api: kubernetes.client.ApiClient,
+        api: KubeClient,
         namespace: str,
         identity: str,
         *,
@@ -220,7 +207,7 @@ class LeaderElector:
                 "ERROR": str(err), "ERROR_KIND": err.kind})
 
 
-def set_paused(api: kubernetes.client.ApiClient, namespace: str, paused: bool,
+def set_paused(api: KubeClient, namespace: str, paused: bool,
                annotation: str) -> None:
     """Set (or clear) the global pause annotation on the leader Lease, creating it if needed."""
     path = LEASE_PATH.format(namespace=namespace) + "/" + LEADER_LEASE_NAME

@@ -9,18 +9,14 @@ instead of taking a slot someone else holds.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import kubernetes.client
-from kubernetes.client.exceptions import ApiException
-
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
 from cluo_host.errors import KubeError, kube_error
-from cluo_host.kube_nodes import TRANSPORT_ERRORS, read_json
+from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
 from cluo_host.protocol import (
     SLOT_HOLDER_BOOT_ID,
     SLOT_LEASE_LABEL,
@@ -36,6 +32,7 @@ HOLDER_BOOT_ID = SLOT_HOLDER_BOOT_ID
 RELEASED_AT = SLOT_RELEASED_AT
 STUCK = SLOT_STUCK
 LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+REQUEST_TIMEOUT = (5.0, 30.0)
 
 
 def _time(value: object) -> datetime | None:
@@ -78,9 +75,8 @@ def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
 class KubeSlots:
     """The slot Leases of one namespace."""
 
-    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+    def __init__(self, api: KubeClient, namespace: str) -> None:
         self._api = api
-        self._coordination = kubernetes.client.CoordinationV1Api(api)
         self._namespace = namespace
 
     @property
@@ -91,12 +87,10 @@ class KubeSlots:
         """Every slot Lease, and the list's resourceVersion (to watch from)."""
         action = f"listing reboot-slot leases in {self._namespace!r}"
         try:
-            response = self._coordination.list_namespaced_lease(
-                self._namespace, label_selector=SLOT_LEASE_LABEL, _preload_content=False
-            )
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+            body = self._api.request("GET", self._path(), query={
+                "labelSelector": SLOT_LEASE_LABEL}, timeout=REQUEST_TIMEOUT)
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             raise kube_error(action, err) from err
-        body = read_json(response)
         slots = [s for s in map(slot_from_object, body.get("items") or []) if s is not None]
         return sorted(slots, key=lambda s: s.index), str(
             (body.get("metadata") or {}).get("resourceVersion") or ""
@@ -150,8 +144,8 @@ class KubeSlots:
         """Delete a slot Lease (the admin's way to free a slot whose node is gone)."""
         name = slot_lease_name(index)
         try:
-            self._coordination.delete_namespaced_lease(name, self._namespace)
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+            self._api.request("DELETE", self._path(name), timeout=REQUEST_TIMEOUT)
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             error = kube_error(f"deleting reboot slot {name!r}", err)
             if error.kind != "not_found":
                 raise error from err
@@ -179,39 +173,20 @@ class KubeSlots:
 
     def _read(self, name: str, action: str) -> dict[str, Any]:
         try:
-            response = self._coordination.read_namespaced_lease(
-                name, self._namespace, _preload_content=False
-            )
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+            body = self._api.request("GET", self._path(name), timeout=REQUEST_TIMEOUT)
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             raise kube_error(action, err) from err
-        body = read_json(response)
         assert isinstance(body, dict)
         return body
 
     def _path(self, name: str = "") -> str:
-        path = LEASE_PATH.format(namespace=self._namespace)
-        return f"{path}/{name}" if name else path
-
-    def _send(self, method: str, path: str, body: Mapping[str, Any]) -> Any:
-        """A raw JSON request: the typed client would re-encode Lease times without the
-        microseconds the API server requires."""
-        request = self._api.param_serialize(
-            method=method, resource_path=path,
-            header_params={"Accept": "application/json", "Content-Type": "application/json"},
-            body=dict(body), auth_settings=["BearerToken"],
-        )
-        response = self._api.call_api(*request, _request_timeout=(5.0, 30.0))
-        data = response.read()  # type: ignore[no-untyped-call]
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(
-                http_resp=response, body=data.decode("utf-8", "replace"), data=None
-            )
-        return json.loads(data)
+        path = LEASE_PATH.format(namespace=segment(self._namespace))
+        return f"{path}/{segment(name)}" if name else path
 
     def _write(self, action: str, method: str, path: str, body: Mapping[str, Any]) -> SlotLease:
         try:
-            written = self._send(method, path, body)
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+            written = self._api.request(method, path, body=dict(body), timeout=REQUEST_TIMEOUT)
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             error = kube_error(action, err)
             if error.status == 409:  # AlreadyExists on create, Conflict on replace
                 raise KubeError(action, "the slot changed since it was read: not taken",

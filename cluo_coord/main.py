@@ -27,8 +27,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import kubernetes.client
-
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import CoordSettings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
@@ -36,6 +34,7 @@ from cluo_coord.leader import LeaderElector, set_paused
 from cluo_coord.leases import KubeSlots
 from cluo_coord.metrics import CoordMetrics, HealthServer
 from cluo_host.errors import CluoError, ConfigError
+from cluo_host.kube_client import KubeClient
 from cluo_host.kube_config import in_cluster_client, kubeconfig_client
 from cluo_host.kube_nodes import KubeNodes
 from cluo_host.protocol import DEFAULT_PREFIX, PAUSED_ANNOTATION, Keys, ProtocolError
@@ -106,12 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("coordinator failed to start", extra={"ERROR": str(err)})
         return 1
     finally:
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
     return 0
 
 
-def run(settings: CoordSettings, api: kubernetes.client.ApiClient,
-        stop: threading.Event) -> None:
+def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None:
     """Build the adapters, run until ``stop`` is set, then stop every thread."""
     keys = settings.policy.keys
     metrics = CoordMetrics()
@@ -199,5 +197,5 @@ def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
         print(f"cluo-coord {args[0]}: {err}", file=sys.stderr)
         return 1
     finally:
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
     return 0

@@ -2,8 +2,8 @@
 
 The kind is for logs, metrics and retry decisions (``transient``); the text is for
 people. This module imports no I/O library, so the pure core and every adapter can
-use it; ``kube_error`` recognises the kubernetes client's ``ApiException`` by its
-shape (an int ``status`` plus ``reason`` and ``body``) instead of importing it.
+use it; ``kube_error`` recognises ``kube_client.ApiError`` by its shape (an int
+``status`` plus ``reason`` and ``body``) instead of importing it.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _is_timeout(err: BaseException | None) -> bool:
 
 
 def kube_error(action: str, err: BaseException) -> KubeError:
-    """Wrap a kubernetes client error (ApiException, urllib3 or socket error).
+    """Wrap a Kubernetes client error (``ApiError``, a socket, TLS or HTTP error).
 
     Use as ``raise kube_error("patching node 'n1'", err) from err``.
     """

@@ -15,12 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import kubernetes.client
-from kubernetes.client.exceptions import ApiException
-
 from cluo_host.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
 from cluo_host.errors import KubeError, kube_error, status_details
-from cluo_host.kube_nodes import DEFAULT_REQUEST_TIMEOUT, TRANSPORT_ERRORS, read_json
+from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
+from cluo_host.kube_nodes import DEFAULT_REQUEST_TIMEOUT
 
 __all__ = [
     "BlockedByBudget",
@@ -39,6 +37,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 500
+PODS_PATH = "/api/v1/pods"
 DISRUPTION_BUDGET_CAUSE = "DisruptionBudget"  # policy/v1 DisruptionBudgetCause
 
 
@@ -123,11 +122,11 @@ class KubePods:
 
     def __init__(
         self,
-        api_client: kubernetes.client.ApiClient,
+        client: KubeClient,
         *,
         request_timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
-        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._client = client
         self._timeout = request_timeout
 
     def pods_on_node(self, node: str) -> list[PodSummary]:
@@ -137,18 +136,16 @@ class KubePods:
         token: str | None = None
         try:
             while True:
-                page = read_json(self._core.list_pod_for_all_namespaces(
-                    field_selector=f"spec.nodeName={node}",
-                    limit=LIST_PAGE_SIZE,
-                    _continue=token,
-                    _preload_content=False,
-                    _request_timeout=self._timeout,
-                ))
+                page = self._client.request("GET", PODS_PATH, query={
+                    "fieldSelector": f"spec.nodeName={node}",
+                    "limit": LIST_PAGE_SIZE,
+                    "continue": token,
+                }, timeout=self._timeout)
                 pods.extend(pod_summary(item) for item in page.get("items") or [])
                 token = (page.get("metadata") or {}).get("continue") or None
                 if token is None:
                     return pods
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             raise kube_error(action, err) from err
 
     def evict(self, pod: PodSummary, grace_period_seconds: int | None = None) -> EvictionOutcome:
@@ -159,16 +156,18 @@ class KubePods:
         (a 429 that is not from a budget, API throttling, has kind "blocked").
         """
         action = f"evicting pod {pod.ref!r}"
-        body = kubernetes.client.V1Eviction(
-            metadata=kubernetes.client.V1ObjectMeta(name=pod.name, namespace=pod.namespace),
-            delete_options=self._delete_options(pod, grace_period_seconds),
-        )
+        body = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod.name, "namespace": pod.namespace},
+            "deleteOptions": self._delete_options(pod, grace_period_seconds),
+        }
         try:
-            read_json(self._core.create_namespaced_pod_eviction(
-                pod.name, pod.namespace, body,
-                _preload_content=False, _request_timeout=self._timeout,
-            ))
-        except ApiException as err:
+            self._client.request(
+                "POST", f"{self._pod_path(pod.namespace, pod.name)}/eviction", body=body,
+                timeout=self._timeout,
+            )
+        except ApiError as err:
             if err.status == 429:
                 details = status_details(err.body)
                 if any(reason == DISRUPTION_BUDGET_CAUSE for reason, _ in details.causes) or (
@@ -190,12 +189,11 @@ class KubePods:
         """Delete the pod outright (the "force" drain policy): budgets are NOT respected."""
         action = f"deleting pod {pod.ref!r}"
         try:
-            read_json(self._core.delete_namespaced_pod(
-                pod.name, pod.namespace,
-                body=self._delete_options(pod, grace_period_seconds),
-                _preload_content=False, _request_timeout=self._timeout,
-            ))
-        except ApiException as err:
+            self._client.request(
+                "DELETE", self._pod_path(pod.namespace, pod.name),
+                body=self._delete_options(pod, grace_period_seconds), timeout=self._timeout,
+            )
+        except ApiError as err:
             return self._settle(action, pod, err)
         except TRANSPORT_ERRORS as err:
             raise kube_error(action, err) from err
@@ -206,10 +204,10 @@ class KubePods:
         """Whether the pod with this UID still exists (a same-named successor does not count)."""
         action = f"reading pod '{namespace}/{name}'"
         try:
-            obj = read_json(self._core.read_namespaced_pod(
-                name, namespace, _preload_content=False, _request_timeout=self._timeout
-            ))
-        except ApiException as err:
+            obj = self._client.request(
+                "GET", self._pod_path(namespace, name), timeout=self._timeout
+            )
+        except ApiError as err:
             if err.status == 404:
                 return Gone()
             raise kube_error(action, err) from err
@@ -220,7 +218,7 @@ class KubePods:
             return Gone(replaced_by=current.uid)
         return Present(uid, deleting=current.deleting)
 
-    def _settle(self, action: str, pod: PodSummary, err: ApiException) -> Gone:
+    def _settle(self, action: str, pod: PodSummary, err: ApiError) -> Gone:
         """A failed evict/delete: the pod already gone is success, anything else raises."""
         if err.status == 404:
             return Gone()
@@ -233,13 +231,18 @@ class KubePods:
         raise error from err
 
     @staticmethod
-    def _delete_options(
-        pod: PodSummary, grace_period_seconds: int | None
-    ) -> kubernetes.client.V1DeleteOptions:
-        return kubernetes.client.V1DeleteOptions(
-            grace_period_seconds=grace_period_seconds,
-            preconditions=kubernetes.client.V1Preconditions(uid=pod.uid) if pod.uid else None,
-        )
+    def _pod_path(namespace: str, name: str) -> str:
+        return f"/api/v1/namespaces/{segment(namespace)}/pods/{segment(name)}"
+
+    @staticmethod
+    def _delete_options(pod: PodSummary, grace_period_seconds: int | None) -> dict[str, Any]:
+        """meta/v1 DeleteOptions; the UID precondition spares a same-named successor."""
+        options: dict[str, Any] = {}
+        if grace_period_seconds is not None:
+            options["gracePeriodSeconds"] = grace_period_seconds
+        if pod.uid:
+            options["preconditions"] = {"uid": pod.uid}
+        return options
 
 
 if TYPE_CHECKING:  # the real adapter satisfies the protocol fakes are written against

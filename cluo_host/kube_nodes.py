@@ -6,27 +6,30 @@ patches ``spec.unschedulable`` only. A change that depends on what the node said
 (``update``) carries the resourceVersion it was computed from, so the API server refuses
 it (409) if anyone wrote in between; it is then recomputed from a fresh read.
 
-Objects are read as plain JSON rather than through the client's generated models, so a
-newer API server's unknown fields can neither break parsing nor be dropped on a write.
-The calls are synchronous; the async agent runs them with ``asyncio.to_thread``.
+Objects are read and written as plain JSON (``kube_client``), so a newer API server's
+unknown fields can neither break parsing nor be dropped on a write. The calls are
+synchronous; the async agent runs them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn, Protocol
 
-import kubernetes.client
-import urllib3
-from kubernetes.client.exceptions import ApiException
-
 from cluo_host.errors import KubeError, WatchExpired, kind_for_status, kube_error
+from cluo_host.kube_client import (
+    TRANSPORT_ERRORS,
+    ApiError,
+    Closing,
+    KubeClient,
+    WatchStream,
+    segment,
+)
 from cluo_host.protocol import Keys, NodeProtocolState
 
 __all__ = [
@@ -52,9 +55,10 @@ DEFAULT_REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds for one request
 WATCH_READ_GRACE = 30.0  # seconds a watch may stay silent beyond its timeout_seconds
 DEFAULT_UPDATE_ATTEMPTS = 5
 
+NODES_PATH = "/api/v1/nodes"
+EVENTS_PATH = f"/api/v1/namespaces/{EVENT_NAMESPACE}/events"
+
 EventType = Literal["Normal", "Warning"]
-# What a failed request can raise besides ApiException: urllib3 and socket/TLS errors.
-TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError)
 
 
 def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -216,13 +220,9 @@ class NodeApi(Protocol):
     ) -> None: ...
 
 
-def read_json(response: Any) -> Any:
-    """Parse a raw (``_preload_content=False``) response's JSON body and free the connection."""
-    try:
-        data = response.data
-    finally:
-        response.release_conn()
-    return json.loads(data) if data else {}
+def _time(at: datetime) -> str:
+    """An RFC 3339 time in UTC, as metav1.Time is written (whole seconds)."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class KubeNodes:
@@ -234,14 +234,14 @@ class KubeNodes:
 
     def __init__(
         self,
-        api_client: kubernetes.client.ApiClient,
+        client: KubeClient,
         keys: Keys,
         *,
         field_manager: str | None = None,
         request_timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._client = client
         self._keys = keys
         self._field_manager = field_manager
         self._timeout = request_timeout
@@ -254,12 +254,12 @@ class KubeNodes:
     def get(self, name: str) -> NodeSnapshot:
         action = f"reading node {name!r}"
         try:
-            response: Any = self._core.read_node(
-                name, _preload_content=False, _request_timeout=self._timeout
+            obj = self._client.request(
+                "GET", f"{NODES_PATH}/{segment(name)}", timeout=self._timeout
             )
-            return NodeSnapshot.from_object(read_json(response), self._keys)
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             raise kube_error(action, err) from err
+        return NodeSnapshot.from_object(obj, self._keys)
 
     def patch_metadata(
         self,
@@ -334,7 +334,7 @@ class KubeNodes:
         cluster's; right after an API server restart even that is "too old".
         """
         return NodeWatch(
-            self._core, self._keys, name, resource_version, timeout_seconds,
+            self._client, self._keys, name, resource_version, timeout_seconds,
             connect_timeout=self._timeout[0],
         )
 
@@ -352,32 +352,29 @@ class KubeNodes:
         # The node is referred to as the kubelet refers to it, with its name as UID (no
         # read needed); `kubectl describe node` lists such events (a reference without
         # any UID it does not).
-        event = kubernetes.client.CoreV1Event(
-            metadata=kubernetes.client.V1ObjectMeta(
-                generate_name=f"{node_name}.", namespace=EVENT_NAMESPACE
-            ),
-            involved_object=kubernetes.client.V1ObjectReference(
-                api_version="v1", kind="Node", name=node_name, uid=node_name
-            ),
-            reason=reason,
-            message=message[:EVENT_MESSAGE_LIMIT],
-            type=type,
-            source=kubernetes.client.V1EventSource(component=component),
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            reporting_component=component,
-            reporting_instance=node_name if component == "cluo-agent" else component,
-        )
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{node_name}.", "namespace": EVENT_NAMESPACE},
+            "involvedObject": {
+                "apiVersion": "v1", "kind": "Node", "name": node_name, "uid": node_name,
+            },
+            "reason": reason,
+            "message": message[:EVENT_MESSAGE_LIMIT],
+            "type": type,
+            "source": {"component": component},
+            "firstTimestamp": _time(now),
+            "lastTimestamp": _time(now),
+            "count": 1,
+            "reportingComponent": component,
+            "reportingInstance": node_name if component == "cluo-agent" else component,
+        }
         try:
-            response: Any = self._core.create_namespaced_event(
-                EVENT_NAMESPACE, event, _preload_content=False, _request_timeout=self._timeout
-            )
-            response.release_conn()
+            self._client.request("POST", EVENTS_PATH, body=event, timeout=self._timeout)
         except Exception as err:
             wrapped = (
                 kube_error(f"recording event for node {node_name!r}", err)
-                if isinstance(err, (ApiException, *TRANSPORT_ERRORS))
+                if isinstance(err, (ApiError, *TRANSPORT_ERRORS))
                 else err
             )
             log.warning(
@@ -392,25 +389,22 @@ class KubeNodes:
 
     def _patch(self, name: str, patch: Mapping[str, Any], action: str) -> NodeSnapshot:
         try:
-            response: Any = self._core.patch_node(
-                name,
-                dict(patch),
-                field_manager=self._field_manager,
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
-                _request_timeout=self._timeout,
+            obj = self._client.request(
+                "PATCH", f"{NODES_PATH}/{segment(name)}",
+                query={"fieldManager": self._field_manager},
+                body=dict(patch), content_type=MERGE_PATCH, timeout=self._timeout,
             )
-            return NodeSnapshot.from_object(read_json(response), self._keys)
-        except (ApiException, *TRANSPORT_ERRORS) as err:
+        except (ApiError, *TRANSPORT_ERRORS) as err:
             raise kube_error(action, err) from err
+        return NodeSnapshot.from_object(obj, self._keys)
 
 
-class NodeWatch:
+class NodeWatch(Closing):
     """One watch request on one node. Iterate once; ``close()`` stops it from any thread."""
 
     def __init__(
         self,
-        core: kubernetes.client.CoreV1Api,
+        client: KubeClient,
         keys: Keys,
         name: str,
         resource_version: str | None,
@@ -421,38 +415,25 @@ class NodeWatch:
         if timeout_seconds < 1:
             raise ValueError("a watch needs a timeout of at least one second")
         self.resource_version = resource_version or None
-        self._core = core
+        self._client = client
         self._keys = keys
         self._name = name
         self._timeout_seconds = timeout_seconds
         self._connect_timeout = connect_timeout
-        self._response: Any = None
+        self._stream: WatchStream | None = None
         self._started = False
-        self._closed = False
-
-    def __enter__(self) -> NodeWatch:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._closed = threading.Event()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._closed.is_set()
 
     def close(self) -> None:
         """Stop the watch; an iteration blocked in a read ends quietly."""
-        self._closed = True
-        response = self._response
-        if response is not None:
-            # Unblocks a read in another thread (urllib3 >= 2.3).
-            with contextlib.suppress(AttributeError, OSError):
-                response.shutdown()
+        self._closed.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()  # unblocks a read in another thread
 
     def __iter__(self) -> Iterator[NodeEvent]:
         if self._started:
@@ -462,33 +443,23 @@ class NodeWatch:
 
     def _events(self) -> Iterator[NodeEvent]:
         action = f"watching node {self._name!r}"
-        if self._closed:
+        if self._closed.is_set():
             return
+        stream = self._stream = self._client.watch(
+            NODES_PATH,
+            query={
+                "fieldSelector": f"metadata.name={self._name}",
+                "watch": True,
+                "resourceVersion": self.resource_version,
+                "allowWatchBookmarks": True,
+                "timeoutSeconds": self._timeout_seconds,
+            },
+            timeout=(self._connect_timeout, self._timeout_seconds + WATCH_READ_GRACE),
+        )
+        if self._closed.is_set():  # closed while the stream was being made
+            stream.close()
         try:
-            self._response = self._core.list_node(
-                field_selector=f"metadata.name={self._name}",
-                watch=True,
-                resource_version=self.resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self._timeout_seconds,
-                _preload_content=False,
-                _request_timeout=(
-                    self._connect_timeout, self._timeout_seconds + WATCH_READ_GRACE
-                ),
-            )
-        except ApiException as err:
-            if err.status == 410:
-                raise WatchExpired(
-                    action, "resourceVersion too old", self.resource_version
-                ) from err
-            raise kube_error(action, err) from err
-        except TRANSPORT_ERRORS as err:
-            raise kube_error(action, err) from err
-        try:
-            for line in self._response:
-                if not line.strip():
-                    continue
-                event = json.loads(line)
+            for event in stream:
                 kind = str(event.get("type") or "")
                 obj = event.get("object") or {}
                 if kind == "ERROR":
@@ -499,18 +470,19 @@ class NodeWatch:
                 if kind == "BOOKMARK":
                     continue
                 yield NodeEvent(kind, NodeSnapshot.from_object(obj, self._keys))
-        except (ApiException, *TRANSPORT_ERRORS) as err:
-            if self.closed:
+        except ApiError as err:
+            if err.status == 410:
+                raise WatchExpired(
+                    action, "resourceVersion too old", self.resource_version
+                ) from err
+            raise kube_error(action, err) from err
+        except TRANSPORT_ERRORS as err:  # a cut-off line too: the stream broke mid-event
+            if self._closed.is_set():
                 return
             raise kube_error(action, err) from err
-        except ValueError as err:  # a cut-off line: the stream broke mid-event
-            if self.closed:
-                return
-            raise KubeError(action, "malformed watch event", kind="unavailable") from err
         finally:
-            response, self._response = self._response, None
-            response.close()
-            response.release_conn()
+            self._stream = None
+            stream.close()
 
     def _raise_error(self, action: str, status: Mapping[str, Any]) -> NoReturn:
         code = int(status.get("code") or 0)

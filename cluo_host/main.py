@@ -70,4 +70,4 @@ async def _run(settings: AgentSettings) -> int:
         return await agent.run(stop)
     finally:
         notifier.close()
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()

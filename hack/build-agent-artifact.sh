@@ -73,12 +73,17 @@ flock 9
 started=$(date +%s)
 # The onedir bundle. --noconfirm replaces the previous dist; the work folder (analysis
 # cache) is kept between builds, which is what makes a warm build fast.
+# The venv also holds the kubernetes package (a test dependency): cluo never imports it
+# (.importlinter), and the excludes keep it, and urllib3 under it, out of the bundle even
+# if a stray import appeared.
 "$venv/bin/python" -m PyInstaller \
     --noconfirm --log-level WARN --onedir --name cluo-agent \
     --distpath "$work/dist" --workpath "$work/build" --specpath "$work" \
     --paths "$root" \
     --collect-submodules cluo_host \
     --hidden-import systemd.journal \
+    --exclude-module kubernetes \
+    --exclude-module urllib3 \
     "$here/cluo-agent-entry.py" >"$work/pyinstaller.log" 2>&1 \
     || { tail -40 "$work/pyinstaller.log" >&2; die "PyInstaller failed (log: $work/pyinstaller.log)"; }
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import kubernetes.client
 import pytest
 from kubernetes.client.rest import ApiException
 
+from cluo_host.kube_client import KubeClient
 from tests.testbed.controlplane import ControlPlane, running_control_plane
 from tests.testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, MockService, spawn_mock
 
@@ -30,6 +32,13 @@ def control_plane() -> Iterator[ControlPlane]:
 def kube_admin(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
     with control_plane.admin_api_client() as api:
         yield api
+
+
+@pytest.fixture(scope="session")
+def kube_client(control_plane: ControlPlane) -> Iterator[KubeClient]:
+    """cluo's own client (cluo_host.kube_client) as admin: what cluo's adapters take."""
+    with control_plane.kube_client() as client:
+        yield client
 
 
 @pytest.fixture
@@ -53,15 +62,36 @@ def service_account_client(
     control_plane: ControlPlane,
 ) -> Iterator[Callable[[str, str], kubernetes.client.ApiClient]]:
     """Factory: an ApiClient authenticated by a real token of ServiceAccount ns/name."""
-    clients: list[kubernetes.client.ApiClient] = []
+    yield from _closing_factory(control_plane.service_account_api_client)
 
-    def make(namespace: str, name: str) -> kubernetes.client.ApiClient:
-        client = control_plane.service_account_api_client(namespace, name)
-        clients.append(client)
+
+@pytest.fixture
+def service_account_kube_client(
+    control_plane: ControlPlane,
+) -> Iterator[Callable[[str, str], KubeClient]]:
+    """Factory: a KubeClient authenticated by a real token of ServiceAccount ns/name."""
+    yield from _closing_factory(control_plane.service_account_kube_client)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+def _closing_factory(
+    make: Callable[[str, str], C],
+) -> Iterator[Callable[[str, str], C]]:
+    """Yield ``make``, closing whatever it made once the test is over."""
+    made: list[C] = []
+
+    def tracked(namespace: str, name: str) -> C:
+        made.append(client := make(namespace, name))
         return client
 
-    yield make
-    for client in clients:
+    yield tracked
+    for client in made:
         client.close()
 
 

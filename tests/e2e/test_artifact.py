@@ -139,6 +139,11 @@ def test_image_is_a_flatcar_sysext_with_a_bundle_that_runs(artifact: Artifact) -
     assert link.startswith("l") and link.endswith("-> ../lib/cluo-agent/cluo-agent")
     assert all(" root/root " in line for line in entries.values()), "mksquashfs -all-root"
     assert not any(path.startswith("squashfs-root/etc") for path in entries), "only /usr merges"
+    # cluo's own API client: the kubernetes package (a test dependency) stays out.
+    bundled = {path.split("/")[5] for path in entries
+               if path.startswith("squashfs-root/usr/lib/cluo-agent/_internal/")}
+    assert bundled, "the bundle's _internal folder is empty"
+    assert not bundled & {"kubernetes", "urllib3", "requests", "pydantic", "oauthlib"}
     release = artifact.tree / "usr/lib/extension-release.d/extension-release.cluo-agent"
     assert release.read_text().splitlines() == [
         "ID=flatcar", "SYSEXT_LEVEL=1.0", "ARCHITECTURE=x86-64"

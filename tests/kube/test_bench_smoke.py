@@ -113,6 +113,8 @@ def test_coordinator_scale_quick(audited_context: BenchContext) -> None:
     decisions = [m for m in result.measurements if "grant decision" in m.name]
     assert [len(m.samples) for m in decisions] == [coord_scale.DECISIONS[True]]
     assert "RSS after sync" in render(result)
+    assert any("each decision split" in note for note in result.notes), \
+        "the decision time is split between the coordinator's requests and the rest"
 
 
 def test_agent_footprint_quick(control_plane: ControlPlane, tmp_path: Path) -> None:

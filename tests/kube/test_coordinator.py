@@ -623,3 +623,89 @@ def test_grant_is_refused_when_the_slot_lease_moved_since_the_plan(
         assert metrics.grants._value.get() == 0
     finally:
         api.close()
+
+
+def test_node_view_is_rebuilt_only_when_its_resource_version_changes(
+    rig: Rig, coord_kubeconfig: Path
+) -> None:
+    """The cache keeps each node's planner view until the Node's resourceVersion moves."""
+    from cluo_coord.cluster import ClusterCache
+    from cluo_host.kube_config import kubeconfig_client
+
+    quiet, changed = rig.add_nodes(2, needing_reboot=False)
+    api = kubeconfig_client(coord_kubeconfig, "cluo-coord")
+    cache = ClusterCache(api, NAMESPACE, KEYS, node_selector=rig.selector)
+    try:
+        cache.start()
+        wait_for(lambda: cache.synced, 20, "the cache to sync")
+        before = {view.name: view for view in cache.snapshot().nodes}
+        assert set(before) == {quiet, changed}
+        assert not before[changed].state.reboot_paused
+
+        rig.annotate(changed, {KEYS.reboot_paused: "true"})
+        wait_for(lambda: cache.snapshot().nodes[1].resource_version
+                 != before[changed].resource_version, 10, "the watch to deliver the change")
+        after = {view.name: view for view in cache.snapshot().nodes}
+        assert after[changed].state.reboot_paused
+        assert after[changed].resource_version == rig.node(changed).metadata.resource_version
+        assert after[quiet] is before[quiet]  # not rebuilt: its version did not move
+    finally:
+        cache.stop()
+        api.close()
+
+
+def test_reboot_timeout_fires_from_its_deadline_while_the_loop_idles(
+    rig: Rig, coord_kubeconfig: Path
+) -> None:
+    """No watch event and no polling: the planner's deadline wakes the loop (time injected)."""
+    from cluo_coord.cluster import ClusterCache, ClusterWriter
+    from cluo_coord.coordinator import Coordinator
+    from cluo_coord.leases import KubeSlots
+    from cluo_coord.metrics import CoordMetrics
+    from cluo_coord.planner import Policy
+    from cluo_host.kube_config import kubeconfig_client
+    from cluo_host.kube_nodes import KubeNodes
+
+    (name,) = rig.add_nodes(1)
+    shift = [timedelta(0)]
+    api = kubeconfig_client(coord_kubeconfig, "cluo-coord")
+    woken: list[Coordinator] = []
+    cache = ClusterCache(api, NAMESPACE, KEYS, node_selector=rig.selector,
+                         on_change=lambda: woken[0].wake() if woken else None)
+    coordinator = Coordinator(
+        cache, writer=ClusterWriter(api, NAMESPACE, KEYS), slots=KubeSlots(api, NAMESPACE),
+        nodes=KubeNodes(api, KEYS), policy=Policy(reboot_timeout=timedelta(hours=1)),
+        metrics=CoordMetrics(), clock=lambda: datetime.now(UTC) + shift[0], tick=0.05)
+    woken.append(coordinator)
+    stop = threading.Event()
+    loop = threading.Thread(target=coordinator.run, args=(stop,), daemon=True)
+    try:
+        cache.start()
+        loop.start()
+        wait_for(lambda: rig.annotations(name).get(KEYS.reboot_ok) == "true", 20,
+                 "the grant")
+        rig.annotate(name, {KEYS.reboot_in_progress: "true"})  # the agent drains: no return
+        settled = [-1]
+
+        def settled_now() -> bool:
+            previous, settled[0] = settled[0], coordinator.plans
+            return previous == settled[0]
+
+        wait_for(settled_now, 10, "the loop to stop planning", interval=0.5)
+        assert_stays(lambda: coordinator.plans == settled[0], 2.0,
+                     "no plan while nothing changes (the loop ticks every 0.05 s)")
+        lease = "cluo-reboot-slot-0"
+        coordination = CoordinationV1Api(rig.admin)
+        assert not (coordination.read_namespaced_lease(lease, NAMESPACE).metadata.annotations
+                    or {}).get("cluo.flatcar-linux.net/stuck")
+
+        shift[0] = timedelta(hours=1, seconds=1)  # past the reboot timeout
+        wait_for(lambda: (coordination.read_namespaced_lease(lease, NAMESPACE).metadata
+                          .annotations or {}).get("cluo.flatcar-linux.net/stuck") == "true",
+                 3, "the holder marked stuck at its deadline")
+        assert rig.events(name, "RebootTimedOut")
+    finally:
+        stop.set()
+        loop.join(10)
+        cache.stop()
+        api.close()

@@ -38,6 +38,7 @@ from cluo_host.eviction import (
     KubePods,
     Present,
 )
+from cluo_host.kube_client import KubeClient
 from cluo_host.kube_nodes import EVENT_NAMESPACE, KubeNodes, NodeChange
 from cluo_host.protocol import Keys
 from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
@@ -63,8 +64,8 @@ def node(kubelet: KubeletEmulator, namespace: str) -> EmulatedNode:
 
 
 @pytest.fixture
-def pods(kube_admin: kubernetes.client.ApiClient) -> KubePods:
-    return KubePods(kube_admin)
+def pods(kube_client: KubeClient) -> KubePods:
+    return KubePods(kube_client)
 
 
 @pytest.fixture
@@ -281,7 +282,7 @@ AGENT_RULES = [
 
 def test_the_agent_needs_only_its_rules_and_is_refused_the_rest(
     kube_admin: kubernetes.client.ApiClient,
-    service_account_client: Callable[[str, str], kubernetes.client.ApiClient],
+    service_account_kube_client: Callable[[str, str], KubeClient],
     node: EmulatedNode,
     namespace: str,
 ) -> None:
@@ -294,7 +295,7 @@ def test_the_agent_needs_only_its_rules_and_is_refused_the_rest(
         subjects=[RbacV1Subject(kind="ServiceAccount", name="agent", namespace=namespace)],
     ))
     try:
-        agent = service_account_client(namespace, "agent")
+        agent = service_account_kube_client(namespace, "agent")
         nodes = KubeNodes(agent, KEYS)
         pods = KubePods(agent)
         web = create(kube_admin, namespace, make_pod("web", node.name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from kubernetes.client import CoreV1Api
 
 from cluo_host.errors import ConfigError, KubeError, WatchExpired
+from cluo_host.kube_client import KubeClient
 from cluo_host.kube_config import in_cluster_client, kubeconfig_client, user_agent
 from cluo_host.kube_nodes import (
     EVENT_NAMESPACE,
@@ -47,8 +49,8 @@ def node(kubelet: KubeletEmulator, namespace: str) -> EmulatedNode:
 
 
 @pytest.fixture
-def nodes(kube_admin: kubernetes.client.ApiClient) -> KubeNodes:
-    return KubeNodes(kube_admin, KEYS)
+def nodes(kube_client: KubeClient) -> KubeNodes:
+    return KubeNodes(kube_client, KEYS)
 
 
 def admin_patch(api: kubernetes.client.ApiClient, name: str, annotations: dict[str, str]) -> None:
@@ -143,11 +145,10 @@ def test_get_of_a_missing_node_is_not_found(nodes: KubeNodes, namespace: str) ->
 
 
 def test_an_unreachable_api_server_is_unavailable(control_plane: ControlPlane) -> None:
-    configuration = kubernetes.client.Configuration()
-    configuration.host = "https://127.0.0.1:1"  # nothing listens on port 1
-    configuration.ssl_ca_cert = str(control_plane.pki.ca_cert)
-    configuration.retries = 0
-    with kubernetes.client.ApiClient(configuration) as api, pytest.raises(KubeError) as caught:
+    tls = ssl.create_default_context(cafile=control_plane.pki.ca_cert)
+    # Nothing listens on port 1.
+    with KubeClient("https://127.0.0.1:1", user_agent="test", tls=tls) as api, \
+            pytest.raises(KubeError) as caught:
         KubeNodes(api, KEYS).get("n1")
     assert caught.value.kind == "unavailable"
     assert caught.value.transient
@@ -437,10 +438,10 @@ def test_emit_event_records_an_event_kubectl_describe_shows(
 def test_emit_event_never_raises(
     control_plane: ControlPlane, caplog: pytest.LogCaptureFixture
 ) -> None:
-    configuration = kubernetes.client.Configuration()
-    configuration.host = control_plane.url
-    configuration.ssl_ca_cert = str(control_plane.pki.ca_cert)  # no credentials at all
-    with kubernetes.client.ApiClient(configuration) as api, caplog.at_level(logging.WARNING):
+    tls = ssl.create_default_context(cafile=control_plane.pki.ca_cert)
+    # No credentials at all.
+    with KubeClient(control_plane.url, user_agent="test", tls=tls) as api, \
+            caplog.at_level(logging.WARNING):
         KubeNodes(api, KEYS).emit_event("n1", "Test", "anonymous is not allowed")
     records = [r for r in caplog.records if r.getMessage() == "could not record an event"]
     assert len(records) == 1
@@ -509,10 +510,10 @@ def test_in_cluster_client_uses_the_service_account_token(
         "cluo-coord", token_path=token, ca_path=control_plane.pki.ca_cert, environ=environ
     ) as api:
         assert api.user_agent.startswith("cluo-coord/")
-        review = kubernetes.client.AuthenticationV1Api(api).create_self_subject_review(
-            kubernetes.client.V1SelfSubjectReview()
-        )
-    assert review.status.user_info.username == f"system:serviceaccount:{namespace}:coord"
+        review = api.request("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                             body={"apiVersion": "authentication.k8s.io/v1",
+                                   "kind": "SelfSubjectReview"})
+    assert review["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:coord"
 
     with pytest.raises(ConfigError) as caught:
         in_cluster_client(token_path=tmp_path / "absent", ca_path=control_plane.pki.ca_cert,

@@ -6,12 +6,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import kubernetes.client
 import pytest
 
 from cluo_coord.leases import KubeSlots
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot
 from cluo_host.errors import KubeError
+from cluo_host.kube_client import KubeClient
 from tests.testbed.controlplane import ControlPlane
 
 pytestmark = pytest.mark.kube
@@ -23,16 +23,17 @@ T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def coord_api(
     control_plane: ControlPlane,
-) -> Callable[[], kubernetes.client.ApiClient]:
+) -> Callable[[], KubeClient]:
     """Clients authenticated as the cluo-coord ServiceAccount of deploy/ (real RBAC)."""
     control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
                           "-f", str(DEPLOY / "coordinator-rbac.yaml"))
-    return lambda: control_plane.service_account_api_client("cluo-system", "cluo-coord")
+    return lambda: control_plane.service_account_kube_client(
+        "cluo-system", "cluo-coord", "cluo-coord")
 
 
 def test_two_coordinators_racing_for_a_free_slot_only_one_wins(
-    coord_api: Callable[[], kubernetes.client.ApiClient],
-    kube_admin: kubernetes.client.ApiClient,
+    coord_api: Callable[[], KubeClient],
+    kube_client: KubeClient,
 ) -> None:
     first, second = KubeSlots(coord_api(), "cluo-system"), KubeSlots(coord_api(), "cluo-system")
     slots, _ = first.list()
@@ -49,12 +50,12 @@ def test_two_coordinators_racing_for_a_free_slot_only_one_wins(
     with pytest.raises(KubeError) as denied:
         first.delete(7)
     assert denied.value.kind == "forbidden"
-    KubeSlots(kube_admin, "cluo-system").delete(7)
+    KubeSlots(kube_client, "cluo-system").delete(7)
 
 
 def test_stale_resource_version_cannot_take_release_or_mark(
-    coord_api: Callable[[], kubernetes.client.ApiClient],
-    kube_admin: kubernetes.client.ApiClient,
+    coord_api: Callable[[], KubeClient],
+    kube_client: KubeClient,
 ) -> None:
     slots = KubeSlots(coord_api(), "cluo-system")
     created = slots.acquire(AcquireSlot(8, "node-a", None, "boot-a", T0))
@@ -79,6 +80,6 @@ def test_stale_resource_version_cannot_take_release_or_mark(
     assert retaken.resource_version is not None
     stuck = slots.mark_stuck(MarkStuck(8, "node-b", retaken.resource_version))
     assert stuck.stuck and stuck.holder == "node-b"
-    admin = KubeSlots(kube_admin, "cluo-system")
+    admin = KubeSlots(kube_client, "cluo-system")
     admin.delete(8)
     admin.delete(8)  # deleting a missing slot is not an error

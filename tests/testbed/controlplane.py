@@ -23,12 +23,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import kubernetes.client
 from kubernetes.client.rest import ApiException
+
+from cluo_host.kube_client import KubeClient
+from cluo_host.kube_config import Component, kubeconfig_client
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +412,22 @@ class ControlPlane:
         config.api_key = {"authorization": self.service_account_token(namespace, name)}
         config.api_key_prefix = {"authorization": "Bearer"}
         return kubernetes.client.ApiClient(config)
+
+    # cluo's own client (cluo_host.kube_client), built the way cluo builds it: from a
+    # kubeconfig. The kubernetes package above is the test bed's admin tool only.
+
+    def kube_client(self, component: Component = "cluo-agent") -> KubeClient:
+        """A KubeClient authenticated as admin (client certificate), for cluo's adapters."""
+        return kubeconfig_client(self.admin_kubeconfig, component)
+
+    def service_account_kube_client(
+        self, namespace: str, name: str, component: Component = "cluo-agent"
+    ) -> KubeClient:
+        """A KubeClient authenticated by a real token of ServiceAccount namespace/name."""
+        path = self.workdir / f"sa-{namespace}-{name}-{uuid.uuid4().hex[:8]}.kubeconfig"
+        return kubeconfig_client(
+            self.service_account_kubeconfig(namespace, name, path), component
+        )
 
     def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
         """Write a kubeconfig (mode 0600) that authenticates as the ServiceAccount."""

@@ -41,6 +41,7 @@ from cluo_coord.planner import (
     ReleaseSlot,
     ResetRebootOk,
     SlotLease,
+    ignored_while_unslotted,
     plan,
     reboot_needed_since,
 )
@@ -533,6 +534,17 @@ class PlannerMachine(RuleBasedStateMachine):
                 assert node.name in holders, f"{node.name} has reboot-ok=true and no slot"
             if node.flag(KEYS.reboot_in_progress) and not node.flag(KEYS.release_slot):
                 assert node.name in holders, f"{node.name} is in progress and holds no slot"
+
+    @invariant()
+    def nodes_the_planner_ignores_change_no_plan(self) -> None:
+        """The same plan without them: what lets the driver skip planning after such a
+        node changed (to another state the planner ignores)."""
+        nodes, leases = self.cluster.node_views(), self.cluster.lease_views()
+        holders = {lease.holder for lease in leases if lease.holder}
+        kept = tuple(view for view in nodes
+                     if view.name in holders or not ignored_while_unslotted(view))
+        assert plan(kept, leases, self.now, self.policy) == plan(
+            nodes, leases, self.now, self.policy)
 
     @invariant()
     def remember_what_the_coordinator_could_have_seen(self) -> None:

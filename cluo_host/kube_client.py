@@ -1,0 +1,577 @@
+"""A small Kubernetes API client on the standard library: JSON requests and watches.
+
+cluo reads and writes API objects as plain JSON (dicts with the API server's camelCase
+keys), so it needs no generated models and no HTTP library: ``KubeClient.request`` sends
+one call over ``http.client`` and returns the parsed answer, ``KubeClient.watch`` streams
+a watch's events one JSON line at a time.
+
+- Errors: an answer outside 2xx raises ``ApiError`` (status, reason, body), which
+  ``errors.kube_error`` turns into a ``KubeError``; a broken connection, a timeout or a
+  garbled answer raises one of ``TRANSPORT_ERRORS``.
+- Connections are kept alive in a small lock-protected pool shared by the threads; a
+  watch has a connection of its own. A kept-alive connection the server closed meanwhile
+  is retried once on a fresh connection, for idempotent methods only: a POST or PATCH
+  that may have reached the server is never sent twice.
+- The bearer token comes from a ``TokenSource``; ``FileToken`` re-reads its file about
+  every minute, so rotated (bound ServiceAccount) tokens keep working. A token never
+  appears in a log, an error text or a repr. When the server answers 401 (it rejected
+  the token, so it did nothing else), a source that can fetch a new token (a credential
+  plugin, see kube_config) is asked to, and the request is sent once more, whatever its
+  method.
+- The TLS context may be given as a function, asked before each new connection: a
+  credential plugin's client certificate is replaced when it expires, and kept-alive
+  connections made with the old one are not reused.
+
+Building a client from a kubeconfig or from a pod's ServiceAccount is kube_config's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+from urllib.parse import quote, urlencode, urlsplit
+
+from cluo_host.errors import ErrorKind, status_details
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "JSON",
+    "TRANSPORT_ERRORS",
+    "ApiError",
+    "CredentialError",
+    "FileToken",
+    "KubeClient",
+    "MalformedResponse",
+    "StaticToken",
+    "TokenSource",
+    "WatchStream",
+    "segment",
+]
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+DEFAULT_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+TOKEN_REFRESH_PERIOD = 60.0  # seconds between re-reads of a token file (as client-go)
+IDLE_LIMIT = 45.0  # seconds a kept-alive connection may idle and still be reused
+MAX_IDLE_CONNECTIONS = 4
+READ_SIZE = 64 * 1024  # bytes asked for per read of a watch stream
+# RFC 9110 idempotent methods: sending one twice has the effect of sending it once.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+Timeout = tuple[float, float]
+Query = Mapping[str, str | int | bool | None]
+
+
+class Closing:
+    """``with`` closes it: for the client, its watches and the watches built on them."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ApiError(Exception):
+    """The API server answered outside 2xx. ``body`` is its text, usually a metav1.Status."""
+
+    def __init__(self, status: int, reason: str, body: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.body = body
+
+    def __str__(self) -> str:
+        message = status_details(self.body).message
+        text = f"HTTP {self.status} {self.reason}".rstrip()
+        return f"{text}: {message}" if message else text
+
+
+class MalformedResponse(http.client.HTTPException):
+    """A 2xx answer (or a watch line) that is not the JSON object it should be."""
+
+
+class CredentialError(Exception):
+    """The credentials for a request could not be had (a credential plugin failed).
+
+    Nothing was sent. The text says what failed and never quotes a credential; ``kind``
+    is an ``errors.ErrorKind`` (``not_found``: no such plugin, ``invalid``: it answered
+    nonsense, ``unavailable``: it failed or took too long).
+    """
+
+    def __init__(self, message: str, *, kind: ErrorKind = "unavailable") -> None:
+        super().__init__(message)
+        self.kind: ErrorKind = kind
+
+
+# What a request can raise besides ApiError: socket, TLS and timeout errors (all OSError),
+# http.client's protocol errors (a cut-off body, a garbled status line) and a failure to
+# get the credentials (CredentialError). None of them has an answer from the server.
+TRANSPORT_ERRORS = (OSError, http.client.HTTPException, CredentialError)
+
+# A kept-alive connection the server closed while it idled fails with one of these before
+# any answer arrives.
+_STALE_CONNECTION_ERRORS = (
+    http.client.RemoteDisconnected,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    BrokenPipeError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
+
+
+def segment(value: str) -> str:
+    """One path segment, percent-encoded (a name can never reach into the path)."""
+    return quote(value, safe="")
+
+
+class TokenSource(Protocol):
+    """Where the bearer token comes from; ``get`` is called for every request.
+
+    ``reject`` is called when the server answered 401 to a request that carried
+    ``token``: True if ``get`` may now give a different one (the request is then sent
+    once more), False if there is no point. ``get`` may raise ``CredentialError``.
+    """
+
+    def get(self) -> str: ...
+
+    def reject(self, token: str) -> bool: ...
+
+
+class StaticToken:
+    """A bearer token given once (a kubeconfig's ``token``)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the token is empty")
+        self._token = token
+
+    def get(self) -> str:
+        return self._token
+
+    def reject(self, token: str) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "StaticToken(<redacted>)"
+
+
+class FileToken:
+    """A bearer token read from a file, and read again every ``refresh_period`` seconds.
+
+    Bound ServiceAccount tokens are rotated in place by the kubelet; a re-read that fails
+    keeps the last token (logged), as client-go does. The first read raises ``OSError``,
+    or ``ValueError`` when the file is empty.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        refresh_period: float = TOKEN_REFRESH_PERIOD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path)
+        self._refresh_period = refresh_period
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token = self._read()
+        self._read_at = clock()
+
+    def get(self) -> str:
+        with self._lock:
+            now = self._clock()
+            if now - self._read_at >= self._refresh_period:
+                self._read_at = now
+                try:
+                    self._token = self._read()
+                except (OSError, ValueError) as err:
+                    log.warning("could not read the token file again, keeping the last token",
+                                extra={"PATH": str(self.path), "ERROR": type(err).__name__})
+            return self._token
+
+    def reject(self, token: str) -> bool:
+        return False  # the file is re-read on its own schedule, as client-go does
+
+    def _read(self) -> str:
+        token = self.path.read_text().strip()
+        if not token:
+            raise ValueError(f"the token file {str(self.path)!r} is empty")
+        return token
+
+    def __repr__(self) -> str:
+        return f"FileToken({str(self.path)!r})"
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS whose certificate is checked against ``server_name`` (tls-server-name), if set."""
+
+    def __init__(
+        self, host: str, port: int, *, timeout: float, context: ssl.SSLContext,
+        server_name: str | None,
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.tls_context = context
+        self._server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self.tls_context.wrap_socket(
+            self.sock, server_hostname=self._server_name or self.host
+        )
+
+
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection was closed by the server (it is readable: EOF or junk)."""
+    sock = connection.sock
+    if sock is None:
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _query_value(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class KubeClient(Closing):
+    """JSON requests and watches to one API server, as one user (thread-safe).
+
+    ``server``: ``https://host[:port][/prefix]`` (``http://`` only for tests). ``tls``:
+    the TLS context (CA, client certificate), or a function giving the current one
+    before each new connection (it may raise ``CredentialError``); None uses the
+    system's CAs. ``token``: the bearer token, if any. ``user_agent``: names the
+    component and version in API server logs, audit events and managedFields.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        user_agent: str,
+        tls: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
+        token: TokenSource | None = None,
+        tls_server_name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        parts = urlsplit(server)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"the server {server!r} is not an https:// URL")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("the server URL may not carry a query, fragment or user name")
+        self.server = server.rstrip("/")
+        self.user_agent = user_agent
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)  # ValueError if invalid
+        self._prefix = parts.path.rstrip("/")
+        self._tls: Callable[[], ssl.SSLContext] | None = None
+        if self._https:
+            if tls is None or isinstance(tls, ssl.SSLContext):
+                context = tls or ssl.create_default_context()
+                self._tls = lambda: context
+            else:
+                self._tls = tls
+        self._tls_server_name = tls_server_name
+        self._token = token
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"KubeClient({self.server!r}, user_agent={self.user_agent!r})"
+
+    def close(self) -> None:
+        """Close the idle connections; later requests open (and close) their own."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            connection.close()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Query | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+    ) -> Any:
+        """Send one request; return the answer's JSON ({} for an empty body).
+
+        ``body`` (if not None) is sent as JSON with ``content_type`` (e.g. a merge
+        patch). Raises ``ApiError`` for an answer outside 2xx, one of
+        ``TRANSPORT_ERRORS`` when the request or the answer did not get through.
+        """
+        method = method.upper()
+        target = self._target(path, query)
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        retry = method in IDEMPOTENT_METHODS
+        fresh = False
+        reauthenticated = False
+        while True:
+            token = self._bearer()
+            connection, reused = self._checkout(timeout, fresh=fresh)
+            try:
+                connection.request(
+                    method, target, body=payload,
+                    headers=self._headers(content_type if payload is not None else None, token),
+                )
+                response = connection.getresponse()
+                data = response.read()
+            except _STALE_CONNECTION_ERRORS:
+                connection.close()
+                if not (reused and retry):
+                    raise
+                # The server closed it while it idled: so did it, likely, the others.
+                log.debug("a kept-alive connection was closed by the server, reconnecting")
+                self._drop_idle()
+                retry, fresh = False, True
+                continue
+            except BaseException:
+                connection.close()
+                raise
+            if response.will_close:
+                connection.close()
+            else:
+                self._checkin(connection)
+            if response.status == 401 and not reauthenticated and self._renew(token):
+                # The server rejected the token before acting on the request: sending it
+                # again, even a POST, cannot do it twice.
+                log.info("the API server rejected the token, retrying with a new one")
+                reauthenticated = True
+                continue
+            break
+        if not 200 <= response.status <= 299:
+            raise ApiError(response.status, response.reason, data.decode("utf-8", "replace"))
+        if not data:
+            return {}
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise MalformedResponse(
+                f"{method} answered {response.status} with a body that is not JSON"
+            ) from None
+
+    def watch(
+        self,
+        path: str,
+        *,
+        query: Query | None = None,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+    ) -> WatchStream:
+        """A streaming GET (``watch=true`` belongs in ``query``), on its own connection.
+
+        Nothing is sent until the result is iterated; ``timeout[1]`` is how long the
+        stream may stay silent, so it must exceed the watch's ``timeoutSeconds``.
+        """
+        return WatchStream(self, self._target(path, query), timeout)
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _target(self, path: str, query: Query | None) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"an API path starts with '/', not {path[:1]!r}")
+        target = self._prefix + path
+        items = [(k, _query_value(v)) for k, v in (query or {}).items() if v is not None]
+        return f"{target}?{urlencode(items)}" if items else target
+
+    def _bearer(self) -> str | None:
+        """The token for the next request, if any (may raise ``CredentialError``)."""
+        return self._token.get() if self._token is not None else None
+
+    def _renew(self, rejected: str | None) -> bool:
+        """After a 401 to ``rejected``: whether the token source has a new token to try."""
+        return rejected is not None and self._token is not None and self._token.reject(rejected)
+
+    def _headers(self, content_type: str | None, token: str | None) -> dict[str, str]:
+        headers = {"Accept": JSON, "User-Agent": self.user_agent}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def _connect(self, timeout: Timeout) -> http.client.HTTPConnection:
+        """A new connection, connected (TLS handshake included) within ``timeout[0]``."""
+        connection: http.client.HTTPConnection
+        if self._tls is not None:
+            connection = _HTTPSConnection(
+                self._host, self._port, timeout=timeout[0], context=self._tls(),
+                server_name=self._tls_server_name,
+            )
+        else:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout[0])
+        try:
+            connection.connect()
+            connection.sock.settimeout(timeout[1])
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _checkout(
+        self, timeout: Timeout, *, fresh: bool
+    ) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection (reused=True), or a new one.
+
+        An idle connection made with another TLS context than the current one (an
+        expired client certificate was replaced) is closed, not reused.
+        """
+        now = self._clock()
+        context = self._tls() if self._tls is not None else None
+        while not fresh:
+            with self._lock:
+                if not self._idle:
+                    break
+                connection, since = self._idle.pop()
+            if (now - since <= IDLE_LIMIT
+                    and getattr(connection, "tls_context", None) is context
+                    and not _dropped(connection)):
+                connection.sock.settimeout(timeout[1])
+                return connection, True
+            connection.close()
+        return self._connect(timeout), False
+
+    def _checkin(self, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append((connection, self._clock()))
+                return
+        connection.close()
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            connection.close()
+
+
+class WatchStream(Closing):
+    """One watch request: iterate once for its events (decoded JSON objects).
+
+    The iteration ends when the server ends the watch (its ``timeoutSeconds``).
+    ``close()``, from any thread, stops it: a read blocked in another thread ends and
+    the iteration finishes quietly.
+    """
+
+    def __init__(self, client: KubeClient, target: str, timeout: Timeout) -> None:
+        self._client = client
+        self._target = target
+        self._timeout = timeout
+        self._connection: http.client.HTTPConnection | None = None
+        self._started = False
+        self._closed = threading.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+        connection = self._connection
+        sock = connection.sock if connection is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._started:
+            raise RuntimeError("a watch can be iterated only once; start a new watch")
+        self._started = True
+        return self._events()
+
+    def _events(self) -> Iterator[dict[str, Any]]:
+        if self._closed.is_set():
+            return
+        connection: http.client.HTTPConnection | None = None
+        reauthenticated = False
+        try:
+            while True:
+                token = self._client._bearer()
+                connection = self._connection = self._client._connect(self._timeout)
+                if self._closed.is_set():  # closed while connecting
+                    return
+                connection.request("GET", self._target,
+                                   headers=self._client._headers(None, token))
+                response = connection.getresponse()
+                if 200 <= response.status <= 299:
+                    break
+                body = response.read().decode("utf-8", "replace")
+                if response.status == 401 and not reauthenticated and self._client._renew(token):
+                    log.info("the API server rejected the token, retrying with a new one")
+                    reauthenticated = True
+                    self._connection = None
+                    connection.close()
+                    continue
+                raise ApiError(response.status, response.reason, body)
+            yield from _json_lines(response)
+        except TRANSPORT_ERRORS:
+            if self._closed.is_set():
+                return
+            raise
+        finally:
+            self._connection = None
+            if connection is not None:
+                connection.close()
+
+
+def _json_lines(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a newline-delimited stream, each as soon as its line is in.
+
+    ``read1`` rather than ``readline``: on a chunked stream cut off mid-way (the server
+    died) http.client's ``readline`` returns b"" as at a clean end, ``read1`` raises
+    ``IncompleteRead``.
+    """
+    pending: list[bytes] = []
+    while True:
+        data = response.read1(READ_SIZE)
+        if not data:
+            if any(part.strip() for part in pending):
+                raise MalformedResponse("the watch stream ended in the middle of an event")
+            return
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            line = b"".join((*pending, data[start:end])) if pending else data[start:end]
+            pending.clear()
+            start = end + 1
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                raise MalformedResponse("a watch event is not JSON") from None
+            if not isinstance(event, dict):
+                raise MalformedResponse("a watch event is not a JSON object")
+            yield event
+        if start < len(data):
+            pending.append(data[start:])

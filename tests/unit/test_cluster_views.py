@@ -1,0 +1,105 @@
+"""The coordinator's node views: built once per Node resourceVersion, in name order.
+
+``ClusterCache.snapshot()`` takes the changed names from the Node store and hands them to
+``NodeViewCache``; these tests drive the same two pieces without an API server.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from cluo_coord.cluster import NodeViewCache, _NodeStore
+from cluo_host.protocol import Keys
+
+KEYS = Keys()
+
+
+def node(name: str, version: str, **annotations: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "resourceVersion": version, "annotations": annotations,
+                     "labels": {}},
+        "status": {"conditions": [{"type": "Ready", "status": "True",
+                                   "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                   "nodeInfo": {"bootID": f"boot-{name}"}},
+    }
+
+
+def snapshot(store: _NodeStore, views: NodeViewCache) -> tuple[Any, ...]:
+    """What ClusterCache.snapshot() does with the two."""
+    complete, changed = store.take_changes()
+    if complete:
+        return views.rebuild(obj for obj in changed.values() if obj is not None)
+    return views.update(changed)
+
+
+def listed(*objects: dict[str, Any]) -> tuple[_NodeStore, NodeViewCache]:
+    store, views = _NodeStore(), NodeViewCache(KEYS)
+    store.replace(list(objects), "100")
+    return store, views
+
+
+def test_view_is_kept_while_the_resource_version_stays() -> None:
+    store, views = listed(node("a", "1"), node("b", "2"))
+    first = snapshot(store, views)
+    second = snapshot(store, views)
+    assert second is first
+    assert views.built == 2
+
+
+def test_view_is_rebuilt_when_the_resource_version_changes() -> None:
+    store, views = listed(node("a", "1"), node("b", "2"))
+    a_before, b_before = snapshot(store, views)
+    assert not a_before.state.reboot_needed
+
+    store.put(node("a", "3", **{KEYS.reboot_needed: "true"}))
+    a_after, b_after = snapshot(store, views)
+
+    assert a_after.resource_version == "3"
+    assert a_after.state.reboot_needed
+    assert b_after is b_before
+    assert views.built == 3
+
+
+def test_a_watch_event_at_the_same_version_rebuilds_nothing() -> None:
+    store, views = listed(node("a", "1"))
+    snapshot(store, views)
+    store.put(node("a", "1", **{KEYS.reboot_needed: "true"}))  # same version: ignored
+    (view,) = snapshot(store, views)
+    assert not view.state.reboot_needed
+    assert views.built == 1
+
+
+def test_added_and_deleted_nodes_keep_the_name_order() -> None:
+    store, views = listed(node("b", "1"), node("d", "2"))
+    snapshot(store, views)
+    store.put(node("c", "3"))
+    store.put(node("a", "4"))
+    store.delete(node("d", "2"))
+    assert [view.name for view in snapshot(store, views)] == ["a", "b", "c"]
+
+
+def test_a_fresh_list_forgets_nodes_that_are_gone_and_keeps_unchanged_views() -> None:
+    store, views = listed(node("a", "1"), node("b", "2"))
+    a_before, _ = snapshot(store, views)
+    store.replace([node("a", "1"), node("c", "5")], "10")
+    a_after, c_view = snapshot(store, views)
+    assert a_after is a_before
+    assert c_view.name == "c"
+    assert views.built == 3
+
+
+def test_object_without_resource_version_is_always_rebuilt() -> None:
+    views = NodeViewCache(KEYS)
+    bare = node("a", "")
+    views.update({"a": bare})
+    changed = copy.deepcopy(bare)
+    changed["metadata"]["annotations"][KEYS.reboot_needed] = "true"
+    (view,) = views.update({"a": changed})
+    assert view.state.reboot_needed
+
+
+def test_the_coordinator_node_is_marked() -> None:
+    views = NodeViewCache(KEYS, coordinator_node="b")
+    views.rebuild([node("a", "1"), node("b", "2")])
+    assert [view.runs_coordinator for view in views.views] == [False, True]

@@ -1,0 +1,553 @@
+"""The in-house API client against a scripted HTTP server on loopback.
+
+What the real API server cannot be made to do on cue (close a kept-alive connection
+just as a request goes out, hold a watch silent, reject a token once) is played here by
+a small ``http.server`` (over TLS for credential plugins: cluo sends credentials over
+https only); tests/kube/test_kube_client.py covers the rest against a real
+kube-apiserver.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import shutil
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from cluo_host.errors import kube_error
+from cluo_host.kube_client import (
+    TRANSPORT_ERRORS,
+    ApiError,
+    CredentialError,
+    FileToken,
+    KubeClient,
+    MalformedResponse,
+    StaticToken,
+)
+from cluo_host.kube_config import kubeconfig_client
+from tests.unit.test_kube_config import V1, FakePlugin, exec_user
+
+SECRET = "s3cr3t-bearer-token-value"
+
+
+class Seen:
+    """One request as the server saw it."""
+
+    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes,
+                 connection: int) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.connection = connection
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server: ScriptedServer
+    connections: ClassVar[int] = 0
+
+    def setup(self) -> None:
+        super().setup()
+        Handler.connections += 1
+        self.connection_id = Handler.connections
+        self.served = 0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.served += 1
+        self.server.seen.append(Seen(self.command, self.path, dict(self.headers.items()), body,
+                                     self.connection_id))
+        if self.served > 1 and self.server.drop_kept_alive > 0:
+            # The race a kept-alive connection loses: the server closes it as the request
+            # arrives, without an answer.
+            self.server.drop_kept_alive -= 1
+            self.close_connection = True
+            return
+        if self.path.startswith("/watch") and not self.server.answers:
+            self._watch()
+            return
+        status, payload = self.server.answers.pop(0) if self.server.answers else self.server.answer
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _watch(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunks = self.server.watch_chunks or [
+            line.encode() + b"\n" for line in self.server.watch_lines]
+        for data in chunks:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        if self.server.watch_hold:
+            self.server.release.wait(30)  # silent, like a watch with nothing to say
+        if not self.server.watch_cut:  # else the server dies: no last chunk
+            self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+
+class ScriptedServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.seen: list[Seen] = []
+        self.answer: tuple[int, Any] = (200, {"kind": "Thing"})
+        self.answers: list[tuple[int, Any]] = []  # given first, one per request
+        self.drop_kept_alive = 0
+        self.watch_lines: list[str] = []
+        self.watch_hold = False
+        self.watch_cut = False
+        self.watch_chunks: list[bytes] = []  # raw chunks, instead of one per line
+        self.release = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    server = ScriptedServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def client(server: ScriptedServer) -> Iterator[KubeClient]:
+    with KubeClient(server.url, user_agent="cluo-agent/9.9") as client:
+        yield client
+
+
+def test_a_request_returns_the_json_answer_and_sends_json(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.answer = (201, {"metadata": {"name": "n1"}})
+    got = client.request("PATCH", "/api/v1/nodes/n1", query={"fieldManager": "me", "dryRun": None,
+                                                              "watch": True},
+                         body={"a": 1}, content_type="application/merge-patch+json")
+    assert got == {"metadata": {"name": "n1"}}
+    (seen,) = server.seen
+    assert seen.method == "PATCH"
+    assert seen.path == "/api/v1/nodes/n1?fieldManager=me&watch=true"
+    assert seen.headers["Content-Type"] == "application/merge-patch+json"
+    assert seen.headers["Accept"] == "application/json"
+    assert json.loads(seen.body) == {"a": 1}
+
+
+def test_the_user_agent_names_the_component(server: ScriptedServer, client: KubeClient) -> None:
+    client.request("GET", "/api")
+    assert server.seen[0].headers["User-Agent"] == "cluo-agent/9.9"
+
+
+def test_an_answer_outside_2xx_is_an_api_error_with_status_reason_and_body(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    status = {"kind": "Status", "reason": "Conflict", "code": 409,
+              "message": "the object has been modified"}
+    server.answer = (409, status)
+    with pytest.raises(ApiError) as caught:
+        client.request("PUT", "/x", body={})
+    assert caught.value.status == 409
+    assert caught.value.reason == "Conflict"
+    assert json.loads(caught.value.body) == status
+    assert "the object has been modified" in str(caught.value)
+    wrapped = kube_error("replacing x", caught.value)
+    assert (wrapped.kind, wrapped.status) == ("conflict", 409)
+
+
+def test_a_2xx_answer_that_is_not_json_is_a_transport_error(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.answer = (200, b"<html>proxy says hi</html>")
+    with pytest.raises(MalformedResponse) as caught:
+        client.request("GET", "/x")
+    assert isinstance(caught.value, TRANSPORT_ERRORS)
+    assert kube_error("reading x", caught.value).kind == "unavailable"
+
+
+def test_requests_share_one_kept_alive_connection(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    for _ in range(5):
+        client.request("GET", "/x")
+    assert len({seen.connection for seen in server.seen}) == 1
+
+
+def test_a_get_on_a_connection_the_server_closed_is_sent_again_on_a_new_one(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    client.request("GET", "/x")
+    server.drop_kept_alive = 1
+    assert client.request("GET", "/x") == {"kind": "Thing"}
+    assert [seen.method for seen in server.seen] == ["GET", "GET", "GET"]
+    first, dropped, retried = (seen.connection for seen in server.seen)
+    assert first == dropped != retried
+
+
+def test_a_post_on_a_connection_the_server_closed_is_never_sent_twice(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    client.request("GET", "/x")
+    server.drop_kept_alive = 1
+    with pytest.raises(TRANSPORT_ERRORS) as caught:
+        client.request("POST", "/x", body={"kind": "Event"})
+    assert [seen.method for seen in server.seen] == ["GET", "POST"]
+    assert kube_error("recording an event", caught.value).kind == "unavailable"
+    # The next request gets a fresh connection and goes through.
+    assert client.request("POST", "/x", body={}) == {"kind": "Thing"}
+
+
+def test_a_watch_yields_events_and_ends_with_the_stream(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.watch_lines = ['{"type": "ADDED", "object": {}}', "", '{"type": "BOOKMARK"}']
+    with client.watch("/watch", query={"watch": True, "timeoutSeconds": 5}) as stream:
+        events = list(stream)
+    assert [event["type"] for event in events] == ["ADDED", "BOOKMARK"]
+    assert server.seen[0].path == "/watch?watch=true&timeoutSeconds=5"
+    with pytest.raises(RuntimeError):
+        iter(stream)
+
+
+def test_watch_events_split_across_chunks_are_put_back_together(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.watch_chunks = [b'{"type": "ADD', b'ED", "object": {"a": 1}}\n{"type"',
+                           b': "DELETED"}\n\n{"type": ', b'"MODIFIED"}', b"\n"]
+    events = list(client.watch("/watch"))
+    assert events == [{"type": "ADDED", "object": {"a": 1}}, {"type": "DELETED"},
+                      {"type": "MODIFIED"}]
+
+
+def test_a_garbled_watch_line_is_a_transport_error(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.watch_lines = ['{"type": "ADDED", "object": {}}', '{"type": "MODI']
+    with pytest.raises(MalformedResponse):
+        list(client.watch("/watch"))
+
+
+def test_a_watch_stream_cut_off_is_a_transport_error_not_an_end(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.watch_lines = ['{"type": "ADDED", "object": {}}']
+    server.watch_cut = True
+    events: list[dict[str, Any]] = []
+    with pytest.raises(http.client.IncompleteRead) as caught:
+        events.extend(client.watch("/watch"))
+    assert [event["type"] for event in events] == ["ADDED"]
+    assert kube_error("watching node 'n1'", caught.value).kind == "unavailable"
+
+
+def test_a_silent_watch_closed_from_another_thread_ends_quietly(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.watch_lines = ['{"type": "ADDED", "object": {}}']
+    server.watch_hold = True
+    stream = client.watch("/watch", timeout=(5.0, 60.0))
+    events: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            events.extend(stream)
+        except BaseException as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events, "the first event never arrived"
+    began = time.monotonic()
+    stream.close()
+    thread.join(5)
+    assert not thread.is_alive(), "close() did not end the blocked read"
+    assert time.monotonic() - began < 2
+    assert errors == []
+    assert stream.closed
+
+
+def test_a_silent_watch_times_out_after_its_read_timeout(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.watch_hold = True
+    with pytest.raises(TimeoutError):
+        list(client.watch("/watch", timeout=(5.0, 0.3)))
+
+
+def test_a_token_file_is_read_again_after_the_refresh_period(
+    server: ScriptedServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("first-token\n")
+    now = [0.0]
+    token = FileToken(path, refresh_period=60.0, clock=lambda: now[0])
+    with KubeClient(server.url, user_agent="t/1", token=token) as client:
+        client.request("GET", "/x")
+        path.write_text("second-token\n")  # the kubelet rotated it
+        now[0] = 59.0
+        client.request("GET", "/x")
+        now[0] = 61.0
+        client.request("GET", "/x")
+        path.unlink()  # a failed re-read keeps the last token
+        now[0] = 200.0
+        client.request("GET", "/x")
+    assert [seen.headers["Authorization"] for seen in server.seen] == [
+        "Bearer first-token", "Bearer first-token", "Bearer second-token",
+        "Bearer second-token",
+    ]
+
+
+def test_an_empty_token_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        FileToken(path)
+
+
+def test_the_token_never_shows_in_a_repr_or_an_error(
+    server: ScriptedServer, tmp_path: Path
+) -> None:
+    server.answer = (401, {"kind": "Status", "reason": "Unauthorized", "code": 401,
+                           "message": "Unauthorized"})
+    path = tmp_path / "token"
+    path.write_text(SECRET)
+    texts: list[str] = []
+    for token in (StaticToken(SECRET), FileToken(path)):
+        with KubeClient(server.url, user_agent="t/1", token=token) as client:
+            texts += [repr(client), repr(token)]
+            with pytest.raises(ApiError) as refused:
+                client.request("GET", "/x")
+            texts += [str(refused.value), repr(refused.value),
+                      str(kube_error("reading x", refused.value))]
+        with KubeClient("http://127.0.0.1:1", user_agent="t/1", token=token) as unreachable, \
+                pytest.raises(TRANSPORT_ERRORS) as failed:
+            unreachable.request("GET", "/x")
+        texts += [str(failed.value), str(kube_error("reading x", failed.value))]
+    assert server.seen[0].headers["Authorization"] == f"Bearer {SECRET}"
+    assert all(SECRET not in text for text in texts), texts
+
+
+def test_a_server_url_must_be_http_or_https() -> None:
+    for bad in ("ftp://example.com", "127.0.0.1:6443", "https://", "https://h:99999",
+                "https://user@h"):
+        with pytest.raises(ValueError):
+            KubeClient(bad, user_agent="t/1")
+
+
+def test_a_server_path_prefix_is_kept(server: ScriptedServer) -> None:
+    with KubeClient(server.url + "/k8s/clusters/c1/", user_agent="t/1") as client:
+        client.request("GET", "/api/v1/nodes/n1")
+    assert server.seen[0].path == "/k8s/clusters/c1/api/v1/nodes/n1"
+
+
+def test_transport_errors_cover_http_client_and_socket_failures() -> None:
+    assert issubclass(http.client.RemoteDisconnected, TRANSPORT_ERRORS)
+    assert issubclass(http.client.IncompleteRead, TRANSPORT_ERRORS)
+    assert issubclass(TimeoutError, TRANSPORT_ERRORS)
+    assert issubclass(ConnectionRefusedError, TRANSPORT_ERRORS)
+    assert kube_error("x", TimeoutError("timed out")).kind == "timeout"
+    assert kube_error("x", ConnectionRefusedError(111, "refused")).kind == "unavailable"
+
+
+# -- credential plugins ------------------------------------------------------------------
+
+UNAUTHORIZED = (401, {"kind": "Status", "code": 401, "reason": "Unauthorized",
+                      "message": "Unauthorized"})
+EXPIRY = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def server_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and cluo-test.example, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=cluo",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:cluo-test.example"],
+        cwd=folder, check=True, capture_output=True,
+    )
+    return folder / "cert.pem", folder / "key.pem"
+
+
+@pytest.fixture
+def tls_server(server: ScriptedServer, server_certificate: tuple[Path, Path]) -> ScriptedServer:
+    """The scripted server, speaking https (its url still says http)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*server_certificate)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server
+
+
+def plugin_kubeconfig(
+    folder: Path, server: ScriptedServer, ca: Path, plugin: FakePlugin, *,
+    cluster: str = "", **exec_fields: Any,
+) -> Path:
+    path = folder / "kubeconfig"
+    url = server.url.replace("http://", "https://")
+    path.write_text(
+        "current-context: c\ncontexts:\n- name: c\n  context: {cluster: k, user: u}\n"
+        f"clusters:\n- name: k\n  cluster: {{server: '{url}', certificate-authority: '{ca}'"
+        f"{cluster}}}\n"
+        f"users:\n- name: u\n  user: {{{exec_user(plugin.path, **exec_fields)}}}\n"
+    )
+    return path
+
+
+def bearers(server: ScriptedServer) -> list[str]:
+    return [seen.headers.get("Authorization", "") for seen in server.seen]
+
+
+def test_a_plugin_token_is_sent_and_kept_until_shortly_before_it_expires(
+    tls_server: ScriptedServer, server_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plugin = FakePlugin(tmp_path)
+    plugin.answer(token="token-{run}", expires=EXPIRY.isoformat())
+    now = [EXPIRY.timestamp() - 3600]
+    path = plugin_kubeconfig(tmp_path, tls_server, server_certificate[0], plugin)
+    with kubeconfig_client(path, clock=lambda: now[0]) as client:
+        client.request("GET", "/x")
+        now[0] = EXPIRY.timestamp() - 60
+        client.request("GET", "/x")
+        now[0] = EXPIRY.timestamp() - 10  # about to expire: fetched again
+        client.request("GET", "/x")
+        client.request("GET", "/x")
+    assert bearers(tls_server) == ["Bearer token-1", "Bearer token-1", "Bearer token-2",
+                                   "Bearer token-2"]
+    assert len(plugin.runs) == 2
+
+
+def test_a_plugin_token_without_expiry_is_kept_until_the_server_rejects_it(
+    tls_server: ScriptedServer, server_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plugin = FakePlugin(tmp_path)  # answers token-{run}, no expirationTimestamp
+    now = [0.0]
+    path = plugin_kubeconfig(tmp_path, tls_server, server_certificate[0], plugin)
+    with kubeconfig_client(path, clock=lambda: now[0]) as client:
+        client.request("GET", "/x")
+        now[0] = 10 * 365 * 86400.0
+        client.request("GET", "/x")
+        # Rejected: the plugin runs again and the POST, which the server did not act
+        # on, is sent once more with the new token.
+        tls_server.answers = [UNAUTHORIZED]
+        assert client.request("POST", "/x", body={"a": 1}) == {"kind": "Thing"}
+        client.request("GET", "/x")
+    assert [(seen.method, bearer) for seen, bearer in zip(tls_server.seen, bearers(tls_server),
+                                                          strict=True)] == [
+        ("GET", "Bearer token-1"), ("GET", "Bearer token-1"), ("POST", "Bearer token-1"),
+        ("POST", "Bearer token-2"), ("GET", "Bearer token-2"),
+    ]
+    assert len(plugin.runs) == 2
+
+
+def test_a_token_rejected_again_after_a_refresh_is_an_error_not_a_loop(
+    tls_server: ScriptedServer, server_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plugin = FakePlugin(tmp_path)
+    tls_server.answer = UNAUTHORIZED
+    path = plugin_kubeconfig(tmp_path, tls_server, server_certificate[0], plugin)
+    with kubeconfig_client(path) as client, pytest.raises(ApiError) as caught:
+        client.request("PATCH", "/x", body={})
+    assert caught.value.status == 401
+    assert bearers(tls_server) == ["Bearer token-1", "Bearer token-2"]
+    assert len(plugin.runs) == 2
+
+
+def test_a_rejected_static_token_is_not_sent_again(server: ScriptedServer) -> None:
+    server.answer = UNAUTHORIZED
+    with KubeClient(server.url, user_agent="t/1", token=StaticToken(SECRET)) as client, \
+            pytest.raises(ApiError):
+        client.request("POST", "/x", body={})
+    assert len(server.seen) == 1
+
+
+def test_a_watch_whose_token_is_rejected_starts_again_with_a_new_one(
+    tls_server: ScriptedServer, server_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plugin = FakePlugin(tmp_path)
+    path = plugin_kubeconfig(tmp_path, tls_server, server_certificate[0], plugin)
+    tls_server.watch_lines = ['{"type": "ADDED", "object": {}}']
+    with kubeconfig_client(path) as client:
+        tls_server.answers = [UNAUTHORIZED]  # to the watch's first attempt
+        events = list(client.watch("/watch"))
+    assert [event["type"] for event in events] == ["ADDED"]
+    assert bearers(tls_server) == ["Bearer token-1", "Bearer token-2"]
+
+
+def test_a_plugin_that_fails_later_fails_the_request_as_a_transport_error(
+    tls_server: ScriptedServer, server_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plugin = FakePlugin(tmp_path)
+    plugin.answer(token=SECRET, expires=EXPIRY.isoformat())
+    now = [EXPIRY.timestamp() - 3600]
+    path = plugin_kubeconfig(tmp_path, tls_server, server_certificate[0], plugin)
+    with kubeconfig_client(path, clock=lambda: now[0]) as client:
+        client.request("GET", "/x")
+        plugin.answer(exit=1, stderr="error: the SSO session has expired\n",
+                      stdout=json.dumps({"status": {"token": SECRET}}))
+        now[0] = EXPIRY.timestamp()
+        with pytest.raises(TRANSPORT_ERRORS) as caught:
+            client.request("GET", "/x")
+    assert isinstance(caught.value, CredentialError)
+    error = kube_error("reading node 'n1'", caught.value)
+    assert error.kind == "unavailable"
+    assert "the SSO session has expired" in str(error)
+    assert SECRET not in str(error)
+    assert len(tls_server.seen) == 1  # nothing sent without credentials
+
+
+def test_provide_cluster_info_hands_the_plugin_the_cluster(
+    tls_server: ScriptedServer, server_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ca = server_certificate[0]
+    plugin = FakePlugin(tmp_path)
+    extension = ("extensions: [{name: client.authentication.k8s.io/exec, "
+                 "extension: {audience: cluo, scopes: [a, b]}}], "
+                 "tls-server-name: cluo-test.example")
+    path = plugin_kubeconfig(tmp_path, tls_server, ca, plugin, cluster=", " + extension,
+                             provideClusterInfo=True)
+    with kubeconfig_client(path) as client:
+        client.request("GET", "/x")  # verified against tls-server-name, with the token
+    assert bearers(tls_server) == ["Bearer token-1"]
+    (run,) = plugin.runs
+    assert run["info"] == {
+        "apiVersion": V1, "kind": "ExecCredential",
+        "spec": {"interactive": False, "cluster": {
+            "server": tls_server.url.replace("http://", "https://"),
+            "tls-server-name": "cluo-test.example",
+            "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode(),
+            "config": {"audience": "cluo", "scopes": ["a", "b"]},
+        }},
+    }
