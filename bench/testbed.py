@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from dbusmock import BusType
 from dbusmock.testcase import PrivateDBus
 
-from tests.testbed.controlplane import ControlPlane, _Process
+from tests.testbed.controlplane import ControlPlane
 
 # Metadata for every request; the bodies of Node patches and of the writes to Leases in
 # cluo-system as well (Request level), so a benchmark can tell which write set
@@ -45,27 +46,22 @@ SYSTEM_BUS_VARIABLE = "DBUS_SYSTEM_BUS_ADDRESS"
 
 
 class AuditedControlPlane(ControlPlane):
-    """The test bed's control plane with the API server's audit log on (Metadata level).
-
-    It adds two flags to the kube-apiserver command line; everything else is the test bed's.
-    """
+    """The test bed's control plane with the API server's audit log on (Metadata level):
+    two more kube-apiserver flags; everything else is the test bed's."""
 
     @property
     def audit_log(self) -> Path:
         return self.workdir / "audit.log"
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> _Process:
-        if name == "kube-apiserver":
-            policy = self.workdir / "audit-policy.yaml"
-            policy.write_text(AUDIT_POLICY)
-            argv = [*argv, "--audit-policy-file", str(policy),
-                    "--audit-log-path", str(self.audit_log)]
-        return super()._spawn(name, argv)
-
 
 @contextlib.contextmanager
 def running_audited_plane() -> Iterator[AuditedControlPlane]:
-    plane = AuditedControlPlane.start()
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    workdir = Path(tempfile.mkdtemp(prefix="cluo-bench-cp-", dir=base))
+    policy = workdir / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
+    plane = AuditedControlPlane.start(workdir, extra_apiserver_args=(
+        "--audit-policy-file", str(policy), "--audit-log-path", str(workdir / "audit.log")))
     assert isinstance(plane, AuditedControlPlane)  # start() is a classmethod: cls(...)
     try:
         yield plane

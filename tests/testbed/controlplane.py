@@ -192,6 +192,8 @@ class ControlPlane:
     pki: Pki
     etcd_port: int
     apiserver_port: int
+    # Appended to kube-apiserver's command line (e.g. the bench's audit log flags).
+    extra_apiserver_args: tuple[str, ...] = ()
     _processes: dict[str, _Process] = field(default_factory=dict)
 
     @property
@@ -205,7 +207,9 @@ class ControlPlane:
     # -- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    def start(cls, workdir: Path | None = None) -> ControlPlane:
+    def start(
+        cls, workdir: Path | None = None, *, extra_apiserver_args: Sequence[str] = ()
+    ) -> ControlPlane:
         binaries = find_binaries()
         if workdir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -216,6 +220,7 @@ class ControlPlane:
             pki=Pki.create(workdir / "pki"),
             etcd_port=free_port(),
             apiserver_port=free_port(),
+            extra_apiserver_args=tuple(extra_apiserver_args),
         )
         plane._write_admin_kubeconfig()
         try:
@@ -280,6 +285,7 @@ class ControlPlane:
             "--disable-admission-plugins", "ServiceAccount",
             "--profiling=false",
             "--v", "1",
+            *self.extra_apiserver_args,
         ])
         self._wait_https(process, "/readyz", "kube-apiserver ready")
 
