@@ -58,7 +58,7 @@ def run(context: BenchContext) -> BenchResult:
                            labels={coord_rig.SELECTOR_LABEL: run_id}, timeout=120)
         for leader_elect, seconds in ((False, WINDOW[context.quick]),
                                       (True, WINDOW_ELECTION[context.quick])):
-            coord = coord_rig.CoordProcess.start(
+            coord = coord_rig.start_coordinator(
                 kubeconfig, selector, workdir / f"coord-{leader_elect}.log",
                 leader_elect=leader_elect)
             try:

@@ -12,14 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pstats
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import kubernetes.client
@@ -28,11 +22,10 @@ from kubernetes.client.exceptions import ApiException
 
 from bench.testbed import AuditedControlPlane, running_audited_plane
 from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL
-from tests.testbed.controlplane import ControlPlane, free_port
-from tests.testbed.waiting import wait_for
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.coordinator import CoordProcess
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-COORD = Path(sys.executable).parent / "cluo-coord"
 NAMESPACE = "cluo-system"
 COORD_USER = f"system:serviceaccount:{NAMESPACE}:cluo-coord"
 AGENT_USER = f"system:serviceaccount:{NAMESPACE}:cluo-agent"
@@ -89,83 +82,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of stat
 
 
-@dataclass
-class CoordProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @classmethod
-    def start(cls, kubeconfig: Path, selector: str, log_path: Path, *,
-              leader_elect: bool, flags: Sequence[str] = (),
-              profile_to: Path | None = None) -> CoordProcess:
-        """Start cluo-coord and return once /readyz answers 200 (caches synced).
-
-        With ``profile_to``, under cProfile (its main thread: the reconcile loop); the
-        stats are written there when the process stops."""
-        port = free_port()
-        profiler = [] if profile_to is None else [
-            sys.executable, "-m", "cProfile", "-o", str(profile_to)]
-        argv = [*profiler, str(COORD), "--kubeconfig", str(kubeconfig), "--namespace", NAMESPACE,
-                "--node-selector", selector, "--metrics-address", f"127.0.0.1:{port}",
-                "--leader-elect", "true" if leader_elect else "false",
-                "--identity", "bench-coord", *flags]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("CLUO_COORD_")}
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=environment)
-        coord = cls(process, port, log_path)
-        try:
-            wait_for(lambda: coord.get("/readyz")[0] == 200 or process.poll() is not None,
-                     READY_TIMEOUT, "cluo-coord to report ready on /readyz")
-            if process.poll() is not None:
-                raise RuntimeError(f"cluo-coord exited with {process.returncode}:\n"
-                                   f"{coord.log_tail()}")
-        except BaseException:
-            coord.stop()
-            raise
-        return coord
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
-                                        timeout=5) as response:
-                return int(response.status), response.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, ""
-        except OSError:
-            return 0, ""
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics by its series name (``name{labels}``)."""
-        _, text = self.get("/metrics")
-        samples: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                series, _, value = line.rpartition(" ")
-                samples[series] = float(value)
-        return samples
-
-    def leading(self) -> bool:
-        return self.metrics().get("cluo_is_leader") == 1.0
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-chars:]
-        return ""
+def start_coordinator(kubeconfig: Path, selector: str, log_path: Path, *,
+                      leader_elect: bool, flags: Sequence[str] = (),
+                      profile_to: Path | None = None) -> CoordProcess:
+    """cluo-coord as identity ``bench-coord``, returned once /readyz answers 200 (caches
+    synced); with ``profile_to``, under cProfile (see `CoordProcess.start`)."""
+    return CoordProcess.start(kubeconfig, selector, log_path, identity="bench-coord",
+                              leader_elect=leader_elect, flags=flags, namespace=NAMESPACE,
+                              profile_to=profile_to, ready_timeout=READY_TIMEOUT,
+                              http_timeout=5.0)
 
 
 def profile_summary(path: Path, top: int = 8) -> str:

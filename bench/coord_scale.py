@@ -128,8 +128,8 @@ def run(context: BenchContext) -> BenchResult:
 def _measure(context: BenchContext, audit_log: Path, core: CoreV1Api, *, kubeconfig: Path,
              selector: str, names: Sequence[str], log_path: Path) -> SizeResult:
     began = time.monotonic()
-    coord = coord_rig.CoordProcess.start(kubeconfig, selector, log_path, leader_elect=True,
-                                         flags=("--max-concurrent", str(MAX_CONCURRENT)))
+    coord = coord_rig.start_coordinator(kubeconfig, selector, log_path, leader_elect=True,
+                                        flags=("--max-concurrent", str(MAX_CONCURRENT)))
     ready_after = time.monotonic() - began
     try:
         wait_for(coord.leading, 60, "cluo-coord to lead")
@@ -190,9 +190,9 @@ def _profile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequenc
         return _cprofile(core, kubeconfig=kubeconfig, selector=selector, names=names,
                          workdir=workdir, decisions=decisions)
     raw = workdir / "coord-profile.raw"
-    coord = coord_rig.CoordProcess.start(kubeconfig, selector, workdir / "coord-profile.log",
-                                         leader_elect=True,
-                                         flags=("--max-concurrent", str(MAX_CONCURRENT)))
+    coord = coord_rig.start_coordinator(kubeconfig, selector, workdir / "coord-profile.log",
+                                        leader_elect=True,
+                                        flags=("--max-concurrent", str(MAX_CONCURRENT)))
     chosen = names[-2 * decisions:-decisions]
     spy: subprocess.Popen[bytes] | None = None
     errors = b""
@@ -228,9 +228,9 @@ def _cprofile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequen
               workdir: Path, decisions: int) -> str:
     """The coordinator under cProfile while it idles and makes ``decisions`` grants."""
     dump = workdir / "coord.prof"
-    coord = coord_rig.CoordProcess.start(kubeconfig, selector, workdir / "coord-profile.log",
-                                         leader_elect=True, profile_to=dump,
-                                         flags=("--max-concurrent", str(MAX_CONCURRENT)))
+    coord = coord_rig.start_coordinator(kubeconfig, selector, workdir / "coord-profile.log",
+                                        leader_elect=True, profile_to=dump,
+                                        flags=("--max-concurrent", str(MAX_CONCURRENT)))
     chosen = names[-2 * decisions:-decisions]
     try:
         wait_for(coord.leading, 60, "cluo-coord to lead")

@@ -228,8 +228,8 @@ def _roll(context: BenchContext, count: int) -> RollOutcome:
         agents = FastAgents(agent_api, emulator, selector, DRAIN_REBOOT)
         stack.callback(agents.stop)
         agents.start()
-        coord = coord_rig.CoordProcess.start(kubeconfig, selector, workdir / "coord.log",
-                                             leader_elect=True)
+        coord = coord_rig.start_coordinator(kubeconfig, selector, workdir / "coord.log",
+                                            leader_elect=True)
         stack.callback(coord.stop)
         coordination = CoordinationV1Api(admin)
 

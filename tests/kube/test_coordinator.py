@@ -13,13 +13,9 @@ nodes in flight" is asserted over every state in it.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,14 +31,14 @@ from kubernetes.watch import Watch
 
 from cluo_coord.coordinator import CRASH_AFTER_ENV, CRASH_EXIT_CODE
 from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
-from tests.testbed.controlplane import ControlPlane, free_port
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.coordinator import COORD, CoordProcess
 from tests.testbed.kubelet import KubeletEmulator
 from tests.testbed.waiting import assert_stays, wait_for
 
 pytestmark = pytest.mark.kube
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-COORD = Path(sys.executable).parent / "cluo-coord"
 NAMESPACE = "cluo-system"
 KEYS = Keys()
 SELECTOR_LABEL = "cluo-coord-test"
@@ -115,10 +111,15 @@ class Rig:
 
     def start(self, *flags: str, leader_elect: bool = False, env: dict[str, str] | None = None,
               name: str = "") -> CoordProcess:
-        process = CoordProcess.start(self, list(flags), leader_elect=leader_elect,
-                                     env=env or {}, name=name or f"coord{len(self.coordinators)}")
-        self.coordinators.append(process)
-        return process
+        """cluo-coord named ``name`` (its identity and log); with the crash hook in ``env``,
+        returned even if it exited before it was ready."""
+        name = name or f"coord{len(self.coordinators)}"
+        env = env or {}
+        coord = CoordProcess.start(self.kubeconfig, self.selector, self.workdir / f"{name}.log",
+                                   identity=name, leader_elect=leader_elect, flags=flags,
+                                   env=env, namespace=NAMESPACE, may_exit=CRASH_AFTER_ENV in env)
+        self.coordinators.append(coord)
+        return coord
 
     def admin_command(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -146,62 +147,6 @@ class Rig:
                 and annotations.get(KEYS.reboot_ok) == "false"
                 and KEYS.before_reboot not in labels and KEYS.after_reboot not in labels
                 and name not in self.slot_holders().values())
-
-
-@dataclass
-class CoordProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @classmethod
-    def start(cls, rig: Rig, flags: list[str], *, leader_elect: bool, env: dict[str, str],
-              name: str) -> CoordProcess:
-        port = free_port()
-        log_path = rig.workdir / f"{name}.log"
-        argv = [str(COORD), "--kubeconfig", str(rig.kubeconfig), "--namespace", NAMESPACE,
-                "--node-selector", rig.selector, "--metrics-address", f"127.0.0.1:{port}",
-                "--leader-elect", "true" if leader_elect else "false", "--identity", name,
-                *flags]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("CLUO_COORD_")}
-        environment.update(env)
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=environment)
-        coord = cls(name, process, port, log_path)
-        wait_for(lambda: coord.get("/readyz")[0] == 200 or process.poll() is not None, 30,
-                 f"{name} to report ready on /readyz")
-        return coord
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
-                                        timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, ""
-        except OSError:
-            return 0, ""
-
-    def metric(self, line_start: str) -> float | None:
-        _, text = self.get("/metrics")
-        for line in text.splitlines():
-            if line.startswith(line_start + " ") or line.startswith(line_start + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
 
 
 class Recorder:
@@ -382,7 +327,7 @@ def rig(control_plane: ControlPlane, kube_admin: kubernetes.client.ApiClient,
             _clean_leases(kube_admin)
     for coord in the_rig.coordinators:
         if coord.process.returncode not in (0, CRASH_EXIT_CODE):
-            pytest.fail(f"{coord.name} exited with {coord.process.returncode}:\n"
+            pytest.fail(f"{coord.identity} exited with {coord.process.returncode}:\n"
                         f"{coord.log_tail()}")
 
 
@@ -702,8 +647,9 @@ def test_reboot_timeout_fires_from_its_deadline_while_the_loop_idles(
         shift[0] = timedelta(hours=1, seconds=1)  # past the reboot timeout
         wait_for(lambda: (coordination.read_namespaced_lease(lease, NAMESPACE).metadata
                           .annotations or {}).get("cluo.flatcar-linux.net/stuck") == "true",
-                 3, "the holder marked stuck at its deadline")
-        assert rig.events(name, "RebootTimedOut")
+                 10, "the holder marked stuck at its deadline")
+        # The Event is posted after the mark it reports is written.
+        wait_for(lambda: rig.events(name, "RebootTimedOut"), 10, "the RebootTimedOut Event")
     finally:
         stop.set()
         loop.join(10)

@@ -34,14 +34,11 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +61,8 @@ from kubernetes.watch import Watch
 
 from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from tests.testbed import ignition_apply
-from tests.testbed.controlplane import ControlPlane, free_port
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.coordinator import CoordProcess
 from tests.testbed.dbus_bus import UPDATE_ENGINE_TEMPLATE, mock_command
 from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
 from tests.testbed.nspawn import (
@@ -80,7 +78,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "hack" / "build-agent-artifact.sh"
 GENERATOR = ROOT / "ignition" / "cluo_ignition.py"
 DEPLOY = ROOT / "deploy"
-COORD = Path(sys.executable).parent / "cluo-coord"
 NAMESPACE = "cluo-system"  # the agent's and the coordinator's (deploy/namespace.yaml)
 AGENT_SERVICE_ACCOUNT = "cluo-agent"
 COORD_SERVICE_ACCOUNT = "cluo-coord"
@@ -628,77 +625,6 @@ class RollRecorder:
         return spans
 
 
-# --- the coordinator --------------------------------------------------------------------
-
-
-@dataclass
-class CoordProcess:
-    """``cluo-coord`` as a process, JSON logs in `log_path`, metrics on `port`."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @classmethod
-    def start(cls, kubeconfig: Path, selector: str, log_path: Path,
-              flags: Sequence[str]) -> CoordProcess:
-        port = free_port()
-        argv = [str(COORD), "--kubeconfig", str(kubeconfig), "--namespace", NAMESPACE,
-                "--node-selector", selector, "--metrics-address", f"127.0.0.1:{port}",
-                "--max-concurrent", "1", "--leader-elect", "true",
-                "--identity", "cluo-coord-roll", *flags]
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("CLUO_COORD_")}
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=environment)
-        coord = cls(process, port, log_path)
-        try:
-            wait_for(lambda: coord.get("/readyz")[0] == 200 or process.poll() is not None,
-                     30, "cluo-coord to report ready on /readyz")
-        except TimeoutError:
-            coord.stop()
-            raise
-        if process.poll() is not None:
-            raise RollError(f"cluo-coord exited with {process.returncode}:\n{coord.log_tail()}")
-        return coord
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
-                                        timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, ""
-        except OSError:
-            return 0, ""
-
-    def metric(self, line_start: str) -> float | None:
-        _, text = self.get("/metrics")
-        for line in text.splitlines():
-            if line.startswith(line_start + " ") or line.startswith(line_start + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def entries(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-
 # --- the roll -----------------------------------------------------------------------------
 
 
@@ -884,9 +810,10 @@ class Roll:
         coord_kubeconfig = self.control_plane.service_account_kubeconfig(
             NAMESPACE, COORD_SERVICE_ACCOUNT, self.workdir / "coord.kubeconfig")
         self.recorder = RollRecorder(self._admin, self.selector).start()
-        self.coord = CoordProcess.start(coord_kubeconfig, self.selector,
-                                        self.workdir / "cluo-coord.log",
-                                        self.settings.coord_flags)
+        self.coord = CoordProcess.start(
+            coord_kubeconfig, self.selector, self.workdir / "cluo-coord.log",
+            identity="cluo-coord-roll", leader_elect=True, namespace=NAMESPACE,
+            flags=("--max-concurrent", "1", *self.settings.coord_flags))
         self.timings["setup"] = time.monotonic() - t0
 
     def _add_pod(self, node: str, name: str) -> None:

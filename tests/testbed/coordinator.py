@@ -1,0 +1,140 @@
+"""The real ``cluo-coord`` as a process: shared by tests/kube, the e2e roll and bench/.
+
+`CoordProcess.start` runs the console script with a kubeconfig, a node selector, leader
+election on or off, an identity and the caller's flags, its output (JSON logs) in a file
+and its metrics on a free loopback port, and returns once /readyz answers 200 (its caches
+are synced). The environment it inherits has no ``CLUO_COORD_*`` variable but the ones the
+caller passes (the test-only crash hook among them). `stop` sends SIGTERM, then kills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.testbed.controlplane import free_port
+from tests.testbed.waiting import wait_for
+
+COORD = Path(sys.executable).parent / "cluo-coord"
+NAMESPACE = "cluo-system"  # deploy/namespace.yaml
+ENV_PREFIX = "CLUO_COORD_"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+class CoordProcessError(RuntimeError):
+    """cluo-coord exited while it was expected to start."""
+
+
+@dataclass
+class CoordProcess:
+    """``cluo-coord`` as a process, its output in `log_path`, metrics on `port`."""
+
+    identity: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    http_timeout: float = 2.0
+
+    @classmethod
+    def start(cls, kubeconfig: Path, selector: str, log_path: Path, *, identity: str,
+              leader_elect: bool, flags: Sequence[str] = (),
+              env: Mapping[str, str] | None = None, namespace: str = NAMESPACE,
+              profile_to: Path | None = None, ready_timeout: float = READY_TIMEOUT,
+              http_timeout: float = 2.0, may_exit: bool = False) -> CoordProcess:
+        """Start cluo-coord and return once /readyz answers 200.
+
+        With ``may_exit`` (a crash hook in ``env``), an exit before that is not an error and
+        the exited process is returned. With ``profile_to``, it runs under cProfile (its
+        main thread: the reconcile loop); the stats are written there when it stops."""
+        port = free_port()
+        profiler = [] if profile_to is None else [
+            sys.executable, "-m", "cProfile", "-o", str(profile_to)]
+        argv = [*profiler, str(COORD), "--kubeconfig", str(kubeconfig),
+                "--namespace", namespace, "--node-selector", selector,
+                "--metrics-address", f"127.0.0.1:{port}",
+                "--leader-elect", "true" if leader_elect else "false",
+                "--identity", identity, *flags]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        environment.update(env or {})
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                       env=environment)
+        coord = cls(identity, process, port, log_path, http_timeout)
+        try:
+            wait_for(lambda: coord.get("/readyz")[0] == 200 or process.poll() is not None,
+                     ready_timeout, f"{identity} to report ready on /readyz")
+            if process.poll() is not None and not may_exit:
+                raise CoordProcessError(f"{identity} exited with {process.returncode}:\n"
+                                       f"{coord.log_tail()}")
+        except BaseException:
+            coord.stop()
+            raise
+        return coord
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def get(self, path: str) -> tuple[int, str]:
+        """Status and body of a GET on the metrics server; 0 if it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                        timeout=self.http_timeout) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, ""
+        except OSError:
+            return 0, ""
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics by its series name (``name{labels}``), in order."""
+        _, text = self.get("/metrics")
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                samples[series] = float(value)
+        return samples
+
+    def metric(self, series: str) -> float | None:
+        """The first sample whose series is ``series`` or ``series{...}``; None if none."""
+        for name, value in self.metrics().items():
+            if name == series or name.startswith(series + "{"):
+                return value
+        return None
+
+    def leading(self) -> bool:
+        return self.metric("cluo_is_leader") == 1.0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The JSON log records written so far (other lines skipped)."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def log_tail(self, chars: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
