@@ -24,10 +24,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from cluo_coord.leases import LEASE_PATH, slot_from_object
+from cluo_coord.leases import LEASE_PATH, api_time, slot_from_object
 from cluo_coord.planner import MetadataPatch, NodeView, SlotLease, reboot_needed_since
 from cluo_host.errors import KubeError, WatchExpired, kind_for_status, kube_error
 from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient, WatchStream, segment
@@ -70,16 +69,6 @@ def newer_or_same(candidate: str, current: str) -> bool:
         return True
 
 
-def _time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def node_view(obj: Mapping[str, Any], keys: Keys, coordinator_node: str = "") -> NodeView:
     """A planner NodeView from a Node object as the API server sends it."""
     metadata = obj.get("metadata") or {}
@@ -90,7 +79,7 @@ def node_view(obj: Mapping[str, Any], keys: Keys, coordinator_node: str = "") ->
     for condition in status.get("conditions") or []:
         if condition.get("type") == "Ready":
             ready = condition.get("status") == "True"
-            ready_since = _time(condition.get("lastTransitionTime")) if ready else None
+            ready_since = api_time(condition.get("lastTransitionTime")) if ready else None
     state = NodeProtocolState.from_metadata(keys, annotations, labels)
     name = str(metadata.get("name") or "")
     return NodeView(

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from cluo_coord.leases import LEASE_PATH, micro_time
 from cluo_host.errors import KubeError, kube_error
 from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient
 from cluo_host.protocol import LEADER_LEASE_NAME
@@ -32,11 +33,6 @@ RENEW_DEADLINE = 10.0
 RENEW_PERIOD = 5.0
 RETRY_PERIOD = 2.0
 REQUEST_TIMEOUT = (5.0, 10.0)
-LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
-
-
-def micro_time(at: datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def lease_request(

@@ -35,7 +35,8 @@ LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 REQUEST_TIMEOUT = (5.0, 30.0)
 
 
-def _time(value: object) -> datetime | None:
+def api_time(value: object) -> datetime | None:
+    """An API server time (RFC 3339, ``Z`` or an offset), or None if absent or unreadable."""
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -45,7 +46,8 @@ def _time(value: object) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _micro_time(at: datetime) -> str:
+def micro_time(at: datetime) -> str:
+    """A Lease MicroTime: UTC with microseconds, as the API server requires."""
     return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -65,9 +67,9 @@ def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
         index=index,
         holder=str(spec.get("holderIdentity") or "") or None,
         resource_version=str(metadata.get("resourceVersion") or "") or None,
-        acquired_at=_time(spec.get("acquireTime")),
+        acquired_at=api_time(spec.get("acquireTime")),
         holder_boot_id=str(annotations.get(HOLDER_BOOT_ID) or ""),
-        released_at=_time(annotations.get(RELEASED_AT)),
+        released_at=api_time(annotations.get(RELEASED_AT)),
         stuck=annotations.get(STUCK) == "true",
     )
 
@@ -104,8 +106,8 @@ class KubeSlots:
         }
         spec = {
             "holderIdentity": change.node,
-            "acquireTime": _micro_time(change.at),
-            "renewTime": _micro_time(change.at),
+            "acquireTime": micro_time(change.at),
+            "renewTime": micro_time(change.at),
         }
         if change.expected_resource_version is None:
             body = self._lease(name, None, annotations, spec, transitions=0)
@@ -123,7 +125,7 @@ class KubeSlots:
         current = self._read(name, action)
         annotations = {
             **((current.get("metadata") or {}).get("annotations") or {}),
-            RELEASED_AT: _micro_time(change.at), HOLDER_BOOT_ID: None, STUCK: None,
+            RELEASED_AT: micro_time(change.at), HOLDER_BOOT_ID: None, STUCK: None,
         }
         transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0)
         body = self._lease(name, change.expected_resource_version, annotations, {},
