@@ -4,7 +4,7 @@ The coordinator runs as its console script (``cluo-coord``), authenticated with 
 token of the cluo-coord ServiceAccount bound by deploy/coordinator-rbac.yaml. Nodes are
 virtual (KubeletEmulator) and carry a per-test label the coordinator selects on. The
 test plays the agents (``Agents``: reboot-in-progress, shutdown, boot with a new bootID,
-reboot-needed=false) and the hook DaemonSets. ``Recorder`` watches the Nodes and the slot
+reboot-needed=false) and the hook DaemonSets. ``InFlightRecorder`` watches the Nodes and the slot
 Leases for the whole test; both live in the same etcd, so ordering their events by
 resourceVersion gives one history, and the invariant "never more than max-concurrent
 nodes in flight" is asserted over every state in it.
@@ -27,13 +27,13 @@ import kubernetes.client
 import pytest
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch import Watch
 
 from cluo_coord.coordinator import CRASH_AFTER_ENV, CRASH_EXIT_CODE
 from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.coordinator import COORD, CoordProcess
 from tests.testbed.kubelet import KubeletEmulator
+from tests.testbed.recorder import InFlightRecorder
 from tests.testbed.waiting import assert_stays, wait_for
 
 pytestmark = pytest.mark.kube
@@ -149,103 +149,6 @@ class Rig:
                 and name not in self.slot_holders().values())
 
 
-class Recorder:
-    """Watches the test's Nodes and the slot Leases; one history ordered by resourceVersion."""
-
-    def __init__(self, admin: kubernetes.client.ApiClient, selector: str) -> None:
-        self._core = CoreV1Api(admin)
-        self._coordination = CoordinationV1Api(admin)
-        self._selector = selector
-        self._lock = threading.Lock()
-        self.events: list[tuple[int, float, str, str, Any]] = []  # (rv, t, kind, name, state)
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=("node",), daemon=True),
-            threading.Thread(target=self._run, args=("lease",), daemon=True),
-        ]
-
-    def start(self) -> Recorder:
-        self._ready = threading.Barrier(3, timeout=20)
-        for thread in self._threads:
-            thread.start()
-        self._ready.wait()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
-        assert not any(t.is_alive() for t in self._threads), "recorder threads did not stop"
-
-    def _call(self, kind: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-        if kind == "node":
-            return self._core.list_node, (), {"label_selector": self._selector}
-        return (self._coordination.list_namespaced_lease, (NAMESPACE,),
-                {"label_selector": SLOT_LEASE_LABEL})
-
-    def _run(self, kind: str) -> None:
-        call, args, kwargs = self._call(kind)
-        listed = call(*args, **kwargs)
-        for obj in listed.items:
-            self._record(kind, obj)
-        version = listed.metadata.resource_version
-        self._ready.wait()
-        while not self._stop.is_set():
-            watch = Watch()
-            for event in watch.stream(call, *args, **kwargs, resource_version=version,
-                                      timeout_seconds=1, _request_timeout=5):
-                obj = event["object"]
-                version = obj.metadata.resource_version
-                self._record(kind, obj, deleted=event["type"] == "DELETED")
-                if self._stop.is_set():
-                    watch.stop()
-
-    def _record(self, kind: str, obj: Any, *, deleted: bool = False) -> None:
-        name = obj.metadata.name
-        if kind == "node":
-            annotations = obj.metadata.annotations or {}
-            state: Any = (
-                not deleted and annotations.get(KEYS.release_slot) != "true" and (
-                    annotations.get(KEYS.reboot_ok) == "true"
-                    or annotations.get(KEYS.reboot_in_progress) == "true"),
-                annotations.get(KEYS.reboot_ok) == "true",
-            )
-        else:
-            state = None if deleted else obj.spec.holder_identity
-        with self._lock:
-            self.events.append((int(obj.metadata.resource_version), time.monotonic(), kind,
-                                name, state))
-
-    def history(self) -> list[tuple[float, frozenset[str], frozenset[str]]]:
-        """Each state in order: (time, nodes in flight, nodes with reboot-ok=true)."""
-        with self._lock:
-            events = sorted(self.events)
-        flying: dict[str, bool] = {}
-        granted: dict[str, bool] = {}
-        holders: dict[str, str | None] = {}
-        states = []
-        for _, at, kind, name, state in events:
-            if kind == "node":
-                flying[name], granted[name] = state
-            else:
-                holders[name] = state
-            in_flight = {n for n, f in flying.items() if f} | {h for h in holders.values() if h}
-            states.append((at, frozenset(in_flight), frozenset(n for n, g in granted.items() if g)))
-        return states
-
-    def max_in_flight(self) -> int:
-        return max((len(flight) for _, flight, _ in self.history()), default=0)
-
-    def grant_order(self) -> list[str]:
-        """Nodes in the order reboot-ok became true (a node may appear more than once)."""
-        order: list[str] = []
-        previous: frozenset[str] = frozenset()
-        for _, _, granted in self.history():
-            order.extend(sorted(granted - previous))
-            previous = granted
-        return order
-
-
 class Agents:
     """Plays cluo-agent on every test node: on reboot-ok=true, reboot once and report.
 
@@ -332,10 +235,11 @@ def rig(control_plane: ControlPlane, kube_admin: kubernetes.client.ApiClient,
 
 
 @pytest.fixture
-def recorder(rig: Rig) -> Iterator[Recorder]:
-    rec = Recorder(rig.admin, rig.selector).start()
+def recorder(rig: Rig) -> Iterator[InFlightRecorder]:
+    rec = InFlightRecorder(rig.admin, rig.selector, NAMESPACE, KEYS).start()
     yield rec
     rec.stop()
+    assert not rec.errors, f"gaps in the recorded history: {rec.errors}"
 
 
 def _all_done(rig: Rig, names: list[str]) -> Callable[[], bool]:
@@ -346,7 +250,7 @@ def _all_done(rig: Rig, names: list[str]) -> Callable[[], bool]:
 
 
 def test_five_nodes_roll_one_at_a_time_with_subsecond_handoff(
-    rig: Rig, recorder: Recorder
+    rig: Rig, recorder: InFlightRecorder
 ) -> None:
     names = rig.add_nodes(5)
     coord = rig.start()
@@ -375,7 +279,7 @@ def test_five_nodes_roll_one_at_a_time_with_subsecond_handoff(
 
 
 def test_max_concurrent_two_is_reached_and_never_exceeded(
-    rig: Rig, recorder: Recorder
+    rig: Rig, recorder: InFlightRecorder
 ) -> None:
     names = rig.add_nodes(5)
     rig.start("--max-concurrent", "2")
@@ -386,7 +290,7 @@ def test_max_concurrent_two_is_reached_and_never_exceeded(
 
 
 def test_crash_between_slot_and_grant_resumes_the_same_node(
-    rig: Rig, recorder: Recorder
+    rig: Rig, recorder: InFlightRecorder
 ) -> None:
     first, second = rig.add_nodes(2)
     crashing = rig.start(env={CRASH_AFTER_ENV: "AcquireSlot"}, name="crashing")
@@ -405,7 +309,7 @@ def test_crash_between_slot_and_grant_resumes_the_same_node(
 
 @pytest.mark.parametrize("leader_elect", [False, True], ids=["cas-only", "leader-election"])
 def test_two_coordinators_never_put_two_nodes_in_flight(
-    rig: Rig, recorder: Recorder, leader_elect: bool
+    rig: Rig, recorder: InFlightRecorder, leader_elect: bool
 ) -> None:
     names = rig.add_nodes(4)
     coords = [rig.start(leader_elect=leader_elect, name=f"twin{i}") for i in range(2)]
@@ -427,7 +331,7 @@ def test_two_coordinators_never_put_two_nodes_in_flight(
 
 
 def test_node_that_never_returns_keeps_its_slot_until_released(
-    rig: Rig, recorder: Recorder
+    rig: Rig, recorder: InFlightRecorder
 ) -> None:
     lost, nxt = rig.add_nodes(2)
     coord = rig.start("--reboot-timeout", "4s")
@@ -454,7 +358,7 @@ def test_node_that_never_returns_keeps_its_slot_until_released(
     assert coord.metric("cluo_stuck_nodes") == 0
 
 
-def test_hooks_gate_the_grant_and_the_release(rig: Rig, recorder: Recorder) -> None:
+def test_hooks_gate_the_grant_and_the_release(rig: Rig, recorder: InFlightRecorder) -> None:
     names = rig.add_nodes(2)
     violations: list[str] = []
     stop = threading.Event()
@@ -495,7 +399,7 @@ def test_hooks_gate_the_grant_and_the_release(rig: Rig, recorder: Recorder) -> N
 
 
 def test_paused_node_is_skipped_and_global_pause_holds_new_slots(
-    rig: Rig, recorder: Recorder
+    rig: Rig, recorder: InFlightRecorder
 ) -> None:
     paused, first, second = rig.add_nodes(3)
     rig.annotate(paused, {KEYS.reboot_paused: "true"})
@@ -516,7 +420,7 @@ def test_paused_node_is_skipped_and_global_pause_holds_new_slots(
 
 
 def test_closed_window_grants_nothing_and_open_window_grants(
-    rig: Rig, recorder: Recorder
+    rig: Rig, recorder: InFlightRecorder
 ) -> None:
     names = rig.add_nodes(1)
     now = datetime.now(UTC)

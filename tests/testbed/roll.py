@@ -19,9 +19,10 @@ root (`tests/testbed/ignition_apply.py`). What a Debian root lacks is then added
 `Roll` then does what issue 5 asks: N such hosts against a real control plane, the kubelet
 emulator following each host's up and down (`HostFollower`), the real ``cluo-coord`` with
 the deploy/ RBAC, update_engine reporting NEED_REBOOT on every host, and the roll watched
-until every node rebooted once for real and was uncordoned. `RollRecorder` keeps the
-history (Node and slot Lease watches, ordered by resourceVersion) that proves "never two in
-flight"; `Roll.snapshot()` is what the demo's progress display shows.
+until every node rebooted once for real and was uncordoned. `InFlightRecorder`
+(tests/testbed/recorder.py) keeps the history (Node and slot Lease watches, ordered by
+resourceVersion) that proves "never two in flight"; `Roll.snapshot()` is what the demo's
+progress display shows.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from kubernetes.client import (
     V1PodSpec,
 )
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch import Watch
 
 from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from tests.testbed import ignition_apply
@@ -72,6 +72,7 @@ from tests.testbed.nspawn import (
     build_base_root,
     loop_device_args,
 )
+from tests.testbed.recorder import InFlightRecorder
 from tests.testbed.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -497,134 +498,6 @@ def _new_boot_id(host: NspawnHost, old: str) -> str | None:
 # --- the history ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Moment:
-    """One state of the roll, as the watches saw it."""
-
-    at: float  # time.monotonic() when the event arrived
-    in_flight: frozenset[str]  # nodes with reboot-ok or reboot-in-progress, or holding a slot
-    granted: frozenset[str]  # nodes with reboot-ok=true
-    holders: frozenset[str]  # slot Lease holders
-
-
-class RollRecorder:
-    """Watches the roll's Nodes and the slot Leases for the whole roll.
-
-    Both live in the same etcd, so ordering their events by resourceVersion gives one
-    history; "never more than one node in flight" is checked over every state in it.
-    """
-
-    def __init__(self, admin: kubernetes.client.ApiClient, selector: str) -> None:
-        self._core = CoreV1Api(admin)
-        self._coordination = CoordinationV1Api(admin)
-        self._selector = selector
-        self._lock = threading.Lock()
-        self._events: list[tuple[int, float, str, str, Any]] = []
-        self._stop = threading.Event()
-        self._ready = threading.Barrier(3, timeout=30)
-        self.errors: list[str] = []
-        self._threads = [threading.Thread(target=self._run, args=(kind,), daemon=True,
-                                          name=f"recorder-{kind}") for kind in ("node", "lease")]
-
-    def start(self) -> RollRecorder:
-        for thread in self._threads:
-            thread.start()
-        self._ready.wait()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
-
-    def _list_call(self, kind: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-        if kind == "node":
-            return self._core.list_node, (), {"label_selector": self._selector}
-        return (self._coordination.list_namespaced_lease, (NAMESPACE,),
-                {"label_selector": SLOT_LEASE_LABEL})
-
-    def _run(self, kind: str) -> None:
-        call, args, kwargs = self._list_call(kind)
-        try:
-            listed = call(*args, **kwargs)
-            for obj in listed.items:
-                self._record(kind, obj)
-            version = listed.metadata.resource_version
-        except Exception as err:
-            self.errors.append(f"listing {kind}s: {err!r}")
-            version = None
-        self._ready.wait()
-        while version is not None and not self._stop.is_set():
-            watch = Watch()
-            try:
-                for event in watch.stream(call, *args, **kwargs, resource_version=version,
-                                          timeout_seconds=1, _request_timeout=5):
-                    obj = event["object"]
-                    version = obj.metadata.resource_version
-                    self._record(kind, obj, deleted=event["type"] == "DELETED")
-                    if self._stop.is_set():
-                        watch.stop()
-            except Exception as err:  # a gap in the history would make the check vacuous
-                self.errors.append(f"watching {kind}s: {err!r}")
-                return
-
-    def _record(self, kind: str, obj: Any, *, deleted: bool = False) -> None:
-        name = obj.metadata.name
-        state: Any
-        if kind == "node":
-            annotations = obj.metadata.annotations or {}
-            granted = annotations.get(KEYS.reboot_ok) == "true"
-            state = (not deleted and (granted or annotations.get(KEYS.reboot_in_progress)
-                                      == "true"), granted and not deleted)
-        else:
-            state = None if deleted else obj.spec.holder_identity
-        with self._lock:
-            self._events.append((int(obj.metadata.resource_version), time.monotonic(), kind,
-                                 name, state))
-
-    def history(self) -> list[Moment]:
-        with self._lock:
-            events = sorted(self._events, key=lambda e: e[0])
-        flying: dict[str, bool] = {}
-        granted: dict[str, bool] = {}
-        holders: dict[str, str | None] = {}
-        moments = []
-        for _, at, kind, name, state in events:
-            if kind == "node":
-                flying[name], granted[name] = state
-            else:
-                holders[name] = state
-            holding = frozenset(h for h in holders.values() if h)
-            moments.append(Moment(at, frozenset(n for n, f in flying.items() if f) | holding,
-                                  frozenset(n for n, g in granted.items() if g), holding))
-        return moments
-
-    def max_in_flight(self) -> int:
-        return max((len(m.in_flight) for m in self.history()), default=0)
-
-    def grant_order(self) -> list[str]:
-        """Nodes in the order reboot-ok became true (a node may appear more than once)."""
-        order: list[str] = []
-        previous: frozenset[str] = frozenset()
-        for moment in self.history():
-            order.extend(sorted(moment.granted - previous))
-            previous = moment.granted
-        return order
-
-    def grant_spans(self) -> dict[str, list[tuple[float, float | None]]]:
-        """Per node, each (reboot-ok became true, became false again or None) span."""
-        spans: dict[str, list[tuple[float, float | None]]] = {}
-        previous: frozenset[str] = frozenset()
-        for moment in self.history():
-            for name in moment.granted - previous:
-                spans.setdefault(name, []).append((moment.at, None))
-            for name in previous - moment.granted:
-                start, _ = spans[name][-1]
-                spans[name][-1] = (start, moment.at)
-            previous = moment.granted
-        return spans
-
-
 # --- the roll -----------------------------------------------------------------------------
 
 
@@ -729,7 +602,7 @@ class Roll:
         self.namespace = f"roll-{self.run_id}"
         self.members: list[_Member] = []
         self.coord: CoordProcess | None = None
-        self.recorder: RollRecorder | None = None
+        self.recorder: InFlightRecorder | None = None
         self._hosts: list[NspawnHost] = []
         self._admin = control_plane.admin_api_client()
         self._core = CoreV1Api(self._admin)
@@ -809,7 +682,7 @@ class Roll:
         self.log("starting cluo-coord (deploy/ RBAC token, --max-concurrent 1)")
         coord_kubeconfig = self.control_plane.service_account_kubeconfig(
             NAMESPACE, COORD_SERVICE_ACCOUNT, self.workdir / "coord.kubeconfig")
-        self.recorder = RollRecorder(self._admin, self.selector).start()
+        self.recorder = InFlightRecorder(self._admin, self.selector, NAMESPACE, KEYS).start()
         self.coord = CoordProcess.start(
             coord_kubeconfig, self.selector, self.workdir / "cluo-coord.log",
             identity="cluo-coord-roll", leader_elect=True, namespace=NAMESPACE,
