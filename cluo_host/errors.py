@@ -139,25 +139,15 @@ def status_details(body: object) -> StatusDetails:
     )
 
 
-_TIMEOUT_CLASS_NAMES = frozenset({"TimeoutError", "ReadTimeoutError", "ConnectTimeoutError"})
-# urllib3 derives NewConnectionError (refused, unreachable) from ConnectTimeoutError.
-_NOT_TIMEOUT_CLASS_NAMES = frozenset({"NewConnectionError", "NameResolutionError"})
-
-
 def _is_timeout(err: BaseException | None) -> bool:
-    # urllib3's TimeoutError family does not derive from the built-in TimeoutError;
-    # match it by class name rather than import urllib3 here. MaxRetryError keeps the
-    # underlying error in ``reason``.
+    """Whether ``err`` or an error it was raised from is a timeout (``socket.timeout`` is
+    the built-in TimeoutError; ``ssl`` and ``http.client`` wrap nothing else)."""
     for _ in range(5):
         if err is None:
             return False
-        names = {cls.__name__ for cls in type(err).__mro__}
-        if names & _NOT_TIMEOUT_CLASS_NAMES:
-            return False
-        if isinstance(err, TimeoutError) or names & _TIMEOUT_CLASS_NAMES:
+        if isinstance(err, TimeoutError):
             return True
-        reason = getattr(err, "reason", None)
-        err = reason if isinstance(reason, BaseException) else err.__cause__ or err.__context__
+        err = err.__cause__ or err.__context__
     return False
 
 

@@ -378,6 +378,9 @@ def test_transport_errors_cover_http_client_and_socket_failures() -> None:
     assert issubclass(ConnectionRefusedError, TRANSPORT_ERRORS)
     assert kube_error("x", TimeoutError("timed out")).kind == "timeout"
     assert kube_error("x", ConnectionRefusedError(111, "refused")).kind == "unavailable"
+    wrapped = ssl.SSLError("wrapped")
+    wrapped.__cause__ = TimeoutError("the read timed out")
+    assert kube_error("x", wrapped).kind == "timeout", "a timeout it was raised from counts"
 
 
 # -- credential plugins ------------------------------------------------------------------
