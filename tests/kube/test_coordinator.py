@@ -8,6 +8,8 @@ reboot-needed=false) and the hook DaemonSets. ``InFlightRecorder`` watches the N
 Leases for the whole test; both live in the same etcd, so ordering their events by
 resourceVersion gives one history, and the invariant "never more than max-concurrent
 nodes in flight" is asserted over every state in it.
+
+The API server outage test runs last: it restarts the shared kube-apiserver.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import kubernetes.client
 import pytest
+import urllib3
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
@@ -166,6 +169,7 @@ class Agents:
         self._busy: set[str] = set()
         self._workers: list[threading.Thread] = []
         self.errors: list[str] = []
+        self.list_failures = 0
         self._thread = threading.Thread(target=self._run, name="agents", daemon=True)
 
     def __enter__(self) -> Agents:
@@ -179,9 +183,18 @@ class Agents:
             worker.join(30)
         assert not self._thread.is_alive(), "agents thread did not stop"
 
+    def settled(self) -> bool:
+        """No reboot of ours is under way (a never-returning node's ends at its shutdown)."""
+        return not any(worker.is_alive() for worker in self._workers)
+
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            for node in self._core.list_node(label_selector=self._rig.selector).items:
+            try:
+                nodes = self._core.list_node(label_selector=self._rig.selector).items
+            except (ApiException, urllib3.exceptions.HTTPError):
+                self.list_failures += 1  # an API server outage: poll again, as an agent would
+                continue
+            for node in nodes:
                 annotations = node.metadata.annotations or {}
                 name = node.metadata.name
                 if (annotations.get(KEYS.reboot_ok) == "true"
@@ -559,3 +572,57 @@ def test_reboot_timeout_fires_from_its_deadline_while_the_loop_idles(
         loop.join(10)
         cache.stop()
         api.close()
+
+
+# Last in the file: it restarts the session's kube-apiserver.
+def test_api_server_outage_while_a_node_reboots_then_the_roll_resumes(
+    rig: Rig, control_plane: ControlPlane
+) -> None:
+    first, second, third = rig.add_nodes(3)
+    coord = rig.start()
+    # Two recordings: a watch cannot resume across an API server restart (its watch cache
+    # starts anew, so the old resourceVersion is too old). Between them only the
+    # coordinator could change who is in flight, and it cannot: the one slot is held by
+    # the first node, which is down until this test boots it.
+    before = InFlightRecorder(rig.admin, rig.selector, NAMESPACE, KEYS).start()
+    with Agents(rig, never_return=frozenset({first})) as agents:
+        wait_for(lambda: rig.annotations(first).get(KEYS.reboot_in_progress) == "true"
+                 and agents.settled(), 30, "the first node to be granted and go down")
+        before.stop()
+        assert not before.errors, before.errors
+        assert before.history()[-1].in_flight == {first}
+
+        control_plane.stop_apiserver()
+        try:
+            outage_ends = time.monotonic() + 15
+            wait_for(lambda: "list or watch failed, retrying" in coord.log_path.read_text(),
+                     15, "the coordinator to notice the outage")
+            while time.monotonic() < outage_ends:
+                assert coord.process.poll() is None, f"cluo-coord exited:\n{coord.log_tail()}"
+                time.sleep(0.5)
+            assert coord.get("/healthz")[0] == 200, "a loop that waits is healthy"
+        finally:
+            control_plane.start_apiserver()
+
+        after = InFlightRecorder(rig.admin, rig.selector, NAMESPACE, KEYS).start()
+        try:
+            assert after.history()[-1].in_flight == {first}, "nothing moved in between"
+            # The first node comes back, as its agent would report it.
+            host = rig.emulator.node(first)
+            new_boot = host.boot()
+            wait_for(lambda: rig.node(first).status.node_info.boot_id == new_boot, 30,
+                     f"{first} to report its new bootID")
+            rig.annotate(first, {KEYS.reboot_needed: "false", KEYS.reboot_in_progress: "false"})
+            wait_for(_all_done(rig, [first, second, third]), 90,
+                     "the coordinator to hand on the slot and finish the roll after the outage")
+        finally:
+            after.stop()
+    assert not agents.errors, agents.errors
+    assert agents.list_failures > 0, "the outage reached the agents too"
+    assert not after.errors, after.errors
+    assert before.max_in_flight() == after.max_in_flight() == 1
+    assert after.grant_order() == [first, second, third]  # the first: granted when it started
+    assert coord.process.poll() is None, "the same process rode the outage out"
+    assert coord.metric("cluo_grants_total") == 3
+    failed = [e for e in coord.entries() if e["msg"] == "list or watch failed, retrying"]
+    assert {e.get("what") for e in failed} >= {"nodes"}, failed[:3]
