@@ -129,7 +129,7 @@ def test_logind_reboot_fails_with_the_set_error_and_is_still_recorded(
                 await within_timeout(manager.call_reboot(False))
             with pytest.raises(DBusError) as refused_with_flags:
                 await within_timeout(manager.call_reboot_with_flags(0))
-            logind_mock.mock.ClearRebootError()
+            assert logind_mock.mock.ClearRebootError() == 2, "both refusals counted"
             await within_timeout(manager.call_reboot(False))
             return refused.value, refused_with_flags.value
 

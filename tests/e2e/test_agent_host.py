@@ -237,7 +237,12 @@ def test_provisioned_host_runs_the_agent_through_a_real_reboot(cycle: Cycle) -> 
     timings["agent ready"] = time.monotonic() - started
 
     cycle.announce_reboot_needed()
-    status = host.run("systemctl", "status", "--no-pager", "--lines=0", AGENT_UNIT).stdout
+    # The status follows the annotation: the agent posts its RebootNeeded Event in between.
+    def status_when_waiting() -> str | None:
+        text = host.run("systemctl", "status", "--no-pager", "--lines=0", AGENT_UNIT).stdout
+        return text if "waiting for the coordinator's grant" in text else None
+
+    status = cycle.wait(status_when_waiting, "the unit's status to say it waits for the grant")
     assert "Active: active (running)" in status, status
     assert "Status: \"reboot needed: waiting for the coordinator's grant\"" in status, status
     assert not cycle.cordoned()

@@ -368,6 +368,9 @@ def rig(
         core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=0)
 
 
+WAITING_STATUS = "reboot needed: waiting for the coordinator's grant"
+
+
 def announce_and_grant(rig: Rig) -> None:
     rig.update_engine.mock.SetStatus(*NEED_REBOOT)
     rig.wait(lambda: rig.annotation("reboot-needed") == "true", "reboot-needed=true")
@@ -538,8 +541,7 @@ def test_logind_refusal_is_reported_and_retried(rig: Rig) -> None:
     assert "reboot attempt 1 refused" in messages and "reboot attempt 2 refused" in messages
 
     # logind says yes again: the next retry is the last one.
-    rig.logind.mock.ClearRebootError()
-    refused = rig.reboots()  # every call recorded so far was answered with the error
+    refused = int(rig.logind.mock.ClearRebootError())  # exact: the mock is single-threaded
     rig.wait(lambda: rig.reboots() == refused + 1, "the next retry after the refusal ended")
     assert_stays(lambda: rig.reboots() == refused + 1, 3.0,
                  "no more attempts once logind accepted (retries are 1 s apart)")
@@ -593,8 +595,9 @@ def test_manual_trigger_by_annotation_reboots_on_grant(rig: Rig) -> None:
     rig.set_annotation("reboot-needed", "true")  # the admin asks for a reboot by hand
     rig.wait(lambda: rig.label("reboot-needed") == "true",
              "the agent to mirror reboot-needed into the label")
-    needed = rig.events("RebootNeeded")
-    assert needed and "reboot requested through the reboot-needed annotation" in needed[0].message
+    needed = rig.wait(lambda: rig.events("RebootNeeded"),
+                      "the RebootNeeded event (posted after the write)")
+    assert "reboot requested through the reboot-needed annotation" in needed[0].message
     assert_stays(lambda: rig.reboots() == 0 and not rig.cordoned(), 1.0,
                  "no drain nor reboot without a grant")
 
@@ -635,7 +638,11 @@ def test_notify_socket_ready_status_watchdog_stopping(
     assert_in_order(startup, ["starting: connecting to update_engine",
                               "starting: reading the node", "started"])
 
-    announce_and_grant(rig)
+    rig.update_engine.mock.SetStatus(*NEED_REBOOT)
+    # Granted only once it waits: a grant that came with the echo of the agent's own
+    # reboot-needed write would take it from RebootNeeded straight to Granted.
+    rig.wait(lambda: WAITING_STATUS in notify_listener.statuses(), "STATUS= for the wait")
+    rig.set_annotation("reboot-ok", "true")
     rig.wait(lambda: rig.reboots() == 1, "logind Reboot(false)")
     rig.wait(lambda: "rebooting: attempt 1" in notify_listener.statuses(),
              "STATUS= for the reboot attempt")
@@ -643,7 +650,7 @@ def test_notify_socket_ready_status_watchdog_stopping(
     assert_in_order(statuses, [
         "started",
         "idle",
-        "reboot needed: waiting for the coordinator's grant",
+        WAITING_STATUS,
         "reboot granted: starting",
         "cordoning",
         "draining: starting",
@@ -697,9 +704,11 @@ def test_sigterm_mid_cycle_leaves_no_half_write(
 
 
 @pytest.mark.parametrize(
-    "rig", [("--drain-timeout", "2s", "--drain-timeout-policy", "force")], indirect=True
+    "rig", [("--drain-timeout", "5s", "--drain-timeout-policy", "force")], indirect=True
 )
 def test_force_policy_deletes_past_the_budget_and_reboots(rig: Rig) -> None:
+    # The forced deletion gets a fresh drain timeout to finish in; the emulated pod takes
+    # 1.5 s of its grace period to go, so 5 s leave room on a loaded machine.
     rig.add_budget("web", min_available=2)  # every eviction is refused
     announce_and_grant(rig)
     rig.wait(lambda: rig.reboots() == 1, "the forced drain to finish and the reboot")

@@ -108,7 +108,16 @@ def test_pdb_blocks_second_eviction_and_rbac_denies_missing_permission(
             subjects=[RbacV1Subject(kind="ServiceAccount", name="reader", namespace=namespace)],
         ))
         reader = CoreV1Api(service_account_client(namespace, "reader"))
-        assert {p.metadata.name for p in reader.list_namespaced_pod(namespace).items} == {
+
+        def listed() -> set[str] | None:
+            try:
+                return {p.metadata.name for p in reader.list_namespaced_pod(namespace).items}
+            except ApiException as err:
+                if err.status == 403:  # the authorizer's informer has not seen the binding yet
+                    return None
+                raise
+
+        assert wait_for(listed, 10, "the RBAC authorizer to see the new RoleBinding") == {
             "web-a", "web-b"
         }
         with pytest.raises(ApiException) as denied:

@@ -825,6 +825,7 @@ class Roll:
                     and annotations.get(KEYS.reboot_needed) == "false"
                     and annotations.get(KEYS.reboot_ok) == "false"
                     and annotations.get(KEYS.reboot_in_progress) == "false"
+                    and annotations.get(KEYS.agent_made_unschedulable) in (None, "false")
                     and not node.spec.unschedulable):
                 return False
         return True

@@ -15,7 +15,8 @@ Helpers on the mock interface (org.freedesktop.DBus.Mock):
   AddInhibitor(what, who, why, mode, uid, pid)   list a fake inhibitor (no fd behind it)
   ClearInhibitors()                               drop every inhibitor, held ones included
   SetRebootError(name, message)                   later Reboot* calls raise this D-Bus error
-  ClearRebootError()                              Reboot* succeed again
+  ClearRebootError() -> u                         Reboot* succeed again; returns how many
+                                                  Reboot* calls were refused until now
 """
 
 import os
@@ -67,6 +68,7 @@ def load(mock, _parameters):
     mock.inhibitors = []
     # (error name, message) or None
     mock.reboot_error = None
+    mock.refused_reboots = 0
 
 
 def _writer_closed(read_fd):
@@ -101,6 +103,7 @@ def _caller_credentials(mock, sender):
 def _refuse_if_asked(mock):
     if mock.reboot_error is not None:
         name, message = mock.reboot_error
+        mock.refused_reboots += 1
         raise dbus.exceptions.DBusException(message, name=name)
 
 
@@ -152,6 +155,7 @@ def SetRebootError(self, name, message):
     self.reboot_error = (name, message)
 
 
-@dbus.service.method(MOCK_IFACE, in_signature="", out_signature="")
+@dbus.service.method(MOCK_IFACE, in_signature="", out_signature="u")
 def ClearRebootError(self):
     self.reboot_error = None
+    return dbus.UInt32(self.refused_reboots)
