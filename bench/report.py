@@ -93,10 +93,13 @@ def render(info: RunInfo, results: Sequence[BenchResult]) -> str:
     if info.others_running:
         lines.append(f"| other test-bed processes running at start | "
                      f"{', '.join(info.others_running)} |")
-    busy = max(info.load_at_start[0], info.load_at_end[0]) > 0.5 * info.machine.cpus
+    # The load at the end is mostly the bench's own (its last benchmark); the load at the
+    # start says whether the machine was idle when the run began.
+    busy = info.load_at_start[0] > 0.5 * info.machine.cpus
     if busy or info.others_running:
-        lines += ["", "**Note:** the machine was shared with other work during this run "
-                  "(see the load averages above); timings are noisier than on an idle machine."]
+        lines += ["", "**Note:** the machine was not idle when this run started (see the "
+                  "load average at start and the processes above); timings are noisier than "
+                  "on an idle machine."]
     lines += ["", "## Summary", "", "| benchmark | status | targets missed |", "|---|---|---|"]
     for result in results:
         missed = ", ".join(m.name for m in result.missed) or "none"
