@@ -170,7 +170,8 @@ class Coordinator:
             leader = self._leadership.is_leader
             self._metrics.is_leader.set(1 if leader else 0)
             if not self._cache.synced or not leader:
-                acting = False
+                acting = False  # the first plan as leader plans from what is there then
+                self._wake.clear()  # else a standby's events would keep _wait from sleeping
                 self._wait(stop, self._tick)
                 continue
             if not acting:  # just synced or just elected: plan from what is there now

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cluo_coord.cluster import ClusterSnapshot
-from cluo_coord.coordinator import Coordinator
+from cluo_coord.coordinator import Coordinator, Leadership
 from cluo_coord.metrics import CoordMetrics
 from cluo_coord.planner import (
     AcquireSlot,
@@ -178,6 +178,8 @@ class Loop:
 
     def _quiet(self) -> bool:
         before = self.coordinator.plans
+        if before == 0:
+            return False  # not started planning yet
         threading.Event().wait(TICK * 5)
         return self.coordinator.plans == before
 
@@ -186,13 +188,14 @@ class Loop:
 def start_loop() -> Iterator[Callable[..., Loop]]:
     stops: list[tuple[threading.Event, threading.Thread]] = []
 
-    def start(cluster: Cluster, policy: Policy, now: datetime = T0) -> Loop:
+    def start(cluster: Cluster, policy: Policy, now: datetime = T0,
+              leadership: Leadership | None = None) -> Loop:
         clock = FakeClock(now)
         slots = FakeSlots(cluster)
         coordinator = Coordinator(
             FakeCache(cluster), writer=FakeWriter(cluster), slots=slots,  # type: ignore[arg-type]
             nodes=FakeNodes(), policy=policy, metrics=CoordMetrics(),  # type: ignore[arg-type]
-            clock=clock, tick=TICK)
+            clock=clock, tick=TICK, leadership=leadership)
         stop = threading.Event()
         thread = threading.Thread(target=coordinator.run, args=(stop,), daemon=True)
         thread.start()
@@ -317,3 +320,46 @@ def test_a_change_to_a_slot_holder_is_planned_even_when_it_looks_idle(
     loop.coordinator.wake()
     wait_for(lambda: loop.slots.of(ReleaseSlot), 2, "the slot released by a plan")
     assert loop.coordinator.plans > plans
+
+
+def test_a_holder_between_two_ignored_states_is_still_planned(
+    start_loop: Callable[..., Loop],
+) -> None:
+    # The slot names a node that is absent (deleted while it rebooted): the plan changes
+    # nothing. Absent and present without flags are both states the planner ignores for
+    # an unslotted node; only the slot makes the node's return worth a plan.
+    cluster = Cluster()
+    cluster.slots[0] = SlotLease(0, "a", "s0", T0 - timedelta(minutes=5), "boot-a")
+    loop = start_loop(cluster, Policy(), now=T0)
+    plans = loop.plans_settle()
+    assert not loop.slots.of(ReleaseSlot)
+
+    cluster.add_node("a")
+    loop.coordinator.wake()
+    wait_for(lambda: loop.coordinator.plans > plans, 2, "a plan for the holder's return")
+
+
+class CountingStandby:
+    """Never the leader; counts the loop's turns (each asks once)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    @property
+    def is_leader(self) -> bool:
+        self.asked += 1
+        return False
+
+
+def test_a_standby_sleeps_through_events(start_loop: Callable[..., Loop]) -> None:
+    cluster = Cluster()
+    cluster.add_node("a")
+    standby = CountingStandby()
+    loop = start_loop(cluster, Policy(), leadership=standby)
+    wait_for(lambda: standby.asked, 5, "the loop to start")
+    loop.coordinator.wake()  # a watch event, as a standby's caches see them all the time
+    before = standby.asked
+    threading.Event().wait(TICK * 25)
+    # A tick every TICK: about 25 turns; a loop that did not sleep takes thousands.
+    assert standby.asked - before < 100, f"{standby.asked - before} turns in {TICK * 25} s"
+    assert loop.coordinator.plans == 0
