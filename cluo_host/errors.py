@@ -164,6 +164,9 @@ def kube_error(action: str, err: BaseException) -> KubeError:
             action, details.message or reason, kind=kind_for_status(status), status=status,
             reason=reason,
         )
+    own_kind = getattr(err, "kind", None)  # a CredentialError says what kind it is
+    if own_kind in KINDS:
+        return KubeError(action, f"{type(err).__name__}: {err}", kind=own_kind)
     if _is_timeout(err):
         return KubeError(action, f"no answer in time ({type(err).__name__})", kind="timeout")
     return KubeError(action, f"{type(err).__name__}: {err}", kind="unavailable")

@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -714,7 +715,7 @@ def _load_client_certificate(context: ssl.SSLContext, endpoint: _Endpoint) -> No
 def _client(
     endpoint: _Endpoint, component: Component, clock: Callable[[], float] = time.time
 ) -> KubeClient:
-    https = endpoint.server.startswith("https://")
+    https = urlsplit(endpoint.server).scheme == "https"  # lower-cased, as KubeClient reads it
     if not https and (endpoint.token is not None or endpoint.cert_file or endpoint.cert_data
                       or endpoint.plugin is not None):
         raise _Invalid(f"server {endpoint.server!r}: credentials go over https only")

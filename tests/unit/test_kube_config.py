@@ -126,6 +126,12 @@ def test_unsupported_authentication_is_refused_by_name(
     assert error.kind == "invalid"
 
 
+def test_an_upper_case_https_scheme_carries_credentials(tmp_path: Path) -> None:
+    # Refused as "credentials go over https only" when the scheme was compared as written.
+    with kubeconfig_client(write(tmp_path, cluster="server: 'HTTPS://h:6443'")) as client:
+        assert client.server == "HTTPS://h:6443"
+
+
 def test_a_proxy_is_refused_by_name(tmp_path: Path) -> None:
     path = write(tmp_path, cluster="server: 'https://h:6443', proxy-url: 'http://proxy:3128'")
     assert "proxy-url" in str(refusal(path))
