@@ -22,6 +22,7 @@ from cluo_host.kube_config import kubeconfig_client
 from cluo_host.kube_nodes import KubeNodes
 from cluo_host.protocol import Keys
 from tests.testbed.controlplane import ControlPlane
+from tests.testbed.waiting import wait_for
 
 pytestmark = pytest.mark.kube
 
@@ -125,15 +126,11 @@ def test_a_watch_streams_events_and_closes_from_another_thread(
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     kube_client.request("POST", configmaps(namespace), body=configmap("w1"))
-    deadline = time.monotonic() + 20
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: seen, 20, "the watch to deliver the new ConfigMap")
     assert seen == ["ADDED w1"]
-    began = time.monotonic()
     stream.close()
-    thread.join(10)
+    thread.join(10)  # the read timeout is 150 s: only close() ends it this soon
     assert not thread.is_alive(), "close() did not end the blocked read"
-    assert time.monotonic() - began < 3
     assert errors == []
 
 
