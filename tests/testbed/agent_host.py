@@ -18,15 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-AGENT = Path(sys.executable).with_name("cluo-agent")
+from tests.testbed import flatcar
 
-OS_RELEASE = """NAME="Flatcar Container Linux by Kinvolk"
-ID=flatcar
-ID_LIKE=coreos
-VERSION="4081.2.0"
-VERSION_ID=4081.2.0
-PRETTY_NAME="Flatcar Container Linux by Kinvolk 4081.2.0 (Oklo)"
-"""
+AGENT = Path(sys.executable).with_name("cluo-agent")
 
 
 @dataclass
@@ -41,7 +35,7 @@ class HostDir:
         (self.root / "etc/flatcar").mkdir(parents=True, exist_ok=True)
         (self.root / "usr/share/flatcar").mkdir(parents=True, exist_ok=True)
         (self.root / "proc/sys/kernel/random").mkdir(parents=True, exist_ok=True)
-        (self.root / "etc/os-release").write_text(OS_RELEASE)
+        (self.root / "etc/os-release").write_text(flatcar.OS_RELEASE)
         (self.root / "usr/share/flatcar/update.conf").write_text("GROUP=alpha\n")
         (self.root / "etc/flatcar/update.conf").write_text(f'GROUP="{self.group}"\n')
         self._write_boot_id()

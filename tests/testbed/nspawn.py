@@ -73,6 +73,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -336,11 +337,68 @@ def _write(path: Path, content: str | bytes, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def loop_device_args() -> list[str]:
-    """nspawn arguments giving a host the machine's loop devices (for systemd-sysext images)."""
-    devices = sorted(str(p) for p in Path("/dev").glob("loop*") if p.is_block_device())
-    control = ["/dev/loop-control"] if Path("/dev/loop-control").exists() else []
-    return [f"--bind={device}" for device in control + devices]
+LOOP_MAJOR_FALLBACK = 7  # linux/major.h, where /proc/devices does not say
+# Device nodes /dev/loop0..N-1 in a host that asks for loop devices: far more than the hosts of
+# one test session use at once, and at least this many above the highest device in use.
+LOOP_NODES = 64
+
+
+def _loop_major() -> int:
+    for line in Path("/proc/devices").read_text().splitlines():
+        number, _sep, name = line.strip().partition(" ")
+        if name == "loop" and number.isdigit():
+            return int(number)
+    return LOOP_MAJOR_FALLBACK
+
+
+def _loop_part_shift() -> int:
+    """How many minor bits each loop device keeps for partitions (the loop module's max_part)."""
+    try:
+        max_part = int(Path("/sys/module/loop/parameters/max_part").read_text())
+    except (OSError, ValueError):
+        return 0
+    return max_part.bit_length() if max_part > 0 else 0
+
+
+def loop_device_args(node_dir: Path, count: int = LOOP_NODES) -> list[str]:
+    """nspawn arguments that give a host working loop devices, whatever the machine has.
+
+    systemd-sysext inside a host asks /dev/loop-control for a free device
+    (LOOP_CTL_GET_FREE, which makes a new one when none is free) and opens /dev/loopN. The
+    host's /dev holds only what nspawn binds into it. Binding the machine's own /dev/loopN
+    nodes (devtmpfs) gives it the devices that exist when it boots, and no others: when the
+    kernel hands out a device made later (the others were taken meanwhile by other hosts, or
+    removed by a host's shutdown), the open fails, systemd asks again and gets the same
+    number, and after 64 tries it gives up with "Failed to set up loopback device: Device or
+    resource busy" (systemd 252, src/shared/loop-util.c). The unit then fails with 203/EXEC.
+
+    So the nodes are made here instead, with mknod in `node_dir` (on the machine's disk, not
+    a devtmpfs): a device node names a device number, not a device, so /dev/loopN inside
+    opens whatever device N the kernel has at that moment, including one made after the
+    boot. `count` nodes are made, and at least LOOP_NODES above the highest device the
+    machine has now, plus a bind of /dev/loop-control.
+    """
+    control = Path("/dev/loop-control")
+    if not control.exists():
+        raise HostError("/dev/loop-control is missing: the machine has no loop driver")
+    in_use = [int(p.name.removeprefix("loop")) for p in Path("/sys/block").glob("loop*")
+              if p.name.removeprefix("loop").isdigit()]
+    count = max(count, max(in_use, default=-1) + 1 + LOOP_NODES)
+    major, shift = _loop_major(), _loop_part_shift()
+    node_dir.mkdir(parents=True, exist_ok=True)
+    args = [f"--bind={control}"]
+    for index in range(count):
+        node = node_dir / f"loop{index}"
+        device = os.makedev(major, index << shift)
+        try:
+            st = node.lstat()
+        except FileNotFoundError:
+            os.mknod(node, 0o660 | stat.S_IFBLK, device)
+        else:
+            if not stat.S_ISBLK(st.st_mode) or st.st_rdev != device:
+                raise HostError(f"{node} exists and is not the loop device {major}:{index}")
+        args.append(f"--bind={node}:/dev/loop{index}")
+    return args
 
 
 # --- cgroups ------------------------------------------------------------------------------
@@ -431,8 +489,10 @@ class NspawnHost:
     WORKDIR/overlay/upper on top: instant, and a host only stores what it changes. With
     "copy" it is a copy of `base_root` (for file systems overlayfs cannot use as upper).
     `destroy` unmounts and deletes it. `extra_args` go to every systemd-nspawn run (e.g.
-    `--bind=...`, `loop_device_args()`). Console output of every boot is appended to
-    WORKDIR/console.log.
+    `--bind=...`). With `loop_devices`, every boot gets /dev/loop-control and loop device
+    nodes that work for any device the kernel hands out (`loop_device_args`), so
+    systemd-sysext can merge a ``.raw`` image after every reboot. Console output of every
+    boot is appended to WORKDIR/console.log.
 
     Not thread-safe except that `RebootFollower` may call `boot`/`poll` from its thread.
     """
@@ -445,6 +505,7 @@ class NspawnHost:
         *,
         storage: Literal["overlay", "copy"] = "overlay",
         extra_args: Sequence[str] = (),
+        loop_devices: bool = False,
     ) -> None:
         if not HOST_NAME_RE.match(name):
             raise ValueError(f"host name {name!r} is not a DNS label of at most 40 characters")
@@ -454,6 +515,7 @@ class NspawnHost:
         self.console_log = self.workdir / "console.log"
         self.storage = storage
         self.extra_args = tuple(extra_args)
+        self.loop_devices = loop_devices
         # nspawn's machine name keys /run/systemd/nspawn/*/NAME: unique per root, so hosts of
         # two test sessions with the same name do not collide. The hostname stays `name`.
         suffix = hashlib.sha256(str(self.root).encode()).hexdigest()[:8]
@@ -577,6 +639,7 @@ class NspawnHost:
                 raise HostError(f"host {self.name} is already running")
             self.boots += 1
             procs_files = self._cgroup.create()
+            loops = loop_device_args(self.workdir / "loop-dev") if self.loop_devices else []
             argv = [
                 "systemd-nspawn",
                 f"--directory={self.root}",
@@ -587,6 +650,7 @@ class NspawnHost:
                 f"--machine={self.machine}",
                 "--console=read-only",
                 "--link-journal=no",  # journal stays in ROOT/var/log/journal/MACHINE_ID
+                *loops,
                 *self.extra_args,
             ]
             # Join the host's own cgroup before exec: --keep-unit makes nspawn use it.

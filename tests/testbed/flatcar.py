@@ -1,0 +1,48 @@
+"""Flatcar-shaped test hosts: what systemd-sysext and cluo-agent read of a Flatcar node.
+
+A Debian root booted with systemd-nspawn is no Flatcar machine, but the parts of Flatcar
+that cluo depends on are files: `/usr/lib/os-release` (``ID=flatcar``, a Flatcar
+``VERSION_ID`` and ``SYSEXT_LEVEL=1.0``, which systemd-sysext compares with an image's
+extension-release before it merges it), `/etc/os-release` linking to it, and the update
+group in `/usr/share/flatcar/update.conf` (overridden by `/etc/flatcar/update.conf`).
+With them, a host merges cluo-agent's release image (``ID=flatcar``, ``SYSEXT_LEVEL=1.0``,
+``ARCHITECTURE=x86-64``) as a Flatcar node does, and the agent labels its Node with
+Flatcar's id, version and group.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.testbed.nspawn import NspawnHost
+
+VERSION = "4081.2.0"  # a Flatcar Stable release (2024), glibc 2.38
+GROUP = "stable"
+
+OS_RELEASE = f"""NAME="Flatcar Container Linux by Kinvolk"
+ID=flatcar
+ID_LIKE=coreos
+VERSION={VERSION}
+VERSION_ID={VERSION}
+BUILD_ID=2024-11-14-1938
+SYSEXT_LEVEL=1.0
+PRETTY_NAME="Flatcar Container Linux by Kinvolk {VERSION} (Oklo)"
+ANSI_COLOR="38;5;75"
+HOME_URL="https://flatcar.org/"
+BUG_REPORT_URL="https://issues.flatcar.org"
+FLATCAR_BOARD="amd64-usr"
+"""
+
+UPDATE_CONF = f"""SERVER=https://public.update.flatcar-linux.net/v1/update/
+GROUP={GROUP}
+"""
+
+
+def make_flatcar_shaped(host: NspawnHost) -> None:
+    """Give a stopped host Flatcar's os-release and update group (see the module doc)."""
+    host.add_file("/usr/lib/os-release", OS_RELEASE)
+    etc_os_release = host.path("/etc/os-release")
+    etc_os_release.unlink(missing_ok=True)
+    etc_os_release.symlink_to("../usr/lib/os-release")
+    host.add_file("/usr/share/flatcar/update.conf", UPDATE_CONF)
