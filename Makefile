@@ -7,7 +7,7 @@ export CLUO_CACHE ?= /var/cache/cluo
 .PHONY: deps control-plane lint test unit demo bench clean artifact
 
 # `make artifact`: cluo-agent's systemd-sysext image and its sha512 in $(ARTIFACT_DIR)
-# (hack/build-agent-artifact.sh; SYSEXT_ID=debian builds the nspawn test image).
+# (hack/build-agent-artifact.sh; SYSEXT_ID=_any builds one that merges on any distribution).
 ARTIFACT_DIR ?= build
 SYSEXT_ID ?= flatcar
 

@@ -14,8 +14,8 @@
 # Settings (environment):
 #   OUT_DIR         where the results go (default: build/ in the repository)
 #   VENV            the virtualenv with cluo and PyInstaller (default: .venv)
-#   SYSEXT_ID       `flatcar` (default: the release image), `debian` (a test image for
-#                   Debian bookworm nspawn hosts: ID=debian VERSION_ID=12) or `_any`
+#   SYSEXT_ID       `flatcar` (default: the release image, ID=flatcar SYSEXT_LEVEL=1.0)
+#                   or `_any` (merges on any distribution)
 #   ARTIFACT_VERSION  version in the file name and extension-release (default: cluo's
 #                   version from pyproject.toml)
 #   EXTRA_FILE      a file copied into usr/lib/cluo-agent/ (tests use it to change the
@@ -56,9 +56,8 @@ PY
 
 case "$id" in
     flatcar) release=$'ID=flatcar\nSYSEXT_LEVEL=1.0\nARCHITECTURE='"$arch" ;;
-    debian) release=$'ID=debian\nVERSION_ID=12\nARCHITECTURE='"$arch" ;;
     _any) release=$'ID=_any\nARCHITECTURE='"$arch" ;;
-    *) die "SYSEXT_ID must be flatcar, debian or _any, not ${id@Q}" ;;
+    *) die "SYSEXT_ID must be flatcar or _any, not ${id@Q}" ;;
 esac
 name=cluo-agent-$version-$arch
 [ "$id" = flatcar ] || name=$name-$id

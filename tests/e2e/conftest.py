@@ -2,9 +2,10 @@
 
 A host is provisioned the way a Flatcar node is, from the Ignition config that
 `ignition/cluo_ignition.py` generates, applied by the real Ignition; how, and what the
-test bed adds to a Debian root (the Debian-ID sysext image, loop devices for
-systemd-sysext, a dbusmock update-engine.service, the nspawn boot's id for the agent), is
-in `tests/testbed/roll.py`, which `make demo` shares.
+test bed adds to a Debian root (Flatcar's os-release and update group, so it merges the
+release sysext image; loop devices for systemd-sysext; a dbusmock update-engine.service;
+the nspawn boot's id for the agent), is in `tests/testbed/roll.py`, which `make demo`
+shares.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def agent_base_root() -> Path:
 
 @pytest.fixture(scope="session")
 def agent_image(tmp_path_factory: pytest.TempPathFactory) -> AgentImage:
-    """hack/build-agent-artifact.sh with SYSEXT_ID=debian, once per session."""
+    """hack/build-agent-artifact.sh (the release image, ID=flatcar), once per session."""
     return build_agent_image(tmp_path_factory.mktemp("agent-image"))
 
 

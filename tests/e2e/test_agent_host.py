@@ -2,8 +2,9 @@
 control plane, with the test playing the coordinator (reboot-ok) and the kubelet emulator
 following each host's real boots.
 
-Per host (tests/e2e/conftest.py): the generated Ignition config applied by the real Ignition,
-the Debian-ID sysext image merged by the host's systemd-sysext, a stand-in update_engine
+Per host (tests/e2e/conftest.py): a Flatcar-shaped host (Flatcar's os-release and update
+group), the generated Ignition config applied by the real Ignition, the release sysext image
+(ID=flatcar, SYSEXT_LEVEL=1.0) merged by the host's systemd-sysext, a stand-in update_engine
 (dbusmock template as update-engine.service on the host's system bus), the agent as
 units/cluo-agent.service. A reboot is real: the agent's logind Reboot(false) ends nspawn with
 133, a RebootFollower boots the host again with a new boot id, and the emulated Node goes
@@ -41,10 +42,11 @@ from tests.e2e.conftest import (
     unique_name,
     update_engine_unit,
 )
-from tests.testbed import ignition_apply
+from tests.testbed import flatcar, ignition_apply
 from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
 from tests.testbed.nspawn import EXIT_REBOOT, NspawnHost, RebootFollower
 from tests.testbed.nspawn import unavailable_reason as nspawn_unavailable
+from tests.testbed.roll import SYSEXT_RELEASE, sysext_problem
 from tests.testbed.waiting import assert_stays, wait_for
 
 UNAVAILABLE = nspawn_unavailable()
@@ -226,6 +228,9 @@ def test_provisioned_host_runs_the_agent_through_a_real_reboot(cycle: Cycle) -> 
         "/usr/lib/cluo-agent/cluo-agent")
     sysext = host.run("systemd-sysext", "status", "--no-pager").stdout
     assert "cluo-agent" in sysext, sysext
+    # A Flatcar-shaped host merged the release image, as a Flatcar node does.
+    release = host.run("cat", SYSEXT_RELEASE).stdout.split()
+    assert "ID=flatcar" in release and "SYSEXT_LEVEL=1.0" in release, release
     assert host.run("systemctl", "is-active", "update-engine.service").stdout.strip() == (
         "active")
     assert host.run("systemctl", "is-enabled", "locksmithd.service",
@@ -260,6 +265,10 @@ def test_provisioned_host_runs_the_agent_through_a_real_reboot(cycle: Cycle) -> 
     assert follower.exits == [EXIT_REBOOT]
     assert second_boot != first_boot
     assert cycle.annotation("reboot-ok") == "false"
+    assert sysext_problem(host) is None, "merged again in the second boot"
+    labels = cycle.core.read_node(cycle.name).metadata.labels or {}
+    assert (labels.get(KEYS.id), labels.get(KEYS.version), labels.get(KEYS.group)) == (
+        "flatcar", flatcar.VERSION, flatcar.GROUP), labels
 
     # The agent's structured log: constant messages with NODE= and PHASE= fields.
     before = phases(cycle.agent_journal(first_boot), host.name)

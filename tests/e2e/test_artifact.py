@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.testbed.flatcar import make_flatcar_shaped
 from tests.testbed.nspawn import NspawnHost, build_base_root, unavailable_reason
 from tests.testbed.waiting import wait_for
 
@@ -208,20 +209,14 @@ LOGIND = ("org.freedesktop.login1", "/org/freedesktop/login1", "org.freedesktop.
 EXPOSURE_RE = re.compile(r"Overall exposure level for cluo-agent\.service: (\d+\.\d+) (\w+)")
 
 
-@pytest.fixture(scope="session")
-def debian_artifact(tmp_path_factory: pytest.TempPathFactory, work_dir: Path) -> Artifact:
-    """The same bundle with ID=debian VERSION_ID=12, which a bookworm host merges."""
-    return build_artifact(tmp_path_factory.mktemp("artifact-debian"), work_dir,
-                          SYSEXT_ID="debian")
-
-
 @pytest.fixture
-def agent_host(debian_artifact: Artifact, kubeconfig: Path, tmp_path: Path) -> Iterator[NspawnHost]:
-    """A host with the image as a directory extension, the unit and a kubeconfig."""
-    host = NspawnHost("cluo-sysext", build_base_root(), tmp_path / "host")
+def agent_host(artifact: Artifact, kubeconfig: Path, tmp_path: Path) -> Iterator[NspawnHost]:
+    """A Flatcar-shaped host with the release image in /etc/extensions (as Ignition links
+    it), the unit and a kubeconfig; its systemd-sysext merges the image at boot."""
+    host = NspawnHost("cluo-sysext", build_base_root(), tmp_path / "host", loop_devices=True)
     try:
-        shutil.copytree(debian_artifact.tree, host.path("/var/lib/extensions/cluo-agent"),
-                        symlinks=True)
+        make_flatcar_shaped(host)
+        host.add_file("/etc/extensions/cluo-agent.raw", artifact.image.read_bytes())
         host.add_file("/etc/systemd/system/cluo-agent.service", UNIT.read_text())
         host.add_file("/etc/cluo/kubeconfig", kubeconfig.read_text(), 0o600)
         host.add_file("/etc/cluo/agent.env", "CLUO_AGENT_LOG_LEVEL=debug\n")

@@ -5,11 +5,13 @@ Ignition config (sysext image by URL + sha512, the link in /etc/extensions, kube
 agent.env, the unit, masks and enables), and the real Ignition applies it into the host's
 root (`tests/testbed/ignition_apply.py`). What a Debian root lacks is then added:
 
-- the image is the Debian-ID build of the artifact (ID=debian VERSION_ID=12; the Flatcar one
-  does not merge on a Debian host), served over HTTP from loopback to Ignition;
-- each boot of the host gets the machine's loop devices (`SysextHost`), so systemd-sysext
-  merges the ``.raw`` that /etc/extensions/cluo-agent.raw links to, and
-  systemd-sysext.service is enabled (the base root has it disabled);
+- the host is Flatcar-shaped (`tests/testbed/flatcar.py`: Flatcar's os-release with
+  ``SYSEXT_LEVEL=1.0`` and its update group), so systemd-sysext merges the release image
+  (``ID=flatcar``), served over HTTP from loopback to Ignition, as a Flatcar node does;
+- each boot of the host gets loop device nodes that work for any device the kernel hands
+  out (`NspawnHost(loop_devices=True)`), and systemd-sysext.service is enabled (the base
+  root has it disabled); after every boot the merge is checked (`sysext_problem`), so a
+  host whose extension did not merge is reported at once, with systemd-sysext's journal;
 - ``update-engine.service`` is a stand-in: the update_engine dbusmock template run by the
   host's own python3 (bookworm's python3-dbusmock 0.28.7) on the host's real system bus,
   with a D-Bus policy that, like Flatcar's, lets only root own and call com.coreos.update1;
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -60,7 +61,7 @@ from kubernetes.client import (
 from kubernetes.client.exceptions import ApiException
 
 from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
-from tests.testbed import ignition_apply
+from tests.testbed import flatcar, ignition_apply
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.coordinator import CoordProcess
 from tests.testbed.dbus_bus import UPDATE_ENGINE_TEMPLATE, mock_command
@@ -70,7 +71,6 @@ from tests.testbed.nspawn import (
     HostError,
     NspawnHost,
     build_base_root,
-    loop_device_args,
 )
 from tests.testbed.recorder import InFlightRecorder
 from tests.testbed.waiting import wait_for
@@ -111,22 +111,6 @@ KEYS = Keys()
 
 
 # --- provisioning one host ----------------------------------------------------------------
-
-
-class SysextHost(NspawnHost):
-    """An NspawnHost that hands the machine's loop devices to each boot, read at that boot.
-
-    systemd-sysext inside attaches the image to a loop device, and systemd removes a loop
-    device it allocated once done with it (LOOP_CTL_REMOVE, at the latest when the host
-    shuts down), so /dev/loopN vanishes from the machine and a list made before the first
-    boot breaks the next one ("Failed to stat /dev/loop1"). `losetup --find` first makes
-    sure a free device exists: one the kernel creates later would be missing inside.
-    """
-
-    def boot(self) -> None:
-        subprocess.run(["losetup", "--find"], capture_output=True, timeout=30, check=True)
-        self.extra_args = tuple(loop_device_args())
-        super().boot()
 
 
 # nspawn gives each boot its own boot id by mounting a file over
@@ -186,7 +170,7 @@ class RollError(RuntimeError):
 
 @dataclass(frozen=True)
 class AgentImage:
-    """The Debian-ID sysext image of cluo-agent, its sha512 and the tree it was packed from."""
+    """cluo-agent's release sysext image, its sha512 and the tree it was packed from."""
 
     image: Path
     sha512: str
@@ -221,7 +205,7 @@ def cache_dir() -> Path:
 
 
 def build_agent_image(out: Path) -> AgentImage:
-    """hack/build-agent-artifact.sh with SYSEXT_ID=debian into `out`.
+    """hack/build-agent-artifact.sh into `out`: the release image, as `make artifact` builds it.
 
     PyInstaller's work tree is cached beside the other test-bed caches, so a warm build
     takes about 10 s.
@@ -231,7 +215,7 @@ def build_agent_image(out: Path) -> AgentImage:
     result = subprocess.run(
         ["bash", str(BUILD)],
         env={**os.environ, "OUT_DIR": str(out), "WORK_DIR": str(work),
-             "VENV": str(Path(sys.executable).parent.parent), "SYSEXT_ID": "debian"},
+             "VENV": str(Path(sys.executable).parent.parent)},
         capture_output=True, text=True, timeout=ARTIFACT_BUILD_TIMEOUT, check=False,
     )
     if result.returncode != 0:
@@ -256,7 +240,7 @@ def _image_inputs_key() -> str:
 
 
 def cached_agent_image() -> AgentImage:
-    """The Debian-ID image from `$CLUO_CACHE/agent-image/KEY`, built there on first use.
+    """The release image from `$CLUO_CACHE/agent-image/KEY`, built there on first use.
 
     KEY hashes the image's inputs (`_image_inputs_key`), so a change to the agent builds a
     new one. Built into a temporary folder and renamed into place: a killed build leaves no
@@ -353,8 +337,9 @@ def provision_host(
     kubeconfig.chmod(0o600)
     config_path = workdir / "node.ign"
     config = generate_config(image, url_base, kubeconfig, config_path, settings)
-    host = SysextHost(name, base_root, workdir / "host")
+    host = NspawnHost(name, base_root, workdir / "host", loop_devices=True)
     on_made(host)
+    flatcar.make_flatcar_shaped(host)
     if ignition_apply.find_ignition() is not None:
         summary = ignition_apply.apply_with_ignition(host, config_path, workdir / "ignition")
     else:
@@ -372,43 +357,43 @@ def provision_host(
     boot_id = wait_for(lambda: boot_id_or_none(host), BOOT_TIMEOUT,
                        f"host {name} to start booting (its boot id readable)")
     timings["boot id"] = time.monotonic() - booting
+    problem = sysext_problem(host)
+    if problem is not None:
+        raise RollError(f"{name}, first boot: {problem}")
     return ProvisionedHost(host, config, summary, problems, timings, boot_id, booting)
 
 
-LOOP_CTL_REMOVE = 0x4C81  # linux/loop.h
+SYSEXT_UNIT = "systemd-sysext.service"
+SYSEXT_RELEASE = "/usr/lib/extension-release.d/extension-release.cluo-agent"
+SYSEXT_TIMEOUT = 60.0
 
 
-def remove_free_loop_devices(timeout: float = 10.0) -> None:
-    """Remove the machine's loop devices that nothing uses any more (LOOP_CTL_REMOVE).
+def sysext_problem(host: NspawnHost, timeout: float = SYSEXT_TIMEOUT) -> str | None:
+    """None once systemd-sysext has merged cluo-agent's image in the host's current boot;
+    else why not, with systemd-sysext's journal of this boot.
 
-    Several hosts up at once make systemd-sysext inside them create several loop devices
-    (/dev/loop0..N); killed hosts leave them behind, detached. A host booted later is
-    handed them all (`SysextHost`), and its systemd-sysext then sometimes fails with
-    "Failed to set up loopback device ...: Device or resource busy" (seen in the host
-    booted third after a three-host roll). Removing the free ones gives later hosts the
-    state a single host leaves. Devices still attached (a backing file) or busy stay;
-    their autoclear may take a moment after a host is killed, hence the retries.
+    systemd-sysext.service runs early in the boot (before sysinit.target): this waits until
+    it has finished, one way or the other, so a host whose extension did not merge is
+    reported within seconds of its boot, not when a roll times out.
     """
-    deadline = time.monotonic() + timeout
-    control = Path("/dev/loop-control")
-    if not control.exists():
-        return
-    while True:
-        attached = []
-        fd = os.open(control, os.O_RDWR)
+
+    def finished() -> str | None:
         try:
-            for device in sorted(Path("/sys/block").glob("loop*")):
-                number = int(device.name.removeprefix("loop"))
-                if (device / "loop" / "backing_file").exists():
-                    attached.append(device.name)
-                    continue
-                with contextlib.suppress(OSError):  # busy, or gone meanwhile
-                    fcntl.ioctl(fd, LOOP_CTL_REMOVE, number)
-        finally:
-            os.close(fd)
-        if not attached or time.monotonic() > deadline:
-            return
-        time.sleep(0.2)
+            state = host.run("systemctl", "show", "-p", "ActiveState", "--value", SYSEXT_UNIT,
+                             check=False, timeout=5).stdout.strip()
+        except HostError:  # the boot is not that far yet
+            return None
+        return state if state in ("active", "failed") else None
+
+    state = wait_for(finished, timeout, f"{SYSEXT_UNIT} in host {host.name} to finish")
+    merged = host.run("test", "-e", SYSEXT_RELEASE, check=False, timeout=5).returncode == 0
+    if state == "active" and merged:
+        return None
+    journal = host.run("journalctl", "--boot", "--unit", SYSEXT_UNIT, "--no-pager",
+                       "--output=short-monotonic", check=False, timeout=10).stdout
+    return (f"systemd-sysext did not merge cluo-agent's image ({SYSEXT_UNIT} {state}, "
+            f"{SYSEXT_RELEASE} {'present' if merged else 'missing'}); "
+            f"journalctl -u {SYSEXT_UNIT} of this boot:\n{journal.strip()[-3000:]}")
 
 
 def boot_id_or_none(host: NspawnHost) -> str | None:
@@ -485,6 +470,10 @@ class HostFollower:
                                f"host {self.host.name} to boot again after boot {old}")
                 self.node.boot(new)
                 self.boots.append(Boot(new, started, time.monotonic()))
+                problem = sysext_problem(self.host)
+                if problem is not None:
+                    raise HostError(f"boot {len(self.boots)} of host {self.host.name}: "
+                                    f"{problem}")
             except BaseException as err:  # reported by the roll
                 self.error = err
                 return
@@ -627,12 +616,11 @@ class Roll:
         self._clean_leases()
         base_root = self._base_root
         if base_root is None:
-            self.log("building (or taking from the cache) the Debian base root of the hosts")
+            self.log("building (or taking from the cache) the base root of the hosts")
             base_root = build_base_root()
         image = self._image
         if image is None:
-            self.log("building the Debian-ID sysext image of cluo-agent (or taking it from "
-                     "the cache)")
+            self.log("building cluo-agent's sysext image (or taking it from the cache)")
             image = cached_agent_image()
         self.timings["base root + image"] = time.monotonic() - t0
         url_base = self._url_base
@@ -802,7 +790,7 @@ class Roll:
         for member in self.members:
             if member.follower.error is not None:
                 raise RollFailed(f"{member.name}: following its reboots failed: "
-                                 f"{member.follower.error!r}")
+                                 f"{member.follower.error}")
             bad_exits = [code for _, code in member.follower.exits if code != EXIT_REBOOT]
             if bad_exits:
                 raise RollFailed(f"{member.name}: systemd-nspawn exited with {bad_exits}, "
@@ -908,7 +896,6 @@ class Roll:
             attempt(f"stopping the follower of {member.name}", member.follower.stop)
         for host in self._hosts:
             attempt(f"destroying host {host.name}", host.destroy)
-        attempt("removing free loop devices", remove_free_loop_devices)
         if self._emulator is not None:
             attempt("stopping the kubelet emulator",
                     lambda: self._emulator.stop(delete_nodes=True) if self._emulator else None)
