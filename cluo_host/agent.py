@@ -11,6 +11,17 @@ The loop never sleeps blindly: it waits for a wake-up (node changed, update_engi
 status, drain progress) or for the decision's ``recheck_after``, whichever is first.
 A failed action stops the decision; the next one is made from a fresh observation after
 a backoff, so an API server or bus outage is ridden out without exiting.
+
+Start-up ends with ``READY=1`` once update_engine answered and the API server answered
+about the node. When its answer is that no Node has this name (the kubelet has not
+registered yet, or registered under another name), that is an answer, not a start-up
+failure: the agent sends ``READY=1`` with a ``STATUS=`` naming the node name, where it
+came from and how to set it, and waits for the Node (its watch ends the wait as soon as
+the Node is added; a read every ``Backoff.maximum`` at most keeps the reason honest).
+Holding ``READY=1`` back would hold up ``multi-user.target`` on every boot where the
+kubelet registers late, and after ``TimeoutStartSec=`` systemd would restart an agent
+that a restart cannot help. Any other failure to read the node (forbidden, API server
+down) is reported as that, and ``READY=1`` waits for it as before.
 """
 
 from __future__ import annotations
@@ -42,7 +53,12 @@ from cluo_host.agent_core import (
     decide,
     describe_inhibitors,
 )
-from cluo_host.config import AgentSettings
+from cluo_host.config import (
+    NODE_NAME_FLAG,
+    NODE_NAME_FROM_HOSTNAME,
+    NODE_NAME_VARIABLE,
+    AgentSettings,
+)
 from cluo_host.drainer import Drainer
 from cluo_host.errors import CluoError, WatchExpired
 from cluo_host.eviction import PodApi
@@ -63,6 +79,12 @@ from cluo_host.update_status import UpdateEngineStatus
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT_SECONDS = 300
+AGENT_ENV_FILE = "/etc/cluo/agent.env"  # the unit's EnvironmentFile= (units/cluo-agent.service)
+# When no Node has the agent's node name: how to give it another (the Ignition generator's
+# `--node-setting node-name=...` writes that variable into that file).
+NODE_NAME_HINT = (f"if the kubelet registered this host under another name, set "
+                  f"{NODE_NAME_FLAG} or {NODE_NAME_VARIABLE} in {AGENT_ENV_FILE}")
+NO_NODE_MESSAGE = f"no Node of this name, waiting for it to be registered; {NODE_NAME_HINT}"
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_phase = ""
         self._last_status = ""
+        self._ready_sent = False
         self.decisions = 0  # how many decisions were made (for tests and benchmarks)
 
     # -- life cycle --------------------------------------------------------------------
@@ -135,8 +158,10 @@ class Agent:
         try:
             if not await self._start(stop):
                 return 0
-            self._notifier.ready(self._last_status or "started")
-            log.info("agent ready", extra={"NODE": self._name, "BOOT_ID": self._host.boot_id})
+            self._ready(self._last_status or "started")
+            log.info("agent ready", extra={"NODE": self._name,
+                                           "NODE_NAME_SOURCE": self._settings.node_name_source,
+                                           "BOOT_ID": self._host.boot_id})
             await self._loop_until(stop)
             return 0
         finally:
@@ -149,7 +174,8 @@ class Agent:
                     await watchdog
 
     async def _start(self, stop: asyncio.Event) -> bool:
-        """Connect to update_engine, read the node, label it. False if stopped meanwhile."""
+        """Connect to update_engine, read the node (waiting for it while no Node has its
+        name), label it. False if stopped meanwhile."""
         self._notifier.status("starting: connecting to update_engine")
         failures = 0
         while not stop.is_set():
@@ -162,26 +188,71 @@ class Agent:
                             extra={"NODE": self._name, "ERROR": str(err), "KIND": err.kind})
                 self._notifier.status(f"starting: update_engine unreachable: {err}")
                 await self._sleep_or_stop(stop, self._backoff.delay(failures))
+        if stop.is_set() or not await self._find_node(stop):
+            return False
+        self._start_watch()
+        return True
+
+    async def _find_node(self, stop: asyncio.Event) -> bool:
+        """Read the node and label it, retrying until it works. False if stopped first.
+
+        Logs once per change of what is wrong (its error kind), not once per retry.
+        """
         self._notifier.status("starting: reading the node")
         failures = 0
+        problem: str | None = None  # the error kind last reported
+        was_missing = False
         while not stop.is_set():
+            self._wake.clear()  # from here on, a node from the watch wakes the wait below
             try:
-                self._node = await asyncio.to_thread(self._nodes.get, self._name)
+                if self._node is None:
+                    self._set_node(await asyncio.to_thread(self._nodes.get, self._name))
                 await self._label_host()
-                break
             except CluoError as err:
                 failures += 1
-                log.warning("cannot read or label the node, retrying",
-                            extra={"NODE": self._name, "ERROR": str(err), "KIND": err.kind})
-                self._notifier.status(f"starting: cannot read node: {err}")
-                await self._sleep_or_stop(stop, self._backoff.delay(failures))
-        if stop.is_set():
-            return False
-        self._watch_thread = threading.Thread(
-            target=self._watch_node, name="node-watch", daemon=True
-        )
-        self._watch_thread.start()
-        return True
+                if err.kind == "not_found":
+                    was_missing = True
+                    self._node = None  # also when deleted between the read and the labels
+                    self._start_watch()  # its ADDED event ends the wait below at once
+                self._report_unreadable_node(err, first=err.kind != problem)
+                problem = err.kind
+                await self._wait_for_wake(stop, self._backoff.delay(failures))
+                continue
+            if was_missing:
+                log.info("the Node appeared", extra={"NODE": self._name})
+            return True
+        return False
+
+    def _report_unreadable_node(self, err: CluoError, *, first: bool) -> None:
+        """Log (``first``: this kind of failure is new) and say in STATUS= why the node
+        cannot be read; no such Node is the end of start-up (module doc): READY=1."""
+        extra = {"NODE": self._name, "ERROR": str(err), "KIND": err.kind}
+        if err.kind != "not_found":
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "cannot read or label the node, retrying", extra=extra)
+            self._notifier.status(f"starting: cannot read node: {err}")
+            return
+        source = self._settings.node_name_source
+        if first:
+            log.warning(NO_NODE_MESSAGE, extra={**extra, "NODE_NAME_SOURCE": source})
+        origin = "the hostname" if source == NODE_NAME_FROM_HOSTNAME else source
+        self._ready(f"waiting for Node {self._name!r} (name from {origin}): "
+                    f"no Node of this name; {NODE_NAME_HINT}")
+
+    def _ready(self, status: str) -> None:
+        """READY=1 with ``status`` the first time, ``status`` alone after that."""
+        if self._ready_sent:
+            self._notifier.status(status)
+        else:
+            self._ready_sent = True
+            self._notifier.ready(status)
+
+    def _start_watch(self) -> None:
+        if self._watch_thread is None:
+            self._watch_thread = threading.Thread(
+                target=self._watch_node, name="node-watch", daemon=True
+            )
+            self._watch_thread.start()
 
     async def _shutdown(self) -> None:
         await self._stop_drain()
@@ -198,6 +269,15 @@ class Agent:
     async def _sleep_or_stop(self, stop: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
+
+    async def _wait_for_wake(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait ``seconds``, or less if stopped or woken (a node event, an engine event)."""
+        waiters = {asyncio.create_task(stop.wait()), asyncio.create_task(self._wake.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _label_host(self) -> None:
         keys = self._settings.keys

@@ -23,6 +23,9 @@ from cluo_host.errors import ConfigError
 from cluo_host.protocol import DEFAULT_PREFIX, Keys, ProtocolError
 
 ENV_PREFIX = "CLUO_AGENT_"
+NODE_NAME_FLAG = "--node-name"
+NODE_NAME_VARIABLE = ENV_PREFIX + "NODE_NAME"
+NODE_NAME_FROM_HOSTNAME = "hostname"
 DEFAULT_KUBECONFIG = "/etc/cluo/kubeconfig"
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
@@ -47,6 +50,9 @@ def parse_duration(text: str) -> float:
 @dataclass(frozen=True)
 class AgentSettings:
     node_name: str
+    # Where node_name came from, for the operator when no Node has that name:
+    # NODE_NAME_FLAG, NODE_NAME_VARIABLE or NODE_NAME_FROM_HOSTNAME.
+    node_name_source: str
     kubeconfig: Path
     keys: Keys
     core: AgentConfig
@@ -161,18 +167,21 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
     except ValueError as err:
         raise ConfigError(f"agent settings: {err}") from None
 
-    # The kubelet's default node name is the lowercased hostname.
+    # The kubelet's default node name is the lowercased hostname. A given name is taken
+    # as it is: one with capitals is refused below, not lowercased.
     node_name, node_source = value("node_name", socket.gethostname().strip().lower())
-    if node_source == "the default":
-        node_source = "the hostname (no --node-name nor CLUO_AGENT_NODE_NAME)"
+    from_hostname = node_source == "the default"
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", node_name) or len(node_name) > 253:
-        raise ConfigError(f"{node_source}: node name {node_name!r} is not a valid Kubernetes "
+        where = (f"the hostname (no {NODE_NAME_FLAG} nor {NODE_NAME_VARIABLE})"
+                 if from_hostname else node_source)
+        raise ConfigError(f"{where}: node name {node_name!r} is not a valid Kubernetes "
                           "node name")
     bus, _ = value("system_bus_address", env.get("DBUS_SYSTEM_BUS_ADDRESS", ""))
     kubeconfig, _ = value("kubeconfig", DEFAULT_KUBECONFIG)
     host_root, _ = value("host_root", "/")
     return AgentSettings(
         node_name=node_name,
+        node_name_source=NODE_NAME_FROM_HOSTNAME if from_hostname else node_source,
         kubeconfig=Path(kubeconfig),
         keys=keys,
         core=core,

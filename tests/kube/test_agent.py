@@ -739,6 +739,62 @@ def test_flag_drains_pods_without_controller(rig: Rig) -> None:
     assert rig.pods() == []
 
 
+NO_NODE = "no Node of this name"
+
+
+@pytest.mark.parametrize("rig", [AgentOptions(start=False)], indirect=True)
+def test_waits_for_a_node_of_its_name_and_carries_on_when_it_appears(
+    rig: Rig, kubelet: KubeletEmulator, notify_listener: NotifyListener
+) -> None:
+    # The agent is told a name no Node has (an FQDN where the kubelet registered the short
+    # name, or a kubelet that registers late): it says so, stays up, and waits.
+    name = f"{rig.name}.example.com"
+    rig.agent.node_name = name
+    rig.agent.env.update({"NOTIFY_SOCKET": str(notify_listener.path),
+                          "WATCHDOG_USEC": "2000000"})  # a ping every second
+    rig.agent.start()
+    assert rig.agent.popen is not None
+    pid = rig.agent.popen.pid
+
+    status = rig.wait(lambda: next((s for s in notify_listener.statuses() if NO_NODE in s), None),
+                      "STATUS= saying that no Node has the agent's name")
+    assert status.startswith(f"waiting for Node {name!r} (name from --node-name): ")
+    assert "set --node-name or CLUO_AGENT_NODE_NAME in /etc/cluo/agent.env" in status
+    rig.wait(lambda: notify_listener.received("READY=1"), "READY=1: start-up is done, the "
+             "API server answered that there is no such Node")
+    line = rig.wait(lambda: next((line for line in rig.agent.log().splitlines()
+                                  if NO_NODE in line), None), "the journal line")
+    assert line.startswith("WARNING ")
+    assert f"NODE={name} " in line and "NODE_NAME_SOURCE=--node-name" in line, line
+    assert "KIND=not_found" in line, "a missing Node, not another failure"
+    assert "set --node-name or CLUO_AGENT_NODE_NAME in /etc/cluo/agent.env" in line
+    pings = len(notify_listener.received("WATCHDOG=1"))
+    # Meanwhile the agent reads the node again (0.5 s, 1 s, 2 s apart): still one line.
+    assert_stays(lambda: rig.agent.running() and rig.agent.log().count(NO_NODE) == 1, 4.0,
+                 "the agent to stay up and report the missing Node once")
+    assert len(notify_listener.received("WATCHDOG=1")) > pings, "the watchdog is fed"
+    assert "cannot read or label the node" not in rig.agent.log()
+
+    kubelet.add_node(name, boot_id=rig.host.boot_id)  # the kubelet registers this name
+
+    def status_annotation() -> str | None:
+        annotations = rig.core.read_node(name).metadata.annotations or {}
+        return annotations.get(KEYS.status)
+
+    rig.wait(lambda: status_annotation() == "UPDATE_STATUS_IDLE",
+             "the agent to mirror update_engine's status onto the new Node")
+    assert rig.core.read_node(name).metadata.labels.get(KEYS.group) == "stable"
+    rig.update_engine.mock.SetStatus(*NEED_REBOOT)
+    rig.wait(lambda: status_annotation() == "UPDATE_STATUS_UPDATED_NEED_REBOOT",
+             "the agent to mirror update_engine's next status")
+    assert rig.agent.running() and rig.agent.popen.pid == pid and rig.agent.starts == 1, (
+        "the same process carried on"
+    )
+    assert "the Node appeared" in rig.agent.log()
+    assert len(notify_listener.received("READY=1")) == 1
+    assert_in_order(notify_listener.statuses(), [status, "started"])
+
+
 
 # Last in the file: it restarts the session's kube-apiserver.
 def test_api_server_outage_mid_drain(rig: Rig, control_plane: ControlPlane) -> None:
