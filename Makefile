@@ -18,7 +18,7 @@ control-plane: deps
 	@bash hack/build-control-plane.sh >/dev/null
 
 lint: deps
-	$(VENV)/bin/ruff check cluo_host cluo_coord tests
+	$(VENV)/bin/ruff check cluo cluo_host cluo_coord tests bench ignition hack
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

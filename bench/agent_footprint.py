@@ -260,7 +260,7 @@ def _agent(argv: list[str], env: dict[str, str], log_path: Path) -> Iterator[_St
                 popen.wait(5)
 
 
-# The agent's big imports, in the order the probe takes them (cluo_host.kube_client is
+# The agent's big imports, in the order the probe takes them (cluo.kube.client is
 # cluo's own API client on http.client and ssl; the kubernetes package is not imported).
 IMPORT_STEPS = ("ssl", "http.client", "yaml", "dbus_fast", "cluo_host.main")
 IMPORT_PROBE = """

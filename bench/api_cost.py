@@ -47,7 +47,7 @@ from bench.testbed import (
     read_audit_log,
     running_audited_plane,
 )
-from cluo_host.protocol import Keys
+from cluo.protocol import Keys
 from tests.testbed.agent_host import AgentProcess, HostDir
 from tests.testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, MockService, spawn_mock
 from tests.testbed.kubelet import EmulatedNode, KubeletEmulator

@@ -27,7 +27,7 @@ from bench import coord_rig
 from bench.context import BenchContext
 from bench.records import BenchResult, Comparison, Measurement, Status, Target
 from bench.testbed import AuditedRequest, read_audit_log
-from cluo_host.protocol import LEADER_LEASE_NAME
+from cluo.protocol import LEADER_LEASE_NAME
 from tests.testbed.kubelet import KubeletEmulator
 from tests.testbed.waiting import wait_for
 

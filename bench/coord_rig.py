@@ -21,7 +21,7 @@ from kubernetes.client import CoordinationV1Api
 from kubernetes.client.exceptions import ApiException
 
 from bench.testbed import AuditedControlPlane, running_audited_plane
-from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL
+from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.coordinator import CoordProcess
 

@@ -56,7 +56,7 @@ from bench import coord_rig
 from bench.context import BenchContext
 from bench.records import BenchResult, Comparison, Measurement, Status, Target
 from bench.testbed import read_audited_writes
-from cluo_host.protocol import LEADER_LEASE_NAME, Keys
+from cluo.protocol import LEADER_LEASE_NAME, Keys
 from tests.testbed.waiting import wait_for
 
 log = logging.getLogger(__name__)

@@ -52,12 +52,12 @@ from kubernetes.watch import Watch
 from bench.context import BenchContext
 from bench.records import BenchResult, Comparison, Measurement, Status, Target
 from bench.testbed import unique_suffix
+from cluo.kube.config import kubeconfig_client
+from cluo.kube.nodes import KubeNodes
+from cluo.protocol import Keys
 from cluo_host.drain_plan import DrainOptions, PodSummary
 from cluo_host.drainer import Drainer, DrainTuning
 from cluo_host.eviction import BlockedByBudget, EvictionOutcome, KubePods
-from cluo_host.kube_config import kubeconfig_client
-from cluo_host.kube_nodes import KubeNodes
-from cluo_host.protocol import Keys
 from tests.testbed.kubelet import KubeletEmulator
 from tests.testbed.waiting import wait_for
 

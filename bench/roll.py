@@ -49,7 +49,7 @@ from bench import coord_rig
 from bench.context import BenchContext
 from bench.records import BenchResult, Comparison, Measurement, Status, Target
 from bench.testbed import AuditedWrite, read_audited_writes
-from cluo_host.protocol import Keys, slot_lease_name
+from cluo.protocol import Keys, slot_lease_name
 from tests.testbed.kubelet import KubeletEmulator
 from tests.testbed.waiting import wait_for
 

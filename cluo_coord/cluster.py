@@ -26,18 +26,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cluo_coord.leases import LEASE_PATH, api_time, slot_from_object
-from cluo_coord.planner import MetadataPatch, NodeView, SlotLease, reboot_needed_since
-from cluo_host.errors import KubeError, WatchExpired, kind_for_status, kube_error
-from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient, WatchStream, segment
-from cluo_host.kube_nodes import MERGE_PATCH, NODES_PATH, node_patch
-from cluo_host.protocol import (
+from cluo.errors import KubeError, WatchExpired, kind_for_status, kube_error
+from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient, WatchStream, segment
+from cluo.kube.nodes import MERGE_PATCH, NODES_PATH, node_patch
+from cluo.protocol import (
     LEADER_LEASE_NAME,
     PAUSED_ANNOTATION,
     SLOT_LEASE_LABEL,
     Keys,
     NodeProtocolState,
 )
+from cluo_coord.leases import LEASE_PATH, api_time, slot_from_object
+from cluo_coord.planner import MetadataPatch, NodeView, SlotLease, reboot_needed_since
 
 log = logging.getLogger(__name__)
 

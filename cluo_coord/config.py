@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
+from cluo.errors import ConfigError
+from cluo.protocol import DEFAULT_PREFIX, Keys, ProtocolError, parse_hook_annotations
+from cluo.settings import parse_duration
 from cluo_coord.planner import Policy
 from cluo_coord.windows import RebootWindows, Window, WindowError, parse_windows, parse_zone
-from cluo_host.config import parse_duration
-from cluo_host.errors import ConfigError
-from cluo_host.protocol import DEFAULT_PREFIX, Keys, ProtocolError, parse_hook_annotations
 
 T = TypeVar("T")
 

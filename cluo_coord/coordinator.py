@@ -34,6 +34,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from cluo.errors import CluoError, KubeError
+from cluo.kube.nodes import KubeNodes
+from cluo.protocol import slot_lease_name
 from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
 from cluo_coord.leases import KubeSlots, slot_from_object
 from cluo_coord.metrics import CoordMetrics
@@ -52,9 +55,6 @@ from cluo_coord.planner import (
     ignored_while_unslotted,
     plan,
 )
-from cluo_host.errors import CluoError, KubeError
-from cluo_host.kube_nodes import KubeNodes
-from cluo_host.protocol import slot_lease_name
 
 log = logging.getLogger(__name__)
 

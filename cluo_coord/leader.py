@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from cluo.errors import KubeError, kube_error
+from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient
+from cluo.protocol import LEADER_LEASE_NAME
 from cluo_coord.leases import LEASE_PATH, micro_time
-from cluo_host.errors import KubeError, kube_error
-from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient
-from cluo_host.protocol import LEADER_LEASE_NAME
 
 log = logging.getLogger(__name__)
 

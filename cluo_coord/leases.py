@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
-from cluo_host.errors import KubeError, kube_error
-from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
-from cluo_host.protocol import (
+from cluo.errors import KubeError, kube_error
+from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
+from cluo.protocol import (
     SLOT_HOLDER_BOOT_ID,
     SLOT_LEASE_LABEL,
     SLOT_LEASE_PREFIX,
@@ -25,6 +24,7 @@ from cluo_host.protocol import (
     SLOT_STUCK,
     slot_lease_name,
 )
+from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
 
 log = logging.getLogger(__name__)
 

@@ -27,17 +27,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cluo.errors import CluoError, ConfigError
+from cluo.kube.client import KubeClient
+from cluo.kube.config import in_cluster_client, kubeconfig_client
+from cluo.kube.nodes import KubeNodes
+from cluo.protocol import DEFAULT_PREFIX, PAUSED_ANNOTATION, Keys, ProtocolError
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import CoordSettings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
 from cluo_coord.leader import LeaderElector, set_paused
 from cluo_coord.leases import KubeSlots
 from cluo_coord.metrics import CoordMetrics, HealthServer
-from cluo_host.errors import CluoError, ConfigError
-from cluo_host.kube_client import KubeClient
-from cluo_host.kube_config import in_cluster_client, kubeconfig_client
-from cluo_host.kube_nodes import KubeNodes
-from cluo_host.protocol import DEFAULT_PREFIX, PAUSED_ANNOTATION, Keys, ProtocolError
 
 log = logging.getLogger("cluo_coord")
 

@@ -75,8 +75,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState, hooks_done
 from cluo_coord.windows import RebootWindows
-from cluo_host.protocol import FALSE, TRUE, Keys, NodeProtocolState, hooks_done
 
 # --------------------------------------------------------------------------- inputs
 

@@ -33,6 +33,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluo.errors import CluoError, WatchExpired
+from cluo.kube.nodes import NodeApi, NodeSnapshot
+from cluo.protocol import label_value
 from cluo_host.agent_core import (
     AbortDrain,
     Action,
@@ -60,13 +63,10 @@ from cluo_host.config import (
     AgentSettings,
 )
 from cluo_host.drainer import Drainer
-from cluo_host.errors import CluoError, WatchExpired
 from cluo_host.eviction import PodApi
 from cluo_host.host_facts import HostFacts
-from cluo_host.kube_nodes import NodeApi, NodeSnapshot
 from cluo_host.logind import Rebooter, RebootError, RebootRefused
 from cluo_host.notify import ServiceNotifier, watchdog_loop
-from cluo_host.protocol import label_value
 from cluo_host.update_engine import (
     BusDisconnected,
     BusReconnected,

@@ -106,8 +106,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from cluo.protocol import Keys, NodeProtocolState, render_bool
 from cluo_host.drain_plan import DrainOptions, PodBlocker, describe_blockers
-from cluo_host.protocol import Keys, NodeProtocolState, render_bool
 from cluo_host.update_status import UpdateEngineStatus
 
 _T = TypeVar("_T")

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluo.errors import ConfigError
+from cluo.protocol import DEFAULT_PREFIX, Keys, ProtocolError
+from cluo.settings import parse_duration
 from cluo_host.agent_core import AgentConfig, DrainTimeoutPolicy
 from cluo_host.drainer import DrainTuning
-from cluo_host.errors import ConfigError
-from cluo_host.protocol import DEFAULT_PREFIX, Keys, ProtocolError
 
 ENV_PREFIX = "CLUO_AGENT_"
 NODE_NAME_FLAG = "--node-name"
@@ -28,23 +29,6 @@ NODE_NAME_VARIABLE = ENV_PREFIX + "NODE_NAME"
 NODE_NAME_FROM_HOSTNAME = "hostname"
 DEFAULT_KUBECONFIG = "/etc/cluo/kubeconfig"
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "10m", "1h30m" or "1.5s"."""
-    value = text.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        match = _DURATION.match(value)
-        if not value or match is None or not any(match.groups()):
-            raise ValueError(f"{text!r} is not a duration (examples: 30s, 10m, 1h30m)") from None
-        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
-        seconds = hours * 3600 + minutes * 60 + secs
-    if seconds < 0:
-        raise ValueError(f"{text!r} is negative")
-    return seconds
 
 
 @dataclass(frozen=True)

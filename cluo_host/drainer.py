@@ -23,9 +23,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluo.errors import CluoError
 from cluo_host.agent_core import DrainStatus
 from cluo_host.drain_plan import BlockReason, DrainOptions, PodBlocker, PodSummary, plan_drain
-from cluo_host.errors import CluoError
 from cluo_host.eviction import BlockedByBudget, PodApi
 
 log = logging.getLogger(__name__)

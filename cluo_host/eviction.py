@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cluo.errors import KubeError, kube_error, status_details
+from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
+from cluo.kube.nodes import DEFAULT_REQUEST_TIMEOUT
 from cluo_host.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
-from cluo_host.errors import KubeError, kube_error, status_details
-from cluo_host.kube_client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
-from cluo_host.kube_nodes import DEFAULT_REQUEST_TIMEOUT
 
 __all__ = [
     "BlockedByBudget",

@@ -10,7 +10,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluo_host.errors import ConfigError
+from cluo.errors import ConfigError
 
 BOOT_ID_PATH = "proc/sys/kernel/random/boot_id"
 OS_RELEASE_PATHS = ("etc/os-release", "usr/lib/os-release")

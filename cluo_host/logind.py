@@ -25,8 +25,8 @@ from typing import Protocol, TypeVar
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from cluo.errors import CluoError, ErrorKind
 from cluo_host.agent_core import Inhibitor
-from cluo_host.errors import CluoError, ErrorKind
 
 LOGIND_NAME = "org.freedesktop.login1"
 LOGIND_PATH = "/org/freedesktop/login1"

@@ -9,14 +9,14 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from cluo.errors import CluoError
+from cluo.kube.config import kubeconfig_client
+from cluo.kube.nodes import KubeNodes
 from cluo_host.agent import Agent
 from cluo_host.config import AgentSettings, load_settings
-from cluo_host.errors import CluoError
 from cluo_host.eviction import KubePods
 from cluo_host.host_facts import read_host_facts
 from cluo_host.journal import setup_logging
-from cluo_host.kube_config import kubeconfig_client
-from cluo_host.kube_nodes import KubeNodes
 from cluo_host.logind import Logind
 from cluo_host.notify import Notifier, watchdog_interval
 from cluo_host.update_engine import UpdateEngine, UpdateEngineEvent

@@ -47,7 +47,7 @@ from typing import Protocol, TypeVar
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from cluo_host.errors import CluoError, ErrorKind
+from cluo.errors import CluoError, ErrorKind
 from cluo_host.update_status import STATUS_SIGNATURE, UpdateEngineStatus, UpdateStatusError
 
 UPDATE_ENGINE_NAME = "com.coreos.update1"

@@ -79,6 +79,7 @@ started=$(date +%s)
     --noconfirm --log-level WARN --onedir --name cluo-agent \
     --distpath "$work/dist" --workpath "$work/build" --specpath "$work" \
     --paths "$root" \
+    --collect-submodules cluo \
     --collect-submodules cluo_host \
     --hidden-import systemd.journal \
     --exclude-module kubernetes \

@@ -41,8 +41,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout: the agent's config module
     sys.path.insert(0, str(ROOT))
 
+from cluo.errors import ConfigError  # noqa: E402
 from cluo_host import config as agent_config  # noqa: E402
-from cluo_host.errors import ConfigError  # noqa: E402
 
 UNIT_FILE = ROOT / "units" / "cluo-agent.service"
 BUTANE_TEMPLATE = HERE / "cluo-agent.bu"

@@ -15,7 +15,7 @@ import kubernetes.client
 import pytest
 from kubernetes.client.rest import ApiException
 
-from cluo_host.kube_client import KubeClient
+from cluo.kube.client import KubeClient
 from tests.testbed.controlplane import ControlPlane, running_control_plane
 from tests.testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, MockService, spawn_mock
 
@@ -36,7 +36,7 @@ def kube_admin(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiCli
 
 @pytest.fixture(scope="session")
 def kube_client(control_plane: ControlPlane) -> Iterator[KubeClient]:
-    """cluo's own client (cluo_host.kube_client) as admin: what cluo's adapters take."""
+    """cluo's own client (cluo.kube.client) as admin: what cluo's adapters take."""
     with control_plane.kube_client() as client:
         yield client
 

@@ -33,7 +33,7 @@ from kubernetes.client import (
     V1PodSpec,
 )
 
-from cluo_host.protocol import Keys
+from cluo.protocol import Keys
 from tests.e2e.conftest import (
     AgentHostFactory,
     AgentImage,

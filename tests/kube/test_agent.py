@@ -45,7 +45,7 @@ from kubernetes.client import (
 )
 from kubernetes.watch.watch import iter_resp_lines
 
-from cluo_host.protocol import Keys
+from cluo.protocol import Keys
 from tests.testbed.agent_host import AgentProcess, HostDir
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.dbus_bus import MockService

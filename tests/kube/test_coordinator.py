@@ -31,8 +31,8 @@ import urllib3
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
+from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from cluo_coord.coordinator import CRASH_AFTER_ENV, CRASH_EXIT_CODE
-from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.coordinator import COORD, CoordProcess
 from tests.testbed.kubelet import KubeletEmulator
@@ -454,14 +454,14 @@ def test_grant_is_refused_when_the_slot_lease_moved_since_the_plan(
     rig: Rig, coord_kubeconfig: Path
 ) -> None:
     """Rule 3, driven in-process: reboot-ok=true only while the slot Lease is unchanged."""
+    from cluo.errors import KubeError
+    from cluo.kube.config import kubeconfig_client
+    from cluo.kube.nodes import KubeNodes
     from cluo_coord.cluster import ClusterCache, ClusterWriter
     from cluo_coord.coordinator import Coordinator
     from cluo_coord.leases import KubeSlots
     from cluo_coord.metrics import CoordMetrics
     from cluo_coord.planner import AcquireSlot, GrantRebootOk, Policy, ReleaseSlot
-    from cluo_host.errors import KubeError
-    from cluo_host.kube_config import kubeconfig_client
-    from cluo_host.kube_nodes import KubeNodes
 
     (name,) = rig.add_nodes(1)
     api = kubeconfig_client(coord_kubeconfig, "cluo-coord")
@@ -492,8 +492,8 @@ def test_node_view_is_rebuilt_only_when_its_resource_version_changes(
     rig: Rig, coord_kubeconfig: Path
 ) -> None:
     """The cache keeps each node's planner view until the Node's resourceVersion moves."""
+    from cluo.kube.config import kubeconfig_client
     from cluo_coord.cluster import ClusterCache
-    from cluo_host.kube_config import kubeconfig_client
 
     quiet, changed = rig.add_nodes(2, needing_reboot=False)
     api = kubeconfig_client(coord_kubeconfig, "cluo-coord")
@@ -521,13 +521,13 @@ def test_reboot_timeout_fires_from_its_deadline_while_the_loop_idles(
     rig: Rig, coord_kubeconfig: Path
 ) -> None:
     """No watch event and no polling: the planner's deadline wakes the loop (time injected)."""
+    from cluo.kube.config import kubeconfig_client
+    from cluo.kube.nodes import KubeNodes
     from cluo_coord.cluster import ClusterCache, ClusterWriter
     from cluo_coord.coordinator import Coordinator
     from cluo_coord.leases import KubeSlots
     from cluo_coord.metrics import CoordMetrics
     from cluo_coord.planner import Policy
-    from cluo_host.kube_config import kubeconfig_client
-    from cluo_host.kube_nodes import KubeNodes
 
     (name,) = rig.add_nodes(1)
     shift = [timedelta(0)]

@@ -28,8 +28,11 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
+from cluo.errors import KubeError
+from cluo.kube.client import KubeClient
+from cluo.kube.nodes import EVENT_NAMESPACE, KubeNodes, NodeChange
+from cluo.protocol import Keys
 from cluo_host.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
-from cluo_host.errors import KubeError
 from cluo_host.eviction import (
     BlockedByBudget,
     Deleted,
@@ -38,9 +41,6 @@ from cluo_host.eviction import (
     KubePods,
     Present,
 )
-from cluo_host.kube_client import KubeClient
-from cluo_host.kube_nodes import EVENT_NAMESPACE, KubeNodes, NodeChange
-from cluo_host.protocol import Keys
 from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
 from tests.testbed.waiting import wait_for
 

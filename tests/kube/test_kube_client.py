@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from cluo_host.errors import KubeError, kube_error
-from cluo_host.kube_client import ApiError, FileToken, KubeClient
-from cluo_host.kube_config import kubeconfig_client
-from cluo_host.kube_nodes import KubeNodes
-from cluo_host.protocol import Keys
+from cluo.errors import KubeError, kube_error
+from cluo.kube.client import ApiError, FileToken, KubeClient
+from cluo.kube.config import kubeconfig_client
+from cluo.kube.nodes import KubeNodes
+from cluo.protocol import Keys
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.waiting import wait_for
 

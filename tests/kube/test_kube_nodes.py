@@ -14,10 +14,10 @@ import kubernetes.client
 import pytest
 from kubernetes.client import CoreV1Api
 
-from cluo_host.errors import ConfigError, KubeError, WatchExpired
-from cluo_host.kube_client import KubeClient
-from cluo_host.kube_config import in_cluster_client, kubeconfig_client, user_agent
-from cluo_host.kube_nodes import (
+from cluo.errors import ConfigError, KubeError, WatchExpired
+from cluo.kube.client import KubeClient
+from cluo.kube.config import in_cluster_client, kubeconfig_client, user_agent
+from cluo.kube.nodes import (
     EVENT_NAMESPACE,
     KubeNodes,
     NodeChange,
@@ -25,7 +25,7 @@ from cluo_host.kube_nodes import (
     NodeSnapshot,
     NodeWatch,
 )
-from cluo_host.protocol import Keys
+from cluo.protocol import Keys
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
 from tests.testbed.waiting import wait_for

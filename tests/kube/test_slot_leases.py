@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cluo.errors import KubeError
+from cluo.kube.client import KubeClient
 from cluo_coord.leases import KubeSlots
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot
-from cluo_host.errors import KubeError
-from cluo_host.kube_client import KubeClient
 from tests.testbed.controlplane import ControlPlane
 
 pytestmark = pytest.mark.kube

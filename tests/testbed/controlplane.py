@@ -31,8 +31,8 @@ from pathlib import Path
 import kubernetes.client
 from kubernetes.client.rest import ApiException
 
-from cluo_host.kube_client import KubeClient
-from cluo_host.kube_config import Component, kubeconfig_client
+from cluo.kube.client import KubeClient
+from cluo.kube.config import Component, kubeconfig_client
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ class ControlPlane:
         config.api_key_prefix = {"authorization": "Bearer"}
         return kubernetes.client.ApiClient(config)
 
-    # cluo's own client (cluo_host.kube_client), built the way cluo builds it: from a
+    # cluo's own client (cluo.kube.client), built the way cluo builds it: from a
     # kubeconfig. The kubernetes package above is the test bed's admin tool only.
 
     def kube_client(self, component: Component = "cluo-agent") -> KubeClient:

@@ -16,7 +16,7 @@ import kubernetes.client
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.watch import Watch
 
-from cluo_host.protocol import SLOT_LEASE_LABEL, Keys
+from cluo.protocol import SLOT_LEASE_LABEL, Keys
 
 
 @dataclass(frozen=True)

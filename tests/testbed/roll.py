@@ -60,7 +60,7 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
-from cluo_host.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
+from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from tests.testbed import flatcar, ignition_apply
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.coordinator import CoordProcess

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cluo.errors import ConfigError
+from cluo.protocol import CLUO_PREFIX, FLUO_PREFIX
 from cluo_host.agent_core import DrainTimeoutPolicy
 from cluo_host.config import DEFAULT_KUBECONFIG, load_settings, parse_duration
-from cluo_host.errors import ConfigError
-from cluo_host.protocol import CLUO_PREFIX, FLUO_PREFIX
 
 NODE = ["--node-name", "n1"]
 

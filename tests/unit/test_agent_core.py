@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cluo.protocol import FLUO_PREFIX, Keys, NodeProtocolState
 from cluo_host.agent_core import (
     TRANSITIONS,
     AbortDrain,
@@ -58,7 +59,6 @@ from cluo_host.agent_core import (
     derive_state,
 )
 from cluo_host.drain_plan import BlockReason, DrainOptions, PodBlocker
-from cluo_host.protocol import FLUO_PREFIX, Keys, NodeProtocolState
 from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
 
 KEYS = Keys()

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
+from cluo.errors import KubeError
+from cluo.kube.nodes import NodeChange, NodeEvent, NodeSnapshot
 from cluo_host.agent import NO_NODE_MESSAGE, Agent, Backoff
 from cluo_host.config import AgentSettings, load_settings
-from cluo_host.errors import KubeError
 from cluo_host.host_facts import HostFacts
 from cluo_host.journal import fields_of
-from cluo_host.kube_nodes import NodeChange, NodeEvent, NodeSnapshot
 from cluo_host.update_engine import UpdateEngineEvent
 from cluo_host.update_status import UpdateEngineStatus
 from tests.testbed.waiting import assert_stays, wait_for

@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from cluo.protocol import Keys
 from cluo_coord.cluster import NodeViewCache, _NodeStore
-from cluo_host.protocol import Keys
 
 KEYS = Keys()
 

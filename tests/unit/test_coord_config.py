@@ -6,10 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from cluo.errors import ConfigError
+from cluo.protocol import FLUO_PREFIX
 from cluo_coord.config import load_settings
 from cluo_coord.main import main
-from cluo_host.errors import ConfigError
-from cluo_host.protocol import FLUO_PREFIX
 
 
 def test_defaults_match_cluo_and_the_deployment() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cluo.protocol import TRUE, Keys, NodeProtocolState
 from cluo_coord.cluster import ClusterSnapshot
 from cluo_coord.coordinator import Coordinator, Leadership
 from cluo_coord.metrics import CoordMetrics
@@ -29,7 +30,6 @@ from cluo_coord.planner import (
     SlotLease,
 )
 from cluo_coord.windows import parse_windows
-from cluo_host.protocol import TRUE, Keys, NodeProtocolState
 from tests.testbed.waiting import assert_stays, wait_for
 
 KEYS = Keys()

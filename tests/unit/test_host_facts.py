@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluo_host.errors import ConfigError
+from cluo.errors import ConfigError
 from cluo_host.host_facts import parse_env_file, read_boot_id, read_host_facts
 
 BOOT_ID = "8b1f2c1e-7a53-4b55-9d0e-3d0c2f3f4a10"

@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from cluo_host.errors import kube_error
-from cluo_host.kube_client import (
+from cluo.errors import kube_error
+from cluo.kube.client import (
     TRANSPORT_ERRORS,
     ApiError,
     CredentialError,
@@ -34,7 +34,7 @@ from cluo_host.kube_client import (
     MalformedResponse,
     StaticToken,
 )
-from cluo_host.kube_config import kubeconfig_client
+from cluo.kube.config import kubeconfig_client
 from tests.testbed.waiting import wait_for
 from tests.unit.test_kube_config import V1, FakePlugin, exec_user
 

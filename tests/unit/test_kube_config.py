@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from cluo_host import kube_config
-from cluo_host.errors import ConfigError
-from cluo_host.kube_config import in_cluster_client, kubeconfig_client
+from cluo.errors import ConfigError
+from cluo.kube import config as kube_config
+from cluo.kube.config import in_cluster_client, kubeconfig_client
 
 SECRET = "s3cr3t-token-value"
 V1 = "client.authentication.k8s.io/v1"
@@ -179,7 +179,7 @@ def test_contexts_are_chosen_by_current_context_or_by_name(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = write(tmp_path, cluster="server: 'https://current.example:6443'")
-    with caplog.at_level(logging.INFO, logger="cluo_host.kube_config"):
+    with caplog.at_level(logging.INFO, logger="cluo.kube.config"):
         assert kubeconfig_client(path).server == "https://current.example:6443"
         assert kubeconfig_client(path, context="other").server == "https://other.example:6443"
     assert "no context named 'missing'" in str(refusal(path, context="missing"))

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState
 from cluo_coord.planner import (
     AcquireSlot,
     EmitEvent,
@@ -29,7 +30,6 @@ from cluo_coord.planner import (
     reboot_needed_since,
 )
 from cluo_coord.windows import parse_windows
-from cluo_host.protocol import FALSE, TRUE, Keys, NodeProtocolState
 
 KEYS = Keys()
 NOW = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)  # a Monday

@@ -27,6 +27,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState
 from cluo_coord.planner import (
     AcquireSlot,
     Change,
@@ -46,7 +47,6 @@ from cluo_coord.planner import (
     reboot_needed_since,
 )
 from cluo_coord.windows import parse_windows
-from cluo_host.protocol import FALSE, TRUE, Keys, NodeProtocolState
 
 KEYS = Keys()
 BEFORE_HOOK = "hooks.example.com/before"

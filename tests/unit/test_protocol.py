@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluo_host.protocol import (
+from cluo.protocol import (
     CLUO_PREFIX,
     FLUO_PREFIX,
     SPECS,

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn, Protocol
 
-from cluo_host.errors import KubeError, WatchExpired, kind_for_status, kube_error
-from cluo_host.kube_client import (
+from cluo.errors import KubeError, WatchExpired, kind_for_status, kube_error
+from cluo.kube.client import (
     TRANSPORT_ERRORS,
     ApiError,
     Closing,
@@ -30,7 +30,7 @@ from cluo_host.kube_client import (
     WatchStream,
     segment,
 )
-from cluo_host.protocol import Keys, NodeProtocolState
+from cluo.protocol import Keys, NodeProtocolState
 
 __all__ = [
     "EVENT_NAMESPACE",

@@ -56,8 +56,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from cluo_host.errors import ConfigError, ErrorKind
-from cluo_host.kube_client import (
+from cluo.errors import ConfigError, ErrorKind
+from cluo.kube.client import (
     CredentialError,
     FileToken,
     KubeClient,

@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 from urllib.parse import quote, urlencode, urlsplit
 
-from cluo_host.errors import ErrorKind, status_details
+from cluo.errors import ErrorKind, status_details
 
 __all__ = [
     "DEFAULT_TIMEOUT",
