@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CLUO_CACHE ?= /var/cache/cluo
 
-.PHONY: deps control-plane lint test unit demo bench clean artifact
+.PHONY: deps control-plane lint test unit demo bench clean artifact image
 
 # `make artifact`: cluo-agent's systemd-sysext image and its sha512 in $(ARTIFACT_DIR)
 # (hack/build-agent-artifact.sh; SYSEXT_ID=_any builds one that merges on any distribution).
@@ -39,6 +39,12 @@ bench: control-plane
 artifact: deps
 	@$(PY) -c 'import PyInstaller' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[build]'
 	OUT_DIR=$(ARTIFACT_DIR) VENV=$(VENV) SYSEXT_ID=$(SYSEXT_ID) bash hack/build-agent-artifact.sh
+
+# `make image`: cluo-coord's container image, localhost/cluo-coord:VERSION in podman's
+# storage and an OCI archive with its digest in $(ARTIFACT_DIR), built with no registry
+# (hack/build-coord-image.sh; its Debian bases are cached in $(CLUO_CACHE)).
+image: deps
+	@OUT_DIR=$(ARTIFACT_DIR) VENV=$(VENV) bash hack/build-coord-image.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

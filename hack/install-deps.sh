@@ -15,9 +15,14 @@ root=$(dirname "$here")
 #  - systemd-container, mmdebstrap: real systemd hosts for the e2e tests.
 #  - squashfs-tools: the agent's systemd-sysext image.
 #  - ignition: ignition-validate checks the generated Ignition config.
+#  - podman, buildah, runc: cluo-coord's container image (`make image`,
+#    hack/build-coord-image.sh) with no registry: buildah builds it on bases that podman
+#    imports from mmdebstrap roots, podman saves and runs it. runc because crun, podman's
+#    default, fails on the VMs we test on (setrlimit refused, hybrid cgroups unsupported).
 packages=(
     libsystemd-dev libdbus-1-dev libglib2.0-dev pkg-config dbus-daemon
     openssl systemd-container mmdebstrap squashfs-tools ignition
+    podman buildah runc
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -41,6 +46,6 @@ fi
 stamp="$venv/.cluo-installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e "$root[test,build,bench]"
+    "$venv/bin/pip" install -q -e "${root}[agent,test,build,bench]"
     touch "$stamp"
 fi

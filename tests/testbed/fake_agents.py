@@ -1,0 +1,113 @@
+"""Stand-ins for cluo-agent on emulated nodes, for tests of the coordinator.
+
+`FakeAgents` plays the agent on every Node of a label selector: when the coordinator sets
+reboot-ok=true on a node that needs a reboot, it marks reboot-in-progress (with the boot id
+before), powers the emulated host off and on again (a new bootID), waits until the Node
+reports it, then reports reboot-needed=false, reboot-in-progress=false, as the agent does.
+It writes with a real token of the cluo-agent ServiceAccount of deploy/, so the agent's RBAC
+is exercised by the real authorizer. Errors are collected in ``errors`` for the test to
+assert on; a list that fails (an API server outage) is counted and retried, as an agent
+would.
+
+It behaves as the ``Agents`` of tests/kube/test_coordinator.py, which predates it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import urllib3
+from kubernetes.client import CoreV1Api
+from kubernetes.client.exceptions import ApiException
+
+from cluo.protocol import Keys
+from tests.testbed.controlplane import ControlPlane
+from tests.testbed.kubelet import KubeletEmulator
+from tests.testbed.waiting import wait_for
+
+AGENT_NAMESPACE = "cluo-system"  # deploy/agent-rbac.yaml
+AGENT_SERVICE_ACCOUNT = "cluo-agent"
+POLL_INTERVAL = 0.05
+BOOT_TIMEOUT = 20.0
+
+
+class FakeAgents:
+    """Reboots each node of ``selector`` once, at its first grant (``never_return``: it
+    stays down)."""
+
+    def __init__(self, control_plane: ControlPlane, emulator: KubeletEmulator, selector: str,
+                 *, keys: Keys | None = None,
+                 never_return: frozenset[str] = frozenset()) -> None:
+        self._emulator = emulator
+        self._selector = selector
+        self._keys = keys or Keys()
+        self._api = control_plane.service_account_api_client(AGENT_NAMESPACE,
+                                                             AGENT_SERVICE_ACCOUNT)
+        self._core = CoreV1Api(self._api)
+        self._never_return = never_return
+        self._stop = threading.Event()
+        self._busy: set[str] = set()
+        self._workers: list[threading.Thread] = []
+        self.errors: list[str] = []
+        self.list_failures = 0
+        self._thread = threading.Thread(target=self._run, name="fake-agents", daemon=True)
+
+    def __enter__(self) -> FakeAgents:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for worker in self._workers:
+            worker.join(30)
+        self._api.close()
+        assert not self._thread.is_alive(), "the fake agents' thread did not stop"
+
+    def settled(self) -> bool:
+        """No reboot of ours is under way (a never-returning node's ends at its shutdown)."""
+        return not any(worker.is_alive() for worker in self._workers)
+
+    def _run(self) -> None:
+        keys = self._keys
+        while not self._stop.wait(POLL_INTERVAL):
+            try:
+                nodes = self._core.list_node(label_selector=self._selector).items
+            except (ApiException, urllib3.exceptions.HTTPError):
+                self.list_failures += 1
+                continue
+            for node in nodes:
+                annotations = node.metadata.annotations or {}
+                name = node.metadata.name
+                if (annotations.get(keys.reboot_ok) == "true"
+                        and annotations.get(keys.reboot_needed) == "true"
+                        and annotations.get(keys.reboot_in_progress) != "true"
+                        and name not in self._busy):
+                    self._busy.add(name)
+                    worker = threading.Thread(target=self._reboot, args=(name,), daemon=True,
+                                              name=f"fake-agent-{name}")
+                    self._workers.append(worker)
+                    worker.start()
+
+    def _reboot(self, name: str) -> None:
+        keys = self._keys
+        try:
+            old_boot = self._core.read_node(name).status.node_info.boot_id
+            self._annotate(name, {keys.reboot_in_progress: "true",
+                                  keys.boot_id_before_reboot: old_boot})
+            host = self._emulator.node(name)
+            host.shutdown()
+            if name in self._never_return:
+                return
+            time.sleep(0.1)  # down for a moment, as a host is
+            new_boot = host.boot()
+            wait_for(lambda: self._core.read_node(name).status.node_info.boot_id == new_boot,
+                     BOOT_TIMEOUT, f"{name} to report its new bootID")
+            self._annotate(name, {keys.reboot_needed: "false",
+                                  keys.reboot_in_progress: "false"})
+        except Exception as err:  # reported by the test
+            self.errors.append(f"{name}: {err!r}")
+
+    def _annotate(self, name: str, values: dict[str, str | None]) -> None:
+        self._core.patch_node(name, {"metadata": {"annotations": values}})
