@@ -1,16 +1,15 @@
-"""cluo-agent's configuration: flags, then ``CLUO_AGENT_*`` environment, then defaults.
+"""cluo-agent's settings: each flag, its ``CLUO_AGENT_*`` twin, its default and its help.
 
 The unit's ``EnvironmentFile=`` (``/etc/cluo/agent.env``) reaches the agent as
 environment variables, so every flag has an environment twin: ``--drain-timeout`` is
-``CLUO_AGENT_DRAIN_TIMEOUT``. A flag given on the command line wins over the environment.
-Bad values stop the start-up with a message that names the flag, the variable and the
-value.
+``CLUO_AGENT_DRAIN_TIMEOUT``. The rules (a flag beats its variable, an empty variable
+is not set, one boolean and one duration syntax, errors naming where a bad value came
+from) are cluo.settings', shared with cluo-coord; this module only declares the flags
+and builds `AgentSettings` from them.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import re
 import socket
 from collections.abc import Mapping, Sequence
@@ -18,8 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluo.errors import ConfigError
-from cluo.protocol import DEFAULT_PREFIX, Keys, ProtocolError
-from cluo.settings import parse_duration
+from cluo.protocol import DEFAULT_PREFIX, Keys
+from cluo.settings import (
+    Setting,
+    SettingsLoader,
+    boolean,
+    choice,
+    optional_text,
+    positive_duration,
+    positive_int,
+)
 from cluo_host.agent_core import AgentConfig, DrainTimeoutPolicy
 from cluo_host.drainer import DrainTuning
 
@@ -28,7 +35,9 @@ NODE_NAME_FLAG = "--node-name"
 NODE_NAME_VARIABLE = ENV_PREFIX + "NODE_NAME"
 NODE_NAME_FROM_HOSTNAME = "hostname"
 DEFAULT_KUBECONFIG = "/etc/cluo/kubeconfig"
-
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_TARGETS = ("auto", "journal", "stderr")
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -49,129 +58,114 @@ class AgentSettings:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cluo-agent",
-        description="Drain and reboot this node when update_engine needs a reboot and "
-        "cluo-coord grants it. Every flag can also be set as CLUO_AGENT_<FLAG> in the "
-        "environment (e.g. CLUO_AGENT_DRAIN_TIMEOUT=15m).",
-    )
-    add = parser.add_argument
-    add("--node-name", help="this node's name in Kubernetes (default: the hostname)")
-    add("--kubeconfig", help=f"kubeconfig file (default: {DEFAULT_KUBECONFIG})")
-    add("--annotation-prefix",
-        help=f"prefix of every annotation and label (default: {DEFAULT_PREFIX}; FLUO "
-        "clusters use flatcar-linux-update.v1.flatcar-linux.net/)")
-    add("--drain-timeout", help="how long the whole drain may take (default: 10m)")
-    # No argparse `choices`: a bad value must give the same ConfigError as a bad
-    # environment value, not an argparse exit (see `choice` in load_settings).
-    add("--drain-timeout-policy",
-        help="abort: uncordon and retry later (default); force: delete the remaining pods "
-        "ignoring PodDisruptionBudgets")
-    add("--drain-pods-without-controller", action="store_const", const="true",
-        help="also evict pods that no controller manages (they are not recreated)")
-    add("--eviction-concurrency", help="evictions in flight at once (default: 8)")
-    add("--reboot-retry-base", help="wait after the first failed reboot, doubling (default: 10s)")
-    add("--reboot-retry-max", help="longest wait between reboot attempts (default: 10m)")
-    add("--reboot-timeout",
-        help="how long the host may stay up after logind accepted the reboot (default: 5m)")
-    add("--system-bus-address",
-        help="D-Bus address of the system bus (default: DBUS_SYSTEM_BUS_ADDRESS or the "
-        "standard socket)")
-    add("--host-root", help="where the host's /etc, /usr and /proc are (default: /)")
-    add("--log-level", help="debug, info (default), warning or error")
-    add("--log-target",
-        help="auto: journald when started by systemd with stderr to the journal (default); "
-        "journal; stderr")
-    return parser
+def _node_name(value: str) -> str:
+    # Taken as it is: a name with capitals is refused, not lowercased.
+    if not _NODE_NAME.fullmatch(value) or len(value) > 253:
+        raise ValueError("not a valid Kubernetes node name")
+    return value
+
+
+def _hostname() -> str:
+    # The kubelet's default node name is the lowercased hostname.
+    return socket.gethostname().strip().lower()
+
+
+def _drain_timeout_policy(value: str) -> DrainTimeoutPolicy:
+    return DrainTimeoutPolicy(choice(*(p.value for p in DrainTimeoutPolicy))(value))
+
+
+NODE_NAME = Setting(
+    NODE_NAME_FLAG, _node_name, "this node's name in Kubernetes (default: the hostname)",
+    default=_hostname,
+    default_source=f"the hostname (no {NODE_NAME_FLAG} nor {NODE_NAME_VARIABLE})")
+KUBECONFIG = Setting("--kubeconfig", Path, f"kubeconfig file (default: {DEFAULT_KUBECONFIG})",
+                     default=DEFAULT_KUBECONFIG)
+ANNOTATION_PREFIX = Setting(
+    "--annotation-prefix", Keys,
+    f"prefix of every annotation and label (default: {DEFAULT_PREFIX}; FLUO clusters use "
+    "flatcar-linux-update.v1.flatcar-linux.net/)",
+    default=DEFAULT_PREFIX)
+DRAIN_TIMEOUT = Setting("--drain-timeout", positive_duration,
+                        "how long the whole drain may take (default: 10m)", default="10m")
+DRAIN_TIMEOUT_POLICY = Setting(
+    "--drain-timeout-policy", _drain_timeout_policy,
+    "abort: uncordon and retry later (default); force: delete the remaining pods ignoring "
+    "PodDisruptionBudgets",
+    default="abort")
+DRAIN_PODS_WITHOUT_CONTROLLER = boolean(
+    "--drain-pods-without-controller",
+    "also evict pods that no controller manages (they are not recreated; default: false)")
+EVICTION_CONCURRENCY = Setting("--eviction-concurrency", positive_int,
+                               "evictions in flight at once (default: 8)", default="8")
+REBOOT_RETRY_BASE = Setting("--reboot-retry-base", positive_duration,
+                            "wait after the first failed reboot, doubling (default: 10s)",
+                            default="10s")
+REBOOT_RETRY_MAX = Setting("--reboot-retry-max", positive_duration,
+                           "longest wait between reboot attempts (default: 10m)", default="10m")
+REBOOT_TIMEOUT = Setting(
+    "--reboot-timeout", positive_duration,
+    "how long the host may stay up after logind accepted the reboot (default: 5m)",
+    default="5m")
+SYSTEM_BUS_ADDRESS = Setting(
+    "--system-bus-address", optional_text,
+    "D-Bus address of the system bus (default: DBUS_SYSTEM_BUS_ADDRESS or the standard "
+    "socket)",
+    also_from=("DBUS_SYSTEM_BUS_ADDRESS",))
+HOST_ROOT = Setting("--host-root", Path,
+                    "where the host's /etc, /usr and /proc are (default: /)", default="/")
+LOG_LEVEL = Setting("--log-level", choice(*LOG_LEVELS),
+                    "debug, info (default), warning or error", default="info")
+LOG_TARGET = Setting(
+    "--log-target", choice(*LOG_TARGETS),
+    "auto: journald when started by systemd with stderr to the journal (default); "
+    "journal; stderr",
+    default="auto")
+
+LOADER = SettingsLoader(
+    prog="cluo-agent",
+    env_prefix=ENV_PREFIX,
+    description="Drain and reboot this node when update_engine needs a reboot and "
+    "cluo-coord grants it. Every flag can also be set as CLUO_AGENT_<FLAG> in the "
+    "environment (e.g. CLUO_AGENT_DRAIN_TIMEOUT=15m); the flag wins, an empty variable "
+    "counts as unset.",
+    settings=(
+        NODE_NAME, KUBECONFIG, ANNOTATION_PREFIX, DRAIN_TIMEOUT, DRAIN_TIMEOUT_POLICY,
+        DRAIN_PODS_WITHOUT_CONTROLLER, EVICTION_CONCURRENCY, REBOOT_RETRY_BASE,
+        REBOOT_RETRY_MAX, REBOOT_TIMEOUT, SYSTEM_BUS_ADDRESS, HOST_ROOT, LOG_LEVEL,
+        LOG_TARGET,
+    ),
+)
 
 
 def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
-    args = vars(_parser().parse_args(list(argv)))
-
-    def value(flag: str, default: str) -> tuple[str, str]:
-        variable = ENV_PREFIX + flag.upper()
-        given = args.get(flag)
-        if given is not None:
-            return str(given), "--" + flag.replace("_", "-")
-        if env.get(variable, "") != "":
-            return env[variable], variable
-        return default, "the default"
-
-    def duration(flag: str, default: str) -> float:
-        raw, source = value(flag, default)
-        try:
-            seconds = parse_duration(raw)
-        except ValueError as err:
-            raise ConfigError(f"{source}: {err}") from None
-        if not (seconds > 0 and math.isfinite(seconds)):
-            raise ConfigError(f"{source}: {raw!r} must be a positive, finite duration")
-        return seconds
-
-    def boolean(flag: str) -> bool:
-        raw, source = value(flag, "false")
-        if raw.lower() in {"true", "1", "yes"}:
-            return True
-        if raw.lower() in {"false", "0", "no", ""}:
-            return False
-        raise ConfigError(f"{source}: {raw!r} is not true or false")
-
-    def positive_int(flag: str, default: str) -> int:
-        raw, source = value(flag, default)
-        try:
-            number = int(raw)
-        except ValueError:
-            raise ConfigError(f"{source}: {raw!r} is not a whole number") from None
-        if number < 1:
-            raise ConfigError(f"{source}: must be at least 1, not {number}")
-        return number
-
-    def choice(flag: str, default: str, allowed: Sequence[str]) -> str:
-        raw, source = value(flag, default)
-        if raw not in allowed:
-            raise ConfigError(f"{source}: {raw!r} is not one of {', '.join(allowed)}")
-        return raw
-
-    prefix, prefix_source = value("annotation_prefix", DEFAULT_PREFIX)
-    try:
-        keys = Keys(prefix)
-    except ProtocolError as err:
-        raise ConfigError(f"{prefix_source}: {err}") from None
-
-    policy = choice("drain_timeout_policy", "abort", [p.value for p in DrainTimeoutPolicy])
+    """The agent's settings; `ConfigError` for a bad value, `CommandLineExit` for --help
+    or a bad command line (cluo.settings)."""
+    values = LOADER.load(argv, env)
+    if values[REBOOT_RETRY_MAX] < values[REBOOT_RETRY_BASE]:
+        raise ConfigError(
+            f"{values.describe(REBOOT_RETRY_MAX)} is below {values.describe(REBOOT_RETRY_BASE)}:"
+            " the longest wait between reboot attempts must not be below the first")
     try:
         core = AgentConfig(
-            drain_timeout=duration("drain_timeout", "10m"),
-            drain_timeout_policy=DrainTimeoutPolicy(policy),
-            drain_pods_without_controller=boolean("drain_pods_without_controller"),
-            reboot_retry_base=duration("reboot_retry_base", "10s"),
-            reboot_retry_max=duration("reboot_retry_max", "10m"),
-            reboot_timeout=duration("reboot_timeout", "5m"),
+            drain_timeout=values[DRAIN_TIMEOUT],
+            drain_timeout_policy=values[DRAIN_TIMEOUT_POLICY],
+            drain_pods_without_controller=values[DRAIN_PODS_WITHOUT_CONTROLLER],
+            reboot_retry_base=values[REBOOT_RETRY_BASE],
+            reboot_retry_max=values[REBOOT_RETRY_MAX],
+            reboot_timeout=values[REBOOT_TIMEOUT],
         )
-    except ValueError as err:
+    except ValueError as err:  # the checks above and the parsers should make it unreachable
         raise ConfigError(f"agent settings: {err}") from None
-
-    # The kubelet's default node name is the lowercased hostname. A given name is taken
-    # as it is: one with capitals is refused below, not lowercased.
-    node_name, node_source = value("node_name", socket.gethostname().strip().lower())
-    from_hostname = node_source == "the default"
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", node_name) or len(node_name) > 253:
-        where = (f"the hostname (no {NODE_NAME_FLAG} nor {NODE_NAME_VARIABLE})"
-                 if from_hostname else node_source)
-        raise ConfigError(f"{where}: node name {node_name!r} is not a valid Kubernetes "
-                          "node name")
-    bus, _ = value("system_bus_address", env.get("DBUS_SYSTEM_BUS_ADDRESS", ""))
-    kubeconfig, _ = value("kubeconfig", DEFAULT_KUBECONFIG)
-    host_root, _ = value("host_root", "/")
     return AgentSettings(
-        node_name=node_name,
-        node_name_source=NODE_NAME_FROM_HOSTNAME if from_hostname else node_source,
-        kubeconfig=Path(kubeconfig),
-        keys=keys,
+        node_name=values[NODE_NAME],
+        node_name_source=(NODE_NAME_FROM_HOSTNAME if values.from_default(NODE_NAME)
+                          else values.source(NODE_NAME)),
+        kubeconfig=values[KUBECONFIG],
+        keys=values[ANNOTATION_PREFIX],
         core=core,
-        drain=DrainTuning(concurrency=positive_int("eviction_concurrency", "8")),
-        bus_address=bus or None,
-        host_root=Path(host_root),
-        log_level=choice("log_level", "info", ["debug", "info", "warning", "error"]),
-        log_target=choice("log_target", "auto", ["auto", "journal", "stderr"]),
+        drain=DrainTuning(concurrency=values[EVICTION_CONCURRENCY]),
+        bus_address=values[SYSTEM_BUS_ADDRESS],
+        host_root=values[HOST_ROOT],
+        log_level=values[LOG_LEVEL],
+        log_target=values[LOG_TARGET],
     )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from cluo.errors import CluoError
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
+from cluo.settings import CommandLineExit
 from cluo_host.agent import Agent
 from cluo_host.config import AgentSettings, load_settings
 from cluo_host.eviction import KubePods
@@ -31,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         settings = load_settings(args, os.environ)
+    except CommandLineExit as done:  # --help (0), or a bad or unknown flag (2)
+        return done.show(sys.stdout, sys.stderr)
     except CluoError as err:
         print(f"cluo-agent: {err}", file=sys.stderr)
         return EXIT_CONFIG

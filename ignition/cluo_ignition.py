@@ -220,14 +220,8 @@ def settings_from(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def agent_flags() -> set[str]:
-    """cluo-agent's flags without the dashes (`drain-timeout`), from its argument parser."""
-    parser = agent_config._parser()  # the agent's own flag list: no copy to drift
-    return {
-        option[2:]
-        for action in parser._actions
-        for option in action.option_strings
-        if option.startswith("--") and option != "--help"
-    }
+    """cluo-agent's flags without the dashes (`drain-timeout`), from its own declarations."""
+    return {flag.removeprefix("--") for flag in agent_config.LOADER.flags()}
 
 
 # --- the config ------------------------------------------------------------------------

@@ -10,37 +10,13 @@ import pytest
 from cluo.errors import ConfigError
 from cluo.protocol import CLUO_PREFIX, FLUO_PREFIX
 from cluo_host.agent_core import DrainTimeoutPolicy
-from cluo_host.config import DEFAULT_KUBECONFIG, load_settings, parse_duration
+from cluo_host.config import DEFAULT_KUBECONFIG, load_settings
 
 NODE = ["--node-name", "n1"]
 
 
 def settings_of(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     return load_settings(argv, env or {})
-
-
-# -- durations ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("90", 90.0),
-    ("90s", 90.0),
-    ("1.5s", 1.5),
-    ("10m", 600.0),
-    ("1h", 3600.0),
-    ("1h30m", 5400.0),
-    ("1h30m15s", 5415.0),
-    ("2m30s", 150.0),
-    (" 45s ", 45.0),
-])
-def test_parse_duration_reads_go_style_durations(text: str, seconds: float) -> None:
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "s", "h", "10x", "1m30", "10ms", "-5s", "-5", "ten", "1d"])
-def test_parse_duration_rejects_what_is_not_a_duration(text: str) -> None:
-    with pytest.raises(ValueError, match=r"not a duration|negative"):
-        parse_duration(text)
 
 
 # -- defaults -------------------------------------------------------------------------------
@@ -144,10 +120,12 @@ def test_flag_beats_the_environment(flag, value, variable, read, expected) -> No
 def test_drain_pods_without_controller_flag_and_twin() -> None:
     assert settings_of([*NODE, "--drain-pods-without-controller"]).core \
         .drain_pods_without_controller is True
-    for text in ("true", "1", "yes", "TRUE"):
+    assert settings_of([*NODE, "--drain-pods-without-controller=off"]).core \
+        .drain_pods_without_controller is False
+    for text in ("true", "1", "yes", "on", "TRUE"):
         env = {"CLUO_AGENT_DRAIN_PODS_WITHOUT_CONTROLLER": text}
         assert settings_of(NODE, env).core.drain_pods_without_controller is True
-    for text in ("false", "0", "no"):
+    for text in ("false", "0", "no", "off", ""):
         env = {"CLUO_AGENT_DRAIN_PODS_WITHOUT_CONTROLLER": text}
         assert settings_of(NODE, env).core.drain_pods_without_controller is False
     # The flag wins over the environment.
@@ -222,6 +200,10 @@ def test_bad_hostname_default_says_it_came_from_the_hostname(
         settings_of([])
 
 
-def test_retry_max_below_retry_base_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="reboot_retry_max must not be below reboot_retry_base"):
+def test_retry_max_below_retry_base_is_a_config_error_naming_both() -> None:
+    with pytest.raises(ConfigError, match="--reboot-retry-max '10m' is below "
+                       "--reboot-retry-base '20m'"):
         settings_of([*NODE, "--reboot-retry-base", "20m", "--reboot-retry-max", "10m"])
+    with pytest.raises(ConfigError, match="the default of --reboot-retry-max '10m' is below "
+                       "CLUO_AGENT_REBOOT_RETRY_BASE '20m'"):
+        settings_of(NODE, {"CLUO_AGENT_REBOOT_RETRY_BASE": "20m"})
