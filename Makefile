@@ -37,7 +37,7 @@ bench: control-plane
 	$(PY) -m bench --output docs/benchmarks.md
 
 artifact: deps
-	@$(PY) -c 'import PyInstaller' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[build]'
+	@$(PY) -c 'import PyInstaller' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[agent,build]'
 	OUT_DIR=$(ARTIFACT_DIR) VENV=$(VENV) SYSEXT_ID=$(SYSEXT_ID) bash hack/build-agent-artifact.sh
 
 # `make image`: cluo-coord's container image, localhost/cluo-coord:VERSION in podman's

@@ -43,7 +43,7 @@ die() { echo "build-agent-artifact: $*" >&2; exit 2; }
 [ "$(uname -m)" = x86_64 ] || die "builds x86-64 images only, this machine is $(uname -m)"
 [ -x "$venv/bin/python" ] || die "no virtualenv at $venv (run hack/install-deps.sh)"
 "$venv/bin/python" -c 'import PyInstaller' 2>/dev/null \
-    || die "PyInstaller is missing in $venv: $venv/bin/pip install -e '$root[build]'"
+    || die "PyInstaller is missing in $venv: $venv/bin/pip install -e '$root[agent,build]'"
 command -v mksquashfs >/dev/null || die "mksquashfs is missing (Debian package squashfs-tools)"
 
 version=${ARTIFACT_VERSION:-$("$venv/bin/python" - "$root/pyproject.toml" <<'PY'
