@@ -1,37 +1,47 @@
-"""cluo-coord's configuration: flags, then ``CLUO_COORD_*`` environment, then defaults.
+"""cluo-coord's settings: each flag, its ``CLUO_COORD_*`` twin, its default and its help.
 
 Every flag has an environment twin: ``--max-concurrent`` is ``CLUO_COORD_MAX_CONCURRENT``.
-A flag given on the command line wins over the environment. Bad values raise
-``ConfigError`` naming the flag, the variable and the value (the entry point exits 2).
+The rules (a flag beats its variable, an empty variable is not set, one boolean and one
+duration syntax, errors naming where a bad value came from) are cluo.settings', shared
+with cluo-agent; this module only declares the flags and builds `CoordSettings` (and
+`AdminSettings` for ``cluo-coord release|pause|resume``) from them.
 
 The Deployment's downward API gives ``POD_NAMESPACE``, ``POD_NAME`` and ``NODE_NAME``;
-they are the defaults of ``--namespace``, ``--identity`` and ``--node-name``.
+they are read after the twins of ``--namespace``, ``--identity`` and ``--node-name``.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from pathlib import Path
 
 from cluo.errors import ConfigError
-from cluo.protocol import DEFAULT_PREFIX, Keys, ProtocolError, parse_hook_annotations
-from cluo.settings import parse_duration
+from cluo.protocol import DEFAULT_PREFIX, Keys, parse_hook_annotations
+from cluo.settings import (
+    Setting,
+    SettingsLoader,
+    Values,
+    boolean,
+    choice,
+    optional_text,
+    parse_duration,
+    positive_int,
+    verbatim,
+)
 from cluo_coord.planner import Policy
 from cluo_coord.windows import RebootWindows, Window, WindowError, parse_windows, parse_zone
-
-T = TypeVar("T")
 
 ENV_PREFIX = "CLUO_COORD_"
 DEFAULT_NAMESPACE = "cluo-system"
 DEFAULT_METRICS_ADDRESS = ":8080"
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
+METRICS_OFF = "off"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ADMIN_COMMANDS = ("release", "pause", "resume")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -51,188 +61,240 @@ class CoordSettings:
     log_level: str = "info"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cluo-coord",
-        description="Grant reboot slots to Flatcar nodes, a few at a time. Every flag can "
-        "also be set as CLUO_COORD_<FLAG> in the environment (CLUO_COORD_MAX_CONCURRENT=2).",
-    )
-    add = parser.add_argument
-    add("--kubeconfig", help="kubeconfig file (default: in-cluster ServiceAccount)")
-    add("--namespace", help=f"namespace of the slot Leases (default: $POD_NAMESPACE or "
-        f"{DEFAULT_NAMESPACE})")
-    add("--max-concurrent", help="nodes rebooting at once (default: 1)")
-    add("--annotation-prefix", help=f"annotation and label prefix (default: {DEFAULT_PREFIX})")
-    add("--before-reboot-annotations",
-        help="comma list of annotations that must be 'true' before reboot-ok is granted")
-    add("--after-reboot-annotations",
-        help="comma list of annotations that must be 'true' before the slot is released")
-    add("--reboot-window-start", help="CLUO window start, e.g. 'Mon 14:00' or '14:00'")
-    add("--reboot-window-length", help="CLUO window length, e.g. 1h (needs the start)")
-    add("--reboot-windows", help="several windows: 'Mon 14:00 1h, Sat 02:00 1h30m'")
-    add("--time-zone", help="IANA time zone of the windows (default: UTC)")
-    add("--reboot-timeout", help="a holder not done after this is reported stuck (default: 1h)")
-    add("--min-ready", help="how long a rebooted node must be Ready (default: 0s)")
-    add("--delay-between-reboots", help="rest of a released slot (default: 0s)")
-    add("--pause", help="true: grant no new slots (default: false)")
-    add("--node-selector", help="label selector of the nodes to manage (default: all)")
-    add("--node-name", help="the node this coordinator runs on (default: $NODE_NAME); it "
-        "reboots last")
-    add("--metrics-address", help=f"host:port of /metrics, /healthz, /readyz (default: "
-        f"{DEFAULT_METRICS_ADDRESS}; empty: off)")
-    add("--leader-elect", help="true: only the holder of the leader Lease acts, for running "
-        "two replicas (default: false: one replica, no renewals)")
-    add("--identity", help="leader election identity (default: $POD_NAME or the hostname)")
-    add("--resync-period", help="full re-list as a safety net (default: 10m)")
-    add("--log-level", help="debug, info, warning or error (default: info)")
-    return parser
+@dataclass(frozen=True)
+class AdminSettings:
+    """``cluo-coord release NODE`` / ``pause`` / ``resume``, with an admin's kubeconfig."""
+
+    command: str  # one of ADMIN_COMMANDS
+    kubeconfig: str
+    namespace: str
+    keys: Keys
+    node: str = ""  # release only
 
 
-def load_settings(
-    argv: Sequence[str], environ: Mapping[str, str]
-) -> CoordSettings:
-    """Parse flags and environment into settings; ``ConfigError`` names what is wrong."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as err:  # argparse already printed the usage error
-        raise ConfigError(f"bad command line: {' '.join(argv)}") from err
-    given = vars(args)
+# --- parsers of the coordinator's own value types ---------------------------------------
 
-    def raw(flag: str) -> tuple[str | None, str]:
-        dest = flag.removeprefix("--").replace("-", "_")
-        where = f"{flag} / {ENV_PREFIX}{dest.upper()}"
-        value = given.get(dest)
-        if value is None:
-            value = environ.get(ENV_PREFIX + dest.upper())
-        return value, where
 
-    def text(flag: str, default: str) -> str:
-        value, _ = raw(flag)
-        return default if value is None else value.strip()
+def _duration(check: Callable[[float], str | None]) -> Callable[[str], timedelta]:
+    """A duration parser into a timedelta; ``check`` returns a reason to refuse it."""
 
-    def parsed(flag: str, default: str, convert: Callable[[str], T]) -> T:
-        value, where = raw(flag)
-        value = default if value is None else value
+    def parse(value: str) -> timedelta:
+        seconds = parse_duration(value)
+        reason = check(seconds)
+        if reason:
+            raise ValueError(reason)
         try:
-            return convert(value)
-        except (ValueError, ProtocolError, WindowError) as err:
-            raise ConfigError(f"{where}={value!r}: {err}") from None
+            return timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError("too long a duration") from None
 
-    def duration(flag: str, default: str) -> timedelta:
-        return timedelta(seconds=parsed(flag, default, parse_duration))
-
-    def boolean(flag: str, default: bool) -> bool:
-        value, where = raw(flag)
-        if value is None:
-            return default
-        lowered = value.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ConfigError(f"{where}={value!r}: not true or false")
-
-    max_concurrent = parsed("--max-concurrent", "1", _positive_int)
-    keys = parsed("--annotation-prefix", DEFAULT_PREFIX, lambda v: Keys(v.strip()))
-    before = parsed("--before-reboot-annotations", "", parse_hook_annotations)
-    after = parsed("--after-reboot-annotations", "", parse_hook_annotations)
-    windows = _windows(raw)
-    reboot_timeout = duration("--reboot-timeout", "1h")
-    if reboot_timeout <= timedelta(0):
-        _, where = raw("--reboot-timeout")
-        raise ConfigError(f"{where}: the reboot timeout must be positive")
-    host, port = _address(*raw("--metrics-address"))
-    log_level = text("--log-level", "info").lower()
-    if log_level not in _LOG_LEVELS:
-        _, where = raw("--log-level")
-        raise ConfigError(f"{where}={log_level!r}: not one of {', '.join(_LOG_LEVELS)}")
-    resync = duration("--resync-period", "10m").total_seconds()
-    if resync < 1:
-        _, where = raw("--resync-period")
-        raise ConfigError(f"{where}: the resync period must be at least 1s")
-    policy = Policy(
-        max_concurrent=max_concurrent,
-        before_reboot_annotations=before,
-        after_reboot_annotations=after,
-        reboot_timeout=reboot_timeout,
-        min_ready=duration("--min-ready", "0s"),
-        delay_between_reboots=duration("--delay-between-reboots", "0s"),
-        paused=boolean("--pause", False),
-        windows=windows,
-        keys=keys,
-    )
-    namespace = text("--namespace", environ.get("POD_NAMESPACE") or DEFAULT_NAMESPACE)
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", namespace):
-        _, where = raw("--namespace")
-        raise ConfigError(f"{where}={namespace!r}: not a namespace name")
-    kubeconfig = text("--kubeconfig", "") or None
-    return CoordSettings(
-        kubeconfig=kubeconfig,
-        namespace=namespace,
-        policy=policy,
-        node_selector=text("--node-selector", ""),
-        node_name=text("--node-name", environ.get("NODE_NAME", "")),
-        metrics_host=host,
-        metrics_port=port,
-        leader_elect=boolean("--leader-elect", False),
-        identity=text("--identity", environ.get("POD_NAME") or socket.gethostname()),
-        resync_period=resync,
-        log_level=log_level,
-    )
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError("not a whole number") from None
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
+_any_duration = _duration(lambda _: None)
+_positive_duration = _duration(lambda s: None if s > 0 else "must be a positive duration")
 
 
-def _windows(raw: Callable[[str], tuple[str | None, str]]) -> RebootWindows:
-    """--reboot-window-start/-length (CLUO) and --reboot-windows, in --time-zone."""
-    start, start_where = raw("--reboot-window-start")
-    length, length_where = raw("--reboot-window-length")
-    several, several_where = raw("--reboot-windows")
-    zone_name, zone_where = raw("--time-zone")
-    try:
-        zone = parse_zone(zone_name or "UTC")
-    except WindowError as err:
-        raise ConfigError(f"{zone_where}={zone_name!r}: {err}") from None
-    windows: list[Window] = []
-    if bool(start and start.strip()) != bool(length and length.strip()):
-        raise ConfigError(
-            f"{start_where} and {length_where} go together (got start={start!r}, "
-            f"length={length!r})"
-        )
-    if start and length and start.strip():
-        try:
-            windows.append(Window.parse(start.strip(), length.strip()))
-        except WindowError as err:
-            raise ConfigError(f"{start_where}={start!r}, {length_where}={length!r}: {err}") \
-                from None
-    if several:
-        try:
-            windows.extend(parse_windows(several, zone_name or "UTC").windows)
-        except WindowError as err:
-            raise ConfigError(f"{several_where}={several!r}: {err}") from None
-    return RebootWindows(windows=tuple(windows), zone=zone)
+def _resync_period(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds < 1:
+        raise ValueError("must be at least 1s")
+    return seconds
 
 
-def _address(value: str | None, where: str) -> tuple[str, int]:
-    """':8080', '0.0.0.0:8080', '127.0.0.1:0'; empty: (\"\", -1), no server."""
-    if value is None:
-        value = DEFAULT_METRICS_ADDRESS
-    if not value.strip():
+def _namespace(value: str) -> str:
+    if not _NAMESPACE.fullmatch(value):
+        raise ValueError("not a namespace name")
+    return value
+
+
+def _metrics_address(value: str) -> tuple[str, int]:
+    """':8080', '0.0.0.0:8080', '127.0.0.1:0'; empty or 'off': ("", -1), no server."""
+    if not value or value.lower() == METRICS_OFF:
         return "", -1
-    host, sep, port_text = value.strip().rpartition(":")
+    host, sep, port_text = value.rpartition(":")
     try:
         port = int(port_text)
     except ValueError:
         port = -2
     if not sep or not 0 <= port <= 65535:
-        raise ConfigError(f"{where}={value!r}: not HOST:PORT (e.g. ':8080')")
+        raise ValueError("not HOST:PORT (e.g. ':8080') nor 'off'")
     return host.strip("[]"), port
+
+
+def _window_list(value: str) -> tuple[Window, ...]:
+    return parse_windows(value).windows  # the zone is --time-zone's, applied below
+
+
+# --- the coordinator's flags ------------------------------------------------------------
+
+KUBECONFIG = Setting("--kubeconfig", optional_text,
+                     "kubeconfig file (default: in-cluster ServiceAccount)")
+NAMESPACE = Setting(
+    "--namespace", _namespace,
+    f"namespace of the slot Leases (default: $POD_NAMESPACE or {DEFAULT_NAMESPACE})",
+    default=DEFAULT_NAMESPACE, also_from=("POD_NAMESPACE",))
+MAX_CONCURRENT = Setting("--max-concurrent", positive_int, "nodes rebooting at once (default: 1)",
+                         default="1")
+ANNOTATION_PREFIX = Setting("--annotation-prefix", Keys,
+                            f"annotation and label prefix (default: {DEFAULT_PREFIX})",
+                            default=DEFAULT_PREFIX)
+BEFORE_REBOOT_ANNOTATIONS = Setting(
+    "--before-reboot-annotations", parse_hook_annotations,
+    "comma list of annotations that must be 'true' before reboot-ok is granted")
+AFTER_REBOOT_ANNOTATIONS = Setting(
+    "--after-reboot-annotations", parse_hook_annotations,
+    "comma list of annotations that must be 'true' before the slot is released")
+REBOOT_WINDOW_START = Setting("--reboot-window-start", verbatim,
+                              "CLUO window start, e.g. 'Mon 14:00' or '14:00'")
+REBOOT_WINDOW_LENGTH = Setting("--reboot-window-length", verbatim,
+                               "CLUO window length, e.g. 1h (needs the start)")
+REBOOT_WINDOWS = Setting("--reboot-windows", _window_list,
+                         "several windows: 'Mon 14:00 1h, Sat 02:00 1h30m'")
+TIME_ZONE = Setting("--time-zone", parse_zone,
+                    "IANA time zone of the windows (default: UTC)", default="UTC")
+REBOOT_TIMEOUT = Setting("--reboot-timeout", _positive_duration,
+                         "a holder not done after this is reported stuck (default: 1h)",
+                         default="1h")
+MIN_READY = Setting("--min-ready", _any_duration,
+                    "how long a rebooted node must be Ready (default: 0s)", default="0s")
+DELAY_BETWEEN_REBOOTS = Setting("--delay-between-reboots", _any_duration,
+                                "rest of a released slot (default: 0s)", default="0s")
+PAUSE = boolean("--pause", "true: grant no new slots (default: false)")
+NODE_SELECTOR = Setting("--node-selector", verbatim,
+                        "label selector of the nodes to manage (default: all)")
+NODE_NAME = Setting("--node-name", verbatim,
+                    "the node this coordinator runs on (default: $NODE_NAME); it reboots last",
+                    also_from=("NODE_NAME",))
+METRICS_ADDRESS = Setting(
+    "--metrics-address", _metrics_address,
+    f"host:port of /metrics, /healthz, /readyz (default: {DEFAULT_METRICS_ADDRESS}; "
+    f"'{METRICS_OFF}' or an empty flag value: no server)",
+    default=DEFAULT_METRICS_ADDRESS)
+LEADER_ELECT = boolean(
+    "--leader-elect", "true: only the holder of the leader Lease acts, for running two "
+    "replicas (default: false: one replica, no renewals)")
+IDENTITY = Setting("--identity", verbatim,
+                   "leader election identity (default: $POD_NAME or the hostname)",
+                   default=socket.gethostname, also_from=("POD_NAME",))
+RESYNC_PERIOD = Setting("--resync-period", _resync_period,
+                        "full re-list as a safety net (default: 10m)", default="10m")
+LOG_LEVEL = Setting("--log-level", choice(*LOG_LEVELS),
+                    "debug, info, warning or error (default: info)", default="info")
+
+LOADER = SettingsLoader(
+    prog="cluo-coord",
+    env_prefix=ENV_PREFIX,
+    description="Grant reboot slots to Flatcar nodes, a few at a time. Every flag can "
+    "also be set as CLUO_COORD_<FLAG> in the environment (CLUO_COORD_MAX_CONCURRENT=2); "
+    "the flag wins, an empty variable counts as unset.",
+    epilog="admin commands, with an admin's kubeconfig (each has --help):\n"
+    "  cluo-coord release NODE   free the slot of a node that did not come back\n"
+    "  cluo-coord pause          grant no new reboot slots\n"
+    "  cluo-coord resume         grant reboot slots again",
+    settings=(
+        KUBECONFIG, NAMESPACE, MAX_CONCURRENT, ANNOTATION_PREFIX, BEFORE_REBOOT_ANNOTATIONS,
+        AFTER_REBOOT_ANNOTATIONS, REBOOT_WINDOW_START, REBOOT_WINDOW_LENGTH, REBOOT_WINDOWS,
+        TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, PAUSE, NODE_SELECTOR,
+        NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
+    ),
+)
+
+
+def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSettings:
+    """The coordinator's settings; `ConfigError` names what is wrong, `CommandLineExit`
+    is --help or a bad command line (cluo.settings)."""
+    values = LOADER.load(argv, environ)
+    try:
+        policy = Policy(
+            max_concurrent=values[MAX_CONCURRENT],
+            before_reboot_annotations=values[BEFORE_REBOOT_ANNOTATIONS],
+            after_reboot_annotations=values[AFTER_REBOOT_ANNOTATIONS],
+            reboot_timeout=values[REBOOT_TIMEOUT],
+            min_ready=values[MIN_READY],
+            delay_between_reboots=values[DELAY_BETWEEN_REBOOTS],
+            paused=values[PAUSE],
+            windows=_windows(values),
+            keys=values[ANNOTATION_PREFIX],
+        )
+    except WindowError as err:
+        raise ConfigError(f"{values.describe(REBOOT_WINDOW_START)}, "
+                          f"{values.describe(REBOOT_WINDOW_LENGTH)}: {err}") from None
+    except ValueError as err:  # the parsers should make it unreachable
+        raise ConfigError(f"coordinator settings: {err}") from None
+    host, port = values[METRICS_ADDRESS]
+    return CoordSettings(
+        kubeconfig=values[KUBECONFIG],
+        namespace=values[NAMESPACE],
+        policy=policy,
+        node_selector=values[NODE_SELECTOR],
+        node_name=values[NODE_NAME],
+        metrics_host=host,
+        metrics_port=port,
+        leader_elect=values[LEADER_ELECT],
+        identity=values[IDENTITY],
+        resync_period=values[RESYNC_PERIOD],
+        log_level=values[LOG_LEVEL],
+    )
+
+
+def _windows(values: Values) -> RebootWindows:
+    """--reboot-window-start/-length (CLUO) and --reboot-windows, in --time-zone.
+
+    Raises `WindowError` for a CLUO pair that is not a window."""
+    start, length = values[REBOOT_WINDOW_START], values[REBOOT_WINDOW_LENGTH]
+    if bool(start) != bool(length):
+        given = REBOOT_WINDOW_START if start else REBOOT_WINDOW_LENGTH
+        raise ConfigError(f"{values.describe(given)}: {REBOOT_WINDOW_START.flag} and "
+                          f"{REBOOT_WINDOW_LENGTH.flag} go together")
+    cluo_pair = (Window.parse(start, length),) if start else ()
+    return RebootWindows(windows=cluo_pair + values[REBOOT_WINDOWS], zone=values[TIME_ZONE])
+
+
+# --- the admin commands' flags -----------------------------------------------------------
+
+ADMIN_KUBECONFIG = Setting(
+    "--kubeconfig", verbatim, "kubeconfig (default: $KUBECONFIG or ~/.kube/config)",
+    default=lambda: str(Path.home() / ".kube" / "config"), also_from=("KUBECONFIG",))
+
+
+def _node(value: str) -> str:
+    if not value:
+        raise ValueError("a node name is needed")
+    return value
+
+
+RELEASED_NODE = Setting("node", _node, "the node whose reboot slot to release")
+_ADMIN_DESCRIPTIONS = {
+    "release": "Free the reboot slot of a node that did not come back (sets release-slot=true "
+    "on it; the coordinator frees the slot).",
+    "pause": "Grant no new reboot slots (an annotation on the leader Lease) until resume.",
+    "resume": "Grant reboot slots again after a pause.",
+}
+
+
+def admin_loader(command: str) -> SettingsLoader:
+    """The command line of ``cluo-coord COMMAND`` (one of ADMIN_COMMANDS)."""
+    return SettingsLoader(
+        prog=f"cluo-coord {command}",
+        env_prefix=ENV_PREFIX,
+        description=_ADMIN_DESCRIPTIONS[command],
+        settings=(
+            *((RELEASED_NODE,) if command == "release" else ()),
+            ADMIN_KUBECONFIG, NAMESPACE, ANNOTATION_PREFIX,
+        ),
+    )
+
+
+def load_admin_settings(argv: Sequence[str], environ: Mapping[str, str]) -> AdminSettings:
+    """``argv`` starts with the command (``release NODE --kubeconfig k``)."""
+    command = argv[0]
+    loader = admin_loader(command)
+    values = loader.load(argv[1:], environ)
+    return AdminSettings(
+        command=command,
+        kubeconfig=values[ADMIN_KUBECONFIG],
+        namespace=values[NAMESPACE],
+        keys=values[ANNOTATION_PREFIX],
+        node=values[RELEASED_NODE] if command == "release" else "",
+    )

@@ -1,20 +1,21 @@
 """Entry point of cluo-coord (composition root).
 
 ``cluo-coord [FLAGS]`` runs the coordinator. Admin subcommands, run with an admin's
-kubeconfig (``--kubeconfig``, else ``$KUBECONFIG``, else ``~/.kube/config``):
+kubeconfig (``--kubeconfig``, else ``$CLUO_COORD_KUBECONFIG``, else ``$KUBECONFIG``, else
+``~/.kube/config``):
 
 - ``cluo-coord release NODE``: set ``release-slot=true`` on the node, so the coordinator
   frees the reboot slot of a node that did not come back;
 - ``cluo-coord pause`` / ``cluo-coord resume``: set or clear the global pause (the
   annotation ``cluo.flatcar-linux.net/paused`` on the leader Lease).
 
-Exit codes: 0 after a clean stop (SIGTERM, SIGINT), 1 on an unexpected failure, 2 on a
-configuration error.
+Exit codes: 0 after a clean stop (SIGTERM, SIGINT) and after ``--help`` (of the program or
+of an admin command), 1 on an unexpected failure, 2 on a configuration error or a bad or
+unknown flag.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -31,9 +31,10 @@ from cluo.errors import CluoError, ConfigError
 from cluo.kube.client import KubeClient
 from cluo.kube.config import in_cluster_client, kubeconfig_client
 from cluo.kube.nodes import KubeNodes
-from cluo.protocol import DEFAULT_PREFIX, PAUSED_ANNOTATION, Keys, ProtocolError
+from cluo.protocol import PAUSED_ANNOTATION
+from cluo.settings import CommandLineExit
 from cluo_coord.cluster import ClusterCache, ClusterWriter
-from cluo_coord.config import CoordSettings, load_settings
+from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
 from cluo_coord.leader import LeaderElector, set_paused
 from cluo_coord.leases import KubeSlots
@@ -41,7 +42,6 @@ from cluo_coord.metrics import CoordMetrics, HealthServer
 
 log = logging.getLogger("cluo_coord")
 
-ADMIN_COMMANDS = ("release", "pause", "resume")
 _RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin(args, environ)
     try:
         settings = load_settings(args, environ)
+    except CommandLineExit as done:  # --help (0), or a bad or unknown flag (2)
+        return done.show(sys.stdout, sys.stderr)
     except ConfigError as err:
         print(f"cluo-coord: {err}", file=sys.stderr)
         return 2
@@ -163,27 +165,15 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
 
 def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
     """``release NODE``, ``pause``, ``resume`` with an admin's kubeconfig."""
-    parser = argparse.ArgumentParser(prog=f"cluo-coord {args[0]}")
-    if args[0] == "release":
-        parser.add_argument("node", help="the node whose reboot slot to release")
-    parser.add_argument("--kubeconfig", help="kubeconfig (default: $KUBECONFIG or "
-                        "~/.kube/config)")
-    parser.add_argument("--namespace", default=environ.get("CLUO_COORD_NAMESPACE",
-                                                           "cluo-system"))
-    parser.add_argument("--annotation-prefix",
-                        default=environ.get("CLUO_COORD_ANNOTATION_PREFIX", DEFAULT_PREFIX))
     try:
-        options = parser.parse_args(list(args[1:]))
-    except SystemExit:
+        options = load_admin_settings(args, environ)
+        api = kubeconfig_client(options.kubeconfig, "cluo-coord")
+    except CommandLineExit as done:  # --help (0), or a bad or unknown flag (2)
+        return done.show(sys.stdout, sys.stderr)
+    except ConfigError as err:
+        print(f"cluo-coord {args[0]}: {err}", file=sys.stderr)
         return 2
-    path = options.kubeconfig or environ.get("KUBECONFIG") or str(
-        Path.home() / ".kube" / "config")
-    try:
-        keys = Keys(options.annotation_prefix)
-        api = kubeconfig_client(path, "cluo-coord")
-    except (ConfigError, ProtocolError) as err:
-        print(f"cluo-coord: {err}", file=sys.stderr)
-        return 2
+    keys = options.keys
     try:
         if args[0] == "release":
             KubeNodes(api, keys).patch_metadata(options.node, {keys.release_slot: "true"})

@@ -8,7 +8,7 @@ import pytest
 
 from cluo.errors import ConfigError
 from cluo.protocol import FLUO_PREFIX
-from cluo_coord.config import load_settings
+from cluo_coord.config import load_admin_settings, load_settings
 from cluo_coord.main import main
 
 
@@ -91,7 +91,7 @@ def test_cluo_window_and_several_windows_combine_in_the_time_zone() -> None:
         ([], {"CLUO_COORD_MAX_CONCURRENT": "two"}, "CLUO_COORD_MAX_CONCURRENT"),
         (["--reboot-timeout", "0s"], {}, "--reboot-timeout"),
         (["--reboot-timeout", "soon"], {}, "soon"),
-        (["--min-ready", "-5s"], {}, "--min-ready"),
+        (["--min-ready=-5s"], {}, "--min-ready: '-5s'"),
         (["--reboot-window-start", "Mon 14:00"], {}, "--reboot-window-length"),
         (["--reboot-window-start", "Someday 14:00", "--reboot-window-length", "1h"], {},
          "Someday"),
@@ -100,7 +100,9 @@ def test_cluo_window_and_several_windows_combine_in_the_time_zone() -> None:
         (["--annotation-prefix", "not a prefix"], {}, "--annotation-prefix"),
         (["--before-reboot-annotations", "bad key!"], {}, "--before-reboot-annotations"),
         (["--pause", "maybe"], {}, "--pause"),
-        (["--leader-elect", "perhaps"], {}, "CLUO_COORD_LEADER_ELECT"),
+        (["--leader-elect", "perhaps"], {}, "--leader-elect: 'perhaps'"),
+        ([], {"CLUO_COORD_LEADER_ELECT": "perhaps"}, "CLUO_COORD_LEADER_ELECT: 'perhaps'"),
+        ([], {"POD_NAMESPACE": "Bad_NS"}, "POD_NAMESPACE: 'Bad_NS'"),
         (["--metrics-address", "8080"], {}, "--metrics-address"),
         (["--namespace", "Bad_NS"], {}, "Bad_NS"),
         (["--log-level", "loud"], {}, "--log-level"),
@@ -121,3 +123,71 @@ def test_bad_value_exits_with_code_2(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_empty_metrics_address_turns_the_server_off() -> None:
     assert load_settings(["--metrics-address", ""], {}).metrics_port == -1
+
+
+def test_metrics_off_also_from_the_environment() -> None:
+    assert load_settings(["--metrics-address", "off"], {}).metrics_port == -1
+    assert load_settings([], {"CLUO_COORD_METRICS_ADDRESS": "OFF"}).metrics_port == -1
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("true", True), ("yes", True), ("on", True), ("1", True), ("ON", True),
+    ("false", False), ("no", False), ("off", False), ("0", False), ("Off", False),
+])
+def test_booleans_read_the_same_spellings_as_the_agent(text: str, value: bool) -> None:
+    assert load_settings(["--pause", text], {}).policy.paused is value
+    assert load_settings([], {"CLUO_COORD_LEADER_ELECT": text}).leader_elect is value
+
+
+def test_a_boolean_flag_alone_means_true() -> None:
+    settings = load_settings(["--pause", "--leader-elect"], {})
+    assert settings.policy.paused is True
+    assert settings.leader_elect is True
+
+
+def test_an_empty_environment_variable_counts_as_unset() -> None:
+    settings = load_settings([], {
+        "CLUO_COORD_MAX_CONCURRENT": "", "CLUO_COORD_METRICS_ADDRESS": "",
+        "CLUO_COORD_NAMESPACE": " ", "POD_NAMESPACE": "ops", "CLUO_COORD_PAUSE": "",
+        "CLUO_COORD_IDENTITY": "", "POD_NAME": "", "NODE_NAME": "",
+    })
+    assert settings.policy.max_concurrent == 1
+    assert (settings.metrics_host, settings.metrics_port) == ("", 8080)
+    assert settings.namespace == "ops"
+    assert settings.policy.paused is False
+    assert settings.identity  # the hostname
+    assert settings.node_name == ""
+
+
+def test_the_coordinators_own_variable_beats_the_downward_api() -> None:
+    settings = load_settings([], {"CLUO_COORD_NAMESPACE": "mine", "POD_NAMESPACE": "ops",
+                                  "CLUO_COORD_IDENTITY": "me", "POD_NAME": "pod-1"})
+    assert (settings.namespace, settings.identity) == ("mine", "me")
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("usage: cluo-coord")
+    assert out.err == ""
+
+
+@pytest.mark.parametrize("command", ["release", "pause", "resume"])
+def test_admin_help_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: cluo-coord {command}")
+
+
+def test_unknown_flag_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--max-concurent", "2"]) == 2
+    assert "--max-concurent" in capsys.readouterr().err
+
+
+def test_admin_settings_read_flags_then_variables_then_kubeconfig() -> None:
+    environ = {"KUBECONFIG": "/home/k", "CLUO_COORD_NAMESPACE": "ops"}
+    release = load_admin_settings(["release", "n1"], environ)
+    assert (release.command, release.node, release.kubeconfig, release.namespace) == (
+        "release", "n1", "/home/k", "ops")
+    pause = load_admin_settings(["pause", "--kubeconfig", "/k", "--annotation-prefix",
+                                 FLUO_PREFIX], environ)
+    assert (pause.kubeconfig, pause.keys.prefix, pause.node) == ("/k", FLUO_PREFIX, "")
