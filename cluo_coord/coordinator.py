@@ -21,20 +21,25 @@ planner's safety rules (see cluo_coord.planner):
 A conflict means the view was stale: both collections are re-listed (uncached) before
 planning again, so a stale cache cannot loop. Other errors back off exponentially.
 Only the leader plans and writes; a standby keeps its caches warm.
+
+The driver depends only on the small Protocols below (the cache view, the node writer,
+the slot store, the event sink, leadership) and on injected clocks: the wall clock the
+planner reads, the monotonic clock its waits are measured on, and the ``Waiter`` it
+sleeps on. Tests drive the whole loop on fakes in one thread with fake time.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cluo.errors import CluoError, KubeError
+from cluo.kube.nodes import EventType as KubeEventType
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import slot_lease_name
 from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
@@ -48,10 +53,12 @@ from cluo_coord.planner import (
     LabelAfterReboot,
     LabelBeforeReboot,
     MarkStuck,
+    MetadataPatch,
     Plan,
     Policy,
     ReleaseSlot,
     ResetRebootOk,
+    SlotLease,
     ignored_while_unslotted,
     plan,
 )
@@ -59,20 +66,84 @@ from cluo_coord.planner import (
 log = logging.getLogger(__name__)
 
 COMPONENT = "cluo-coord"
-# Test-only hook: the name of a change type (e.g. "AcquireSlot"); the process exits with
-# CRASH_EXIT_CODE right after applying the first such change, as a crash would.
-CRASH_AFTER_ENV = "CLUO_COORD_TEST_CRASH_AFTER"
-CRASH_EXIT_CODE = 70
 IDLE_TICK = 2.0  # the loop wakes at least this often (for /healthz), planning or not
+STOP_CHECK = 0.5  # s: the longest a wait goes without looking at the stop flag
 DEADLINE_SLACK = 0.01  # s past a deadline before the monotonic wake-up (clock granularity)
 BACKOFF_START = 0.2
 BACKOFF_MAX = 30.0
 MAX_PLANS_WITHOUT_PAUSE = 50
 
 
+Obj = dict[str, Any]
+
+
+class ClusterView(Protocol):
+    """The cached cluster (``ClusterCache``): the planner's input, and the objects the
+    driver just wrote, put back so the next plan sees them before the watch does."""
+
+    @property
+    def synced(self) -> bool: ...
+
+    def snapshot(self) -> ClusterSnapshot: ...
+
+    def refresh(self) -> None:
+        """Re-list everything now, uncached (after a conflict)."""
+
+    def put_node(self, obj: Obj) -> None: ...
+
+    def put_slot(self, slot: SlotLease) -> None: ...
+
+
+class NodeWriter(Protocol):
+    """Node writes with compare-and-swap, and the uncached slot Lease read that guards
+    every grant (rule 3) (``ClusterWriter``)."""
+
+    def patch_node(self, name: str, patch: MetadataPatch, resource_version: str) -> Obj: ...
+
+    def read_lease(self, name: str) -> Obj | None: ...
+
+
+class SlotStore(Protocol):
+    """The slot Leases, every write a compare-and-swap (``KubeSlots``)."""
+
+    def acquire(self, change: AcquireSlot) -> SlotLease: ...
+
+    def release(self, change: ReleaseSlot) -> SlotLease: ...
+
+    def mark_stuck(self, change: MarkStuck) -> SlotLease: ...
+
+
+class EventSink(Protocol):
+    """Kubernetes Events about nodes (``KubeNodes``); posting one never raises."""
+
+    def emit_event(
+        self,
+        node_name: str,
+        reason: str,
+        message: str,
+        *,
+        type: KubeEventType,
+        component: str,
+    ) -> None: ...
+
+
 class Leadership(Protocol):
     @property
     def is_leader(self) -> bool: ...
+
+
+class Waiter(Protocol):
+    """What the loop sleeps on: ``wake()`` sets it, the loop waits on it with a timeout
+    and clears it. ``threading.Event`` in production; tests pass one that advances fake
+    time instead of sleeping."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class AlwaysLeader:
@@ -117,18 +188,21 @@ class Coordinator:
 
     def __init__(
         self,
-        cache: ClusterCache,
+        cache: ClusterView,
         *,
-        writer: ClusterWriter,
-        slots: KubeSlots,
-        nodes: KubeNodes,
+        writer: NodeWriter,
+        slots: SlotStore,
+        nodes: EventSink,
         policy: Policy,
         metrics: CoordMetrics,
         leadership: Leadership | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        crash_after: str = "",
+        monotonic: Callable[[], float] = time.monotonic,
+        waiter: Waiter | None = None,
         tick: float = IDLE_TICK,
     ) -> None:
+        """``clock`` is the planner's (wall) time; ``monotonic`` measures the waits,
+        which go through ``waiter`` (a fresh ``threading.Event`` by default)."""
         self._cache = cache
         self._writer = writer
         self._slots = slots
@@ -137,10 +211,10 @@ class Coordinator:
         self._metrics = metrics
         self._leadership = leadership or AlwaysLeader()
         self._clock = clock
-        self._crash_after = crash_after or os.environ.get(CRASH_AFTER_ENV, "")
-        self._wake = threading.Event()
+        self._monotonic = monotonic
+        self._wake: Waiter = waiter if waiter is not None else threading.Event()
         self._tick = tick
-        self._last_tick = time.monotonic()
+        self._last_tick = monotonic()
         self._plan_due = True  # plan at the next tick whatever the deadline
         self._deadline: Deadline | None = None
         # The snapshot of the last plan that changed nothing, kept up to date with the
@@ -156,7 +230,7 @@ class Coordinator:
         self._wake.set()
 
     def healthy(self, max_silence: float = 60.0) -> bool:
-        return time.monotonic() - self._last_tick < max_silence
+        return self._monotonic() - self._last_tick < max_silence
 
     # -- the loop ------------------------------------------------------------------
 
@@ -166,7 +240,7 @@ class Coordinator:
         conflicts = 0
         acting = False
         while not stop.is_set():
-            self._last_tick = time.monotonic()
+            self._last_tick = self._monotonic()
             leader = self._leadership.is_leader
             self._metrics.is_leader.set(1 if leader else 0)
             if not self._cache.synced or not leader:
@@ -223,7 +297,7 @@ class Coordinator:
                 log.warning("plans keep changing the cluster, pausing briefly")
                 plans_in_a_row = 0
                 self._schedule(Deadline.after(timedelta(seconds=self._tick),
-                                              monotonic_now=time.monotonic(),
+                                              monotonic_now=self._monotonic(),
                                               wall_now=self._clock()))
                 continue
             plans_in_a_row = 0
@@ -232,7 +306,7 @@ class Coordinator:
 
     def _deadline_passed(self) -> bool:
         return self._deadline is not None and self._deadline.passed(
-            monotonic_now=time.monotonic(), wall_now=self._clock())
+            monotonic_now=self._monotonic(), wall_now=self._clock())
 
     def _same_plan(self, snapshot: ClusterSnapshot) -> bool:
         """Whether planning ``snapshot`` would give the last plan again, which changed
@@ -260,15 +334,16 @@ class Coordinator:
     def _sleep_for(self) -> float:
         if self._deadline is None:
             return self._tick
-        return min(self._tick, self._deadline.seconds_left(time.monotonic()))
+        return min(self._tick, self._deadline.seconds_left(self._monotonic()))
 
     def _wait(self, stop: threading.Event, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+        """Up to ``timeout`` seconds, less if woken or stopped."""
+        deadline = self._monotonic() + timeout
         while not stop.is_set() and not self._wake.is_set():
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._monotonic()
             if remaining <= 0:
                 return
-            self._wake.wait(min(remaining, 0.5))
+            self._wake.wait(min(remaining, STOP_CHECK))
 
     def _refresh(self, stop: threading.Event) -> None:
         try:
@@ -287,7 +362,7 @@ class Coordinator:
         policy = self._policy
         if snapshot.paused_by_admin and not policy.paused:
             policy = replace(policy, paused=True)
-        now, monotonic_now = self._clock(), time.monotonic()
+        now, monotonic_now = self._clock(), self._monotonic()
         current = plan(snapshot.nodes, snapshot.slots, now, policy)
         self.plans += 1
         self._metrics.observe_cluster(
@@ -303,7 +378,6 @@ class Coordinator:
                 break
             if self._apply(change, released):
                 writes += 1
-            self._maybe_crash(change)
         recheck_after = current.recheck_after
         if snapshot.expires_in is not None:
             expires = timedelta(seconds=snapshot.expires_in)
@@ -330,7 +404,7 @@ class Coordinator:
             self._metrics.grants.inc()
             started = self._released_at.pop(change.slot, None)
             if started is not None:
-                self._metrics.handoff_seconds.observe(time.monotonic() - started)
+                self._metrics.handoff_seconds.observe(self._monotonic() - started)
             log.info("reboot granted", extra={"NODE": change.node, "SLOT": change.slot})
             return True
         if isinstance(change, LabelBeforeReboot | LabelAfterReboot | ResetRebootOk):
@@ -347,13 +421,13 @@ class Coordinator:
                 # Released by an earlier process (or before a restart): count from the
                 # recorded release time.
                 age = (self._clock() - released[change.slot]).total_seconds()
-                self._released_at[change.slot] = time.monotonic() - max(age, 0.0)
+                self._released_at[change.slot] = self._monotonic() - max(age, 0.0)
             log.info("reboot slot taken", extra={"NODE": change.node, "SLOT": change.slot})
             return True
         if isinstance(change, ReleaseSlot):
             slot = self._slots.release(change)
             self._cache.put_slot(slot)
-            self._released_at[change.slot] = time.monotonic()
+            self._released_at[change.slot] = self._monotonic()
             log.info("reboot slot released", extra={"NODE": change.node, "SLOT": change.slot})
             return True
         if isinstance(change, MarkStuck):
@@ -378,8 +452,10 @@ class Coordinator:
             raise KubeError(action, "the slot Lease changed since the plan: not granted",
                             kind="conflict", status=409)
 
-    def _maybe_crash(self, change: Change) -> None:
-        if self._crash_after and type(change).__name__ == self._crash_after:
-            log.error("test crash hook: exiting", extra={"AFTER": self._crash_after})
-            logging.shutdown()
-            os._exit(CRASH_EXIT_CODE)
+
+if TYPE_CHECKING:  # the real adapters satisfy the protocols fakes are written against
+    _CLUSTER_VIEW: type[ClusterView] = ClusterCache
+    _NODE_WRITER: type[NodeWriter] = ClusterWriter
+    _SLOT_STORE: type[SlotStore] = KubeSlots
+    _EVENT_SINK: type[EventSink] = KubeNodes
+    _WAITER: type[Waiter] = threading.Event

@@ -32,9 +32,8 @@ from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
-from cluo_coord.coordinator import CRASH_AFTER_ENV, CRASH_EXIT_CODE
 from tests.testbed.controlplane import ControlPlane
-from tests.testbed.coordinator import COORD, CoordProcess
+from tests.testbed.coordinator import COORD, CRASH_EXIT_CODE, CoordProcess
 from tests.testbed.kubelet import KubeletEmulator
 from tests.testbed.recorder import InFlightRecorder
 from tests.testbed.waiting import assert_stays, wait_for
@@ -112,15 +111,15 @@ class Rig:
     def annotate(self, name: str, values: dict[str, str | None]) -> None:
         self.core.patch_node(name, {"metadata": {"annotations": values}})
 
-    def start(self, *flags: str, leader_elect: bool = False, env: dict[str, str] | None = None,
+    def start(self, *flags: str, leader_elect: bool = False, crash_after: str = "",
               name: str = "") -> CoordProcess:
-        """cluo-coord named ``name`` (its identity and log); with the crash hook in ``env``,
-        returned even if it exited before it was ready."""
+        """cluo-coord named ``name`` (its identity and log); with ``crash_after`` (a change
+        type), it exits after applying the first such change, and is returned even if it
+        exited before it was ready."""
         name = name or f"coord{len(self.coordinators)}"
-        env = env or {}
         coord = CoordProcess.start(self.kubeconfig, self.selector, self.workdir / f"{name}.log",
                                    identity=name, leader_elect=leader_elect, flags=flags,
-                                   env=env, namespace=NAMESPACE, may_exit=CRASH_AFTER_ENV in env)
+                                   namespace=NAMESPACE, crash_after=crash_after)
         self.coordinators.append(coord)
         return coord
 
@@ -307,7 +306,7 @@ def test_crash_between_slot_and_grant_resumes_the_same_node(
     rig: Rig, recorder: InFlightRecorder
 ) -> None:
     first, second = rig.add_nodes(2)
-    crashing = rig.start(env={CRASH_AFTER_ENV: "AcquireSlot"}, name="crashing")
+    crashing = rig.start(crash_after="AcquireSlot", name="crashing")
     wait_for(lambda: crashing.process.poll() is not None, 20, "the crash hook to exit")
     assert crashing.process.returncode == CRASH_EXIT_CODE, crashing.log_tail()
     # The state a crash leaves: a slot names the first node, nobody has reboot-ok.

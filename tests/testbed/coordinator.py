@@ -4,7 +4,9 @@
 election on or off, an identity and the caller's flags, its output (JSON logs) in a file
 and its metrics on a free loopback port, and returns once /readyz answers 200 (its caches
 are synced). The environment it inherits has no ``CLUO_COORD_*`` variable but the ones the
-caller passes (the test-only crash hook among them). `stop` sends SIGTERM, then kills.
+caller passes. With ``crash_after`` it runs cluo-coord through the test bed's crash wrapper
+(tests/testbed/crashing_coord.py), which exits right after the first change of that type
+is applied. `stop` sends SIGTERM, then kills.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.testbed import crashing_coord
 from tests.testbed.controlplane import free_port
 from tests.testbed.waiting import wait_for
 
 COORD = Path(sys.executable).parent / "cluo-coord"
+ROOT = Path(__file__).resolve().parents[2]  # where the crash wrapper is importable from
+CRASH_EXIT_CODE = crashing_coord.CRASH_EXIT_CODE
 NAMESPACE = "cluo-system"  # deploy/namespace.yaml
 ENV_PREFIX = "CLUO_COORD_"
 READY_TIMEOUT = 30.0
@@ -51,22 +56,35 @@ class CoordProcess:
               leader_elect: bool, flags: Sequence[str] = (),
               env: Mapping[str, str] | None = None, namespace: str = NAMESPACE,
               profile_to: Path | None = None, ready_timeout: float = READY_TIMEOUT,
-              http_timeout: float = 2.0, may_exit: bool = False) -> CoordProcess:
+              http_timeout: float = 2.0, may_exit: bool = False,
+              crash_after: str = "") -> CoordProcess:
         """Start cluo-coord and return once /readyz answers 200.
 
-        With ``may_exit`` (a crash hook in ``env``), an exit before that is not an error and
+        With ``crash_after`` (a change type, e.g. "AcquireSlot"), the process exits with
+        ``CRASH_EXIT_CODE`` right after applying the first change of that type. With
+        ``may_exit`` or ``crash_after``, an exit before /readyz answers is not an error and
         the exited process is returned. With ``profile_to``, it runs under cProfile (its
         main thread: the reconcile loop); the stats are written there when it stops."""
         port = free_port()
-        profiler = [] if profile_to is None else [
-            sys.executable, "-m", "cProfile", "-o", str(profile_to)]
-        argv = [*profiler, str(COORD), "--kubeconfig", str(kubeconfig),
+        python_options = [] if profile_to is None else ["-m", "cProfile", "-o", str(profile_to)]
+        if crash_after:
+            program = [sys.executable, *python_options, "-m", crashing_coord.__name__,
+                       "--crash-after", crash_after, "--"]
+        elif python_options:
+            program = [sys.executable, *python_options, str(COORD)]
+        else:
+            program = [str(COORD)]
+        argv = [*program, "--kubeconfig", str(kubeconfig),
                 "--namespace", namespace, "--node-selector", selector,
                 "--metrics-address", f"127.0.0.1:{port}",
                 "--leader-elect", "true" if leader_elect else "false",
                 "--identity", identity, *flags]
         environment = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         environment.update(env or {})
+        if crash_after:
+            environment["PYTHONPATH"] = os.pathsep.join(
+                filter(None, (str(ROOT), environment.get("PYTHONPATH"))))
+            may_exit = True
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                        env=environment)

@@ -1,0 +1,164 @@
+"""How the driver applies a plan: in order, stopping at the first error, guarded.
+
+The real ``Coordinator`` loop on fakes and fake time (tests/unit/coord_fakes.py). Each
+test names the ordering guard it checks (planner rules 3 and 4, the re-list after a
+conflict, the backoff) and fails when that guard is removed from the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+from cluo.protocol import TRUE
+from cluo_coord.coordinator import BACKOFF_START
+from cluo_coord.planner import Policy
+from tests.unit.coord_fakes import (
+    KEYS,
+    T0,
+    Cluster,
+    CoordRig,
+    Switch,
+    conflict,
+    patched,
+    unavailable,
+)
+
+BEFORE_HOOK = "hooks.example.com/before-check"
+
+
+def rebooted_holder(rig: CoordRig) -> None:
+    """Node a holds slot 0 and no longer needs a reboot (with a new boot id): the plan is
+    ResetRebootOk(a), ReleaseSlot(0), then the RebootFinished Event."""
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: "false"})
+    rig.cluster.hold(0, "a", acquired_at=T0 - timedelta(minutes=5), holder_boot_id="boot-old")
+
+
+# -- rule 4: the first error stops the plan ------------------------------------------
+
+
+def test_a_failed_reset_stops_the_plan_so_the_slot_is_not_released_without_it() -> None:
+    rig = CoordRig()
+    rebooted_holder(rig)
+    rig.cluster.fail("patch_node", *[unavailable("patching node 'a'")] * 3)
+    journal = rig.run(until=30)
+    (reset,) = patched(journal.entries, KEYS.reboot_ok)
+    (release,) = journal.of("release")
+    assert len(journal.of("patch_node", ok=False)) == 3
+    # Released once, and only after the reset it follows was written.
+    assert journal.index(reset) < journal.index(release)
+    assert rig.cluster.nodes["a"].annotations[KEYS.reboot_ok] == "false"
+    assert rig.cluster.slots[0].holder is None
+
+
+def test_an_event_is_posted_only_once_the_change_it_reports_was_applied() -> None:
+    rig = CoordRig()
+    rebooted_holder(rig)
+    rig.cluster.fail("release", unavailable("releasing reboot slot 0"))
+    journal = rig.run(until=30)
+    (failed,) = journal.of("release", ok=False)
+    (release,) = journal.of("release", ok=True)
+    (finished,) = [e for e in journal.of("event") if e.detail == "RebootFinished"]
+    assert journal.index(failed) < journal.index(release) < journal.index(finished)
+
+
+def test_a_plan_stops_when_leadership_is_lost_midway() -> None:
+    leadership = Switch()
+    rig = CoordRig(Policy(before_reboot_annotations=(BEFORE_HOOK,)), leadership=leadership)
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    # Another replica takes over while the slot is being taken.
+    rig.cluster.after("acquire", lambda: setattr(leadership, "leader", False))
+    journal = rig.run(until=30)
+    assert journal.times("acquire") == [0]
+    assert not journal.of("patch_node"), "the rest of the plan is the new leader's"
+    assert not journal.of("event")
+
+
+# -- rule 3: a grant only while the slot Lease is as the planner saw it ---------------
+
+
+def moved_on(cluster: Cluster) -> None:
+    """The slot was released and taken by another node (another coordinator, a stale
+    view): its resourceVersion moved on."""
+    cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+    cluster.hold(0, "b", acquired_at=T0)
+
+
+def deleted(cluster: Cluster) -> None:
+    """An admin deleted the slot Lease to free it."""
+    del cluster.slots[0]
+
+
+@pytest.mark.parametrize("change", [moved_on, deleted], ids=["moved-on", "deleted"])
+def test_a_grant_is_refused_when_the_slot_lease_changed_since_the_plan(
+    change: Callable[[Cluster], None],
+) -> None:
+    rig = CoordRig()
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    rig.cluster.nodes["a"].labels[KEYS.before_reboot] = TRUE  # hooks done: next, the grant
+    rig.cluster.hold(0, "a", acquired_at=T0 - timedelta(minutes=1))
+    rig.cache.lag()  # the cache has not seen the slot change below yet
+    change(rig.cluster)
+    journal = rig.run(until=30)
+    (read,) = journal.of("read_lease")[:1]
+    assert read.t == 0, "the grant read the slot Lease, uncached"
+    assert not rig.cluster.unbacked_grants, "reboot-ok=true while no slot Lease named the node"
+    refresh = journal.of("refresh")[0]  # the refused grant counts as a conflict: re-listed
+    assert not [e for e in patched(journal.entries[:journal.index(refresh)], KEYS.reboot_ok)]
+    assert not [e for e in journal.entries[:journal.index(refresh)] if e.call == "event"]
+
+
+# -- conflicts: re-list before planning again -----------------------------------------
+
+
+def test_a_conflict_relists_before_planning_again() -> None:
+    rig = CoordRig(Policy(before_reboot_annotations=(BEFORE_HOOK,)))
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    rig.cache.lag()
+    rig.cluster.annotate("a", **{KEYS.last_checked_time: "1700000000"})  # unseen by the cache
+    journal = rig.run(until=30)
+    (stale,) = journal.of("patch_node", ok=False)
+    assert stale.failed == "conflict"
+    (label,) = patched(journal.entries, KEYS.before_reboot)
+    refresh = journal.of("refresh")[0]
+    replan = next(e for e in journal.entries[journal.index(refresh):] if e.call == "plan")
+    assert journal.index(stale) < journal.index(refresh) < journal.index(replan)
+    assert journal.index(replan) < journal.index(label)
+    assert label.t == 0, "a conflict re-plans at once, with no backoff"
+
+
+def test_a_writer_that_keeps_winning_is_backed_off_from() -> None:
+    rig = CoordRig()
+    rebooted_holder(rig)
+    rig.cluster.fail("patch_node", *[conflict("patching node 'a'")] * 6)
+    journal = rig.run(until=60)
+    # The first three conflicts re-list and re-plan at once; from the fourth in a row on,
+    # each waits a little longer first (0.2 s more each time).
+    assert journal.times("patch_node") == pytest.approx([0, 0, 0, 0, 0.8, 1.8, 3.0])
+    assert len(journal.of("refresh")) == 6
+    assert rig.cluster.slots[0].holder is None
+
+
+# -- errors back off, and the backoff resets after a success --------------------------
+
+
+def test_errors_back_off_exponentially_and_the_backoff_resets_after_success() -> None:
+    rig = CoordRig(Policy(before_reboot_annotations=(BEFORE_HOOK,)))
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    rig.cluster.fail("patch_node", *[unavailable("patching node 'a'")] * 4)
+
+    def hook_done_and_server_down(cluster: Cluster) -> None:
+        cluster.annotate("a", **{BEFORE_HOOK: TRUE})
+        cluster.fail("patch_node", *[unavailable("patching node 'a'")] * 2)
+
+    rig.event_at(100, hook_done_and_server_down)
+    journal = rig.run(until=200)
+    b = BACKOFF_START
+    assert journal.times("patch_node") == pytest.approx([
+        0, b, b + 2 * b, b + 2 * b + 4 * b, b + 2 * b + 4 * b + 8 * b,  # the label
+        100, 100 + b, 100 + b + 2 * b,  # the grant: back to the first step
+    ])
+    assert len(journal.of("patch_node", ok=True)) == 2
+    assert rig.cluster.nodes["a"].annotations[KEYS.reboot_ok] == TRUE
