@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import fixtures
 from tests.testbed import ignition_apply, roll
 from tests.testbed.controlplane import ControlPlane
 from tests.testbed.nspawn import NspawnHost, build_base_root
@@ -36,6 +37,11 @@ __all__ = [
     "unique_name",
     "update_engine_unit",
 ]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `control_plane`, `kube_admin`, `namespace`, ...: one definition with tests/kube.
+    fixtures.load(config, fixtures.CONTROL_PLANE)
 
 
 @pytest.fixture(scope="session")
