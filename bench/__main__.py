@@ -1,17 +1,20 @@
 """Run the benchmarks and write docs/benchmarks.md.
 
-    python -m bench [--quick] [--only NAME ...] [--output docs/benchmarks.md]
+    python -m bench [--quick] [--only NAME ...] [--output docs/benchmarks.md] [--json FILE]
 
 One audited control plane (bench/testbed.py) is started for the whole run and shared by
 the benchmarks. A benchmark that fails is reported as failed (with its error) and the
 others still run; the exit status is 1 if any failed. A missed target is a result, not a
-failure.
+failure. In quick mode, the smoke mode, each benchmark also checks that its result is well
+formed (its ``check``: the numbers it must show are there and make sense); a malformed
+result is a failure too. tests/kube/test_bench_smoke.py runs the quick mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,8 +29,8 @@ from pathlib import Path
 
 from bench import report
 from bench.context import BenchContext
-from bench.records import BenchResult, Status
-from bench.registry import BENCHMARKS, NAMES
+from bench.records import BenchResult, MalformedResult, Status
+from bench.registry import BENCHMARKS, NAMES, Benchmark
 from bench.testbed import running_audited_plane
 
 log = logging.getLogger("bench")
@@ -44,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"run only this benchmark (repeatable): {', '.join(NAMES)}")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="where to write the report (default: %(default)s)")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the run and its results as JSON to FILE")
     args = parser.parse_args(args_list)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
@@ -76,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     + "\n\n```\n" + traceback.format_exc()[-3000:] + "```",
                     seconds=time.monotonic() - began,
                 )
+            else:
+                if args.quick:
+                    result = _checked(benchmark, result)
             results.append(result)
             log.info("benchmark done: %s (%s, %.0f s)", benchmark.name, result.status.value,
                      result.seconds)
@@ -91,7 +99,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report.write(args.output, info, results)
     log.info("report written to %s", args.output)
+    if args.json:
+        report.write_json(args.json, info, results)
     return 1 if any(r.status is Status.FAILED for r in results) else 0
+
+
+def _checked(benchmark: Benchmark, result: BenchResult) -> BenchResult:
+    """The result, failed if its benchmark finds it malformed (its measurements kept)."""
+    if benchmark.check is None:
+        return result
+    try:
+        benchmark.check(result)
+    except MalformedResult as err:
+        log.error("benchmark result malformed: %s", err)
+        return dataclasses.replace(result, status=Status.FAILED,
+                                   reason=f"malformed result (quick mode's check): {err}")
+    return result
 
 
 def _command(argv: Sequence[str]) -> str:

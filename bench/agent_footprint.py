@@ -44,7 +44,15 @@ from pathlib import Path
 
 from bench import coord_rig
 from bench.context import BenchContext
-from bench.records import BenchResult, Comparison, Measurement, Status, Target
+from bench.records import (
+    BenchResult,
+    Comparison,
+    Measurement,
+    Status,
+    Target,
+    check_well_formed,
+    expect,
+)
 from bench.testbed import private_system_bus
 from tests.testbed.agent_host import AGENT, HostDir
 from tests.testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, spawn_mock
@@ -233,6 +241,14 @@ def run(context: BenchContext) -> BenchResult:
                        f"site-packages) in the same rig: READY=1 after {venv_ready}, idle RSS "
                        f"{venv_rss:.0f} MB; " + import_profile())
     return _result(context, artifact, measured, time.monotonic() - started, profile)
+
+
+def check(result: BenchResult) -> None:
+    """The quick mode's result: the artifact's process was measured, READY=1 timed."""
+    check_well_formed(result, NAME)
+    rss = result.measurement("idle RSS").value
+    expect(rss > 0, f"{NAME}: idle RSS {rss}: the artifact's process was not measured")
+    result.measurement("start to READY=1")
 
 
 @dataclass

@@ -39,7 +39,15 @@ from kubernetes.client import (
 )
 
 from bench.context import BenchContext
-from bench.records import BenchResult, Comparison, Measurement, Status, Target
+from bench.records import (
+    BenchResult,
+    Comparison,
+    Measurement,
+    Status,
+    Target,
+    check_well_formed,
+    expect,
+)
 from bench.testbed import (
     AuditedControlPlane,
     AuditedRequest,
@@ -158,6 +166,20 @@ def run(context: BenchContext) -> BenchResult:
         seconds=time.monotonic() - started,
         setup={"idle window": f"{seconds:.0f} s", "pods on the node": str(CYCLE_PODS)},
     )
+
+
+def check(result: BenchResult) -> None:
+    """The quick mode's result: the reboot cycle was counted, its evictions among its
+    requests, attributed to the agent by its user agent; the idle rate."""
+    check_well_formed(result, NAME)
+    result.measurement("idle agent: requests per hour beyond the watch")
+    cycle = result.measurement("requests per completed node reboot").value
+    expect(cycle > 0, f"{NAME}: no request counted in the reboot cycle")
+    evictions = result.measurement("of them evictions").value
+    expect(evictions >= CYCLE_PODS,
+           f"{NAME}: {evictions:.0f} evictions counted for {CYCLE_PODS} pods on the node")
+    expect("cluo-agent/" in " ".join(result.notes),
+           f"{NAME}: no request attributed to the agent's user agent (cluo-agent/...)")
 
 
 def _between(

@@ -25,7 +25,15 @@ from datetime import UTC, datetime
 
 from bench import coord_rig
 from bench.context import BenchContext
-from bench.records import BenchResult, Comparison, Measurement, Status, Target
+from bench.records import (
+    BenchResult,
+    Comparison,
+    Measurement,
+    Status,
+    Target,
+    check_well_formed,
+    expect,
+)
 from bench.testbed import AuditedRequest, read_audit_log
 from cluo.protocol import LEADER_LEASE_NAME
 from tests.testbed.kubelet import KubeletEmulator
@@ -132,6 +140,22 @@ def run(context: BenchContext) -> BenchResult:
         setup={"nodes": str(NODES), "window, leader election on": f"{on_seconds:.0f} s",
                "window, leader election off": f"{off_seconds:.0f} s"},
     )
+
+
+def check(result: BenchResult) -> None:
+    """The quick mode's result: the as-deployed rate, requests attributed to the
+    coordinator, and the leader's renewals seen as single PUTs."""
+    check_well_formed(result, NAME)
+    expect(any(m.name.startswith("as deployed (one replica, leader election off)")
+               for m in result.measurements), f"{NAME}: no as-deployed measurement")
+    expect("cluo-coord/" in " ".join(result.notes),
+           f"{NAME}: no request attributed to the coordinator's user agent (cluo-coord/...)")
+    election = [n for n in result.notes if n.startswith("leader election on, requests")]
+    expect(bool(election), f"{NAME}: no breakdown of the leader's requests")
+    expect("update leases" in election[0],
+           f"{NAME}: the leader renewed no Lease in its window: {election[0]}")
+    expect("get leases" not in election[0],
+           f"{NAME}: a renewal should be one PUT, but the leader also read: {election[0]}")
 
 
 def _leader_election(request: AuditedRequest) -> bool:

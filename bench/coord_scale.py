@@ -54,7 +54,15 @@ from kubernetes.client import CoreV1Api
 
 from bench import coord_rig
 from bench.context import BenchContext
-from bench.records import BenchResult, Comparison, Measurement, Status, Target
+from bench.records import (
+    BenchResult,
+    Comparison,
+    Measurement,
+    Status,
+    Target,
+    check_well_formed,
+    expect,
+)
 from bench.testbed import read_audited_writes
 from cluo.protocol import LEADER_LEASE_NAME, Keys
 from tests.testbed.waiting import wait_for
@@ -410,6 +418,21 @@ def _result(results: Sequence[SizeResult], context: BenchContext, seconds: float
                "updates per size": str(UPDATES[context.quick]),
                "decisions per size": str(DECISIONS[context.quick])},
     )
+
+
+def check(result: BenchResult) -> None:
+    """The quick mode's result: one size, its RSS, its grant decisions (each split between
+    the coordinator's requests and the rest)."""
+    check_well_formed(result, NAME)
+    decisions = [len(m.samples) for m in result.measurements if "grant decision" in m.name]
+    expect(decisions == [DECISIONS[True]],
+           f"{NAME}: grant decisions per size {decisions}, quick mode times "
+           f"{DECISIONS[True]} at one size")
+    expect(any("RSS after sync" in m.name for m in result.measurements),
+           f"{NAME}: no RSS after sync")
+    expect(any("each decision split" in note for note in result.notes),
+           f"{NAME}: the decision time is not split between the coordinator's requests "
+           "and the rest")
 
 
 # -- nodes ----------------------------------------------------------------------------

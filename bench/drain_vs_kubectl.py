@@ -50,7 +50,15 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
 from bench.context import BenchContext
-from bench.records import BenchResult, Comparison, Measurement, Status, Target
+from bench.records import (
+    BenchResult,
+    Comparison,
+    Measurement,
+    Status,
+    Target,
+    check_well_formed,
+    expect,
+)
 from bench.testbed import unique_suffix
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
@@ -81,6 +89,10 @@ class DrainLayout:
     guarded: int = 5  # of them, under the PodDisruptionBudget
 
 
+# By quick: the smoke mode drains a smaller node, on the same code path.
+LAYOUTS = {False: DrainLayout(), True: DrainLayout(pods=10, guarded=2)}
+
+
 @dataclass(frozen=True)
 class DrainRun:
     tool: str
@@ -88,8 +100,8 @@ class DrainRun:
     refusals: int  # 429s from the budget seen by the tool
 
 
-def run(context: BenchContext, layout: DrainLayout | None = None) -> BenchResult:
-    layout = layout or DrainLayout()
+def run(context: BenchContext) -> BenchResult:
+    layout = LAYOUTS[context.quick]
     repeats = 1 if context.quick else 3
     started = time.monotonic()
     runs: list[DrainRun] = []
@@ -140,6 +152,15 @@ def run(context: BenchContext, layout: DrainLayout | None = None) -> BenchResult
         setup={"pods per node": str(layout.pods), "under the budget": str(layout.guarded),
                "runs per tool": str(repeats)},
     )
+
+
+def check(result: BenchResult) -> None:
+    """The quick mode's result: one run per tool, and their ratio."""
+    check_well_formed(result, NAME)
+    for tool in TOOLS:
+        runs = result.measurement(f"{tool} drain, median").samples
+        expect(len(runs) == 1, f"{NAME}: {len(runs)} {tool} runs, quick mode runs one")
+    result.measurement("ratio cluo / kubectl (medians)")
 
 
 def _one_run(

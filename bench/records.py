@@ -78,6 +78,40 @@ class BenchResult:
     def missed(self) -> tuple[Measurement, ...]:
         return tuple(m for m in self.measurements if m.met is False)
 
+    def measurement(self, name: str) -> Measurement:
+        """The measurement called ``name``; MalformedResult if there is none."""
+        for m in self.measurements:
+            if m.name == name:
+                return m
+        raise MalformedResult(f"{self.name}: no measurement {name!r}")
+
+
+class MalformedResult(Exception):
+    """A benchmark's quick-mode result lacks what it must show (see ``check_well_formed``)."""
+
+
+def expect(condition: bool, problem: str) -> None:
+    """MalformedResult(problem) unless ``condition``: one line per fact a check asserts."""
+    if not condition:
+        raise MalformedResult(problem)
+
+
+def check_well_formed(result: BenchResult, name: str) -> None:
+    """What every benchmark's result must show in quick mode, the smoke mode of make test:
+    its own name, measured, a method, at least one measurement and one with a target, and
+    only finite, non-negative numbers. (A full run may report n/a: only quick runs are
+    checked.)"""
+    expect(result.name == name, f"{name}: the result is named {result.name!r}")
+    expect(result.status is Status.MEASURED,
+           f"{name}: {result.status.value}, {result.reason}".rstrip(", "))
+    expect(bool(result.measurements), f"{name}: no measurements")
+    expect(bool(result.method), f"{name}: no method")
+    for m in result.measurements:
+        expect(math.isfinite(m.value) and m.value >= 0,
+               f"{name}: {m.name!r} is {m.value}, not a finite number >= 0")
+    expect(any(m.target is not None for m in result.measurements),
+           f"{name}: no measurement has a target to compare with")
+
 
 def _number(value: float) -> str:
     if math.isnan(value):

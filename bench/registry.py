@@ -1,5 +1,6 @@
 """The six benchmarks of issue 6, in the issue's order. A benchmark that cannot be built
-yet has no ``run`` and says why; the report lists it as "not built yet"."""
+yet has no ``run`` and says why; the report lists it as "not built yet". ``check`` says
+whether a quick-mode result is well formed (it raises MalformedResult if not)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Benchmark:
     name: str
     title: str
     run: Callable[[BenchContext], BenchResult] | None = None
+    check: Callable[[BenchResult], None] | None = None
     not_built: str = ""
 
     def not_built_result(self) -> BenchResult:
@@ -30,13 +32,16 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark(roll.HANDOFF_NAME, roll.HANDOFF_TITLE, roll.run_handoff),
-    Benchmark(roll.OVERHEAD_NAME, roll.OVERHEAD_TITLE, roll.run_overhead),
-    Benchmark(api_cost.NAME, api_cost.TITLE, api_cost.run),
-    Benchmark(coord_api_cost.NAME, coord_api_cost.TITLE, coord_api_cost.run),
-    Benchmark(coord_scale.NAME, coord_scale.TITLE, coord_scale.run),
-    Benchmark(agent_footprint.NAME, agent_footprint.TITLE, agent_footprint.run),
-    Benchmark(drain_vs_kubectl.NAME, drain_vs_kubectl.TITLE, drain_vs_kubectl.run),
+    Benchmark(roll.HANDOFF_NAME, roll.HANDOFF_TITLE, roll.run_handoff, roll.check_handoff),
+    Benchmark(roll.OVERHEAD_NAME, roll.OVERHEAD_TITLE, roll.run_overhead, roll.check_overhead),
+    Benchmark(api_cost.NAME, api_cost.TITLE, api_cost.run, api_cost.check),
+    Benchmark(coord_api_cost.NAME, coord_api_cost.TITLE, coord_api_cost.run,
+              coord_api_cost.check),
+    Benchmark(coord_scale.NAME, coord_scale.TITLE, coord_scale.run, coord_scale.check),
+    Benchmark(agent_footprint.NAME, agent_footprint.TITLE, agent_footprint.run,
+              agent_footprint.check),
+    Benchmark(drain_vs_kubectl.NAME, drain_vs_kubectl.TITLE, drain_vs_kubectl.run,
+              drain_vs_kubectl.check),
 )
 
 NAMES = tuple(b.name for b in BENCHMARKS)

@@ -4,6 +4,10 @@ is written; a benchmark that was not built says so and why."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import json
+import math
 import os
 import platform
 import re
@@ -132,6 +136,30 @@ def render(info: RunInfo, results: Sequence[BenchResult]) -> str:
 def write(path: Path, info: RunInfo, results: Sequence[BenchResult]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(info, results))
+
+
+def write_json(path: Path, info: RunInfo, results: Sequence[BenchResult]) -> None:
+    """The same run as data: ``{"run": RunInfo, "results": [BenchResult, ...]}``, field by
+    field, enums as their values, times in ISO 8601, a number that is not finite as null."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"run": _plain(info), "results": [_plain(r) for r in results]}
+    path.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
+
+
+def _plain(value: object) -> object:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def _table(result: BenchResult) -> list[str]:

@@ -47,7 +47,15 @@ from kubernetes.watch import Watch
 
 from bench import coord_rig
 from bench.context import BenchContext
-from bench.records import BenchResult, Comparison, Measurement, Status, Target
+from bench.records import (
+    BenchResult,
+    Comparison,
+    Measurement,
+    Status,
+    Target,
+    check_well_formed,
+    expect,
+)
 from bench.testbed import AuditedWrite, read_audited_writes
 from cluo.protocol import Keys, slot_lease_name
 from tests.testbed.kubelet import KubeletEmulator
@@ -191,6 +199,25 @@ def run_overhead(context: BenchContext) -> BenchResult:
         setup={"N": ", ".join(str(o.nodes) for o in outcomes),
                "simulated drain + reboot": f"{DRAIN_REBOOT} s", "max concurrent": "1"},
     )
+
+
+def check_handoff(result: BenchResult) -> None:
+    """The quick mode's result: a handoff per pair of nodes rolled, their p50."""
+    check_well_formed(result, HANDOFF_NAME)
+    nodes = HANDOFF_NODES[True]
+    p50 = result.measurement("handoff p50")
+    expect(f"{nodes - 1} handoffs" in p50.detail,
+           f"{HANDOFF_NAME}: {nodes} nodes rolled, but the p50 is of {p50.detail!r}")
+
+
+def check_overhead(result: BenchResult) -> None:
+    """The quick mode's result: each roll took at least its simulated drains and reboots."""
+    check_well_formed(result, OVERHEAD_NAME)
+    for nodes in OVERHEAD_NODES[True]:
+        makespan = result.measurement(f"N={nodes}: makespan").value
+        expect(makespan > nodes * DRAIN_REBOOT,
+               f"{OVERHEAD_NAME}: N={nodes} rolled in {makespan:.2f} s, less than its "
+               f"simulated drains and reboots ({nodes} x {DRAIN_REBOOT} s)")
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
