@@ -38,15 +38,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from cluo.backoff import Backoff
 from cluo.errors import CluoError, ErrorKind
 from cluo_host.update_status import STATUS_SIGNATURE, UpdateEngineStatus, UpdateStatusError
 
@@ -74,6 +76,7 @@ OWNER_CHANGED_MATCH = (
 )
 
 DEFAULT_CALL_TIMEOUT = 10.0
+RECONNECT_BACKOFF = Backoff(initial=0.5, maximum=30.0)  # between reconnect attempts
 # Unique names are never reused while a bus daemon runs, so a cached uid stays right;
 # the bound only keeps a flood of spoofing connections from growing the cache.
 UID_CACHE_SIZE = 256
@@ -131,21 +134,6 @@ class UpdateStatusSource(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Delays between reconnect attempts: initial, initial*factor, ... capped at maximum."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    factor: float = 2.0
-
-    def delays(self) -> Iterator[float]:
-        delay = self.initial
-        while True:
-            yield delay
-            delay = min(self.maximum, delay * self.factor)
-
-
 @dataclass
 class _Session:
     """One connection to the bus: its queue of relevant messages and what we know."""
@@ -170,7 +158,7 @@ class UpdateEngine:
         on_event: EventCallback,
         *,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = RECONNECT_BACKOFF,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._on_event = on_event
@@ -376,16 +364,17 @@ class UpdateEngine:
             self._emit(BusReconnected(status))
 
     async def _reopen(self) -> tuple[_Session, UpdateEngineStatus]:
-        for attempt, delay in enumerate(self._backoff.delays(), start=1):
-            await self._sleep(delay)
+        """Connect again, waiting ``backoff.delay(attempt)`` before each attempt."""
+        for attempt in itertools.count(1):
+            await self._sleep(self._backoff.delay(attempt))
             try:
                 return await self._open()
             except UpdateEngineError as err:
                 log.warning(
                     "reconnecting to update_engine failed",
-                    extra={"ATTEMPT": attempt, "ERROR": str(err), "KIND": err.kind},
+                    extra={"ATTEMPT": attempt, "ERROR": str(err), "ERROR_KIND": err.kind},
                 )
-        raise AssertionError("Backoff.delays() is endless")  # pragma: no cover
+        raise AssertionError("itertools.count() is endless")  # pragma: no cover
 
     # -- calls -----------------------------------------------------------------------------
 
