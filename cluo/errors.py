@@ -1,9 +1,9 @@
 """cluo's errors: each says what was being done and carries a small fixed ``kind``.
 
-The kind is for logs, metrics and retry decisions (``transient``); the text is for
-people. This module imports no I/O library, so the pure core and every adapter can
-use it; ``kube_error`` recognises ``kube_client.ApiError`` by its shape (an int
-``status`` plus ``reason`` and ``body``) instead of importing it.
+The kind is for logs (the journald field ``ERROR_KIND``), metrics and retry decisions
+(``transient``); the text is for people. This module imports no I/O library, so the pure
+core and every adapter can use it. Turning what the Kubernetes client raised into a
+``KubeError`` is the client's job (``cluo.kube.client.kube_error``).
 """
 
 from __future__ import annotations
@@ -137,36 +137,3 @@ def status_details(body: object) -> StatusDetails:
         reason=str(data.get("reason") or ""),
         causes=tuple(causes),
     )
-
-
-def _is_timeout(err: BaseException | None) -> bool:
-    """Whether ``err`` or an error it was raised from is a timeout (``socket.timeout`` is
-    the built-in TimeoutError; ``ssl`` and ``http.client`` wrap nothing else)."""
-    for _ in range(5):
-        if err is None:
-            return False
-        if isinstance(err, TimeoutError):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def kube_error(action: str, err: BaseException) -> KubeError:
-    """Wrap a Kubernetes client error (``ApiError``, a socket, TLS or HTTP error).
-
-    Use as ``raise kube_error("patching node 'n1'", err) from err``.
-    """
-    status = getattr(err, "status", None)
-    if isinstance(status, int) and hasattr(err, "body"):
-        details = status_details(getattr(err, "body", None))
-        reason = details.reason or str(getattr(err, "reason", "") or "")
-        return KubeError(
-            action, details.message or reason, kind=kind_for_status(status), status=status,
-            reason=reason,
-        )
-    own_kind = getattr(err, "kind", None)  # a CredentialError says what kind it is
-    if own_kind in KINDS:
-        return KubeError(action, f"{type(err).__name__}: {err}", kind=own_kind)
-    if _is_timeout(err):
-        return KubeError(action, f"no answer in time ({type(err).__name__})", kind="timeout")
-    return KubeError(action, f"{type(err).__name__}: {err}", kind="unavailable")

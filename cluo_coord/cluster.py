@@ -1,11 +1,12 @@
 """The coordinator's view of the cluster: every Node and every slot Lease, kept by watches.
 
-Two reflectors (client-go's pattern) keep raw objects in memory: one lists then watches
-the Nodes (optionally through a label selector), the other the Leases of the
-coordinator's namespace (slot Leases, and the leader Lease that carries the global
-pause). A watch that expires (410) or fails is re-listed, after a backoff on errors; a
-full re-list also runs every ``resync_period`` as a safety net. Every change calls
-``on_change`` so the driver plans again at once.
+Two reflectors (``cluo.kube.watch.Reflector``, client-go's pattern) keep raw objects in
+memory: one lists then watches the Nodes (optionally through a label selector), the
+other the Leases of the coordinator's namespace (slot Leases, and the leader Lease that
+carries the global pause). A watch that expires (410) or fails is re-listed, after a
+backoff on errors; a full re-list also runs every ``resync_period`` as a safety net.
+Every change calls ``on_change`` so the driver plans again at once. Node views are built
+from the one Node parser, ``NodeSnapshot.from_object``.
 
 Objects the coordinator itself wrote go into the cache straight from the write's
 response (``put_node``, ``put_slot``), so the next plan sees them without waiting for
@@ -18,81 +19,40 @@ guards every ``reboot-ok=true`` (planner rule 3).
 
 from __future__ import annotations
 
-import logging
-import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cluo.errors import KubeError, WatchExpired, kind_for_status, kube_error
-from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient, WatchStream, segment
-from cluo.kube.nodes import MERGE_PATCH, NODES_PATH, node_patch
-from cluo.protocol import (
-    LEADER_LEASE_NAME,
-    PAUSED_ANNOTATION,
-    SLOT_LEASE_LABEL,
-    Keys,
-    NodeProtocolState,
-)
-from cluo_coord.leases import LEASE_PATH, api_time, slot_from_object
+from cluo.kube.client import KubeClient
+from cluo.kube.nodes import KubeNodes, NodeSnapshot, node_patch
+from cluo.kube.objects import Obj, name_of, newer_or_same, version_of
+from cluo.kube.resources import NODES_PATH, leases_path
+from cluo.kube.watch import ObjectStore, Reflector
+from cluo.protocol import LEADER_LEASE_NAME, PAUSED_ANNOTATION, SLOT_LEASE_LABEL, Keys
+from cluo_coord.leases import KubeSlots, slot_from_object
 from cluo_coord.planner import MetadataPatch, NodeView, SlotLease, reboot_needed_since
 
-log = logging.getLogger(__name__)
-
-REQUEST_TIMEOUT = (5.0, 30.0)
-WATCH_TIMEOUT_SECONDS = 300
-WATCH_READ_GRACE = 30.0
-BACKOFF_START = 0.2
-BACKOFF_MAX = 30.0
 # How long a slot Lease this coordinator wrote overrides the watched one: the watch
 # delivers it well before; a Lease deleted meanwhile reappears for at most this long.
 WRITTEN_SLOT_TTL = 10.0
 
-Obj = dict[str, Any]
-
-
-def _version(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
-
-
-def newer_or_same(candidate: str, current: str) -> bool:
-    """Whether an object at ``candidate`` may replace the cached one at ``current``.
-
-    Resource versions are etcd revisions in every API server in use; should one not be a
-    number, the later arrival wins.
-    """
-    try:
-        return int(candidate) >= int(current)
-    except ValueError:
-        return True
-
 
 def node_view(obj: Mapping[str, Any], keys: Keys, coordinator_node: str = "") -> NodeView:
     """A planner NodeView from a Node object as the API server sends it."""
-    metadata = obj.get("metadata") or {}
-    status = obj.get("status") or {}
-    annotations = {str(k): str(v) for k, v in (metadata.get("annotations") or {}).items()}
-    labels = {str(k): str(v) for k, v in (metadata.get("labels") or {}).items()}
-    ready, ready_since = False, None
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Ready":
-            ready = condition.get("status") == "True"
-            ready_since = api_time(condition.get("lastTransitionTime")) if ready else None
-    state = NodeProtocolState.from_metadata(keys, annotations, labels)
-    name = str(metadata.get("name") or "")
+    node = NodeSnapshot.from_object(obj, keys)
     return NodeView(
-        name=name,
-        state=state,
-        resource_version=_version(obj),
-        ready=ready,
-        ready_since=ready_since,
-        boot_id=str((status.get("nodeInfo") or {}).get("bootID") or ""),
-        annotations=annotations,
-        unschedulable=bool((obj.get("spec") or {}).get("unschedulable")),
-        runs_coordinator=bool(coordinator_node) and name == coordinator_node,
-        reboot_needed_since=reboot_needed_since(state),
+        name=node.name,
+        state=node.state,
+        resource_version=node.resource_version,
+        ready=node.ready,
+        ready_since=node.ready_since,
+        boot_id=node.boot_id,
+        annotations=node.annotations,
+        unschedulable=node.unschedulable,
+        runs_coordinator=bool(coordinator_node) and node.name == coordinator_node,
+        reboot_needed_since=reboot_needed_since(node.state),
     )
 
 
@@ -128,8 +88,7 @@ class NodeViewCache:
 
     def rebuild(self, objects: Iterable[Mapping[str, Any]]) -> tuple[NodeView, ...]:
         """All current Nodes (a fresh list): forget the ones missing from ``objects``."""
-        listed: dict[str, Mapping[str, Any] | None] = {
-            str((obj.get("metadata") or {}).get("name") or ""): obj for obj in objects}
+        listed: dict[str, Mapping[str, Any] | None] = {name_of(obj): obj for obj in objects}
         for name in self._views:
             listed.setdefault(name, None)
         return self.update(listed)
@@ -147,7 +106,7 @@ class NodeViewCache:
                     added_or_gone = True
                     changes.append((name, current, None))
                 continue
-            version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            version = version_of(obj)
             if current is not None and version and current.resource_version == version:
                 continue
             view = node_view(obj, self._keys, self._coordinator_node)
@@ -170,47 +129,7 @@ class NodeViewCache:
         return self._frozen
 
 
-class _Store:
-    """Objects by name; an object never goes back to an older resourceVersion."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._objects: dict[str, Obj] = {}
-
-    def put(self, obj: Obj) -> bool:
-        name = str((obj.get("metadata") or {}).get("name") or "")
-        with self._lock:
-            current = self._objects.get(name)
-            if current is not None and not newer_or_same(_version(obj), _version(current)):
-                return False
-            if current is not None and _version(current) == _version(obj):
-                return False
-            self._objects[name] = obj
-            return True
-
-    def delete(self, obj: Obj) -> bool:
-        name = str((obj.get("metadata") or {}).get("name") or "")
-        with self._lock:
-            return self._objects.pop(name, None) is not None
-
-    def replace(self, objects: list[Obj], list_version: str) -> None:
-        """A fresh list: keep only listed objects, unless the cache has a newer one."""
-        with self._lock:
-            fresh = {str(o["metadata"]["name"]): o for o in objects}
-            for name, current in self._objects.items():
-                if name in fresh:
-                    if not newer_or_same(_version(fresh[name]), _version(current)):
-                        fresh[name] = current
-                elif not newer_or_same(list_version, _version(current)):
-                    fresh[name] = current  # written after the list was taken
-            self._objects = fresh
-
-    def values(self) -> list[Obj]:
-        with self._lock:
-            return list(self._objects.values())
-
-
-class _NodeStore(_Store):
+class _NodeStore(ObjectStore):
     """The Node store; it also remembers which names changed since ``take_changes()``."""
 
     def __init__(self) -> None:
@@ -233,7 +152,7 @@ class _NodeStore(_Store):
         if changed:
             with self._changes_lock:
                 if self._changed is not None:
-                    self._changed.add(_name(obj))
+                    self._changed.add(name_of(obj))
         return changed
 
     def take_changes(self) -> tuple[bool, dict[str, Obj | None]]:
@@ -246,157 +165,9 @@ class _NodeStore(_Store):
         """
         with self._changes_lock:
             changed, self._changed = self._changed, set()
-        with self._lock:
-            if changed is None:
-                return True, dict(self._objects)
-            return False, {name: self._objects.get(name) for name in changed}
-
-
-def _name(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("name") or "")
-
-
-class Reflector:
-    """List then watch one collection into a ``_Store``, in its own thread."""
-
-    def __init__(
-        self,
-        what: str,
-        client: KubeClient,
-        path: str,
-        store: _Store,
-        on_change: Callable[[Obj | None], None],
-        *,
-        resync_period: float,
-        label_selector: str = "",
-    ) -> None:
-        self.what = what
-        self._client = client
-        self._path = path
-        self._label_selector = label_selector or None
-        self._store = store
-        self._on_change = on_change
-        self._resync_period = resync_period
-        self._stop = threading.Event()
-        self._synced = threading.Event()
-        self._relist = threading.Event()
-        self._stream: WatchStream | None = None
-        self._thread = threading.Thread(target=self._run, name=f"reflector-{what}", daemon=True)
-
-    @property
-    def synced(self) -> bool:
-        return self._synced.is_set()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._close_watch()
-        self._thread.join(timeout)
-
-    def relist(self) -> None:
-        """Ask for a fresh list now (the watch is restarted from it)."""
-        self._relist.set()
-        self._close_watch()
-
-    def list_now(self) -> None:
-        """List synchronously (in the caller's thread) and replace the store."""
-        items, version = self._list()
-        self._store.replace(items, version)
-
-    def _close_watch(self) -> None:
-        stream = self._stream
-        if stream is not None:
-            stream.close()  # unblocks the watcher's read
-
-    def _list(self) -> tuple[list[Obj], str]:
-        action = f"listing {self.what}"
-        try:
-            body = self._client.request(
-                "GET", self._path, query={"labelSelector": self._label_selector},
-                timeout=REQUEST_TIMEOUT,
-            )
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            raise kube_error(action, err) from err
-        return list(body.get("items") or []), _version(body)
-
-    def _run(self) -> None:
-        backoff = BACKOFF_START
-        while not self._stop.is_set():
-            try:
-                self._relist.clear()
-                items, version = self._list()
-                self._store.replace(items, version)
-                self._synced.set()
-                self._on_change(None)
-                listed_at = time.monotonic()
-                while not self._stop.is_set() and not self._relist.is_set():
-                    if time.monotonic() - listed_at > self._resync_period:
-                        break
-                    version = self._watch(version)
-                    backoff = BACKOFF_START
-            except WatchExpired:
-                log.info("watch expired, listing again", extra={"WHAT": self.what})
-            except KubeError as err:
-                log.warning("list or watch failed, retrying", extra={
-                    "WHAT": self.what, "ERROR": str(err), "ERROR_KIND": err.kind,
-                    "RETRY_IN": round(backoff, 2)})
-                self._stop.wait(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, BACKOFF_MAX)
-            except Exception as err:
-                log.exception("reflector failed unexpectedly", extra={
-                    "WHAT": self.what, "ERROR": repr(err)})
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
-
-    def _watch(self, version: str) -> str:
-        """One watch request from ``version``; returns the version to continue from."""
-        action = f"watching {self.what}"
-        stream = self._stream = self._client.watch(self._path, query={
-            "labelSelector": self._label_selector,
-            "watch": True,
-            "resourceVersion": version,
-            "allowWatchBookmarks": True,
-            "timeoutSeconds": WATCH_TIMEOUT_SECONDS,
-        }, timeout=(REQUEST_TIMEOUT[0], WATCH_TIMEOUT_SECONDS + WATCH_READ_GRACE))
-        if self._stop.is_set() or self._relist.is_set():  # asked while it was being made
-            stream.close()
-        try:
-            for event in self._events(stream, action):
-                kind = str(event.get("type") or "")
-                obj = event.get("object") or {}
-                version = _version(obj) or version
-                if kind == "BOOKMARK":
-                    continue
-                changed = self._store.delete(obj) if kind == "DELETED" else self._store.put(obj)
-                if changed:
-                    self._on_change(obj)
-        except ApiError as err:
-            if err.status == 410:
-                raise WatchExpired(action, "resourceVersion too old", version) from err
-            raise kube_error(action, err) from err
-        except TRANSPORT_ERRORS as err:  # a garbled event too
-            if self._stop.is_set() or self._relist.is_set():
-                return version
-            raise kube_error(action, err) from err
-        finally:
-            self._stream = None
-            stream.close()
-        return version
-
-    def _events(self, stream: WatchStream, action: str) -> Iterator[Obj]:
-        for event in stream:
-            if self._stop.is_set() or self._relist.is_set():
-                return
-            if event.get("type") == "ERROR":
-                status = event.get("object") or {}
-                code = int(status.get("code") or 0)
-                if code == 410:
-                    raise WatchExpired(action, str(status.get("message") or ""), None)
-                raise KubeError(action, str(status.get("message") or ""),
-                                kind=kind_for_status(code), status=code)
-            yield event
+        if changed is None:
+            return True, self.by_name()
+        return False, self.by_name(changed)
 
 
 @dataclass(frozen=True)
@@ -431,7 +202,7 @@ class ClusterCache:
         self._keys = keys
         self._coordinator_node = coordinator_node
         self._nodes = _NodeStore()
-        self._leases = _Store()
+        self._leases = ObjectStore()
         self._views = NodeViewCache(keys, coordinator_node)
         self._written_lock = threading.Lock()
         self._written: dict[int, tuple[SlotLease, float]] = {}
@@ -441,8 +212,7 @@ class ClusterCache:
         self._reflectors = (
             Reflector("nodes", api, NODES_PATH, self._nodes, lambda _: on_change(),
                       resync_period=resync_period, label_selector=node_selector),
-            Reflector(f"leases in {namespace}", api,
-                      LEASE_PATH.format(namespace=segment(namespace)), self._leases,
+            Reflector(f"leases in {namespace}", api, leases_path(namespace), self._leases,
                       self._lease_changed, resync_period=resync_period),
         )
 
@@ -531,36 +301,20 @@ class ClusterWriter:
     """Node writes with compare-and-swap, and uncached Lease reads."""
 
     def __init__(self, api: KubeClient, namespace: str, keys: Keys) -> None:
-        self._api = api
-        self._namespace = namespace
-        self._keys = keys
+        self._nodes = KubeNodes(api, keys)
+        self._slots = KubeSlots(api, namespace)
 
     def patch_node(self, name: str, patch: MetadataPatch, resource_version: str) -> Obj:
         """Apply ``patch`` only if the node is still at ``resource_version`` (else 409)."""
-        action = f"patching node {name!r} at resourceVersion {resource_version}"
         body = node_patch(
             annotations=patch.annotations, labels=patch.labels,
             resource_version=resource_version,
         )
-        try:
-            obj = self._api.request(
-                "PATCH", f"{NODES_PATH}/{segment(name)}", body=body, content_type=MERGE_PATCH,
-                timeout=REQUEST_TIMEOUT,
-            )
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            raise kube_error(action, err) from err
+        obj = self._nodes.patch_object(
+            name, body, action=f"patching node {name!r} at resourceVersion {resource_version}")
         assert isinstance(obj, dict)
         return obj
 
     def read_lease(self, name: str) -> Obj | None:
         """One Lease, read from the API server (not the cache); None if missing."""
-        path = f"{LEASE_PATH.format(namespace=segment(self._namespace))}/{segment(name)}"
-        try:
-            obj = self._api.request("GET", path, timeout=REQUEST_TIMEOUT)
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            error = kube_error(f"reading lease {name!r}", err)
-            if error.kind == "not_found":
-                return None
-            raise error from err
-        assert isinstance(obj, dict)
-        return obj
+        return self._slots.read(name)

@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from cluo.errors import KubeError, kube_error
-from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient
+from cluo.errors import KubeError
+from cluo.kube.client import KubeClient
+from cluo.kube.objects import micro_time
+from cluo.kube.resources import CONNECT_TIMEOUT, Timeout, leases_path
 from cluo.protocol import LEADER_LEASE_NAME
-from cluo_coord.leases import LEASE_PATH, micro_time
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +33,16 @@ LEASE_DURATION = 15.0
 RENEW_DEADLINE = 10.0
 RENEW_PERIOD = 5.0
 RETRY_PERIOD = 2.0
-REQUEST_TIMEOUT = (5.0, 10.0)
+# A renewal answered after the renew deadline comes too late to keep the lead.
+ELECTION_TIMEOUT: Timeout = (CONNECT_TIMEOUT, RENEW_DEADLINE)
 
 
 def lease_request(
     api: KubeClient, method: str, path: str, body: Mapping[str, Any] | None, action: str,
 ) -> Any:
     """One JSON request on a Lease (times keep the microseconds the API server requires)."""
-    try:
-        return api.request(
-            method, path, body=dict(body) if body is not None else None,
-            timeout=REQUEST_TIMEOUT,
-        )
-    except (ApiError, *TRANSPORT_ERRORS) as err:
-        raise kube_error(action, err) from err
+    return api.call(action, method, path, body=dict(body) if body is not None else None,
+                    timeout=ELECTION_TIMEOUT)
 
 
 class LeaderElector:
@@ -75,7 +72,7 @@ class LeaderElector:
         self._renew_period = renew_period
         self._retry_period = retry_period
         self._clock = clock
-        self._path = LEASE_PATH.format(namespace=namespace) + "/" + LEADER_LEASE_NAME
+        self._path = leases_path(namespace, LEADER_LEASE_NAME)
         self._lock = threading.Lock()
         self._valid_until = 0.0  # monotonic; leader while now < this
         self._observed: tuple[str, str, float] | None = None  # (holder, renewTime, seen at)
@@ -135,7 +132,7 @@ class LeaderElector:
                 "metadata": {"name": LEADER_LEASE_NAME, "namespace": self._namespace},
                 "spec": self._spec(now, acquired=True, transitions=0),
             }
-            self._write("POST", LEASE_PATH.format(namespace=self._namespace), body)
+            self._write("POST", leases_path(self._namespace), body)
             return
         spec = current.get("spec") or {}
         holder = str(spec.get("holderIdentity") or "")
@@ -206,7 +203,7 @@ class LeaderElector:
 def set_paused(api: KubeClient, namespace: str, paused: bool,
                annotation: str) -> None:
     """Set (or clear) the global pause annotation on the leader Lease, creating it if needed."""
-    path = LEASE_PATH.format(namespace=namespace) + "/" + LEADER_LEASE_NAME
+    path = leases_path(namespace, LEADER_LEASE_NAME)
     for _ in range(5):
         try:
             current = lease_request(api, "GET", path, None, "reading leader lease")
@@ -218,7 +215,7 @@ def set_paused(api: KubeClient, namespace: str, paused: bool,
                                  "annotations": {annotation: "true"} if paused else {}},
                     "spec": {}}
             try:
-                lease_request(api, "POST", LEASE_PATH.format(namespace=namespace), body,
+                lease_request(api, "POST", leases_path(namespace), body,
                               "creating leader lease")
                 return
             except KubeError as create_err:

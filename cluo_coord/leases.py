@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-from cluo.errors import KubeError, kube_error
-from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
+from cluo.errors import KubeError
+from cluo.kube.client import KubeClient
+from cluo.kube.objects import api_time, micro_time
+from cluo.kube.resources import leases_path
 from cluo.protocol import (
     SLOT_HOLDER_BOOT_ID,
     SLOT_LEASE_LABEL,
@@ -31,24 +32,6 @@ log = logging.getLogger(__name__)
 HOLDER_BOOT_ID = SLOT_HOLDER_BOOT_ID
 RELEASED_AT = SLOT_RELEASED_AT
 STUCK = SLOT_STUCK
-LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
-REQUEST_TIMEOUT = (5.0, 30.0)
-
-
-def api_time(value: object) -> datetime | None:
-    """An API server time (RFC 3339, ``Z`` or an offset), or None if absent or unreadable."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def micro_time(at: datetime) -> str:
-    """A Lease MicroTime: UTC with microseconds, as the API server requires."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
@@ -87,12 +70,8 @@ class KubeSlots:
 
     def list(self) -> tuple[list[SlotLease], str]:
         """Every slot Lease, and the list's resourceVersion (to watch from)."""
-        action = f"listing reboot-slot leases in {self._namespace!r}"
-        try:
-            body = self._api.request("GET", self._path(), query={
-                "labelSelector": SLOT_LEASE_LABEL}, timeout=REQUEST_TIMEOUT)
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            raise kube_error(action, err) from err
+        body = self._api.call(f"listing reboot-slot leases in {self._namespace!r}", "GET",
+                              self._path(), query={"labelSelector": SLOT_LEASE_LABEL})
         slots = [s for s in map(slot_from_object, body.get("items") or []) if s is not None]
         return sorted(slots, key=lambda s: s.index), str(
             (body.get("metadata") or {}).get("resourceVersion") or ""
@@ -146,11 +125,19 @@ class KubeSlots:
         """Delete a slot Lease (the admin's way to free a slot whose node is gone)."""
         name = slot_lease_name(index)
         try:
-            self._api.request("DELETE", self._path(name), timeout=REQUEST_TIMEOUT)
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            error = kube_error(f"deleting reboot slot {name!r}", err)
-            if error.kind != "not_found":
-                raise error from err
+            self._api.call(f"deleting reboot slot {name!r}", "DELETE", self._path(name))
+        except KubeError as err:
+            if err.kind != "not_found":
+                raise
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        """The Lease ``name`` of this namespace as the API server has it; None if missing."""
+        try:
+            return self._read(name, f"reading lease {name!r}")
+        except KubeError as err:
+            if err.kind == "not_found":
+                return None
+            raise
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -174,26 +161,21 @@ class KubeSlots:
         }
 
     def _read(self, name: str, action: str) -> dict[str, Any]:
-        try:
-            body = self._api.request("GET", self._path(name), timeout=REQUEST_TIMEOUT)
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            raise kube_error(action, err) from err
+        body = self._api.call(action, "GET", self._path(name))
         assert isinstance(body, dict)
         return body
 
     def _path(self, name: str = "") -> str:
-        path = LEASE_PATH.format(namespace=segment(self._namespace))
-        return f"{path}/{segment(name)}" if name else path
+        return leases_path(self._namespace, name)
 
     def _write(self, action: str, method: str, path: str, body: Mapping[str, Any]) -> SlotLease:
         try:
-            written = self._api.request(method, path, body=dict(body), timeout=REQUEST_TIMEOUT)
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            error = kube_error(action, err)
-            if error.status == 409:  # AlreadyExists on create, Conflict on replace
+            written = self._api.call(action, method, path, body=dict(body))
+        except KubeError as err:
+            if err.status == 409:  # AlreadyExists on create, Conflict on replace
                 raise KubeError(action, "the slot changed since it was read: not taken",
                                 kind="conflict", status=409) from err
-            raise error from err
+            raise
         slot = slot_from_object(written)
         assert slot is not None
         log.info("reboot slot written", extra={"SLOT": slot.index, "HOLDER": slot.holder or "",

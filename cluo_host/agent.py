@@ -29,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from cluo.errors import CluoError, WatchExpired
-from cluo.kube.nodes import NodeApi, NodeSnapshot
+from cluo.backoff import Backoff
+from cluo.errors import CluoError
+from cluo.kube.nodes import NodeApi, NodeEvent, NodeSnapshot
+from cluo.kube.objects import newer_or_same
+from cluo.kube.resources import WATCH_TIMEOUT_SECONDS
+from cluo.kube.watch import WatchLoop
 from cluo.protocol import label_value
 from cluo_host.agent_core import (
     AbortDrain,
@@ -78,33 +80,12 @@ from cluo_host.update_status import UpdateEngineStatus
 
 log = logging.getLogger(__name__)
 
-WATCH_TIMEOUT_SECONDS = 300
 AGENT_ENV_FILE = "/etc/cluo/agent.env"  # the unit's EnvironmentFile= (units/cluo-agent.service)
 # When no Node has the agent's node name: how to give it another (the Ignition generator's
 # `--node-setting node-name=...` writes that variable into that file).
 NODE_NAME_HINT = (f"if the kubelet registered this host under another name, set "
                   f"{NODE_NAME_FLAG} or {NODE_NAME_VARIABLE} in {AGENT_ENV_FILE}")
 NO_NODE_MESSAGE = f"no Node of this name, waiting for it to be registered; {NODE_NAME_HINT}"
-
-
-@dataclass(frozen=True)
-class Backoff:
-    initial: float = 0.5
-    maximum: float = 30.0
-
-    def delay(self, failures: int) -> float:
-        return float(min(self.initial * 2 ** max(failures - 1, 0), self.maximum))
-
-
-def _newer(candidate: NodeSnapshot, current: NodeSnapshot | None) -> bool:
-    """Whether ``candidate`` is not older than ``current`` (resourceVersions compared as
-    numbers when both are; etcd's are)."""
-    if current is None:
-        return True
-    try:
-        return int(candidate.resource_version) >= int(current.resource_version)
-    except ValueError:
-        return True
 
 
 class Agent:
@@ -139,9 +120,18 @@ class Agent:
         self._drainer: Drainer | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._attempts: tuple[RebootAttempt, ...] = ()
-        self._watch_stop = threading.Event()
-        self._watch_thread: threading.Thread | None = None
-        self._watch_stream: object | None = None
+        # The node watch, in a thread of its own: from now (its first event is the node as
+        # it is), again from where it ended, from now again after an expiry or an error.
+        self._node_watch = WatchLoop(
+            "node-watch",
+            open_watch=lambda version: self._nodes.watch(
+                self._name, version, WATCH_TIMEOUT_SECONDS),
+            on_event=self._on_node_event,
+            backoff=self._backoff,
+            log_fields={"NODE": self._name},
+            failed_message="node watch failed, watching again",
+            expired_message="node watch expired, watching again from now",
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_phase = ""
         self._last_status = ""
@@ -248,21 +238,11 @@ class Agent:
             self._notifier.ready(status)
 
     def _start_watch(self) -> None:
-        if self._watch_thread is None:
-            self._watch_thread = threading.Thread(
-                target=self._watch_node, name="node-watch", daemon=True
-            )
-            self._watch_thread.start()
+        self._node_watch.start()  # once; later calls do nothing
 
     async def _shutdown(self) -> None:
         await self._stop_drain()
-        self._watch_stop.set()
-        stream = self._watch_stream
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.close()  # type: ignore[attr-defined]
-        if self._watch_thread is not None:
-            await asyncio.to_thread(self._watch_thread.join, 5.0)
+        await asyncio.to_thread(self._node_watch.stop, 5.0)
         with contextlib.suppress(Exception):
             await self._engine.close()
 
@@ -400,7 +380,8 @@ class Agent:
                 self._wake.set()
             case EmitEvent(reason=reason, message=message, type=event_type):
                 await asyncio.to_thread(
-                    self._nodes.emit_event, name, reason.value, message, type=event_type.value
+                    self._nodes.emit_event, name, reason.value, message, type=event_type.value,
+                    instance=name,
                 )
             case _:  # pragma: no cover - a new action without a handler is a bug
                 raise NotImplementedError(f"no handler for {type(action).__name__}")
@@ -438,7 +419,8 @@ class Agent:
     # -- inputs ------------------------------------------------------------------------
 
     def _set_node(self, node: NodeSnapshot) -> None:
-        if _newer(node, self._node):
+        current = self._node
+        if current is None or newer_or_same(node.resource_version, current.resource_version):
             self._node = node
             self._wake.set()
 
@@ -461,36 +443,11 @@ class Agent:
                 self._engine_status = status
         self._wake.set()
 
-    def _watch_node(self) -> None:
-        """Thread: follow the node with a watch; never poll."""
-        resource_version: str | None = None
-        failures = 0
+    def _on_node_event(self, event: NodeEvent) -> None:
+        """In the watch's thread: hand the node to the event loop."""
+        if event.type == "DELETED":
+            log.error("the node object was deleted", extra={"NODE": self._name})
+            return
         loop = self._loop
         assert loop is not None
-        while not self._watch_stop.is_set():
-            try:
-                with self._nodes.watch(self._name, resource_version,
-                                       WATCH_TIMEOUT_SECONDS) as stream:
-                    self._watch_stream = stream
-                    for event in stream:
-                        failures = 0
-                        if event.type == "DELETED":
-                            log.error("the node object was deleted",
-                                      extra={"NODE": self._name})
-                            continue
-                        loop.call_soon_threadsafe(self._set_node, event.node)
-                    resource_version = stream.resource_version
-            except WatchExpired:
-                resource_version = None
-            except CluoError as err:
-                if self._watch_stop.is_set():
-                    return
-                failures += 1
-                delay = self._backoff.delay(failures)
-                log.warning("node watch failed, watching again",
-                            extra={"NODE": self._name, "ERROR": str(err), "KIND": err.kind,
-                                   "RETRY_IN": delay})
-                resource_version = None
-                self._watch_stop.wait(delay)
-            finally:
-                self._watch_stream = None
+        loop.call_soon_threadsafe(self._set_node, event.node)

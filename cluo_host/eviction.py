@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cluo.errors import KubeError, kube_error, status_details
-from cluo.kube.client import TRANSPORT_ERRORS, ApiError, KubeClient, segment
-from cluo.kube.nodes import DEFAULT_REQUEST_TIMEOUT
+from cluo.errors import KubeError, status_details
+from cluo.kube.client import REQUEST_ERRORS, TRANSPORT_ERRORS, ApiError, KubeClient, kube_error
+from cluo.kube.resources import PODS_PATH, REQUEST_TIMEOUT, Timeout, pod_path
 from cluo_host.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LIST_PAGE_SIZE = 500
-PODS_PATH = "/api/v1/pods"
 DISRUPTION_BUDGET_CAUSE = "DisruptionBudget"  # policy/v1 DisruptionBudgetCause
 
 
@@ -124,7 +123,7 @@ class KubePods:
         self,
         client: KubeClient,
         *,
-        request_timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT,
+        request_timeout: Timeout = REQUEST_TIMEOUT,
     ) -> None:
         self._client = client
         self._timeout = request_timeout
@@ -145,7 +144,7 @@ class KubePods:
                 token = (page.get("metadata") or {}).get("continue") or None
                 if token is None:
                     return pods
-        except (ApiError, *TRANSPORT_ERRORS) as err:
+        except REQUEST_ERRORS as err:
             raise kube_error(action, err) from err
 
     def evict(self, pod: PodSummary, grace_period_seconds: int | None = None) -> EvictionOutcome:
@@ -164,7 +163,7 @@ class KubePods:
         }
         try:
             self._client.request(
-                "POST", f"{self._pod_path(pod.namespace, pod.name)}/eviction", body=body,
+                "POST", f"{pod_path(pod.namespace, pod.name)}/eviction", body=body,
                 timeout=self._timeout,
             )
         except ApiError as err:
@@ -190,7 +189,7 @@ class KubePods:
         action = f"deleting pod {pod.ref!r}"
         try:
             self._client.request(
-                "DELETE", self._pod_path(pod.namespace, pod.name),
+                "DELETE", pod_path(pod.namespace, pod.name),
                 body=self._delete_options(pod, grace_period_seconds), timeout=self._timeout,
             )
         except ApiError as err:
@@ -205,7 +204,7 @@ class KubePods:
         action = f"reading pod '{namespace}/{name}'"
         try:
             obj = self._client.request(
-                "GET", self._pod_path(namespace, name), timeout=self._timeout
+                "GET", pod_path(namespace, name), timeout=self._timeout
             )
         except ApiError as err:
             if err.status == 404:
@@ -229,10 +228,6 @@ class KubePods:
                 return state
         error: KubeError = kube_error(action, err)
         raise error from err
-
-    @staticmethod
-    def _pod_path(namespace: str, name: str) -> str:
-        return f"/api/v1/namespaces/{segment(namespace)}/pods/{segment(name)}"
 
     @staticmethod
     def _delete_options(pod: PodSummary, grace_period_seconds: int | None) -> dict[str, Any]:

@@ -1,2 +1,4 @@
-"""cluo's own Kubernetes client (standard-library HTTP, docs/decisions.md) and the adapters
-both programs use: kubeconfig and in-cluster credentials, Nodes, watches."""
+"""cluo's own Kubernetes client (standard-library HTTP, docs/decisions.md) and what both
+programs build on it: kubeconfig and in-cluster credentials (config), API paths and
+timeouts (resources), the fields every object has (objects), one way to watch
+(watch) and Nodes (nodes)."""

@@ -5,9 +5,10 @@ keys), so it needs no generated models and no HTTP library: ``KubeClient.request
 one call over ``http.client`` and returns the parsed answer, ``KubeClient.watch`` streams
 a watch's events one JSON line at a time.
 
-- Errors: an answer outside 2xx raises ``ApiError`` (status, reason, body), which
-  ``errors.kube_error`` turns into a ``KubeError``; a broken connection, a timeout or a
-  garbled answer raises one of ``TRANSPORT_ERRORS``.
+- Errors: an answer outside 2xx raises ``ApiError`` (status, reason, body); a broken
+  connection, a timeout or a garbled answer raises one of ``TRANSPORT_ERRORS``.
+  ``kube_error`` turns either into a ``KubeError`` that says what cluo was doing, and
+  ``KubeClient.call`` is ``request`` with that done: what adapters use.
 - Connections are kept alive in a small lock-protected pool shared by the threads; a
   watch has a connection of its own. A kept-alive connection the server closed meanwhile
   is retried once on a fresh connection, for idempotent methods only: a POST or PATCH
@@ -16,13 +17,14 @@ a watch's events one JSON line at a time.
   every minute, so rotated (bound ServiceAccount) tokens keep working. A token never
   appears in a log, an error text or a repr. When the server answers 401 (it rejected
   the token, so it did nothing else), a source that can fetch a new token (a credential
-  plugin, see kube_config) is asked to, and the request is sent once more, whatever its
-  method.
+  plugin, see kube_config) is asked to, and the request (or the watch) is sent once
+  more, whatever its method.
 - The TLS context may be given as a function, asked before each new connection: a
   credential plugin's client certificate is replaced when it expires, and kept-alive
   connections made with the old one are not reused.
 
-Building a client from a kubeconfig or from a pod's ServiceAccount is kube_config's job.
+Building a client from a kubeconfig or from a pod's ServiceAccount is kube_config's job;
+API paths and timeouts are in kube.resources, reading watch events is kube.watch's job.
 """
 
 from __future__ import annotations
@@ -39,30 +41,32 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
-from urllib.parse import quote, urlencode, urlsplit
+from typing import Any, Generic, NamedTuple, Protocol, Self, TypeVar
+from urllib.parse import urlencode, urlsplit
 
-from cluo.errors import ErrorKind, status_details
+from cluo.errors import ErrorKind, KubeError, kind_for_status, status_details
+from cluo.kube.resources import REQUEST_TIMEOUT, Timeout
 
 __all__ = [
-    "DEFAULT_TIMEOUT",
     "JSON",
+    "REQUEST_ERRORS",
     "TRANSPORT_ERRORS",
     "ApiError",
+    "ClosableStream",
     "CredentialError",
     "FileToken",
     "KubeClient",
     "MalformedResponse",
+    "Query",
     "StaticToken",
     "TokenSource",
     "WatchStream",
-    "segment",
+    "kube_error",
 ]
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-DEFAULT_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
 TOKEN_REFRESH_PERIOD = 60.0  # seconds between re-reads of a token file (as client-go)
 IDLE_LIMIT = 45.0  # seconds a kept-alive connection may idle and still be reused
 MAX_IDLE_CONNECTIONS = 4
@@ -70,8 +74,8 @@ READ_SIZE = 64 * 1024  # bytes asked for per read of a watch stream
 # RFC 9110 idempotent methods: sending one twice has the effect of sending it once.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
-Timeout = tuple[float, float]
 Query = Mapping[str, str | int | bool | None]
+_Item = TypeVar("_Item")
 
 
 class Closing:
@@ -90,6 +94,38 @@ class Closing:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class ClosableStream(Closing, Generic[_Item]):
+    """A stream to iterate once, which ``close()`` stops from any thread: a read blocked
+    in another thread ends and the iteration finishes quietly.
+
+    A subclass reads in ``_events`` and unblocks a read in ``_interrupt``.
+    """
+
+    def __init__(self) -> None:
+        self._started = False
+        self._closed = threading.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._interrupt()
+
+    def __iter__(self) -> Iterator[_Item]:
+        if self._started:
+            raise RuntimeError("a watch can be iterated only once; start a new watch")
+        self._started = True
+        return self._events()
+
+    def _events(self) -> Iterator[_Item]:
+        raise NotImplementedError
+
+    def _interrupt(self) -> None:
+        raise NotImplementedError
 
 
 class ApiError(Exception):
@@ -128,6 +164,8 @@ class CredentialError(Exception):
 # http.client's protocol errors (a cut-off body, a garbled status line) and a failure to
 # get the credentials (CredentialError). None of them has an answer from the server.
 TRANSPORT_ERRORS = (OSError, http.client.HTTPException, CredentialError)
+# Everything a request can raise: an answer outside 2xx, or no answer at all.
+REQUEST_ERRORS = (ApiError, *TRANSPORT_ERRORS)
 
 # A kept-alive connection the server closed while it idled fails with one of these before
 # any answer arrives.
@@ -141,9 +179,50 @@ _STALE_CONNECTION_ERRORS = (
 )
 
 
-def segment(value: str) -> str:
-    """One path segment, percent-encoded (a name can never reach into the path)."""
-    return quote(value, safe="")
+def kube_error(action: str, err: BaseException) -> KubeError:
+    """The ``KubeError`` for what a request raised (one of ``REQUEST_ERRORS``) while cluo
+    was doing ``action``. Use as ``raise kube_error("patching node 'n1'", err) from err``.
+    """
+    if isinstance(err, ApiError):
+        details = status_details(err.body)
+        reason = details.reason or err.reason
+        return KubeError(
+            action, details.message or reason, kind=kind_for_status(err.status),
+            status=err.status, reason=reason,
+        )
+    if isinstance(err, CredentialError):  # it says what kind it is
+        return KubeError(action, f"{type(err).__name__}: {err}", kind=err.kind)
+    if _is_timeout(err):
+        return KubeError(action, f"no answer in time ({type(err).__name__})", kind="timeout")
+    return KubeError(action, f"{type(err).__name__}: {err}", kind="unavailable")
+
+
+def _is_timeout(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error it was raised from is a timeout (``socket.timeout`` is
+    the built-in TimeoutError; ``ssl`` and ``http.client`` wrap nothing else)."""
+    for _ in range(5):
+        if err is None:
+            return False
+        if isinstance(err, TimeoutError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class _Status(Protocol):
+    @property
+    def status(self) -> int: ...
+
+
+_Answered = TypeVar("_Answered", bound=_Status)
+
+
+class _Answer(NamedTuple):
+    """A request's whole answer."""
+
+    status: int
+    reason: str
+    body: bytes
 
 
 class TokenSource(Protocol):
@@ -324,7 +403,7 @@ class KubeClient(Closing):
         query: Query | None = None,
         body: Any = None,
         content_type: str = JSON,
-        timeout: Timeout = DEFAULT_TIMEOUT,
+        timeout: Timeout = REQUEST_TIMEOUT,
     ) -> Any:
         """Send one request; return the answer's JSON ({} for an empty body).
 
@@ -335,59 +414,45 @@ class KubeClient(Closing):
         method = method.upper()
         target = self._target(path, query)
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        retry = method in IDEMPOTENT_METHODS
-        fresh = False
-        reauthenticated = False
-        while True:
-            token = self._bearer()
-            connection, reused = self._checkout(timeout, fresh=fresh)
-            try:
-                connection.request(
-                    method, target, body=payload,
-                    headers=self._headers(content_type if payload is not None else None, token),
-                )
-                response = connection.getresponse()
-                data = response.read()
-            except _STALE_CONNECTION_ERRORS:
-                connection.close()
-                if not (reused and retry):
-                    raise
-                # The server closed it while it idled: so did it, likely, the others.
-                log.debug("a kept-alive connection was closed by the server, reconnecting")
-                self._drop_idle()
-                retry, fresh = False, True
-                continue
-            except BaseException:
-                connection.close()
-                raise
-            if response.will_close:
-                connection.close()
-            else:
-                self._checkin(connection)
-            if response.status == 401 and not reauthenticated and self._renew(token):
-                # The server rejected the token before acting on the request: sending it
-                # again, even a POST, cannot do it twice.
-                log.info("the API server rejected the token, retrying with a new one")
-                reauthenticated = True
-                continue
-            break
-        if not 200 <= response.status <= 299:
-            raise ApiError(response.status, response.reason, data.decode("utf-8", "replace"))
-        if not data:
+        sent_type = content_type if payload is not None else None
+        answer = self._authorized(lambda token: self._exchange(
+            method, target, payload, self._headers(sent_type, token), timeout))
+        if not 200 <= answer.status <= 299:
+            raise ApiError(answer.status, answer.reason, answer.body.decode("utf-8", "replace"))
+        if not answer.body:
             return {}
         try:
-            return json.loads(data)
+            return json.loads(answer.body)
         except ValueError:
             raise MalformedResponse(
-                f"{method} answered {response.status} with a body that is not JSON"
+                f"{method} answered {answer.status} with a body that is not JSON"
             ) from None
+
+    def call(
+        self,
+        action: str,
+        method: str,
+        path: str,
+        *,
+        query: Query | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        timeout: Timeout = REQUEST_TIMEOUT,
+    ) -> Any:
+        """``request``, raising a ``KubeError`` that says what cluo was doing (``action``,
+        e.g. "reading node 'n1'") for whatever ``request`` raises."""
+        try:
+            return self.request(method, path, query=query, body=body,
+                                content_type=content_type, timeout=timeout)
+        except REQUEST_ERRORS as err:
+            raise kube_error(action, err) from err
 
     def watch(
         self,
         path: str,
         *,
         query: Query | None = None,
-        timeout: Timeout = DEFAULT_TIMEOUT,
+        timeout: Timeout = REQUEST_TIMEOUT,
     ) -> WatchStream:
         """A streaming GET (``watch=true`` belongs in ``query``), on its own connection.
 
@@ -412,6 +477,55 @@ class KubeClient(Closing):
     def _renew(self, rejected: str | None) -> bool:
         """After a 401 to ``rejected``: whether the token source has a new token to try."""
         return rejected is not None and self._token is not None and self._token.reject(rejected)
+
+    def _authorized(self, send: Callable[[str | None], _Answered]) -> _Answered:
+        """``send(token)`` with the current token and, if the server answers 401 and the
+        token source has a new token, once more with that one.
+
+        The server rejected the token before acting on the request: sending it again,
+        even a POST, cannot do it twice.
+        """
+        token = self._bearer()
+        answer = send(token)
+        if answer.status == 401 and self._renew(token):
+            log.info("the API server rejected the token, retrying with a new one")
+            answer = send(self._bearer())
+        return answer
+
+    def _exchange(
+        self, method: str, target: str, payload: bytes | None, headers: dict[str, str],
+        timeout: Timeout,
+    ) -> _Answer:
+        """One request and its whole answer, on an idle kept-alive connection if any.
+
+        A kept-alive connection the server closed while it idled is retried once on a
+        fresh connection, for idempotent methods only.
+        """
+        retry = method in IDEMPOTENT_METHODS
+        fresh = False
+        while True:
+            connection, reused = self._checkout(timeout, fresh=fresh)
+            try:
+                connection.request(method, target, body=payload, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+            except _STALE_CONNECTION_ERRORS:
+                connection.close()
+                if not (reused and retry):
+                    raise
+                # The server closed it while it idled: so did it, likely, the others.
+                log.debug("a kept-alive connection was closed by the server, reconnecting")
+                self._drop_idle()
+                retry, fresh = False, True
+                continue
+            except BaseException:
+                connection.close()
+                raise
+            if response.will_close:
+                connection.close()
+            else:
+                self._checkin(connection)
+            return _Answer(response.status, response.reason, data)
 
     def _headers(self, content_type: str | None, token: str | None) -> dict[str, str]:
         headers = {"Accept": JSON, "User-Agent": self.user_agent}
@@ -476,7 +590,7 @@ class KubeClient(Closing):
             connection.close()
 
 
-class WatchStream(Closing):
+class WatchStream(ClosableStream[dict[str, Any]]):
     """One watch request: iterate once for its events (decoded JSON objects).
 
     The iteration ends when the server ends the watch (its ``timeoutSeconds``).
@@ -485,54 +599,26 @@ class WatchStream(Closing):
     """
 
     def __init__(self, client: KubeClient, target: str, timeout: Timeout) -> None:
+        super().__init__()
         self._client = client
         self._target = target
         self._timeout = timeout
         self._connection: http.client.HTTPConnection | None = None
-        self._started = False
-        self._closed = threading.Event()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def close(self) -> None:
-        self._closed.set()
+    def _interrupt(self) -> None:
         connection = self._connection
         sock = connection.sock if connection is not None else None
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._started:
-            raise RuntimeError("a watch can be iterated only once; start a new watch")
-        self._started = True
-        return self._events()
-
     def _events(self) -> Iterator[dict[str, Any]]:
         if self._closed.is_set():
             return
-        connection: http.client.HTTPConnection | None = None
-        reauthenticated = False
         try:
-            while True:
-                token = self._client._bearer()
-                connection = self._connection = self._client._connect(self._timeout)
-                if self._closed.is_set():  # closed while connecting
-                    return
-                connection.request("GET", self._target,
-                                   headers=self._client._headers(None, token))
-                response = connection.getresponse()
-                if 200 <= response.status <= 299:
-                    break
+            response = self._client._authorized(self._send)
+            if not 200 <= response.status <= 299:
                 body = response.read().decode("utf-8", "replace")
-                if response.status == 401 and not reauthenticated and self._client._renew(token):
-                    log.info("the API server rejected the token, retrying with a new one")
-                    reauthenticated = True
-                    self._connection = None
-                    connection.close()
-                    continue
                 raise ApiError(response.status, response.reason, body)
             yield from _json_lines(response)
         except TRANSPORT_ERRORS:
@@ -540,9 +626,22 @@ class WatchStream(Closing):
                 return
             raise
         finally:
-            self._connection = None
-            if connection is not None:
-                connection.close()
+            self._disconnect()
+
+    def _send(self, token: str | None) -> http.client.HTTPResponse:
+        """Send the watch request on a new connection (closing the one of an attempt
+        whose token was rejected) and read the answer's head."""
+        self._disconnect()
+        connection = self._connection = self._client._connect(self._timeout)
+        if self._closed.is_set():  # closed while connecting: there was no socket to shut
+            raise ConnectionAbortedError("the watch was closed")
+        connection.request("GET", self._target, headers=self._client._headers(None, token))
+        return connection.getresponse()
+
+    def _disconnect(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 def _json_lines(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:

@@ -6,57 +6,54 @@ patches ``spec.unschedulable`` only. A change that depends on what the node said
 (``update``) carries the resourceVersion it was computed from, so the API server refuses
 it (409) if anyone wrote in between; it is then recomputed from a fresh read.
 
-Objects are read and written as plain JSON (``kube_client``), so a newer API server's
-unknown fields can neither break parsing nor be dropped on a write. The calls are
-synchronous; the async agent runs them with ``asyncio.to_thread``.
+Objects are read and written as plain JSON (``kube.client``), so a newer API server's
+unknown fields can neither break parsing nor be dropped on a write. A Node object is
+parsed in one place, ``NodeSnapshot.from_object``: the agent reads its node as one, the
+coordinator builds its planner views from them. The calls are synchronous; the async
+agent runs them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
-from cluo.errors import KubeError, WatchExpired, kind_for_status, kube_error
-from cluo.kube.client import (
-    TRANSPORT_ERRORS,
-    ApiError,
-    Closing,
-    KubeClient,
-    WatchStream,
-    segment,
+from cluo.errors import KubeError
+from cluo.kube.client import REQUEST_ERRORS, Closing, KubeClient, kube_error
+from cluo.kube.objects import api_time, seconds_time
+from cluo.kube.resources import (
+    CONNECT_TIMEOUT,
+    EVENT_NAMESPACE,
+    MERGE_PATCH,
+    NODES_PATH,
+    REQUEST_TIMEOUT,
+    WATCH_TIMEOUT_SECONDS,
+    Timeout,
+    events_path,
+    node_path,
 )
+from cluo.kube.watch import Watch
 from cluo.protocol import Keys, NodeProtocolState
 
 __all__ = [
     "EVENT_NAMESPACE",
-    "MERGE_PATCH",
     "KubeNodes",
     "NodeApi",
     "NodeChange",
     "NodeEvent",
     "NodeSnapshot",
     "NodeWatch",
-    "WatchExpired",
     "node_patch",
 ]
 
 log = logging.getLogger(__name__)
 
-MERGE_PATCH = "application/merge-patch+json"
-# Node events live in "default", as the kubelet's do; `kubectl describe node` finds them.
-EVENT_NAMESPACE = "default"
 EVENT_MESSAGE_LIMIT = 1024
-DEFAULT_REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds for one request
-WATCH_READ_GRACE = 30.0  # seconds a watch may stay silent beyond its timeout_seconds
 DEFAULT_UPDATE_ATTEMPTS = 5
-
-NODES_PATH = "/api/v1/nodes"
-EVENTS_PATH = f"/api/v1/namespaces/{EVENT_NAMESPACE}/events"
 
 EventType = Literal["Normal", "Warning"]
 
@@ -69,9 +66,10 @@ def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
 class NodeSnapshot:
     """What cluo reads from one Node object at one resourceVersion.
 
-    ``ready``: the Ready condition is "True". ``boot_id``: the kubelet-reported
-    ``status.nodeInfo.bootID`` ("" when not reported). ``state``: the annotations and
-    labels read as the cluo protocol (with the adapter's key prefix).
+    ``ready``: the Ready condition is "True"; ``ready_since``: its
+    ``lastTransitionTime`` while it is (None otherwise). ``boot_id``: the
+    kubelet-reported ``status.nodeInfo.bootID`` ("" when not reported). ``state``: the
+    annotations and labels read as the cluo protocol (with the adapter's key prefix).
     """
 
     name: str
@@ -83,6 +81,7 @@ class NodeSnapshot:
     ready: bool
     boot_id: str
     state: NodeProtocolState = field(default_factory=NodeProtocolState)
+    ready_since: datetime | None = None
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any], keys: Keys) -> NodeSnapshot:
@@ -92,10 +91,11 @@ class NodeSnapshot:
         status = obj.get("status") or {}
         annotations = {str(k): str(v) for k, v in (metadata.get("annotations") or {}).items()}
         labels = {str(k): str(v) for k, v in (metadata.get("labels") or {}).items()}
-        ready = any(
-            condition.get("type") == "Ready" and condition.get("status") == "True"
-            for condition in status.get("conditions") or []
-        )
+        ready, ready_since = False, None
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "Ready":
+                ready = condition.get("status") == "True"
+                ready_since = api_time(condition.get("lastTransitionTime")) if ready else None
         return cls(
             name=str(metadata.get("name") or ""),
             uid=str(metadata.get("uid") or ""),
@@ -106,6 +106,7 @@ class NodeSnapshot:
             ready=ready,
             boot_id=str((status.get("nodeInfo") or {}).get("bootID") or ""),
             state=NodeProtocolState.from_metadata(keys, annotations, labels),
+            ready_since=ready_since,
         )
 
 
@@ -167,7 +168,8 @@ class NodeEvent(NamedTuple):
 class NodeWatchStream(Protocol):
     """A running watch: iterate for events; ``resource_version`` is the last one seen."""
 
-    resource_version: str | None
+    @property
+    def resource_version(self) -> str | None: ...
 
     def __iter__(self) -> Iterator[NodeEvent]: ...
 
@@ -217,12 +219,8 @@ class NodeApi(Protocol):
         *,
         type: EventType = "Normal",
         component: str = "cluo-agent",
+        instance: str | None = None,
     ) -> None: ...
-
-
-def _time(at: datetime) -> str:
-    """An RFC 3339 time in UTC, as metav1.Time is written (whole seconds)."""
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class KubeNodes:
@@ -238,7 +236,7 @@ class KubeNodes:
         keys: Keys,
         *,
         field_manager: str | None = None,
-        request_timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT,
+        request_timeout: Timeout = REQUEST_TIMEOUT,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._client = client
@@ -252,13 +250,8 @@ class KubeNodes:
         return self._keys
 
     def get(self, name: str) -> NodeSnapshot:
-        action = f"reading node {name!r}"
-        try:
-            obj = self._client.request(
-                "GET", f"{NODES_PATH}/{segment(name)}", timeout=self._timeout
-            )
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            raise kube_error(action, err) from err
+        obj = self._client.call(f"reading node {name!r}", "GET", node_path(name),
+                                timeout=self._timeout)
         return NodeSnapshot.from_object(obj, self._keys)
 
     def patch_metadata(
@@ -271,13 +264,13 @@ class KubeNodes:
         return self._patch(
             name,
             node_patch(annotations=annotations, labels=labels),
-            f"patching annotations and labels of node {name!r}",
+            action=f"patching annotations and labels of node {name!r}",
         )
 
     def set_unschedulable(self, name: str, value: bool) -> NodeSnapshot:
         """Cordon (True) or uncordon (False) the node; patches spec.unschedulable only."""
         verb = "cordoning" if value else "uncordoning"
-        return self._patch(name, node_patch(unschedulable=value), f"{verb} node {name!r}")
+        return self._patch(name, node_patch(unschedulable=value), action=f"{verb} node {name!r}")
 
     def update(
         self,
@@ -306,7 +299,7 @@ class KubeNodes:
                 resource_version=node.resource_version,
             )
             try:
-                return self._patch(name, patch, action)
+                return self._patch(name, patch, action=action)
             except KubeError as err:
                 if err.kind != "conflict":
                     raise
@@ -320,7 +313,8 @@ class KubeNodes:
         )
 
     def watch(
-        self, name: str, resource_version: str | None, timeout_seconds: int = 300
+        self, name: str, resource_version: str | None,
+        timeout_seconds: int = WATCH_TIMEOUT_SECONDS,
     ) -> NodeWatch:
         """Watch one node from ``resource_version``, or from now if it is None.
 
@@ -346,8 +340,14 @@ class KubeNodes:
         *,
         type: EventType = "Normal",
         component: str = "cluo-agent",
+        instance: str | None = None,
     ) -> None:
-        """Record a core/v1 Event about the node. Never raises: a failure is logged."""
+        """Record a core/v1 Event about the node. Never raises: a failure is logged.
+
+        ``component`` reports it (``source.component``, ``reportingComponent``);
+        ``instance`` is which one of that component (``reportingInstance``; the agent
+        names its node), by default the component itself.
+        """
         now = self._clock()
         # The node is referred to as the kubelet refers to it, with its name as UID (no
         # read needed); `kubectl describe node` lists such events (a reference without
@@ -363,18 +363,18 @@ class KubeNodes:
             "message": message[:EVENT_MESSAGE_LIMIT],
             "type": type,
             "source": {"component": component},
-            "firstTimestamp": _time(now),
-            "lastTimestamp": _time(now),
+            "firstTimestamp": seconds_time(now),
+            "lastTimestamp": seconds_time(now),
             "count": 1,
             "reportingComponent": component,
-            "reportingInstance": node_name if component == "cluo-agent" else component,
+            "reportingInstance": instance or component,
         }
         try:
-            self._client.request("POST", EVENTS_PATH, body=event, timeout=self._timeout)
+            self._client.request("POST", events_path(), body=event, timeout=self._timeout)
         except Exception as err:
             wrapped = (
                 kube_error(f"recording event for node {node_name!r}", err)
-                if isinstance(err, (ApiError, *TRANSPORT_ERRORS))
+                if isinstance(err, REQUEST_ERRORS)
                 else err
             )
             log.warning(
@@ -387,20 +387,22 @@ class KubeNodes:
                 },
             )
 
-    def _patch(self, name: str, patch: Mapping[str, Any], action: str) -> NodeSnapshot:
-        try:
-            obj = self._client.request(
-                "PATCH", f"{NODES_PATH}/{segment(name)}",
-                query={"fieldManager": self._field_manager},
-                body=dict(patch), content_type=MERGE_PATCH, timeout=self._timeout,
-            )
-        except (ApiError, *TRANSPORT_ERRORS) as err:
-            raise kube_error(action, err) from err
-        return NodeSnapshot.from_object(obj, self._keys)
+    def patch_object(self, name: str, patch: Mapping[str, Any], *, action: str) -> Any:
+        """Apply a JSON merge patch (``node_patch``) to the node; returns the node as the
+        API server wrote it (JSON). ``action`` says what the patch does, for errors."""
+        return self._client.call(
+            action, "PATCH", node_path(name), query={"fieldManager": self._field_manager},
+            body=dict(patch), content_type=MERGE_PATCH, timeout=self._timeout,
+        )
+
+    def _patch(self, name: str, patch: Mapping[str, Any], *, action: str) -> NodeSnapshot:
+        return NodeSnapshot.from_object(self.patch_object(name, patch, action=action), self._keys)
 
 
 class NodeWatch(Closing):
-    """One watch request on one node. Iterate once; ``close()`` stops it from any thread."""
+    """One watch request on one node: a ``Watch`` with a ``metadata.name`` field
+    selector, its events read as ``NodeSnapshot``s. Iterate once; ``close()`` stops it
+    from any thread."""
 
     def __init__(
         self,
@@ -410,89 +412,33 @@ class NodeWatch(Closing):
         resource_version: str | None,
         timeout_seconds: int,
         *,
-        connect_timeout: float = DEFAULT_REQUEST_TIMEOUT[0],
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        if timeout_seconds < 1:
-            raise ValueError("a watch needs a timeout of at least one second")
-        self.resource_version = resource_version or None
-        self._client = client
         self._keys = keys
-        self._name = name
-        self._timeout_seconds = timeout_seconds
-        self._connect_timeout = connect_timeout
-        self._stream: WatchStream | None = None
-        self._started = False
-        self._closed = threading.Event()
+        self._watch = Watch(
+            client, NODES_PATH, action=f"watching node {name!r}",
+            resource_version=resource_version,
+            selectors={"fieldSelector": f"metadata.name={name}"},
+            timeout_seconds=timeout_seconds, connect_timeout=connect_timeout,
+        )
+
+    @property
+    def resource_version(self) -> str | None:
+        """Where the watch started, then the last version it saw: watch again from it."""
+        return self._watch.resource_version
 
     @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._watch.closed
 
     def close(self) -> None:
         """Stop the watch; an iteration blocked in a read ends quietly."""
-        self._closed.set()
-        stream = self._stream
-        if stream is not None:
-            stream.close()  # unblocks a read in another thread
+        self._watch.close()
 
     def __iter__(self) -> Iterator[NodeEvent]:
-        if self._started:
-            raise RuntimeError("a NodeWatch can be iterated only once; start a new watch")
-        self._started = True
-        return self._events()
-
-    def _events(self) -> Iterator[NodeEvent]:
-        action = f"watching node {self._name!r}"
-        if self._closed.is_set():
-            return
-        stream = self._stream = self._client.watch(
-            NODES_PATH,
-            query={
-                "fieldSelector": f"metadata.name={self._name}",
-                "watch": True,
-                "resourceVersion": self.resource_version,
-                "allowWatchBookmarks": True,
-                "timeoutSeconds": self._timeout_seconds,
-            },
-            timeout=(self._connect_timeout, self._timeout_seconds + WATCH_READ_GRACE),
-        )
-        if self._closed.is_set():  # closed while the stream was being made
-            stream.close()
-        try:
-            for event in stream:
-                kind = str(event.get("type") or "")
-                obj = event.get("object") or {}
-                if kind == "ERROR":
-                    self._raise_error(action, obj)
-                version = (obj.get("metadata") or {}).get("resourceVersion")
-                if version:
-                    self.resource_version = str(version)
-                if kind == "BOOKMARK":
-                    continue
-                yield NodeEvent(kind, NodeSnapshot.from_object(obj, self._keys))
-        except ApiError as err:
-            if err.status == 410:
-                raise WatchExpired(
-                    action, "resourceVersion too old", self.resource_version
-                ) from err
-            raise kube_error(action, err) from err
-        except TRANSPORT_ERRORS as err:  # a cut-off line too: the stream broke mid-event
-            if self._closed.is_set():
-                return
-            raise kube_error(action, err) from err
-        finally:
-            self._stream = None
-            stream.close()
-
-    def _raise_error(self, action: str, status: Mapping[str, Any]) -> NoReturn:
-        code = int(status.get("code") or 0)
-        message = str(status.get("message") or "")
-        if code == 410:
-            raise WatchExpired(action, message, self.resource_version)
-        raise KubeError(
-            action, message, kind=kind_for_status(code), status=code,
-            reason=str(status.get("reason") or ""),
-        )
+        events = iter(self._watch)  # refuses a second iteration now, not at the first event
+        return (NodeEvent(e.type, NodeSnapshot.from_object(e.object, self._keys))
+                for e in events)
 
 
 if TYPE_CHECKING:  # the real adapter satisfies the protocol fakes are written against

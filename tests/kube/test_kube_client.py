@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from cluo.errors import KubeError, kube_error
-from cluo.kube.client import ApiError, FileToken, KubeClient
+from cluo.errors import KubeError
+from cluo.kube.client import ApiError, FileToken, KubeClient, kube_error
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import Keys

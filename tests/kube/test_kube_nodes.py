@@ -435,6 +435,20 @@ def test_emit_event_records_an_event_kubectl_describe_shows(
     assert "drain starts" in described
 
 
+def test_an_event_names_the_component_and_the_instance_that_reports_it(
+    kube_admin: kubernetes.client.ApiClient, node: EmulatedNode, nodes: KubeNodes
+) -> None:
+    nodes.emit_event(node.name, "AgentSays", "from the node", instance=node.name)
+    nodes.emit_event(node.name, "CoordSays", "from the cluster", component="cluo-coord")
+    found = CoreV1Api(kube_admin).list_namespaced_event(
+        EVENT_NAMESPACE, field_selector=f"involvedObject.name={node.name}"
+    ).items
+    reporters = {e.reason: (e.source.component, e.reporting_component, e.reporting_instance)
+                 for e in found}
+    assert reporters["AgentSays"] == ("cluo-agent", "cluo-agent", node.name)
+    assert reporters["CoordSays"] == ("cluo-coord", "cluo-coord", "cluo-coord")
+
+
 def test_emit_event_never_raises(
     control_plane: ControlPlane, caplog: pytest.LogCaptureFixture
 ) -> None:

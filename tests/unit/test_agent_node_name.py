@@ -115,7 +115,8 @@ class FakeNodes:
         return FakeWatch(events)
 
     def emit_event(self, node_name: str, reason: str, message: str, *,
-                   type: str = "Normal", component: str = "cluo-agent") -> None:
+                   type: str = "Normal", component: str = "cluo-agent",
+                   instance: str | None = None) -> None:
         pass
 
     def _existing(self, action: str, name: str) -> dict[str, Any]:

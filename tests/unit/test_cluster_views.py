@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
+from cluo.kube.nodes import NodeSnapshot
 from cluo.protocol import Keys
-from cluo_coord.cluster import NodeViewCache, _NodeStore
+from cluo_coord.cluster import NodeViewCache, _NodeStore, node_view
 
 KEYS = Keys()
 
@@ -103,3 +105,24 @@ def test_the_coordinator_node_is_marked() -> None:
     views = NodeViewCache(KEYS, coordinator_node="b")
     views.rebuild([node("a", "1"), node("b", "2")])
     assert [view.runs_coordinator for view in views.views] == [False, True]
+
+
+def test_a_view_reads_the_node_as_the_agent_does() -> None:
+    obj = node("a", "7", **{KEYS.reboot_needed: "true"})
+    obj["spec"] = {"unschedulable": True}
+    obj["status"]["conditions"].insert(0, {"type": "MemoryPressure", "status": "False"})
+    view = node_view(obj, KEYS)
+    snapshot = NodeSnapshot.from_object(obj, KEYS)  # the agent's reading, the one parser
+    assert (view.name, view.resource_version, view.state, view.boot_id) == (
+        snapshot.name, snapshot.resource_version, snapshot.state, "boot-a")
+    assert view.ready and view.unschedulable
+    assert view.ready_since == snapshot.ready_since == datetime(2026, 1, 1, tzinfo=UTC)
+    assert dict(view.annotations) == {KEYS.reboot_needed: "true"}
+
+
+def test_a_node_that_is_not_ready_has_no_ready_since() -> None:
+    obj = node("a", "7")
+    obj["status"]["conditions"][0]["status"] = "Unknown"
+    view = node_view(obj, KEYS)
+    assert not view.ready
+    assert view.ready_since is None

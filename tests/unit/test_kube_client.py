@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 
 import pytest
 
-from cluo.errors import kube_error
 from cluo.kube.client import (
     TRANSPORT_ERRORS,
     ApiError,
@@ -33,6 +32,7 @@ from cluo.kube.client import (
     KubeClient,
     MalformedResponse,
     StaticToken,
+    kube_error,
 )
 from cluo.kube.config import kubeconfig_client
 from tests.testbed.waiting import wait_for
