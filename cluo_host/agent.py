@@ -175,7 +175,8 @@ class Agent:
             except CluoError as err:
                 failures += 1
                 log.warning("cannot reach update_engine, retrying",
-                            extra={"NODE": self._name, "ERROR": str(err), "KIND": err.kind})
+                            extra={"NODE": self._name, "ERROR": str(err),
+                                   "ERROR_KIND": err.kind})
                 self._notifier.status(f"starting: update_engine unreachable: {err}")
                 await self._sleep_or_stop(stop, self._backoff.delay(failures))
         if stop.is_set() or not await self._find_node(stop):
@@ -216,7 +217,7 @@ class Agent:
     def _report_unreadable_node(self, err: CluoError, *, first: bool) -> None:
         """Log (``first``: this kind of failure is new) and say in STATUS= why the node
         cannot be read; no such Node is the end of start-up (module doc): READY=1."""
-        extra = {"NODE": self._name, "ERROR": str(err), "KIND": err.kind}
+        extra = {"NODE": self._name, "ERROR": str(err), "ERROR_KIND": err.kind}
         if err.kind != "not_found":
             log.log(logging.WARNING if first else logging.DEBUG,
                     "cannot read or label the node, retrying", extra=extra)
@@ -291,7 +292,7 @@ class Agent:
                     log.warning(
                         "action failed, deciding again after a pause",
                         extra={"NODE": self._name, "PHASE": decision.phase, "ERROR": str(error),
-                               "KIND": error.kind, "RETRY_IN": recheck},
+                               "ERROR_KIND": error.kind, "RETRY_IN": recheck},
                     )
                     self._notifier.status(f"{decision.status} (retrying: {error})")
                 else:

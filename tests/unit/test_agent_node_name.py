@@ -326,7 +326,7 @@ def test_a_missing_node_is_reported_once_and_the_agent_carries_on_when_it_appear
     [missing] = records(caplog, NO_NODE_MESSAGE)  # one line, not one per read
     assert missing.levelno == logging.WARNING
     fields = fields_of(missing)  # what journald gets as fields
-    assert (fields["NODE"], fields["NODE_NAME_SOURCE"], fields["KIND"]) == (
+    assert (fields["NODE"], fields["NODE_NAME_SOURCE"], fields["ERROR_KIND"]) == (
         NAME, "--node-name", "not_found")
     assert HINT in missing.getMessage()
     assert not records(caplog, CANNOT_READ), "no such Node is not reported as unreadable"
@@ -393,7 +393,7 @@ def test_a_node_that_may_not_be_read_is_reported_as_such_not_as_missing(
     assert [r.levelno for r in unreadable[:2]] == [logging.WARNING, logging.DEBUG], (
         "one warning, then the retries at debug level"
     )
-    assert fields_of(unreadable[0])["KIND"] == "forbidden"
+    assert fields_of(unreadable[0])["ERROR_KIND"] == "forbidden"
 
     rig.nodes.refusal = None  # the RBAC is fixed
     wait_for(rig.mirrored_idle, TIMEOUT, "update_engine's status mirrored onto the Node")
