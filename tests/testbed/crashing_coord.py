@@ -34,7 +34,7 @@ log = logging.getLogger("tests.testbed.crashing_coord")
 ApplyChange = Callable[[Coordinator, planner.Change, dict[int, datetime]], bool]
 
 
-def crash_after(change_type: str, exit_now: Callable[[int], None] = os._exit) -> None:
+def crash_after(change_type: str) -> None:
     """Make every Coordinator exit the process after applying a ``change_type`` change."""
     apply: ApplyChange = Coordinator._apply
 
@@ -45,7 +45,7 @@ def crash_after(change_type: str, exit_now: Callable[[int], None] = os._exit) ->
         if type(change).__name__ == change_type:
             log.error("test crash hook: exiting", extra={"AFTER": change_type})
             logging.shutdown()
-            exit_now(CRASH_EXIT_CODE)
+            os._exit(CRASH_EXIT_CODE)
         return wrote
 
     Coordinator._apply = apply_then_crash  # type: ignore[method-assign]
