@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cluo.backoff import Backoff
 from cluo.errors import CluoError, KubeError
 from cluo.kube.nodes import EventType as KubeEventType
 from cluo.kube.nodes import KubeNodes
@@ -69,8 +70,13 @@ COMPONENT = "cluo-coord"
 IDLE_TICK = 2.0  # the loop wakes at least this often (for /healthz), planning or not
 STOP_CHECK = 0.5  # s: the longest a wait goes without looking at the stop flag
 DEADLINE_SLACK = 0.01  # s past a deadline before the monotonic wake-up (clock granularity)
-BACKOFF_START = 0.2
-BACKOFF_MAX = 30.0
+# Reconcile errors other than conflicts: 0.2 s doubling to 30 s.
+RECONCILE_BACKOFF = Backoff(initial=0.2, maximum=30.0)
+# Conflict after conflict (another writer keeps winning): 0.2 s more each time, up to 2 s.
+CONFLICT_PAUSE_STEP = 0.2
+CONFLICT_PAUSE_MAX = 2.0
+# After a re-list that failed, before planning again.
+RELIST_RETRY = 1.0
 MAX_PLANS_WITHOUT_PAUSE = 50
 
 
@@ -235,7 +241,7 @@ class Coordinator:
     # -- the loop ------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        backoff = BACKOFF_START
+        failures = 0
         plans_in_a_row = 0
         conflicts = 0
         acting = False
@@ -272,23 +278,19 @@ class Coordinator:
                     log.info("stale view, reading the cluster again", extra={
                         "ERROR": str(err), "CONFLICTS_IN_A_ROW": conflicts})
                     if conflicts > 3:
-                        self._wait(stop, min(BACKOFF_START * conflicts, 2.0))
+                        self._wait(stop, min(CONFLICT_PAUSE_STEP * conflicts, CONFLICT_PAUSE_MAX))
                     self._refresh(stop)
                     plans_in_a_row = 0
                     continue
-                log.warning("reconcile failed, backing off", extra={
-                    "ERROR": str(err), "ERROR_KIND": err.kind, "RETRY_IN": round(backoff, 2)})
-                self._wait(stop, backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                failures += 1
+                self._back_off(stop, err, failures)
                 continue
             except CluoError as err:
                 self._metrics.reconcile_errors.labels(kind=err.kind).inc()
-                log.warning("reconcile failed, backing off", extra={
-                    "ERROR": str(err), "ERROR_KIND": err.kind, "RETRY_IN": round(backoff, 2)})
-                self._wait(stop, backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                failures += 1
+                self._back_off(stop, err, failures)
                 continue
-            backoff = BACKOFF_START
+            failures = 0
             conflicts = 0
             if done.writes:
                 plans_in_a_row += 1
@@ -303,6 +305,12 @@ class Coordinator:
             plans_in_a_row = 0
             self._schedule(done.deadline)
             self._baseline = None if done.plan.changes else snapshot  # (leadership lost)
+
+    def _back_off(self, stop: threading.Event, err: CluoError, failures: int) -> None:
+        delay = RECONCILE_BACKOFF.delay(failures)
+        log.warning("reconcile failed, backing off", extra={
+            "ERROR": str(err), "ERROR_KIND": err.kind, "RETRY_IN": round(delay, 2)})
+        self._wait(stop, delay)
 
     def _deadline_passed(self) -> bool:
         return self._deadline is not None and self._deadline.passed(
@@ -352,7 +360,7 @@ class Coordinator:
             self._metrics.reconcile_errors.labels(kind=err.kind).inc()
             log.warning("re-listing the cluster failed", extra={
                 "ERROR": str(err), "ERROR_KIND": err.kind})
-            self._wait(stop, BACKOFF_START * 5)
+            self._wait(stop, RELIST_RETRY)
 
     def reconcile_once(self, snapshot: ClusterSnapshot | None = None) -> Reconciled:
         """Plan from ``snapshot`` (else the cache's) and apply; returns the plan, the

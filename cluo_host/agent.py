@@ -299,6 +299,7 @@ class Agent:
                     failures = 0
                     recheck = decision.recheck_after
                 if recheck == 0:
+                    await asyncio.sleep(0)  # decide again at once, but let the loop run
                     continue
                 wake_waiter = asyncio.create_task(self._wake.wait())
                 try:

@@ -95,7 +95,7 @@ class Drainer:
             except CluoError as err:
                 log.warning(
                     "drain round failed, retrying",
-                    extra={"NODE": self._node, "ERROR": str(err), "KIND": err.kind},
+                    extra={"NODE": self._node, "ERROR": str(err), "ERROR_KIND": err.kind},
                 )
                 await self._pause(self._tuning.error_retry)
                 continue
@@ -160,7 +160,8 @@ class Drainer:
             self._retry_at[pod.uid] = self._clock() + self._tuning.error_retry
             log.warning(
                 "eviction failed",
-                extra={"NODE": self._node, "POD": pod.ref, "ERROR": str(err), "KIND": err.kind},
+                extra={"NODE": self._node, "POD": pod.ref, "ERROR": str(err),
+                       "ERROR_KIND": err.kind},
             )
             return PodBlocker(pod.namespace, pod.name, BlockReason.EVICTION_ERROR, str(err))
         if isinstance(outcome, BlockedByBudget):

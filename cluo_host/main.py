@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(settings))
     except CluoError as err:
-        log.error("cluo-agent cannot start", extra={"ERROR": str(err), "KIND": err.kind})
+        log.error("cluo-agent cannot start", extra={"ERROR": str(err), "ERROR_KIND": err.kind})
         return EXIT_CONFIG if err.kind in ("invalid", "not_found", "forbidden") else EXIT_FAILURE
 
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 
 from cluo.protocol import TRUE
-from cluo_coord.coordinator import BACKOFF_START
+from cluo_coord.coordinator import RECONCILE_BACKOFF
 from cluo_coord.planner import Policy
 from tests.unit.coord_fakes import (
     KEYS,
@@ -155,7 +155,7 @@ def test_errors_back_off_exponentially_and_the_backoff_resets_after_success() ->
 
     rig.event_at(100, hook_done_and_server_down)
     journal = rig.run(until=200)
-    b = BACKOFF_START
+    b = RECONCILE_BACKOFF.initial
     assert journal.times("patch_node") == pytest.approx([
         0, b, b + 2 * b, b + 2 * b + 4 * b, b + 2 * b + 4 * b + 8 * b,  # the label
         100, 100 + b, 100 + b + 2 * b,  # the grant: back to the first step
