@@ -18,7 +18,7 @@ control-plane: deps
 	@bash hack/build-control-plane.sh >/dev/null
 
 lint: deps
-	$(VENV)/bin/ruff check cluo cluo_host cluo_coord tests bench ignition hack
+	$(VENV)/bin/ruff check cluo cluo_host cluo_coord testbed tests bench ignition hack
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -28,10 +28,10 @@ unit: deps
 test: deps control-plane lint
 	$(PY) -m pytest -q
 
-# `make demo`: three nspawn hosts rolled by cluo-coord, watched live (tests/testbed/demo.py;
+# `make demo`: three nspawn hosts rolled by cluo-coord, watched live (testbed/demo.py;
 # it builds the Debian root and the agent's sysext image itself, cached in $(CLUO_CACHE)).
 demo: deps control-plane
-	$(PY) -m tests.testbed.demo
+	$(PY) -m testbed.demo
 
 bench: control-plane
 	$(PY) -m bench --output docs/benchmarks.md

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("cluo_host", "tests.testbed", "kubernetes"):
+    for noisy in ("cluo_host", "testbed", "kubernetes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     selected = [b for b in BENCHMARKS if not args.only or b.name in args.only]

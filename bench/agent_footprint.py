@@ -54,9 +54,9 @@ from bench.records import (
     expect,
 )
 from bench.testbed import private_system_bus
-from tests.testbed.agent_host import AGENT, HostDir
-from tests.testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, spawn_mock
-from tests.testbed.kubelet import KubeletEmulator
+from testbed.agent_host import AGENT, HostDir
+from testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, spawn_mock
+from testbed.kubelet import KubeletEmulator
 
 log = logging.getLogger(__name__)
 

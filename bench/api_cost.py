@@ -1,6 +1,6 @@
 """Benchmark 3, agent half: API requests made by one idle agent, and per completed reboot.
 
-The real ``cluo-agent`` process (the venv's console script, as tests/testbed/agent_host.py
+The real ``cluo-agent`` process (the venv's console script, as testbed/agent_host.py
 runs it) serves one node of the kubelet emulator, authenticated as the cluo-agent
 ServiceAccount with the RBAC of deploy/, talking to dbusmock's update_engine (IDLE) and
 logind on a private system bus.
@@ -56,10 +56,10 @@ from bench.testbed import (
     running_audited_plane,
 )
 from cluo.protocol import Keys
-from tests.testbed.agent_host import AgentProcess, HostDir
-from tests.testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, MockService, spawn_mock
-from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.agent_host import AgentProcess, HostDir
+from testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, MockService, spawn_mock
+from testbed.kubelet import EmulatedNode, KubeletEmulator
+from testbed.waiting import wait_for
 
 log = logging.getLogger(__name__)
 

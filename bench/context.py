@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane
 
 
 @dataclass(frozen=True)

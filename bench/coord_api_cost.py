@@ -36,8 +36,8 @@ from bench.records import (
 )
 from bench.testbed import AuditedRequest, read_audit_log
 from cluo.protocol import LEADER_LEASE_NAME
-from tests.testbed.kubelet import KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.kubelet import KubeletEmulator
+from testbed.waiting import wait_for
 
 NAME = "api-cost-coordinator"
 TITLE = "3. API cost: the idle coordinator with 100 nodes"

@@ -22,8 +22,8 @@ from kubernetes.client.exceptions import ApiException
 
 from bench.testbed import AuditedControlPlane, running_audited_plane
 from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.coordinator import CoordProcess
+from testbed.controlplane import ControlPlane
+from testbed.coordinator import CoordProcess
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 NAMESPACE = "cluo-system"

@@ -65,7 +65,7 @@ from bench.records import (
 )
 from bench.testbed import read_audited_writes
 from cluo.protocol import LEADER_LEASE_NAME, Keys
-from tests.testbed.waiting import wait_for
+from testbed.waiting import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def _create_node(core: CoreV1Api, name: str, run_id: str) -> None:
 
 
 def _node_body(name: str, run_id: str) -> dict[str, Any]:
-    """A Node as the kubelet emulator registers it (tests/testbed/kubelet.py)."""
+    """A Node as the kubelet emulator registers it (testbed/kubelet.py)."""
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     conditions = [
         ("MemoryPressure", "False", "KubeletHasSufficientMemory",

@@ -66,8 +66,8 @@ from cluo.protocol import Keys
 from cluo_host.drain_plan import DrainOptions, PodSummary
 from cluo_host.drainer import Drainer, DrainTuning
 from cluo_host.eviction import BlockedByBudget, EvictionOutcome, KubePods
-from tests.testbed.kubelet import KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.kubelet import KubeletEmulator
+from testbed.waiting import wait_for
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,8 @@ from bench.records import (
 )
 from bench.testbed import AuditedWrite, read_audited_writes
 from cluo.protocol import Keys, slot_lease_name
-from tests.testbed.kubelet import KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.kubelet import KubeletEmulator
+from testbed.waiting import wait_for
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 from dbusmock import BusType
 from dbusmock.testcase import PrivateDBus
 
-from tests.testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane
 
 # Metadata for every request; the bodies of Node patches and of the writes to Leases in
 # cluo-system as well (Request level), so a benchmark can tell which write set

@@ -8,8 +8,8 @@ import pytest
 
 from cluo_host.agent_core import Inhibitor
 from cluo_host.logind import Logind, LogindError, RebootFailed, RebootRefused
-from tests.testbed.dbus_bus import CALL_TIMEOUT
-from tests.testbed.dbus_templates import logind as login1
+from testbed.dbus_bus import CALL_TIMEOUT
+from testbed.dbus_templates import logind as login1
 
 pytestmark = pytest.mark.dbus
 

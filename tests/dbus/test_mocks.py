@@ -8,9 +8,9 @@ import dbus
 import pytest
 from dbus_fast import DBusError
 
-from tests.testbed.dbus_bus import CALL_TIMEOUT, connect
-from tests.testbed.dbus_templates import logind as login1
-from tests.testbed.dbus_templates import update_engine
+from testbed.dbus_bus import CALL_TIMEOUT, connect
+from testbed.dbus_templates import logind as login1
+from testbed.dbus_templates import update_engine
 
 pytestmark = pytest.mark.dbus
 

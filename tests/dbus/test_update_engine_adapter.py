@@ -38,14 +38,14 @@ from cluo_host.update_engine import (
     UpdateEngineEvent,
 )
 from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
-from tests.testbed.dbus_bus import (
+from testbed.dbus_bus import (
     CALL_TIMEOUT,
     UPDATE_ENGINE_TEMPLATE,
     MockService,
     connect,
     spawn_mock,
 )
-from tests.testbed.dbus_templates import update_engine as update1
+from testbed.dbus_templates import update_engine as update1
 
 pytestmark = pytest.mark.dbus
 

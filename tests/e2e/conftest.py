@@ -4,7 +4,7 @@ A host is provisioned the way a Flatcar node is, from the Ignition config that
 `ignition/cluo_ignition.py` generates, applied by the real Ignition; how, and what the
 test bed adds to a Debian root (Flatcar's os-release and update group, so it merges the
 release sysext image; loop devices for systemd-sysext; a dbusmock update-engine.service;
-the nspawn boot's id for the agent), is in `tests/testbed/roll.py`, which `make demo`
+the nspawn boot's id for the agent), is in `testbed/roll.py`, which `make demo`
 shares.
 """
 
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import fixtures
-from tests.testbed import ignition_apply, roll
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.nspawn import NspawnHost, build_base_root
-from tests.testbed.roll import (
+from testbed import ignition_apply, roll
+from testbed.controlplane import ControlPlane
+from testbed.nspawn import NspawnHost, build_base_root
+from testbed.roll import (
     AgentImage,
     ProvisionedHost,
     build_agent_image,
@@ -28,6 +27,7 @@ from tests.testbed.roll import (
     unique_name,
     update_engine_unit,
 )
+from tests import fixtures
 
 __all__ = [
     "AgentHostFactory",

@@ -34,6 +34,12 @@ from kubernetes.client import (
 )
 
 from cluo.protocol import Keys
+from testbed import flatcar, ignition_apply
+from testbed.kubelet import EmulatedNode, KubeletEmulator
+from testbed.nspawn import EXIT_REBOOT, NspawnHost, RebootFollower
+from testbed.nspawn import unavailable_reason as nspawn_unavailable
+from testbed.roll import SYSEXT_RELEASE, sysext_problem
+from testbed.waiting import assert_stays, wait_for
 from tests.e2e.conftest import (
     AgentHostFactory,
     AgentImage,
@@ -42,12 +48,6 @@ from tests.e2e.conftest import (
     unique_name,
     update_engine_unit,
 )
-from tests.testbed import flatcar, ignition_apply
-from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
-from tests.testbed.nspawn import EXIT_REBOOT, NspawnHost, RebootFollower
-from tests.testbed.nspawn import unavailable_reason as nspawn_unavailable
-from tests.testbed.roll import SYSEXT_RELEASE, sysext_problem
-from tests.testbed.waiting import assert_stays, wait_for
 
 UNAVAILABLE = nspawn_unavailable()
 pytestmark = [

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.flatcar import make_flatcar_shaped
-from tests.testbed.nspawn import NspawnHost, build_base_root, unavailable_reason
-from tests.testbed.waiting import wait_for
+from testbed.flatcar import make_flatcar_shaped
+from testbed.nspawn import NspawnHost, build_base_root, unavailable_reason
+from testbed.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "hack" / "build-agent-artifact.sh"

@@ -3,12 +3,12 @@
 The image is built by hack/build-coord-image.sh, what `make image` runs (its bases and
 layers are cached, so a warm build takes seconds; a clean clone builds everything). It is
 then started with podman as the kubelet would start the pod of deploy/coordinator.yaml
-(tests/testbed/podman_pod.py): the container's args, env, ports, probes, limits and
+(testbed/podman_pod.py): the container's args, env, ports, probes, limits and
 security context come from the manifest, the ServiceAccount token is a real one from the
 test control plane (TokenRequest, RBAC of deploy/), and KUBERNETES_SERVICE_HOST/PORT point
 at that API server. The test adds only flags an operator would add to the Deployment: a
 node selector (its own nodes: the control plane is shared) and a reboot window. Against
-it the image rolls emulated nodes, played by fake agents (tests/testbed/fake_agents.py),
+it the image rolls emulated nodes, played by fake agents (testbed/fake_agents.py),
 with the window in a time zone 14 hours from UTC, which only the image's own tzdata can
 place (nothing of the machine's is mounted).
 """
@@ -33,18 +33,18 @@ import pytest
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 
 from cluo.protocol import SLOT_LEASE_LABEL, Keys
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.fake_agents import FakeAgents
-from tests.testbed.kubelet import KubeletEmulator
-from tests.testbed.podman_pod import (
+from testbed.controlplane import ControlPlane
+from testbed.fake_agents import FakeAgents
+from testbed.kubelet import KubeletEmulator
+from testbed.podman_pod import (
     PodmanPod,
     PodRun,
     deployment_from,
     pod_run,
     podman,
 )
-from tests.testbed.recorder import InFlightRecorder
-from tests.testbed.waiting import assert_stays, wait_for
+from testbed.recorder import InFlightRecorder
+from testbed.waiting import assert_stays, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

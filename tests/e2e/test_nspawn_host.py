@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.nspawn import (
+from testbed.nspawn import (
     EXIT_POWEROFF,
     EXIT_REBOOT,
     MASKED_UNITS,
@@ -21,7 +21,7 @@ from tests.testbed.nspawn import (
     build_base_root,
     unavailable_reason,
 )
-from tests.testbed.waiting import wait_for
+from testbed.waiting import wait_for
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = [

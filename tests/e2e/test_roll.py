@@ -5,7 +5,7 @@ from the sysext image against the real control plane; the kubelet emulator follo
 host's up and down. cluo-coord runs as its console script with a token of the deploy/
 cluo-coord ServiceAccount, --max-concurrent 1. update_engine (a dbusmock unit inside each
 host) reports NEED_REBOOT on all three at once, and the roll is watched
-(`tests/testbed/roll.py`, which `make demo` shares): each host drains, reboots for real
+(`testbed/roll.py`, which `make demo` shares): each host drains, reboots for real
 through logind (nspawn exits 133, the host is booted again), comes back with a new boot id
 and is uncordoned, one at a time.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.nspawn import EXIT_REBOOT
-from tests.testbed.nspawn import unavailable_reason as nspawn_unavailable
-from tests.testbed.roll import AgentImage, Roll, RollResult, RollSettings
-from tests.testbed.waiting import wait_for
+from testbed.controlplane import ControlPlane
+from testbed.nspawn import EXIT_REBOOT
+from testbed.nspawn import unavailable_reason as nspawn_unavailable
+from testbed.roll import AgentImage, Roll, RollResult, RollSettings
+from testbed.waiting import wait_for
 
 UNAVAILABLE = nspawn_unavailable()
 pytestmark = [

@@ -3,7 +3,7 @@
 A host merges an ``ID=flatcar`` ``SYSEXT_LEVEL=1.0`` image linked from /etc/extensions after
 every boot, whatever loop devices the machine has and whatever other hosts take meanwhile
 (`NspawnHost(loop_devices=True)`); a host whose extension did not merge is reported at
-once, with systemd-sysext's own words (`tests.testbed.roll.sysext_problem`).
+once, with systemd-sysext's own words (`testbed.roll.sysext_problem`).
 
 The images here are tiny squashfs trees named like cluo-agent's, so the tests need no
 PyInstaller build; the release image itself is merged by tests/e2e/test_artifact.py,
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.flatcar import make_flatcar_shaped
-from tests.testbed.nspawn import NspawnHost, RebootFollower, build_base_root, unavailable_reason
-from tests.testbed.roll import SYSEXT_RELEASE, sysext_problem
+from testbed.flatcar import make_flatcar_shaped
+from testbed.nspawn import NspawnHost, RebootFollower, build_base_root, unavailable_reason
+from testbed.roll import SYSEXT_RELEASE, sysext_problem
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = [

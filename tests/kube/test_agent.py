@@ -46,11 +46,11 @@ from kubernetes.client import (
 from kubernetes.watch.watch import iter_resp_lines
 
 from cluo.protocol import Keys
-from tests.testbed.agent_host import AgentProcess, HostDir
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.dbus_bus import MockService
-from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
-from tests.testbed.waiting import assert_stays, wait_for
+from testbed.agent_host import AgentProcess, HostDir
+from testbed.controlplane import ControlPlane
+from testbed.dbus_bus import MockService
+from testbed.kubelet import EmulatedNode, KubeletEmulator
+from testbed.waiting import assert_stays, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.dbus]
 

@@ -28,8 +28,8 @@ from kubernetes.client import (
 )
 from kubernetes.client.rest import ApiException
 
-from tests.testbed.kubelet import KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.kubelet import KubeletEmulator
+from testbed.waiting import wait_for
 
 pytestmark = pytest.mark.kube
 

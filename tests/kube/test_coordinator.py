@@ -32,11 +32,11 @@ from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.coordinator import COORD, CRASH_EXIT_CODE, CoordProcess
-from tests.testbed.kubelet import KubeletEmulator
-from tests.testbed.recorder import InFlightRecorder
-from tests.testbed.waiting import assert_stays, wait_for
+from testbed.controlplane import ControlPlane
+from testbed.coordinator import COORD, CRASH_EXIT_CODE, CoordProcess
+from testbed.kubelet import KubeletEmulator
+from testbed.recorder import InFlightRecorder
+from testbed.waiting import assert_stays, wait_for
 
 pytestmark = pytest.mark.kube
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane
 
 pytestmark = pytest.mark.kube
 

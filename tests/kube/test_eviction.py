@@ -41,8 +41,8 @@ from cluo_host.eviction import (
     KubePods,
     Present,
 )
-from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.kubelet import EmulatedNode, KubeletEmulator
+from testbed.waiting import wait_for
 
 pytestmark = pytest.mark.kube
 

@@ -21,8 +21,8 @@ from cluo.kube.client import ApiError, FileToken, KubeClient, kube_error
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import Keys
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.waiting import wait_for
+from testbed.controlplane import ControlPlane
+from testbed.waiting import wait_for
 
 pytestmark = pytest.mark.kube
 

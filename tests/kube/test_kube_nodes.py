@@ -26,9 +26,9 @@ from cluo.kube.nodes import (
     NodeWatch,
 )
 from cluo.protocol import Keys
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.controlplane import ControlPlane
+from testbed.kubelet import EmulatedNode, KubeletEmulator
+from testbed.waiting import wait_for
 
 pytestmark = pytest.mark.kube
 

@@ -12,8 +12,8 @@ import kubernetes.client
 import pytest
 from kubernetes.client.rest import ApiException
 
-from tests.testbed.kubelet import NODE_LEASE_NAMESPACE, USER_AGENT, KubeletEmulator
-from tests.testbed.waiting import assert_stays, wait_for
+from testbed.kubelet import NODE_LEASE_NAMESPACE, USER_AGENT, KubeletEmulator
+from testbed.waiting import assert_stays, wait_for
 
 pytestmark = pytest.mark.kube
 

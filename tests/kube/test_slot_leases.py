@@ -12,7 +12,7 @@ from cluo.errors import KubeError
 from cluo.kube.client import KubeClient
 from cluo_coord.leases import KubeSlots
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot
-from tests.testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane
 
 pytestmark = pytest.mark.kube
 

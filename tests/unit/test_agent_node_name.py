@@ -29,7 +29,7 @@ from cluo_host.host_facts import HostFacts
 from cluo_host.journal import fields_of
 from cluo_host.update_engine import UpdateEngineEvent
 from cluo_host.update_status import UpdateEngineStatus
-from tests.testbed.waiting import assert_stays, wait_for
+from testbed.waiting import assert_stays, wait_for
 
 NAME = "worker-1.example.com"
 TIMEOUT = 10.0

@@ -35,7 +35,7 @@ from cluo.kube.client import (
     kube_error,
 )
 from cluo.kube.config import kubeconfig_client
-from tests.testbed.waiting import wait_for
+from testbed.waiting import wait_for
 from tests.unit.test_kube_config import V1, FakePlugin, exec_user
 
 SECRET = "s3cr3t-bearer-token-value"

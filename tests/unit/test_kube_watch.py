@@ -23,7 +23,7 @@ from cluo.kube.client import ApiError
 from cluo.kube.objects import Obj
 from cluo.kube.watch import ObjectStore, Reflector, Watch, WatchEvent, WatchLoop
 from cluo_host.journal import fields_of
-from tests.testbed.waiting import assert_stays, wait_for
+from testbed.waiting import assert_stays, wait_for
 
 TIMEOUT = 10.0
 WATCHING = "watching nodes"

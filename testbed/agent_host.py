@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.testbed import flatcar
+from testbed import flatcar
 
 AGENT = Path(sys.executable).with_name("cluo-agent")
 

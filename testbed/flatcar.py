@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tests.testbed.nspawn import NspawnHost
+    from testbed.nspawn import NspawnHost
 
 VERSION = "4081.2.0"  # a Flatcar Stable release (2024), glibc 2.38
 GROUP = "stable"

@@ -1,6 +1,6 @@
 """dbusmock services on a system bus, for tests/dbus (private bus) and tests/e2e (real bus).
 
-The templates live in tests/testbed/dbus_templates/. On the private bus started by dbusmock's
+The templates live in testbed/dbus_templates/. On the private bus started by dbusmock's
 `dbusmock_system` fixture (which exports DBUS_SYSTEM_BUS_ADDRESS), `spawn_mock` runs one in
 its own process; `mock_command` gives the argv to run one as a service of its own, e.g. as
 ExecStart= of a systemd unit on a real system bus.

@@ -3,9 +3,9 @@
 Hosts are provisioned the way a Flatcar node is: `ignition/cluo_ignition.py` generates the
 Ignition config (sysext image by URL + sha512, the link in /etc/extensions, kubeconfig,
 agent.env, the unit, masks and enables), and the real Ignition applies it into the host's
-root (`tests/testbed/ignition_apply.py`). What a Debian root lacks is then added:
+root (`testbed/ignition_apply.py`). What a Debian root lacks is then added:
 
-- the host is Flatcar-shaped (`tests/testbed/flatcar.py`: Flatcar's os-release with
+- the host is Flatcar-shaped (`testbed/flatcar.py`: Flatcar's os-release with
   ``SYSEXT_LEVEL=1.0`` and its update group), so systemd-sysext merges the release image
   (``ID=flatcar``), served over HTTP from loopback to Ignition, as a Flatcar node does;
 - each boot of the host gets loop device nodes that work for any device the kernel hands
@@ -22,7 +22,7 @@ root (`tests/testbed/ignition_apply.py`). What a Debian root lacks is then added
 emulator following each host's up and down (`HostFollower`), the real ``cluo-coord`` with
 the deploy/ RBAC, update_engine reporting NEED_REBOOT on every host, and the roll watched
 until every node rebooted once for real and was uncordoned. `InFlightRecorder`
-(tests/testbed/recorder.py) keeps the history (Node and slot Lease watches, ordered by
+(testbed/recorder.py) keeps the history (Node and slot Lease watches, ordered by
 resourceVersion) that proves "never two in flight"; `Roll.snapshot()` is what the demo's
 progress display shows.
 """
@@ -61,21 +61,21 @@ from kubernetes.client import (
 from kubernetes.client.exceptions import ApiException
 
 from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
-from tests.testbed import flatcar, ignition_apply
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.coordinator import CoordProcess
-from tests.testbed.dbus_bus import UPDATE_ENGINE_TEMPLATE, mock_command
-from tests.testbed.kubelet import EmulatedNode, KubeletEmulator
-from tests.testbed.nspawn import (
+from testbed import flatcar, ignition_apply
+from testbed.controlplane import ControlPlane
+from testbed.coordinator import CoordProcess
+from testbed.dbus_bus import UPDATE_ENGINE_TEMPLATE, mock_command
+from testbed.kubelet import EmulatedNode, KubeletEmulator
+from testbed.nspawn import (
     EXIT_REBOOT,
     HostError,
     NspawnHost,
     build_base_root,
 )
-from tests.testbed.recorder import InFlightRecorder
-from tests.testbed.waiting import wait_for
+from testbed.recorder import InFlightRecorder
+from testbed.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "hack" / "build-agent-artifact.sh"
 GENERATOR = ROOT / "ignition" / "cluo_ignition.py"
 DEPLOY = ROOT / "deploy"

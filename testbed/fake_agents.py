@@ -22,9 +22,9 @@ from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from cluo.protocol import Keys
-from tests.testbed.controlplane import ControlPlane
-from tests.testbed.kubelet import KubeletEmulator
-from tests.testbed.waiting import wait_for
+from testbed.controlplane import ControlPlane
+from testbed.kubelet import KubeletEmulator
+from testbed.waiting import wait_for
 
 AGENT_NAMESPACE = "cluo-system"  # deploy/agent-rbac.yaml
 AGENT_SERVICE_ACCOUNT = "cluo-agent"

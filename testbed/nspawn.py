@@ -84,7 +84,7 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Literal
 
-from tests.testbed.waiting import wait_for
+from testbed.waiting import wait_for
 
 log = logging.getLogger(__name__)
 

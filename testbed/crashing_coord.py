@@ -1,6 +1,6 @@
 """``cluo-coord`` that crashes right after applying its first change of a given type.
 
-    python -m tests.testbed.crashing_coord --crash-after AcquireSlot -- <cluo-coord args>
+    python -m testbed.crashing_coord --crash-after AcquireSlot -- <cluo-coord args>
 
 The tests use it to prove that a restart between two writes (a slot taken, its grant not
 yet written) does not double-grant. It replaces the driver's change-applying method at
@@ -29,7 +29,7 @@ from cluo_coord.main import main as coord_main
 CRASH_EXIT_CODE = 70
 CHANGE_TYPES = tuple(sorted(change.__name__ for change in get_args(planner.Change)))
 
-log = logging.getLogger("tests.testbed.crashing_coord")
+log = logging.getLogger("testbed.crashing_coord")
 
 ApplyChange = Callable[[Coordinator, planner.Change, dict[int, datetime]], bool]
 
@@ -52,7 +52,7 @@ def crash_after(change_type: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.testbed.crashing_coord")
+    parser = argparse.ArgumentParser(prog="python -m testbed.crashing_coord")
     parser.add_argument("--crash-after", required=True, choices=CHANGE_TYPES,
                         help="the change type after whose first application to exit")
     parser.add_argument("coord_args", nargs=argparse.REMAINDER,

@@ -1,12 +1,12 @@
 """`make demo`: a rolling reboot of three real systemd hosts by cluo, watched live.
 
-    python -m tests.testbed.demo [--hosts 3] [--timeout 300]
+    python -m testbed.demo [--hosts 3] [--timeout 300]
 
 Starts its own control plane (etcd, kube-apiserver, controller manager), provisions three
 nspawn hosts with the real Ignition from the generated config (the agent from its sysext
 image, a stand-in update_engine on each host's system bus), starts cluo-coord with the
 deploy/ RBAC, makes update_engine report NEED_REBOOT on every host and shows the roll
-(`tests/testbed/roll.py`): which node holds the reboot slot, each node's phase and agent
+(`testbed/roll.py`): which node holds the reboot slot, each node's phase and agent
 status, pods evicted, elapsed time. It ends with a summary table, and exits 0 only if every
 host rebooted exactly once, for real, one at a time, and is schedulable again.
 
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from tests.testbed.nspawn import unavailable_reason
-from tests.testbed.roll import (
+from testbed.nspawn import unavailable_reason
+from testbed.roll import (
     NodeResult,
     Roll,
     RollFailed,
@@ -131,7 +131,7 @@ def summary(result: RollResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.testbed.demo",
+    parser = argparse.ArgumentParser(prog="python -m testbed.demo",
                                      description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--hosts", type=int, default=3, help="hosts to roll (default 3)")
     parser.add_argument("--timeout", type=float, default=300.0,

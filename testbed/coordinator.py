@@ -5,7 +5,7 @@ election on or off, an identity and the caller's flags, its output (JSON logs) i
 and its metrics on a free loopback port, and returns once /readyz answers 200 (its caches
 are synced). The environment it inherits has no ``CLUO_COORD_*`` variable but the ones the
 caller passes. With ``crash_after`` it runs cluo-coord through the test bed's crash wrapper
-(tests/testbed/crashing_coord.py), which exits right after the first change of that type
+(testbed/crashing_coord.py), which exits right after the first change of that type
 is applied. `stop` sends SIGTERM, then kills.
 """
 
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.testbed import crashing_coord
-from tests.testbed.controlplane import free_port
-from tests.testbed.waiting import wait_for
+from testbed import crashing_coord
+from testbed.controlplane import free_port
+from testbed.waiting import wait_for
 
 COORD = Path(sys.executable).parent / "cluo-coord"
-ROOT = Path(__file__).resolve().parents[2]  # where the crash wrapper is importable from
+ROOT = Path(__file__).resolve().parents[1]  # where the crash wrapper is importable from
 CRASH_EXIT_CODE = crashing_coord.CRASH_EXIT_CODE
 NAMESPACE = "cluo-system"  # deploy/namespace.yaml
 ENV_PREFIX = "CLUO_COORD_"

@@ -6,7 +6,7 @@ repository). Nothing here is emulated: RBAC is enforced by the real authorizer, 
 are real ServiceAccount tokens from the TokenRequest API, and PodDisruptionBudget status
 is written by the real disruption controller.
 
-Run it by hand with ``python -m tests.testbed.controlplane`` (it prints how to reach it).
+Run it by hand with ``python -m testbed.controlplane`` (it prints how to reach it).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from cluo.kube.config import Component, kubeconfig_client
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"

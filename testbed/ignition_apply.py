@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.testbed.nspawn import NspawnHost
+from testbed.nspawn import NspawnHost
 
 IGNITION_CANDIDATES = (
     os.environ.get("CLUO_IGNITION", ""),
