@@ -9,7 +9,6 @@ is exercised by the real authorizer. Errors are collected in ``errors`` for the 
 assert on; a list that fails (an API server outage) is counted and retried, as an agent
 would.
 
-It behaves as the ``Agents`` of tests/kube/test_coordinator.py, which predates it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """cluo-coord as a process against the real control plane.
 
-The coordinator runs as its console script (``cluo-coord``), authenticated with a real
-token of the cluo-coord ServiceAccount bound by deploy/coordinator-rbac.yaml. Nodes are
-virtual (KubeletEmulator) and carry a per-test label the coordinator selects on. The
-test plays the agents (``Agents``: reboot-in-progress, shutdown, boot with a new bootID,
-reboot-needed=false) and the hook DaemonSets. ``InFlightRecorder`` watches the Nodes and the slot
-Leases for the whole test; both live in the same etcd, so ordering their events by
-resourceVersion gives one history, and the invariant "never more than max-concurrent
+The coordinator runs as its console script (``cluo-coord``), authenticated with a real token
+of the cluo-coord ServiceAccount bound by deploy/coordinator-rbac.yaml. Nodes are virtual
+(KubeletEmulator) and carry a per-test label the coordinator selects on. The test plays the
+agents (``testbed.fake_agents.FakeAgents``: reboot-in-progress, shutdown, boot with a new
+bootID, reboot-needed=false) and the hook DaemonSets. ``InFlightRecorder`` watches the Nodes
+and the slot Leases for the whole test; both live in the same etcd, so ordering their events
+by resourceVersion gives one history, and the invariant "never more than max-concurrent
 nodes in flight" is asserted over every state in it.
 
 The API server outage test runs last: it restarts the shared kube-apiserver.
@@ -27,13 +27,13 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-import urllib3
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from testbed.controlplane import ControlPlane
 from testbed.coordinator import COORD, CRASH_EXIT_CODE, CoordProcess
+from testbed.fake_agents import FakeAgents
 from testbed.kubelet import KubeletEmulator
 from testbed.recorder import InFlightRecorder
 from testbed.waiting import assert_stays, wait_for
@@ -123,6 +123,11 @@ class Rig:
         self.coordinators.append(coord)
         return coord
 
+    def agents(self, *, never_return: frozenset[str] = frozenset()) -> FakeAgents:
+        """The agents of this rig's nodes (as the cluo-agent ServiceAccount of deploy/)."""
+        return FakeAgents(self.control_plane, self.emulator, self.selector,
+                          never_return=never_return)
+
     def admin_command(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(COORD), *args, "--kubeconfig", str(self.control_plane.admin_kubeconfig)],
@@ -149,82 +154,6 @@ class Rig:
                 and annotations.get(KEYS.reboot_ok) == "false"
                 and KEYS.before_reboot not in labels and KEYS.after_reboot not in labels
                 and name not in self.slot_holders().values())
-
-
-class Agents:
-    """Plays cluo-agent on every test node: on reboot-ok=true, reboot once and report.
-
-    It writes as the cluo-agent ServiceAccount of deploy/ (a real token), so the agent's
-    RBAC is exercised by the real authorizer in every coordinator test.
-    """
-
-    def __init__(self, rig: Rig, *, never_return: frozenset[str] = frozenset()) -> None:
-        self._rig = rig
-        self._core = CoreV1Api(
-            rig.control_plane.service_account_api_client(NAMESPACE, "cluo-agent")
-        )
-        self._never_return = never_return
-        self._stop = threading.Event()
-        self._busy: set[str] = set()
-        self._workers: list[threading.Thread] = []
-        self.errors: list[str] = []
-        self.list_failures = 0
-        self._thread = threading.Thread(target=self._run, name="agents", daemon=True)
-
-    def __enter__(self) -> Agents:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        for worker in self._workers:
-            worker.join(30)
-        assert not self._thread.is_alive(), "agents thread did not stop"
-
-    def settled(self) -> bool:
-        """No reboot of ours is under way (a never-returning node's ends at its shutdown)."""
-        return not any(worker.is_alive() for worker in self._workers)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                nodes = self._core.list_node(label_selector=self._rig.selector).items
-            except (ApiException, urllib3.exceptions.HTTPError):
-                self.list_failures += 1  # an API server outage: poll again, as an agent would
-                continue
-            for node in nodes:
-                annotations = node.metadata.annotations or {}
-                name = node.metadata.name
-                if (annotations.get(KEYS.reboot_ok) == "true"
-                        and annotations.get(KEYS.reboot_needed) == "true"
-                        and annotations.get(KEYS.reboot_in_progress) != "true"
-                        and name not in self._busy):
-                    self._busy.add(name)
-                    worker = threading.Thread(target=self._reboot, args=(name,), daemon=True)
-                    self._workers.append(worker)
-                    worker.start()
-
-    def _reboot(self, name: str) -> None:
-        try:
-            old_boot = self._core.read_node(name).status.node_info.boot_id
-            self._annotate(name, {KEYS.reboot_in_progress: "true",
-                                  KEYS.boot_id_before_reboot: old_boot})
-            host = self._rig.emulator.node(name)
-            host.shutdown()
-            if name in self._never_return:
-                return
-            time.sleep(0.1)
-            new_boot = host.boot()
-            wait_for(lambda: self._core.read_node(name).status.node_info.boot_id == new_boot,
-                     20, f"{name} to report its new bootID")
-            self._annotate(name, {KEYS.reboot_needed: "false",
-                                  KEYS.reboot_in_progress: "false"})
-        except Exception as err:  # reported by the test
-            self.errors.append(f"{name}: {err!r}")
-
-    def _annotate(self, name: str, values: dict[str, str | None]) -> None:
-        self._core.patch_node(name, {"metadata": {"annotations": values}})
 
 
 @pytest.fixture
@@ -266,7 +195,7 @@ def test_five_nodes_roll_one_at_a_time_in_queue_order(
 ) -> None:
     names = rig.add_nodes(5)
     coord = rig.start()
-    with Agents(rig) as agents:
+    with rig.agents() as agents:
         wait_for(_all_done(rig, names), 60, "all five nodes to reboot and finish")
     assert not agents.errors
     assert recorder.max_in_flight() == 1
@@ -296,7 +225,7 @@ def test_max_concurrent_two_is_reached_and_never_exceeded(
 ) -> None:
     names = rig.add_nodes(5)
     rig.start("--max-concurrent", "2")
-    with Agents(rig) as agents:
+    with rig.agents() as agents:
         wait_for(_all_done(rig, names), 60, "all five nodes to reboot and finish")
     assert not agents.errors
     assert recorder.max_in_flight() == 2
@@ -313,7 +242,7 @@ def test_crash_between_slot_and_grant_resumes_the_same_node(
     assert list(rig.slot_holders().values()) == [first]
     assert KEYS.reboot_ok not in rig.annotations(first)
     rig.start(name="restarted")
-    with Agents(rig) as agents:
+    with rig.agents() as agents:
         wait_for(_all_done(rig, [first, second]), 40, "both nodes to reboot and finish")
     assert not agents.errors
     assert recorder.grant_order() == [first, second]
@@ -326,7 +255,7 @@ def test_two_coordinators_never_put_two_nodes_in_flight(
 ) -> None:
     names = rig.add_nodes(4)
     coords = [rig.start(leader_elect=leader_elect, name=f"twin{i}") for i in range(2)]
-    with Agents(rig) as agents:
+    with rig.agents() as agents:
         wait_for(_all_done(rig, names), 60, "all four nodes to reboot and finish")
     assert not agents.errors
     assert recorder.max_in_flight() == 1
@@ -348,7 +277,7 @@ def test_node_that_never_returns_keeps_its_slot_until_released(
 ) -> None:
     lost, nxt = rig.add_nodes(2)
     coord = rig.start("--reboot-timeout", "4s")
-    with Agents(rig, never_return=frozenset({lost})) as agents:
+    with rig.agents(never_return=frozenset({lost})) as agents:
         wait_for(lambda: rig.events(lost, "RebootTimedOut"), 30,
                  "a RebootTimedOut Warning event for the lost node")
         event = rig.events(lost, "RebootTimedOut")[0]
@@ -398,7 +327,7 @@ def test_hooks_gate_the_grant_and_the_release(rig: Rig, recorder: InFlightRecord
     try:
         rig.start("--before-reboot-annotations", BEFORE_HOOK,
                   "--after-reboot-annotations", AFTER_HOOK)
-        with Agents(rig) as agents:
+        with rig.agents() as agents:
             wait_for(_all_done(rig, names), 60, "both nodes to go through both hooks")
     finally:
         stop.set()
@@ -419,7 +348,7 @@ def test_paused_node_is_skipped_and_global_pause_holds_new_slots(
     result = rig.admin_command("pause")
     assert result.returncode == 0, result.stderr
     rig.start()
-    with Agents(rig) as agents:
+    with rig.agents() as agents:
         assert_stays(lambda: not rig.slot_holders(), 2.0,
                      "no slot to be taken while globally paused")
         result = rig.admin_command("resume")
@@ -443,7 +372,7 @@ def test_closed_window_grants_nothing_and_open_window_grants(
     assert_stays(lambda: not rig.slot_holders(), 2.0, "no slot outside the window")
     closed_coord.stop()
     rig.start("--reboot-windows", opened, "--time-zone", "UTC", name="open")
-    with Agents(rig) as agents:
+    with rig.agents() as agents:
         wait_for(_all_done(rig, names), 30, "the node to reboot inside the window")
     assert not agents.errors
     assert recorder.grant_order() == names
@@ -585,7 +514,7 @@ def test_api_server_outage_while_a_node_reboots_then_the_roll_resumes(
     # coordinator could change who is in flight, and it cannot: the one slot is held by
     # the first node, which is down until this test boots it.
     before = InFlightRecorder(rig.admin, rig.selector, NAMESPACE, KEYS).start()
-    with Agents(rig, never_return=frozenset({first})) as agents:
+    with rig.agents(never_return=frozenset({first})) as agents:
         wait_for(lambda: rig.annotations(first).get(KEYS.reboot_in_progress) == "true"
                  and agents.settled(), 30, "the first node to be granted and go down")
         before.stop()
