@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 CLUO_PREFIX = "container-linux-update.v1.coreos.com/"
 FLUO_PREFIX = "flatcar-linux-update.v1.flatcar-linux.net/"
 DEFAULT_PREFIX = CLUO_PREFIX
+
+_T = TypeVar("_T")
 
 TRUE = "true"
 FALSE = "false"
@@ -321,3 +324,116 @@ def slot_lease_name(index: int) -> str:
     if index < 0:
         raise ProtocolError(f"slot index must not be negative, got {index}")
     return f"{SLOT_LEASE_PREFIX}{index}"
+
+# --- encoding: what each side writes (the reading is NodeProtocolState above) -----------
+
+
+@dataclass(frozen=True)
+class MetadataPatch:
+    """Labels and annotations to write on a Node; a ``None`` value deletes the key."""
+
+    labels: Mapping[str, str | None] = field(default_factory=dict)
+    annotations: Mapping[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodePatch:
+    """What the agent writes on its node; ``None`` leaves a field alone.
+
+    An empty ``boot_id_before_reboot`` or ``blocked_reason`` removes the annotation
+    (NodeProtocolState reads a missing one as empty).
+    """
+
+    reboot_needed: bool | None = None  # annotation and label
+    reboot_in_progress: bool | None = None
+    agent_made_unschedulable: bool | None = None
+    boot_id_before_reboot: str | None = None
+    blocked_reason: str | None = None
+    status: str | None = None
+    new_version: str | None = None
+    last_checked_time: str | None = None
+
+    def to_metadata(self, keys: Keys) -> MetadataPatch:
+        """The labels and annotations to write; a ``None`` value deletes the key."""
+        annotations: dict[str, str | None] = {}
+        labels: dict[str, str | None] = {}
+        if self.reboot_needed is not None:
+            annotations[keys.reboot_needed] = render_bool(self.reboot_needed)
+            labels[keys.reboot_needed] = render_bool(self.reboot_needed)
+        if self.reboot_in_progress is not None:
+            annotations[keys.reboot_in_progress] = render_bool(self.reboot_in_progress)
+        if self.agent_made_unschedulable is not None:
+            annotations[keys.agent_made_unschedulable] = render_bool(
+                self.agent_made_unschedulable
+            )
+        if self.boot_id_before_reboot is not None:
+            annotations[keys.boot_id_before_reboot] = self.boot_id_before_reboot or None
+        if self.blocked_reason is not None:
+            annotations[keys.blocked_reason] = self.blocked_reason or None
+        if self.status is not None:
+            annotations[keys.status] = self.status
+        if self.new_version is not None:
+            annotations[keys.new_version] = self.new_version
+        if self.last_checked_time is not None:
+            annotations[keys.last_checked_time] = self.last_checked_time
+        return MetadataPatch(labels=labels, annotations=annotations)
+
+    def apply_to(self, node: NodeProtocolState) -> NodeProtocolState:
+        """The node's protocol state once this patch is written."""
+        return replace(
+            node,
+            reboot_needed=_keep(self.reboot_needed, node.reboot_needed),
+            reboot_in_progress=_keep(self.reboot_in_progress, node.reboot_in_progress),
+            agent_made_unschedulable=_keep(
+                self.agent_made_unschedulable, node.agent_made_unschedulable
+            ),
+            boot_id_before_reboot=_keep(self.boot_id_before_reboot, node.boot_id_before_reboot),
+            blocked_reason=_keep(self.blocked_reason, node.blocked_reason),
+            status=_keep(self.status, node.status),
+            new_version=_keep(self.new_version, node.new_version),
+            last_checked_time=_keep(self.last_checked_time, node.last_checked_time),
+        )
+
+
+def _keep(new: _T | None, old: _T) -> _T:
+    return old if new is None else new
+
+
+def _deleting(keys: Iterable[str]) -> dict[str, str | None]:
+    return dict.fromkeys(keys)
+
+
+def before_reboot_patch(keys: Keys, clear_annotations: Iterable[str]) -> MetadataPatch:
+    """The coordinator labels a node before-reboot=true and clears stale before-reboot
+    hook annotations."""
+    return MetadataPatch(labels={keys.before_reboot: TRUE},
+                         annotations=_deleting(clear_annotations))
+
+
+def grant_patch(keys: Keys, clear_annotations: Iterable[str]) -> MetadataPatch:
+    """The grant: reboot-ok=true, the before-reboot label and hook annotations removed,
+    and ``blocked-reason`` cleared (a reason left from an earlier attempt must not read as
+    an abort of this one)."""
+    annotations = _deleting(clear_annotations)
+    annotations[keys.reboot_ok] = TRUE
+    annotations[keys.blocked_reason] = None
+    return MetadataPatch(labels={keys.before_reboot: None}, annotations=annotations)
+
+
+def after_reboot_patch(keys: Keys, clear_annotations: Iterable[str]) -> MetadataPatch:
+    """The coordinator labels a node after-reboot=true and clears stale after-reboot hook
+    annotations."""
+    return MetadataPatch(labels={keys.after_reboot: TRUE},
+                         annotations=_deleting(clear_annotations))
+
+
+def reset_patch(keys: Keys, clear_annotations: Iterable[str], *,
+                clear_release_slot: bool = False) -> MetadataPatch:
+    """reboot-ok=false, both phase labels and every hook annotation removed; with
+    ``clear_release_slot`` the admin's ``release-slot`` annotation too."""
+    annotations = _deleting(clear_annotations)
+    annotations[keys.reboot_ok] = FALSE
+    if clear_release_slot:
+        annotations[keys.release_slot] = None
+    return MetadataPatch(labels={keys.before_reboot: None, keys.after_reboot: None},
+                         annotations=annotations)

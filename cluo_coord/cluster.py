@@ -30,9 +30,15 @@ from cluo.kube.nodes import KubeNodes, NodeSnapshot, node_patch
 from cluo.kube.objects import Obj, name_of, newer_or_same, version_of
 from cluo.kube.resources import NODES_PATH, leases_path
 from cluo.kube.watch import ObjectStore, Reflector
-from cluo.protocol import LEADER_LEASE_NAME, PAUSED_ANNOTATION, SLOT_LEASE_LABEL, Keys
+from cluo.protocol import (
+    LEADER_LEASE_NAME,
+    PAUSED_ANNOTATION,
+    SLOT_LEASE_LABEL,
+    Keys,
+    MetadataPatch,
+)
 from cluo_coord.leases import KubeSlots, slot_from_object
-from cluo_coord.planner import MetadataPatch, NodeView, SlotLease, reboot_needed_since
+from cluo_coord.planner import NodeView, SlotLease, reboot_needed_since
 
 # How long a slot Lease this coordinator wrote overrides the watched one: the watch
 # delivers it well before; a Lease deleted meanwhile reappears for at most this long.

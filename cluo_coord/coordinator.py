@@ -42,7 +42,7 @@ from cluo.backoff import Backoff
 from cluo.errors import CluoError, KubeError
 from cluo.kube.nodes import EventType as KubeEventType
 from cluo.kube.nodes import KubeNodes
-from cluo.protocol import slot_lease_name
+from cluo.protocol import MetadataPatch, slot_lease_name
 from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
 from cluo_coord.leases import KubeSlots, slot_from_object
 from cluo_coord.metrics import CoordMetrics
@@ -54,7 +54,6 @@ from cluo_coord.planner import (
     LabelAfterReboot,
     LabelBeforeReboot,
     MarkStuck,
-    MetadataPatch,
     Plan,
     Policy,
     ReleaseSlot,

@@ -75,7 +75,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState, hooks_done
+from cluo.protocol import (
+    Keys,
+    MetadataPatch,
+    NodeProtocolState,
+    after_reboot_patch,
+    before_reboot_patch,
+    grant_patch,
+    hooks_done,
+    reset_patch,
+)
 from cluo_coord.windows import RebootWindows
 
 # --------------------------------------------------------------------------- inputs
@@ -189,18 +198,6 @@ class Reason(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class MetadataPatch:
-    """Labels and annotations to set; a None value deletes the key."""
-
-    labels: Mapping[str, str | None]
-    annotations: Mapping[str, str | None]
-
-
-def _deleting(keys: Iterable[str]) -> dict[str, str | None]:
-    return dict.fromkeys(keys)
-
-
-@dataclass(frozen=True)
 class LabelBeforeReboot:
     """Label the node before-reboot=true and clear stale before-reboot hook annotations."""
 
@@ -209,10 +206,7 @@ class LabelBeforeReboot:
     clear_annotations: tuple[str, ...] = ()
 
     def patch(self, keys: Keys) -> MetadataPatch:
-        return MetadataPatch(
-            labels={keys.before_reboot: TRUE},
-            annotations=_deleting(self.clear_annotations),
-        )
+        return before_reboot_patch(keys, self.clear_annotations)
 
 
 @dataclass(frozen=True)
@@ -232,10 +226,7 @@ class GrantRebootOk:
     clear_annotations: tuple[str, ...] = ()
 
     def patch(self, keys: Keys) -> MetadataPatch:
-        annotations = _deleting(self.clear_annotations)
-        annotations[keys.reboot_ok] = TRUE
-        annotations[keys.blocked_reason] = None
-        return MetadataPatch(labels={keys.before_reboot: None}, annotations=annotations)
+        return grant_patch(keys, self.clear_annotations)
 
 
 @dataclass(frozen=True)
@@ -247,10 +238,7 @@ class LabelAfterReboot:
     clear_annotations: tuple[str, ...] = ()
 
     def patch(self, keys: Keys) -> MetadataPatch:
-        return MetadataPatch(
-            labels={keys.after_reboot: TRUE},
-            annotations=_deleting(self.clear_annotations),
-        )
+        return after_reboot_patch(keys, self.clear_annotations)
 
 
 @dataclass(frozen=True)
@@ -266,14 +254,8 @@ class ResetRebootOk:
     clear_release_slot: bool = False
 
     def patch(self, keys: Keys) -> MetadataPatch:
-        annotations = _deleting(self.clear_annotations)
-        annotations[keys.reboot_ok] = FALSE
-        if self.clear_release_slot:
-            annotations[keys.release_slot] = None
-        return MetadataPatch(
-            labels={keys.before_reboot: None, keys.after_reboot: None},
-            annotations=annotations,
-        )
+        return reset_patch(keys, self.clear_annotations,
+                           clear_release_slot=self.clear_release_slot)
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,8 @@ class Agent:
                     self._notifier.status(f"{decision.status} (retrying: {error})")
                 else:
                     failures = 0
-                    recheck = decision.recheck_after
+                    recheck = (None if decision.recheck_after is None
+                               else decision.recheck_after.total_seconds())
                 if recheck == 0:
                     await asyncio.sleep(0)  # decide again at once, but let the loop run
                     continue
@@ -349,9 +350,9 @@ class Agent:
         name = self._name
         match action:
             case PatchNode(patch=patch):
-                annotations, labels = patch.to_metadata(self._settings.keys)
+                written = patch.to_metadata(self._settings.keys)
                 self._set_node(await asyncio.to_thread(
-                    self._nodes.patch_metadata, name, annotations, labels
+                    self._nodes.patch_metadata, name, written.annotations, written.labels
                 ))
             case Cordon():
                 self._set_node(await asyncio.to_thread(self._nodes.set_unschedulable, name, True))

@@ -102,15 +102,14 @@ This module is pure: it imports no I/O library and reads no clock.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from datetime import timedelta
 
-from cluo.protocol import Keys, NodeProtocolState, render_bool
+from cluo.protocol import NodePatch, NodeProtocolState
 from cluo_host.drain_plan import DrainOptions, PodBlocker, describe_blockers
 from cluo_host.update_status import UpdateEngineStatus
-
-_T = TypeVar("_T")
 
 # An annotation value is free text, but a node is not a log: keep reasons short.
 MAX_REASON_CHARS = 1000
@@ -229,71 +228,6 @@ class Observation:
 # --- what the driver does ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NodePatch:
-    """Protocol fields to write on the node; ``None`` leaves a field alone.
-
-    An empty ``boot_id_before_reboot`` or ``blocked_reason`` removes the annotation
-    (NodeProtocolState reads a missing one as empty).
-    """
-
-    reboot_needed: bool | None = None  # annotation and label
-    reboot_in_progress: bool | None = None
-    agent_made_unschedulable: bool | None = None
-    boot_id_before_reboot: str | None = None
-    blocked_reason: str | None = None
-    status: str | None = None
-    new_version: str | None = None
-    last_checked_time: str | None = None
-
-    def to_metadata(
-        self, keys: Keys
-    ) -> tuple[dict[str, str | None], dict[str, str | None]]:
-        """(annotations, labels) for a merge patch; a ``None`` value deletes the key."""
-        annotations: dict[str, str | None] = {}
-        labels: dict[str, str | None] = {}
-        if self.reboot_needed is not None:
-            annotations[keys.reboot_needed] = render_bool(self.reboot_needed)
-            labels[keys.reboot_needed] = render_bool(self.reboot_needed)
-        if self.reboot_in_progress is not None:
-            annotations[keys.reboot_in_progress] = render_bool(self.reboot_in_progress)
-        if self.agent_made_unschedulable is not None:
-            annotations[keys.agent_made_unschedulable] = render_bool(
-                self.agent_made_unschedulable
-            )
-        if self.boot_id_before_reboot is not None:
-            annotations[keys.boot_id_before_reboot] = self.boot_id_before_reboot or None
-        if self.blocked_reason is not None:
-            annotations[keys.blocked_reason] = self.blocked_reason or None
-        if self.status is not None:
-            annotations[keys.status] = self.status
-        if self.new_version is not None:
-            annotations[keys.new_version] = self.new_version
-        if self.last_checked_time is not None:
-            annotations[keys.last_checked_time] = self.last_checked_time
-        return annotations, labels
-
-    def apply_to(self, node: NodeProtocolState) -> NodeProtocolState:
-        """The node's protocol state once this patch is written."""
-        return replace(
-            node,
-            reboot_needed=_keep(self.reboot_needed, node.reboot_needed),
-            reboot_in_progress=_keep(self.reboot_in_progress, node.reboot_in_progress),
-            agent_made_unschedulable=_keep(
-                self.agent_made_unschedulable, node.agent_made_unschedulable
-            ),
-            boot_id_before_reboot=_keep(self.boot_id_before_reboot, node.boot_id_before_reboot),
-            blocked_reason=_keep(self.blocked_reason, node.blocked_reason),
-            status=_keep(self.status, node.status),
-            new_version=_keep(self.new_version, node.new_version),
-            last_checked_time=_keep(self.last_checked_time, node.last_checked_time),
-        )
-
-
-def _keep(new: _T | None, old: _T) -> _T:
-    return old if new is None else new
-
-
 class EventType(enum.Enum):
     NORMAL = "Normal"
     WARNING = "Warning"
@@ -319,7 +253,7 @@ class Action:
 
 @dataclass(frozen=True)
 class PatchNode(Action):
-    """One patch of the node's metadata (``patch.to_metadata(keys)``)."""
+    """One patch of the node's metadata (``patch.to_metadata(keys)``, cluo.protocol)."""
 
     patch: NodePatch
 
@@ -598,9 +532,9 @@ class Decision:
     state: State  # where the agent is
     next_state: State  # where the actions lead, if nothing else changes meanwhile
     actions: tuple[Action, ...]
-    # Decide again after this many seconds (0: right away, with a fresh observation);
-    # None: only when something observed changes.
-    recheck_after: float | None
+    # Decide again after this long (zero: right away, with a fresh observation); None: only
+    # when something observed changes. A timedelta, as the coordinator's Plan.recheck_after.
+    recheck_after: timedelta | None
     status: str  # one line for sd_notify STATUS=
 
     @property
@@ -615,6 +549,14 @@ class _Step:
     status: str
 
 
+def _duration(seconds: float | None) -> timedelta | None:
+    """Seconds as a timedelta, rounded up to the microsecond: a wait that has not quite run
+    out must not read as zero (decide again at once); a past one is zero."""
+    if seconds is None:
+        return None
+    return timedelta(microseconds=math.ceil(max(seconds, 0.0) * 1_000_000))
+
+
 def decide(obs: Observation, now: float) -> Decision:
     """What to do next. Raises IllegalTransition only on a bug in this module."""
     state = derive_state(obs)
@@ -623,7 +565,7 @@ def decide(obs: Observation, now: float) -> Decision:
     actions = ((PatchNode(mirror),) if mirror else ()) + step.actions
     next_state = derive_state(_expected_observation(obs, actions, now))
     check_transition(state, next_state)
-    return Decision(state, next_state, actions, step.recheck_after, step.status)
+    return Decision(state, next_state, actions, _duration(step.recheck_after), step.status)
 
 
 def _step(state: State, obs: Observation, now: float) -> _Step:

@@ -23,7 +23,14 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cluo.errors import KubeError
-from cluo.protocol import SLOT_LEASE_LABEL, TRUE, Keys, NodeProtocolState, slot_lease_name
+from cluo.protocol import (
+    SLOT_LEASE_LABEL,
+    TRUE,
+    Keys,
+    MetadataPatch,
+    NodeProtocolState,
+    slot_lease_name,
+)
 from cluo_coord.cluster import ClusterSnapshot
 from cluo_coord.coordinator import (
     IDLE_TICK,
@@ -40,7 +47,6 @@ from cluo_coord.metrics import CoordMetrics
 from cluo_coord.planner import (
     AcquireSlot,
     MarkStuck,
-    MetadataPatch,
     NodeView,
     Policy,
     ReleaseSlot,

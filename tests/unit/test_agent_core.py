@@ -9,13 +9,14 @@ optionally a coordinator that grants and takes back reboot-ok like cluo-coord.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluo.protocol import FLUO_PREFIX, Keys, NodeProtocolState
+from cluo.protocol import FLUO_PREFIX, Keys, NodePatch, NodeProtocolState
 from cluo_host.agent_core import (
     TRANSITIONS,
     AbortDrain,
@@ -38,7 +39,6 @@ from cluo_host.agent_core import (
     Idle,
     IllegalTransition,
     Inhibitor,
-    NodePatch,
     Observation,
     PatchNode,
     Reboot,
@@ -136,7 +136,8 @@ class World:
         node = self.node
         match action:
             case PatchNode(patch=patch):
-                annotations, labels = patch.to_metadata(KEYS)
+                written = patch.to_metadata(KEYS)
+                annotations, labels = written.annotations, written.labels
                 _merge(self.annotations, annotations)
                 _merge(self.labels, labels)
             case Cordon():
@@ -194,7 +195,7 @@ class World:
         elif decision.recheck_after is None:
             self.now += 5.0
         else:
-            self.now += min(decision.recheck_after, 30.0)
+            self.now += min(decision.recheck_after.total_seconds(), 30.0)
         if self.drain is not None and not self.drain_blockers:
             self.drain = replace(self.drain, complete=True, blockers=())
         if self.coordinator:
@@ -484,7 +485,8 @@ def test_boot_id_is_recorded_only_after_the_drain_completed() -> None:
 def test_works_with_the_fluo_prefix() -> None:
     keys = Keys(FLUO_PREFIX)
 
-    annotations, labels = NodePatch(reboot_needed=True, boot_id_before_reboot="").to_metadata(keys)
+    written = NodePatch(reboot_needed=True, boot_id_before_reboot="").to_metadata(keys)
+    annotations, labels = written.annotations, written.labels
 
     assert annotations == {
         FLUO_PREFIX + "reboot-needed": "true",
@@ -754,7 +756,7 @@ def test_grant_withdrawn_waits_for_a_reboot_logind_already_accepted() -> None:
     aborting = decide(observation, T0 + 301)
 
     assert waiting.actions == ()
-    assert waiting.recheck_after == pytest.approx(290)
+    assert waiting.recheck_after == timedelta(seconds=290)
     assert AbortDrain() in aborting.actions
 
 
@@ -822,7 +824,7 @@ def test_accepted_reboot_that_never_happens_counts_as_a_failure() -> None:
     reported = decide(observation, T0 + 301)
     retried = decide(observation, T0 + 311)
 
-    assert waiting.actions == () and waiting.recheck_after == pytest.approx(240)
+    assert waiting.actions == () and waiting.recheck_after == timedelta(seconds=240)
     [report] = writes(reported)
     assert report.blocked_reason is not None
     assert "accepted by logind but the host is still up after 300s" in report.blocked_reason
@@ -922,7 +924,7 @@ def test_decide_is_total_and_never_acts_unsafely(observation: Observation, now: 
             assert node.boot_id_before_reboot == observation.boot_id
         if isinstance(action, (Cordon, Uncordon)):
             assert node.agent_made_unschedulable
-    assert decision.recheck_after is None or decision.recheck_after >= 0
+    assert decision.recheck_after is None or decision.recheck_after >= timedelta(0)
 
 
 @settings(max_examples=300, deadline=None)

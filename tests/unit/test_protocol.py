@@ -12,12 +12,19 @@ from cluo.protocol import (
     SPECS,
     Keys,
     Kind,
+    MetadataPatch,
+    NodePatch,
     NodeProtocolState,
     ProtocolError,
+    Writer,
+    after_reboot_patch,
+    before_reboot_patch,
+    grant_patch,
     hooks_done,
     label_value,
     parse_bool,
     parse_hook_annotations,
+    reset_patch,
     slot_lease_name,
 )
 
@@ -121,3 +128,54 @@ def test_slot_lease_names() -> None:
     assert slot_lease_name(0) == "cluo-reboot-slot-0"
     with pytest.raises(ProtocolError):
         slot_lease_name(-1)
+
+
+# --- encoding: each side writes only what the table says it writes ------------------------
+
+KEYS = Keys()
+HOOK = "example.com/drained"  # a user-chosen hook annotation
+# Keys of others that the coordinator deletes, as their meaning in SPECS says it does.
+CLEARED_BY_COORDINATOR = {"blocked-reason", "release-slot"}
+
+
+def _spec(key: str, kind: Kind) -> tuple[str, Writer]:
+    name = key.removeprefix(KEYS.prefix)
+    (spec,) = [s for s in SPECS if s.name == name and s.kind is kind]
+    return spec.name, spec.writer
+
+
+def _writes(patch: MetadataPatch) -> list[tuple[str, Kind, str | None]]:
+    return [*((k, Kind.LABEL, v) for k, v in patch.labels.items()),
+            *((k, Kind.ANNOTATION, v) for k, v in patch.annotations.items())]
+
+
+def test_the_agent_writes_only_keys_the_table_gives_the_agent() -> None:
+    patch = NodePatch(reboot_needed=True, reboot_in_progress=True,
+                      agent_made_unschedulable=True, boot_id_before_reboot="b",
+                      blocked_reason="r", status="UPDATE_STATUS_IDLE", new_version="1.2.3",
+                      last_checked_time="1").to_metadata(KEYS)
+    written = _writes(patch)
+    assert len(written) == 9  # every field, reboot-needed as annotation and label
+    for key, kind, _value in written:
+        assert _spec(key, kind)[1] is Writer.AGENT, key
+
+
+def test_the_coordinator_sets_only_its_keys_and_clears_only_what_the_table_says() -> None:
+    patches = [before_reboot_patch(KEYS, [HOOK]), grant_patch(KEYS, [HOOK]),
+               after_reboot_patch(KEYS, [HOOK]),
+               reset_patch(KEYS, [HOOK], clear_release_slot=True)]
+    for patch in patches:
+        for key, kind, value in _writes(patch):
+            if key == HOOK:
+                assert value is None, "hook annotations are only ever cleared"
+                continue
+            name, writer = _spec(key, kind)
+            if value is not None or name not in CLEARED_BY_COORDINATOR:
+                assert writer is Writer.COORDINATOR, key
+
+
+def test_the_grant_sets_reboot_ok_and_the_reset_sets_it_back_to_false() -> None:
+    assert grant_patch(KEYS, ()).annotations[KEYS.reboot_ok] == "true"
+    reset = reset_patch(KEYS, ())
+    assert reset.annotations[KEYS.reboot_ok] == "false", "reboot-ok is never deleted"
+    assert reset.labels == {KEYS.before_reboot: None, KEYS.after_reboot: None}
