@@ -1,6 +1,6 @@
-"""The six benchmarks of issue 6, in the issue's order. A benchmark that cannot be built
-yet has no ``run`` and says why; the report lists it as "not built yet". ``check`` says
-whether a quick-mode result is well formed (it raises MalformedResult if not)."""
+"""The benchmarks, in the order docs/benchmarks.md reports them. A benchmark that cannot be
+built yet has no ``run`` and says why; the report lists it as "not built yet". ``check``
+says whether a quick-mode result is well formed (it raises MalformedResult if not)."""
 
 from __future__ import annotations
 

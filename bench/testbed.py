@@ -5,7 +5,7 @@ Why an audit log: kube-apiserver 1.34's ``apiserver_request_total`` has no label
 client (its labels are verb, group, version, resource, subresource, scope, component, code,
 dry_run), so it cannot tell the agent's requests from the kubelet emulator's or the
 controller manager's. The audit log records each request with its user agent and user, at
-the API server, which is what issue 6 asks to count.
+the API server, which is what the benchmarks count.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ root (`testbed/ignition_apply.py`). What a Debian root lacks is then added:
 - the agent is given the nspawn boot's id (see `BOOT_ID_UNIT`): its hardening would show it
   the machine kernel's, which does not change when an nspawn host reboots.
 
-`Roll` then does what issue 5 asks: N such hosts against a real control plane, the kubelet
+`Roll` then runs N such hosts against a real control plane, the kubelet
 emulator following each host's up and down (`HostFollower`), the real ``cluo-coord`` with
 the deploy/ RBAC, update_engine reporting NEED_REBOOT on every host, and the roll watched
 until every node rebooted once for real and was uncordoned. `InFlightRecorder`

@@ -1,4 +1,4 @@
-"""Issue 5: a rolling reboot of three real systemd hosts by the real cluo-coord.
+"""A rolling reboot of three real systemd hosts by the real cluo-coord.
 
 Three nspawn hosts provisioned by the real Ignition from the generated config run the agent
 from the sysext image against the real control plane; the kubelet emulator follows each

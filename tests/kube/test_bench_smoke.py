@@ -1,4 +1,4 @@
-"""Smoke mode of every built benchmark (issue 6), so none of them rots.
+"""Smoke mode of every built benchmark, so none of them rots.
 
 Benchmarks are not tests: nothing here asserts on a timing. The real command runs once, in
 a subprocess (tests and bench do not import each other): `python -m bench --quick` starts
