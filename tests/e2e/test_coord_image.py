@@ -19,8 +19,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import tarfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from kubernetes.client import CoordinationV1Api, CoreV1Api
 
 from cluo.protocol import SLOT_LEASE_LABEL, Keys
 from testbed.controlplane import ControlPlane
+from testbed.coord_image import BUILD_TIMEOUT, BuiltImage, build_coord_image
 from testbed.fake_agents import FakeAgents
 from testbed.kubelet import KubeletEmulator
 from testbed.podman_pod import (
@@ -48,8 +47,6 @@ from testbed.waiting import assert_stays, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
-BUILD_SCRIPT = REPO / "hack" / "build-coord-image.sh"
-BUILD_TIMEOUT = 1200.0
 KEYS = Keys()
 SELECTOR_LABEL = "cluo-image-test"
 # UTC+14 all year (no daylight saving time since 1995): a window read in the wrong zone is
@@ -77,38 +74,10 @@ pytestmark = [
 # --------------------------------------------------------------------------- fixtures
 
 
-@dataclass(frozen=True)
-class BuiltImage:
-    names: tuple[str, ...]  # its tags in podman's storage
-    image_id: str
-    archive: Path
-    digest: str  # the digest file's content
-
-
-def _archive_ids(archive: Path) -> tuple[str, str]:
-    """(config digest = image id, manifest digest) of an OCI archive's one image."""
-    with tarfile.open(archive) as tar:
-        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
-        manifest_digest = index["manifests"][0]["digest"]
-        manifest = json.load(
-            tar.extractfile("blobs/" + manifest_digest.replace(":", "/")))  # type: ignore[arg-type]
-    return manifest["config"]["digest"].removeprefix("sha256:"), manifest_digest
-
-
 @pytest.fixture(scope="module")
 def coord_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     """hack/build-coord-image.sh, its archive in a fresh folder."""
-    out = tmp_path_factory.mktemp("coord-image")
-    result = subprocess.run(["bash", str(BUILD_SCRIPT)], env={**os.environ, "OUT_DIR": str(out)},
-                            capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
-    assert result.returncode == 0, f"{BUILD_SCRIPT} failed:\n{result.stderr[-4000:]}"
-    archive = Path(result.stdout.strip().splitlines()[-1])
-    image_id, manifest_digest = _archive_ids(archive)
-    digest = archive.with_name(archive.name.removesuffix(".tar") + ".digest").read_text().strip()
-    assert digest == manifest_digest, "the digest file names another manifest than the archive"
-    names = json.loads(podman("image", "inspect", "--format", "{{json .RepoTags}}",
-                              image_id).stdout)
-    return BuiltImage(tuple(names), image_id, archive, digest)
+    return build_coord_image(tmp_path_factory.mktemp("coord-image"), BUILD_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
