@@ -19,10 +19,13 @@ root=$(dirname "$here")
 #    hack/build-coord-image.sh) with no registry: buildah builds it on bases that podman
 #    imports from mmdebstrap roots, podman saves and runs it. runc because crun, podman's
 #    default, fails on the VMs we test on (setrlimit refused, hybrid cgroups unsupported).
+#  - docker-registry, skopeo: docs/install.md's push step, tested against a registry on
+#    loopback (tests/e2e/test_install_walkthrough.py): skopeo copies the image's OCI
+#    archive into it and reads back the digest.
 packages=(
     libsystemd-dev libdbus-1-dev libglib2.0-dev pkg-config dbus-daemon
     openssl systemd-container mmdebstrap squashfs-tools ignition
-    podman buildah runc
+    podman buildah runc docker-registry skopeo
 )
 missing=()
 for p in "${packages[@]}"; do

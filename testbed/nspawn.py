@@ -90,7 +90,8 @@ log = logging.getLogger(__name__)
 
 SUITE = "bookworm"
 # What a host needs: a real systemd, system bus and logind; python3 with dbus-python and
-# python-dbusmock for mock services (update_engine) running as units inside the host.
+# python-dbusmock for mock services (update_engine) running as units inside the host; curl,
+# which Flatcar has, for the in-place update of docs/install.md.
 PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -101,6 +102,7 @@ PACKAGES = (
     "python3-dbusmock",
     "iproute2",
     "procps",
+    "curl",
 )
 # No documentation or translations: a smaller root, and a faster storage="copy".
 DPKG_OPTIONS = (
