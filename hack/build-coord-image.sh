@@ -267,11 +267,12 @@ if [ "$saved_id" = "$id" ] && [ -f "$digest_file" ]; then
     saved="unchanged"
 else
     # The image must start, locked down as in the pod, before it is saved.
+    status=0
     usage=$(podman run --rm "${runtime_flags[@]}" --network none --read-only \
         --read-only-tmpfs=false --cap-drop ALL --security-opt no-new-privileges \
-        "$id" --help 2>&1) || true
-    [[ "$usage" == *"usage: cluo-coord"* ]] \
-        || die "the image does not run: podman run $image --help printed no usage: $usage"
+        "$id" --help 2>&1) || status=$?
+    [ "$status" = 0 ] && [[ "$usage" == *"usage: cluo-coord"* ]] \
+        || die "the image does not run: podman run $image --help exited $status: $usage"
     rm -f "$archive" "$digest_file"
     podman save --quiet --format oci-archive --output "$archive.partial" "$image" \
         || die "podman save of $image failed"
