@@ -264,6 +264,14 @@ def _string(entry: Mapping[str, Any], key: str, owner: str) -> str | None:
     return value
 
 
+def _one_of(entry: Mapping[str, Any], key: str, owner: str) -> None:
+    """Refuse ``key`` and ``key-data`` both given, as client-go (kubectl) does: which one
+    wins would otherwise be a guess, and a wrong guess trusts another CA or signs in as
+    another user."""
+    if entry.get(key) and entry.get(f"{key}-data"):
+        raise _Invalid(f"{owner}: {key!r} and {key + '-data'!r} are both given; keep one")
+
+
 def _file(entry: Mapping[str, Any], key: str, owner: str, folder: Path) -> Path | None:
     value = _string(entry, key, owner)
     return None if value is None else folder / Path(value).expanduser()
@@ -303,6 +311,7 @@ def _from_kubeconfig(config: Mapping[str, Any], folder: Path, context: str | Non
     insecure = cluster.get("insecure-skip-tls-verify") or False
     if not isinstance(insecure, bool):
         raise _Invalid(f"{owner}: 'insecure-skip-tls-verify' must be true or false")
+    _one_of(cluster, "certificate-authority", owner)
     ca_file = _file(cluster, "certificate-authority", owner, folder)
     ca_data = _data(cluster, "certificate-authority-data", owner)
     if insecure and (ca_file or ca_data):
@@ -323,6 +332,8 @@ def _from_kubeconfig(config: Mapping[str, Any], folder: Path, context: str | Non
         if user.get(key):
             raise _Invalid(f"{owner}: {what} is not supported; use a token, a tokenFile, "
                            "a client certificate or a credential plugin (exec)")
+    _one_of(user, "client-certificate", owner)
+    _one_of(user, "client-key", owner)
     cert_file = _file(user, "client-certificate", owner, folder)
     cert_data = _data(user, "client-certificate-data", owner)
     key_file = _file(user, "client-key", owner, folder)
@@ -333,10 +344,10 @@ def _from_kubeconfig(config: Mapping[str, Any], folder: Path, context: str | Non
     token: TokenSource | None = None
     static = _string(user, "token", owner)
     token_file = _file(user, "tokenFile", owner, folder)
-    if static is not None:  # the kubeconfig reference: token wins over tokenFile
-        token = StaticToken(static)
-    elif token_file is not None:
+    if token_file is not None:  # as client-go: tokenFile wins over token
         token = _file_token(token_file, f"{owner}: tokenFile")
+    elif static is not None:
+        token = StaticToken(static)
     plugin: _ExecSpec | None = None
     if user.get("exec"):
         if token is not None or cert_file or cert_data:

@@ -165,6 +165,23 @@ def test_kubeconfig_token_file_and_relative_paths(
         assert whoami(client) == f"system:serviceaccount:{namespace}:agent"
 
 
+def test_a_token_file_wins_over_a_token_as_with_kubectl(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "token").write_text(control_plane.service_account_token(namespace, "agent"))
+    other = control_plane.service_account_token(namespace, "other")
+    path = kubeconfig(tmp_path / "kubeconfig",
+                      {"server": control_plane.url,
+                       "certificate-authority-data": b64(control_plane.pki.ca_cert)},
+                      {"token": other, "tokenFile": "token"})
+    with kubeconfig_client(path) as client:
+        assert whoami(client) == f"system:serviceaccount:{namespace}:agent"
+    whoami_kubectl = control_plane.kubectl("auth", "whoami", "-o",
+                                           "jsonpath={.status.userInfo.username}",
+                                           kubeconfig=path)
+    assert whoami_kubectl.stdout.strip() == f"system:serviceaccount:{namespace}:agent"
+
+
 def test_kubeconfig_with_embedded_certificates_leaves_no_key_on_disk(
     control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

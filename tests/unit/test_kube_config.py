@@ -156,6 +156,15 @@ def test_a_proxy_is_refused_by_name(tmp_path: Path) -> None:
     ("server: 'https://h:6443'", "client-certificate: c.crt, client-key: c.key",
      "no such file"),
     ("server: 'https://h:6443'", "tokenFile: missing-token", "does not exist"),
+    # kubectl refuses a file and its -data form together; so does cluo.
+    ("server: 'https://h:6443', certificate-authority: ca.crt, "
+     "certificate-authority-data: 'bm90IGEgY2VydA=='", f"token: {SECRET}",
+     "'certificate-authority' and 'certificate-authority-data' are both given"),
+    ("server: 'https://h:6443'", "client-certificate: c.crt, client-certificate-data: 'YQ==', "
+     "client-key-data: 'a2V5'",
+     "'client-certificate' and 'client-certificate-data' are both given"),
+    ("server: 'https://h:6443'", "client-certificate-data: 'YQ==', client-key: c.key, "
+     "client-key-data: 'a2V5'", "'client-key' and 'client-key-data' are both given"),
 ])
 def test_configuration_mistakes_say_what_is_wrong(
     tmp_path: Path, cluster: str, user: str, says: str
