@@ -43,7 +43,6 @@ import math
 import os
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -674,6 +673,13 @@ def _tls_context(endpoint: _Endpoint) -> ssl.SSLContext:
             raise _Invalid(f"{what}: not a PEM certificate") from None
         except OSError as err:
             raise _Invalid(f"{what}: cannot read it ({type(err).__name__})") from None
+        # As Go's crypto/x509 (kubectl): the kubeconfig's CA is trusted as an anchor even
+        # when it is an intermediate CA, not only a self-signed root (Python 3.13 turns
+        # this on by default; 3.11 and 3.12 refuse such a chain). VERIFY_X509_STRICT stays
+        # off, as before 3.13: it refuses CA certificates that Go and kubectl accept (one
+        # without an Authority Key Identifier, for example).
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context.verify_flags &= ~ssl.VERIFY_X509_STRICT
     if endpoint.cert_file or endpoint.cert_data:
         _load_client_certificate(context, endpoint)
     return context
@@ -691,18 +697,21 @@ def _plugin_tls(endpoint: _Endpoint, cert: bytes, key: bytes) -> ssl.SSLContext:
 
 @contextlib.contextmanager
 def _as_file(path: Path | None, data: bytes | None) -> Iterator[str]:
-    """A file name holding the material: the given file, or a private (0600) temporary
-    file holding the data, removed afterwards (``ssl`` loads certificates from files)."""
+    """A file name holding the material: the given file, or the data in an anonymous
+    memory file (``memfd_create``), named through /proc/self/fd (``ssl`` loads
+    certificates and keys from files). Key material never touches a file system, so
+    nothing is left behind, even by a crash."""
     if path is not None or data is None:
         yield str(path)
         return
-    fd, name = tempfile.mkstemp(prefix="cluo-tls-", suffix=".pem")
+    fd = os.memfd_create("cluo-tls", os.MFD_CLOEXEC)
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        yield name
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
     finally:
-        os.unlink(name)
+        os.close(fd)
 
 
 def _load_client_certificate(context: ssl.SSLContext, endpoint: _Endpoint) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import shutil
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -185,17 +187,17 @@ def test_a_token_file_wins_over_a_token_as_with_kubectl(
 def test_kubeconfig_with_embedded_certificates_leaves_no_key_on_disk(
     control_plane: ControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The key is loaded from memory (memfd): with no temporary folder at all, a client
+    # that wrote the key to a temporary file could not be built.
     pki = control_plane.pki
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
     path = kubeconfig(tmp_path / "kubeconfig",
                       {"server": control_plane.url, "certificate-authority-data": b64(pki.ca_cert)},
                       {"client-certificate-data": b64(pki.admin_cert),
                        "client-key-data": b64(pki.admin_key)})
     with kubeconfig_client(path) as client:
         assert whoami(client) == "cluo-test-admin"
-    assert list(scratch.iterdir()) == []
+    assert not (tmp_path / "no-such-folder").exists()
 
 
 def test_kubeconfig_with_certificate_files(control_plane: ControlPlane, tmp_path: Path) -> None:
@@ -277,3 +279,73 @@ def test_kubeconfig_with_a_credential_plugin_client_certificate(
                                 "apiVersion": "client.authentication.k8s.io/v1beta1"}})
     with kubeconfig_client(path) as client:
         assert whoami(client) == "cluo-test-admin"
+
+
+# -- a CA that is an intermediate ---------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _intermediate_pki(folder: Path) -> None:
+    """root (self-signed) -> intermediate CA -> a serving certificate for 127.0.0.1."""
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    ca_ext = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+    (folder / "ca.ext").write_text(ca_ext + "subjectKeyIdentifier=hash\n"
+                                   "authorityKeyIdentifier=keyid\n")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                                       "extendedKeyUsage=serverAuth\n")
+    _openssl("req", "-x509", *ec, "-keyout", "root.key", "-out", "root.crt", "-days", "1",
+             "-subj", "/CN=cluo test root", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=folder)
+    for name, issuer, ext, subject in (("intermediate", "root", "ca.ext", "cluo test intermediate"),
+                                       ("server", "intermediate", "server.ext", "127.0.0.1")):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={subject}", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{issuer}.crt",
+                 "-CAkey", f"{issuer}.key", "-CAcreateserial", "-days", "1",
+                 "-extfile", ext, "-out", f"{name}.crt", cwd=folder)
+    chain = (folder / "server.crt").read_bytes() + (folder / "intermediate.crt").read_bytes()
+    (folder / "chain.crt").write_bytes(chain)
+
+
+class _VersionHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"major": "1", "minor": "34", "gitVersion": "v1.34.4"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+
+def test_a_ca_that_is_an_intermediate_is_trusted_as_kubectl_trusts_it(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The kubeconfig names the intermediate CA that signed the server's certificate, not
+    the root: Go (kubectl) trusts it; Python 3.11/3.12 refuse the chain unless
+    VERIFY_X509_PARTIAL_CHAIN is set."""
+    _intermediate_pki(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "chain.crt", tmp_path / "server.key")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _VersionHandler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        path = kubeconfig(tmp_path / "kubeconfig",
+                          {"server": url, "certificate-authority": "intermediate.crt"},
+                          {"token": "not-needed-here"})
+        with kubeconfig_client(path) as client:
+            assert client.request("GET", "/version")["gitVersion"] == "v1.34.4"
+        kubectl = control_plane.kubectl("get", "--raw", "/version", kubeconfig=path)
+        assert json.loads(kubectl.stdout)["gitVersion"] == "v1.34.4"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
