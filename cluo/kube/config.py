@@ -45,6 +45,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -587,6 +588,9 @@ def _run_plugin(spec: _ExecSpec, timeout: float) -> _ExecCredential:
         tail = _tail(done.stderr)
         said = f"; stderr ends: {tail}" if tail else " (nothing on stderr)"
         raise CredentialError(f"{name} {how}{said}")
+    if tail := _tail(done.stderr):  # what a plugin says on success: for whoever debugs it
+        log.debug("credential plugin wrote to stderr", extra={
+            "COMMAND": spec.command, "STDERR": tail})
     return _parse_credential(done.stdout, spec.api_version, name)
 
 
@@ -732,10 +736,25 @@ def _load_client_certificate(context: ssl.SSLContext, endpoint: _Endpoint) -> No
         raise _Invalid(f"{cert} or {key}: cannot read it ({type(err).__name__})") from None
 
 
+def _warn_about_proxy(server: str) -> None:
+    """cluo connects to the API server directly; say so at start when the environment
+    asks for a proxy for it (HTTPS_PROXY or https_proxy, not bypassed by NO_PROXY), rather
+    than ignore the variable silently. The proxy's address is not logged: it may hold a
+    password."""
+    proxies = urllib.request.getproxies_environment()
+    host = urlsplit(server).hostname or ""
+    if "https" in proxies and not urllib.request.proxy_bypass(host):
+        variable = next((name for name in ("HTTPS_PROXY", "https_proxy") if os.environ.get(name)),
+                        "HTTPS_PROXY")
+        log.warning("a proxy is set for https, but cluo connects to the API server directly",
+                    extra={"SERVER": server, "VARIABLE": variable})
+
+
 def _client(
     endpoint: _Endpoint, component: Component, clock: Callable[[], float] = time.time
 ) -> KubeClient:
     https = urlsplit(endpoint.server).scheme == "https"  # lower-cased, as KubeClient reads it
+    _warn_about_proxy(endpoint.server)
     if not https and (endpoint.token is not None or endpoint.cert_file or endpoint.cert_data
                       or endpoint.plugin is not None):
         raise _Invalid(f"server {endpoint.server!r}: credentials go over https only")

@@ -372,3 +372,38 @@ def test_a_plugin_token_never_shows_in_a_log_or_a_repr(
     assert "credential plugin ran" in caplog.text
     texts = [repr(client), repr(source), *(str(vars(record)) for record in caplog.records)]
     assert all(SECRET not in text for text in texts), texts
+
+
+def test_what_a_working_plugin_says_on_stderr_is_logged_at_debug_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugin = FakePlugin(tmp_path)
+    plugin.answer(token=SECRET, stderr="using cached login\nrefreshed\n")
+    with caplog.at_level(logging.DEBUG, logger="cluo.kube.config"):
+        kubeconfig_client(write(tmp_path, cluster="server: 'https://h:6443'",
+                                user=exec_user(plugin.path)))
+    said = [r for r in caplog.records if r.getMessage() == "credential plugin wrote to stderr"]
+    assert [(r.levelno, getattr(r, "STDERR", None)) for r in said] == [
+        (logging.DEBUG, "using cached login | refreshed")]
+
+
+@pytest.mark.parametrize(("environment", "warned"), [
+    ({"HTTPS_PROXY": "http://user:pw@proxy.example:3128"}, "HTTPS_PROXY"),
+    ({"https_proxy": "http://proxy.example:3128"}, "https_proxy"),
+    ({"HTTPS_PROXY": "http://proxy.example:3128", "NO_PROXY": "h,.internal"}, None),
+    ({"HTTP_PROXY": "http://proxy.example:3128"}, None),
+])
+def test_a_proxy_in_the_environment_is_named_at_start_not_silently_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    environment: dict[str, str], warned: str | None,
+) -> None:
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
+                 "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.WARNING, logger="cluo.kube.config"):
+        kubeconfig_client(write(tmp_path, cluster="server: 'https://h:6443'"))
+    proxied = [r for r in caplog.records if "proxy" in r.getMessage()]
+    assert [getattr(r, "VARIABLE", None) for r in proxied] == ([warned] if warned else [])
+    assert all("pw@" not in r.getMessage() + str(vars(r)) for r in caplog.records)
