@@ -12,6 +12,7 @@ is applied. `stop` sends SIGTERM, then kills.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -112,7 +113,8 @@ class CoordProcess:
                 return int(response.status), response.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, ""
-        except OSError:
+        except (OSError, http.client.HTTPException):
+            # No answer, or half of one: the process may die mid-answer (a crash hook).
             return 0, ""
 
     def metrics(self) -> dict[str, float]:
