@@ -264,7 +264,8 @@ class ControlPlane:
         self._wait_http(process, f"http://127.0.0.1:{self.etcd_port}/health", "etcd healthy")
 
     def start_apiserver(self) -> None:
-        """Start (or restart, on the same port and etcd) the API server and wait for /readyz."""
+        """Start (or restart, on the same port and etcd) the API server and wait for /readyz;
+        after a restart, the controller manager is restarted too."""
         process = self._spawn("kube-apiserver", [
             str(self.binaries / "kube-apiserver"),
             "--etcd-servers", f"http://127.0.0.1:{self.etcd_port}",
@@ -288,6 +289,13 @@ class ControlPlane:
             *self.extra_apiserver_args,
         ])
         self._wait_https(process, "/readyz", "kube-apiserver ready")
+        manager = self._processes.get("kube-controller-manager")
+        if manager is not None:
+            # A restart: the controller manager's informers would come back only after
+            # their backoff (up to about 30 s), and a later test would wait for PDB status
+            # the disruption controller has not computed yet. Start it afresh instead.
+            manager.stop()
+            self._start_controller_manager()
 
     def stop_apiserver(self) -> None:
         """Kill the API server only (etcd keeps the state), for outage tests.
