@@ -34,6 +34,9 @@ class CluoError(Exception):
     """Base of cluo's errors. ``kind`` is one of ``KINDS``."""
 
     kind: ErrorKind = "unavailable"
+    # Seconds the server asked to wait before trying again (its Retry-After), if it did:
+    # a caller's backoff waits at least that long.
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, kind: ErrorKind | None = None) -> None:
         super().__init__(message)
@@ -62,6 +65,7 @@ class KubeError(CluoError):
         kind: ErrorKind,
         status: int | None = None,
         reason: str = "",
+        retry_after: float | None = None,
     ) -> None:
         text = f"{action}: {detail}" if detail else action
         if status is not None:
@@ -71,6 +75,7 @@ class KubeError(CluoError):
         self.detail = detail
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
 
 
 class WatchExpired(KubeError):
@@ -112,6 +117,7 @@ class StatusDetails:
     message: str = ""
     reason: str = ""
     causes: tuple[tuple[str, str], ...] = ()  # (cause reason, cause message)
+    retry_after_seconds: int | None = None  # details.retryAfterSeconds, if positive
 
 
 def status_details(body: object) -> StatusDetails:
@@ -127,13 +133,18 @@ def status_details(body: object) -> StatusDetails:
     if not isinstance(data, dict):
         return StatusDetails()
     causes: list[tuple[str, str]] = []
+    retry_after: int | None = None
     details = data.get("details")
     if isinstance(details, dict):
         for cause in details.get("causes") or []:
             if isinstance(cause, dict):
                 causes.append((str(cause.get("reason") or ""), str(cause.get("message") or "")))
+        seconds = details.get("retryAfterSeconds")
+        if isinstance(seconds, int) and not isinstance(seconds, bool) and seconds > 0:
+            retry_after = seconds
     return StatusDetails(
         message=str(data.get("message") or ""),
         reason=str(data.get("reason") or ""),
         causes=tuple(causes),
+        retry_after_seconds=retry_after,
     )

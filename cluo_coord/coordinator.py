@@ -306,7 +306,8 @@ class Coordinator:
             self._baseline = None if done.plan.changes else snapshot  # (leadership lost)
 
     def _back_off(self, stop: threading.Event, err: CluoError, failures: int) -> None:
-        delay = RECONCILE_BACKOFF.delay(failures)
+        # Never sooner than the API server asked (a 429's or a 5xx's Retry-After).
+        delay = max(RECONCILE_BACKOFF.delay(failures), err.retry_after or 0.0)
         log.warning("reconcile failed, backing off", extra={
             "ERROR": str(err), "ERROR_KIND": err.kind, "RETRY_IN": round(delay, 2)})
         self._wait(stop, delay)

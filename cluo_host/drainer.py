@@ -7,7 +7,8 @@ the terminating ones. A round that finds nothing left to move completes the drai
 restart simply starts the rounds again: evictions of pods already terminating are
 harmless.
 
-A 429 from a PodDisruptionBudget is retried with a per-pod exponential backoff. The
+A 429 from a PodDisruptionBudget is retried with a per-pod exponential backoff, and
+never sooner than the server's Retry-After (so is a failed eviction's retry). The
 drain itself never gives up: the agent's core owns the timeout and the policy (abort, or
 ``force()``, which deletes the remaining pods ignoring budgets).
 
@@ -157,7 +158,8 @@ class Drainer:
             else:
                 outcome = await asyncio.to_thread(self._pods.evict, pod)
         except CluoError as err:
-            self._retry_at[pod.uid] = self._clock() + self._tuning.error_retry
+            self._retry_at[pod.uid] = self._clock() + max(self._tuning.error_retry,
+                                                          err.retry_after or 0.0)
             log.warning(
                 "eviction failed",
                 extra={"NODE": self._node, "POD": pod.ref, "ERROR": str(err),
@@ -167,9 +169,9 @@ class Drainer:
         if isinstance(outcome, BlockedByBudget):
             refusals = self._refusals.get(pod.uid, 0) + 1
             self._refusals[pod.uid] = refusals
-            delay = min(
+            delay = max(min(
                 self._tuning.budget_retry_base * 2 ** (refusals - 1), self._tuning.budget_retry_max
-            )
+            ), outcome.retry_after or 0.0)
             self._retry_at[pod.uid] = self._clock() + delay
             if refusals == 1:
                 log.info(

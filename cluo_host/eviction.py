@@ -52,9 +52,11 @@ class Deleted:
 
 @dataclass(frozen=True)
 class BlockedByBudget:
-    """Eviction refused (429) by a PodDisruptionBudget; ``message`` is the server's."""
+    """Eviction refused (429) by a PodDisruptionBudget; ``message`` is the server's,
+    ``retry_after`` the seconds it asked to wait (Retry-After), if it did."""
 
     message: str
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class KubePods:
                     text = f"{text}: {causes}" if text and causes else text or causes
                     log.info("eviction blocked by a disruption budget",
                              extra={"POD": pod.ref, "DETAIL": text})
-                    return BlockedByBudget(text)
+                    return BlockedByBudget(text, err.retry_after)
             return self._settle(action, pod, err)
         except TRANSPORT_ERRORS as err:
             raise kube_error(action, err) from err

@@ -5,23 +5,36 @@ keys), so it needs no generated models and no HTTP library: ``KubeClient.request
 one call over ``http.client`` and returns the parsed answer, ``KubeClient.watch`` streams
 a watch's events one JSON line at a time.
 
-- Errors: an answer outside 2xx raises ``ApiError`` (status, reason, body); a broken
-  connection, a timeout or a garbled answer raises one of ``TRANSPORT_ERRORS``.
-  ``kube_error`` turns either into a ``KubeError`` that says what cluo was doing, and
-  ``KubeClient.call`` is ``request`` with that done: what adapters use.
+- Errors: an answer outside 2xx raises ``ApiError`` (status, reason, body, and the
+  server's ``Retry-After`` advice); a broken connection, a timeout or a garbled answer
+  raises one of ``TRANSPORT_ERRORS``. ``kube_error`` turns either into a ``KubeError``
+  that says what cluo was doing, and ``KubeClient.call`` is ``request`` with that done:
+  what adapters use.
+- A 429 or 5xx answer with a ``Retry-After`` (API priority and fairness throttling, an
+  API server shutting down) is waited out and sent again for a read (GET), a few times
+  and within the request's read timeout; a write raises, and the delay on the error
+  (``retry_after``, capped at ``RETRY_AFTER_MAX``) tells the caller's backoff how long
+  to wait at least.
 - Connections are kept alive in a small lock-protected pool shared by the threads; a
-  watch has a connection of its own. A kept-alive connection the server closed meanwhile
-  is retried once on a fresh connection, for idempotent methods only: a POST or PATCH
-  that may have reached the server is never sent twice.
+  watch has a connection of its own. Every connection has TCP keepalive on (a peer gone
+  silently is noticed within a minute). A kept-alive connection that turns out closed is
+  retried once on a fresh connection only when the server cannot have acted on the
+  request: it could not be written, or it is a read. A write (POST, PUT, PATCH, DELETE)
+  that went out before the connection broke may have been received: it is never sent
+  twice (a compare-and-swap PUT sent again would turn its own success into a 409), and
+  raises ``NoAnswer`` naming the method and path.
 - The bearer token comes from a ``TokenSource``; ``FileToken`` re-reads its file about
   every minute, so rotated (bound ServiceAccount) tokens keep working. A token never
   appears in a log, an error text or a repr. When the server answers 401 (it rejected
   the token, so it did nothing else), a source that can fetch a new token (a credential
   plugin, see kube_config) is asked to, and the request (or the watch) is sent once
   more, whatever its method.
-- The TLS context may be given as a function, asked before each new connection: a
-  credential plugin's client certificate is replaced when it expires, and kept-alive
-  connections made with the old one are not reused.
+- The TLS context may come from a ``TlsSource``, asked before each new connection: a
+  credential plugin's client certificate is replaced when it expires, a rotated
+  certificate file is loaded again, and kept-alive connections made with the old one
+  are not reused. When the server answers 401 to a request made with a client
+  certificate, the source is told (a plugin runs again) and, if it has another
+  certificate, the request is sent once more, as with a token.
 
 Building a client from a kubeconfig or from a pod's ServiceAccount is kube_config's job;
 API paths and timeouts are in kube.resources, reading watch events is kube.watch's job.
@@ -45,7 +58,15 @@ from typing import Any, Generic, NamedTuple, Protocol, Self, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 from cluo.errors import ErrorKind, KubeError, kind_for_status, status_details
-from cluo.kube.resources import REQUEST_TIMEOUT, Timeout
+from cluo.kube.resources import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    REQUEST_TIMEOUT,
+    RETRY_AFTER_ATTEMPTS,
+    RETRY_AFTER_MAX,
+    Timeout,
+)
 
 __all__ = [
     "JSON",
@@ -57,8 +78,10 @@ __all__ = [
     "FileToken",
     "KubeClient",
     "MalformedResponse",
+    "NoAnswer",
     "Query",
     "StaticToken",
+    "TlsSource",
     "TokenSource",
     "WatchStream",
     "kube_error",
@@ -71,8 +94,10 @@ TOKEN_REFRESH_PERIOD = 60.0  # seconds between re-reads of a token file (as clie
 IDLE_LIMIT = 45.0  # seconds a kept-alive connection may idle and still be reused
 MAX_IDLE_CONNECTIONS = 4
 READ_SIZE = 64 * 1024  # bytes asked for per read of a watch stream
-# RFC 9110 idempotent methods: sending one twice has the effect of sending it once.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Reads (RFC 9110 safe methods): sent again after a connection broke before the answer,
+# or after a Retry-After. Idempotent writes are not: a PUT sent twice with the same
+# resourceVersion fails the second time although the first succeeded.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 Query = Mapping[str, str | int | bool | None]
 _Item = TypeVar("_Item")
@@ -129,13 +154,21 @@ class ClosableStream(Closing, Generic[_Item]):
 
 
 class ApiError(Exception):
-    """The API server answered outside 2xx. ``body`` is its text, usually a metav1.Status."""
+    """The API server answered outside 2xx. ``body`` is its text, usually a metav1.Status.
 
-    def __init__(self, status: int, reason: str, body: str) -> None:
+    ``retry_after``: the seconds a 429 or 5xx answer asked to wait before trying again
+    (its ``Retry-After``, or its Status's ``details.retryAfterSeconds``), capped at
+    ``RETRY_AFTER_MAX``; None when it gave no such advice.
+    """
+
+    def __init__(
+        self, status: int, reason: str, body: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
         self.body = body
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         message = status_details(self.body).message
@@ -145,6 +178,22 @@ class ApiError(Exception):
 
 class MalformedResponse(http.client.HTTPException):
     """A 2xx answer (or a watch line) that is not the JSON object it should be."""
+
+
+class NoAnswer(http.client.HTTPException):
+    """The connection broke after the request went out and before its answer came.
+
+    The server may have received the request and acted on it; a write is therefore not
+    sent again (the caller reads and decides), and the text says so. ``method`` and
+    ``path`` name the request.
+    """
+
+    def __init__(self, method: str, path: str) -> None:
+        again = ("" if method in SAFE_METHODS else
+                 "; it may have reached the server, so it was not sent again")
+        super().__init__(f"{method} {path}: the connection closed before an answer{again}")
+        self.method = method
+        self.path = path
 
 
 class CredentialError(Exception):
@@ -188,7 +237,7 @@ def kube_error(action: str, err: BaseException) -> KubeError:
         reason = details.reason or err.reason
         return KubeError(
             action, details.message or reason, kind=kind_for_status(err.status),
-            status=err.status, reason=reason,
+            status=err.status, reason=reason, retry_after=err.retry_after,
         )
     if isinstance(err, CredentialError):  # it says what kind it is
         return KubeError(action, f"{type(err).__name__}: {err}", kind=err.kind)
@@ -223,6 +272,24 @@ class _Answer(NamedTuple):
     status: int
     reason: str
     body: bytes
+    retry_after: float | None
+
+
+def _retry_after(status: int, header: str | None, body: bytes | str) -> float | None:
+    """The delay a 429 or 5xx answer asks for: its ``Retry-After`` in seconds (the API
+    server sends no HTTP date), else its Status's ``details.retryAfterSeconds``; capped
+    at ``RETRY_AFTER_MAX``. None: no advice, or another status."""
+    if status != 429 and status < 500:
+        return None
+    seconds: float | None = None
+    if header is not None:
+        with contextlib.suppress(ValueError):
+            seconds = int(header.strip())
+    if seconds is None:
+        seconds = status_details(body).retry_after_seconds
+    if seconds is None or seconds <= 0:
+        return None
+    return min(float(seconds), RETRY_AFTER_MAX)
 
 
 class TokenSource(Protocol):
@@ -236,6 +303,34 @@ class TokenSource(Protocol):
     def get(self) -> str: ...
 
     def reject(self, token: str) -> bool: ...
+
+
+class TlsSource(Protocol):
+    """Where the TLS context (CA, client certificate) comes from; ``context`` is asked
+    before each new connection, and a changed answer retires the kept-alive connections.
+
+    ``reject_context`` is called when the server answered 401 to a request made with
+    ``context`` (it refused the client certificate): True if ``context`` may now give
+    another one (the request is then sent once more), False if there is no point.
+    ``context`` may raise ``CredentialError``.
+    """
+
+    def context(self) -> ssl.SSLContext: ...
+
+    def reject_context(self, context: ssl.SSLContext) -> bool: ...
+
+
+class _FixedTls:
+    """One TLS context, for good."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+
+    def context(self) -> ssl.SSLContext:
+        return self._context
+
+    def reject_context(self, context: ssl.SSLContext) -> bool:
+        return False
 
 
 class StaticToken:
@@ -321,6 +416,17 @@ class _HTTPSConnection(http.client.HTTPSConnection):
         )
 
 
+def _keep_alive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive (``KEEPALIVE_*``): a peer that vanished without closing the
+    connection (a host gone, a NAT entry dropped) fails a blocked read or the next use of
+    a pooled connection instead of hanging it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's timers apply
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+
 def _dropped(connection: http.client.HTTPConnection) -> bool:
     """Whether an idle connection was closed by the server (it is readable: EOF or junk)."""
     sock = connection.sock
@@ -341,10 +447,11 @@ class KubeClient(Closing):
     """JSON requests and watches to one API server, as one user (thread-safe).
 
     ``server``: ``https://host[:port][/prefix]`` (``http://`` only for tests). ``tls``:
-    the TLS context (CA, client certificate), or a function giving the current one
-    before each new connection (it may raise ``CredentialError``); None uses the
-    system's CAs. ``token``: the bearer token, if any. ``user_agent``: names the
-    component and version in API server logs, audit events and managedFields.
+    the TLS context (CA, client certificate), or a ``TlsSource`` giving the current one
+    before each new connection; None uses the system's CAs. ``token``: the bearer
+    token, if any. ``user_agent``: names the component and version in API server logs,
+    audit events and managedFields. ``sleep`` waits out a Retry-After (default: a wait
+    that ``close()`` cuts short).
     """
 
     def __init__(
@@ -352,10 +459,11 @@ class KubeClient(Closing):
         server: str,
         *,
         user_agent: str,
-        tls: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None,
+        tls: ssl.SSLContext | TlsSource | None = None,
         token: TokenSource | None = None,
         tls_server_name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         parts = urlsplit(server)
         if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -368,11 +476,10 @@ class KubeClient(Closing):
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)  # ValueError if invalid
         self._prefix = parts.path.rstrip("/")
-        self._tls: Callable[[], ssl.SSLContext] | None = None
+        self._tls: TlsSource | None = None
         if self._https:
             if tls is None or isinstance(tls, ssl.SSLContext):
-                context = tls or ssl.create_default_context()
-                self._tls = lambda: context
+                self._tls = _FixedTls(tls or ssl.create_default_context())
             else:
                 self._tls = tls
         self._tls_server_name = tls_server_name
@@ -381,6 +488,8 @@ class KubeClient(Closing):
         self._lock = threading.Lock()
         self._idle: list[tuple[http.client.HTTPConnection, float]] = []
         self._closed = False
+        self._closing = threading.Event()
+        self._sleep = sleep or self._closing.wait
 
     def __repr__(self) -> str:
         return f"KubeClient({self.server!r}, user_agent={self.user_agent!r})"
@@ -390,6 +499,7 @@ class KubeClient(Closing):
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+        self._closing.set()
         for connection, _ in idle:
             connection.close()
 
@@ -409,16 +519,31 @@ class KubeClient(Closing):
 
         ``body`` (if not None) is sent as JSON with ``content_type`` (e.g. a merge
         patch). Raises ``ApiError`` for an answer outside 2xx, one of
-        ``TRANSPORT_ERRORS`` when the request or the answer did not get through.
+        ``TRANSPORT_ERRORS`` when the request or the answer did not get through. A read
+        answered with a Retry-After is sent again after it, up to
+        ``RETRY_AFTER_ATTEMPTS`` times and ``timeout[1]`` seconds of waiting in all.
         """
         method = method.upper()
         target = self._target(path, query)
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         sent_type = content_type if payload is not None else None
-        answer = self._authorized(lambda token: self._exchange(
-            method, target, payload, self._headers(sent_type, token), timeout))
-        if not 200 <= answer.status <= 299:
-            raise ApiError(answer.status, answer.reason, answer.body.decode("utf-8", "replace"))
+        waited, attempts = 0.0, 0
+        while True:
+            answer = self._authorized(lambda token: self._exchange(
+                method, target, payload, self._headers(sent_type, token), timeout))
+            if 200 <= answer.status <= 299:
+                break
+            error = ApiError(answer.status, answer.reason,
+                             answer.body.decode("utf-8", "replace"),
+                             retry_after=answer.retry_after)
+            delay = error.retry_after
+            if (method not in SAFE_METHODS or delay is None or attempts >= RETRY_AFTER_ATTEMPTS
+                    or waited + delay > timeout[1] or self._closing.is_set()):
+                raise error
+            log.info("the API server asked to try again later", extra={
+                "METHOD": method, "STATUS": answer.status, "RETRY_IN": delay})
+            self._sleep(delay)
+            waited, attempts = waited + delay, attempts + 1
         if not answer.body:
             return {}
         try:
@@ -457,7 +582,8 @@ class KubeClient(Closing):
         """A streaming GET (``watch=true`` belongs in ``query``), on its own connection.
 
         Nothing is sent until the result is iterated; ``timeout[1]`` is how long the
-        stream may stay silent, so it must exceed the watch's ``timeoutSeconds``.
+        stream may stay silent before it counts as dead (a ``TimeoutError``), so it must
+        exceed the time between the server's bookmarks (``allowWatchBookmarks``).
         """
         return WatchStream(self, self._target(path, query), timeout)
 
@@ -474,21 +600,27 @@ class KubeClient(Closing):
         """The token for the next request, if any (may raise ``CredentialError``)."""
         return self._token.get() if self._token is not None else None
 
-    def _renew(self, rejected: str | None) -> bool:
-        """After a 401 to ``rejected``: whether the token source has a new token to try."""
-        return rejected is not None and self._token is not None and self._token.reject(rejected)
+    def _renew(self, token: str | None, context: ssl.SSLContext | None) -> bool:
+        """After a 401 to a request made with ``token`` and ``context``: whether the
+        token source or the TLS source has a new credential to try (both are told)."""
+        renewed = token is not None and self._token is not None and self._token.reject(token)
+        if context is not None and self._tls is not None:
+            renewed = self._tls.reject_context(context) or renewed
+        return renewed
 
     def _authorized(self, send: Callable[[str | None], _Answered]) -> _Answered:
-        """``send(token)`` with the current token and, if the server answers 401 and the
-        token source has a new token, once more with that one.
+        """``send(token)`` with the current credentials and, if the server answers 401
+        and the token source or the TLS source (a client certificate) has a new one,
+        once more with that.
 
-        The server rejected the token before acting on the request: sending it again,
-        even a POST, cannot do it twice.
+        The server rejected the credentials before acting on the request: sending it
+        again, even a POST, cannot do it twice.
         """
         token = self._bearer()
+        context = self._tls.context() if self._tls is not None else None
         answer = send(token)
-        if answer.status == 401 and self._renew(token):
-            log.info("the API server rejected the token, retrying with a new one")
+        if answer.status == 401 and self._renew(token, context):
+            log.info("the API server rejected the credentials, retrying with new ones")
             answer = send(self._bearer())
         return answer
 
@@ -498,26 +630,32 @@ class KubeClient(Closing):
     ) -> _Answer:
         """One request and its whole answer, on an idle kept-alive connection if any.
 
-        A kept-alive connection the server closed while it idled is retried once on a
-        fresh connection, for idempotent methods only.
+        A kept-alive connection that turns out closed is retried once on a fresh
+        connection when the server cannot have acted on the request: it could not be
+        written (not all of it left), or it is a read. A request that went out before
+        the connection broke raises ``NoAnswer`` otherwise.
         """
-        retry = method in IDEMPOTENT_METHODS
         fresh = False
         while True:
             connection, reused = self._checkout(timeout, fresh=fresh)
+            written = False
             try:
                 connection.request(method, target, body=payload, headers=headers)
+                written = True
                 response = connection.getresponse()
                 data = response.read()
-            except _STALE_CONNECTION_ERRORS:
+            except _STALE_CONNECTION_ERRORS as err:
                 connection.close()
-                if not (reused and retry):
+                if reused and not fresh and (not written or method in SAFE_METHODS):
+                    # The server closed it while it idled: so did it, likely, the others.
+                    log.debug("a kept-alive connection was closed by the server, "
+                              "reconnecting", extra={"METHOD": method, "WRITTEN": written})
+                    self._drop_idle()
+                    fresh = True
+                    continue
+                if not written:
                     raise
-                # The server closed it while it idled: so did it, likely, the others.
-                log.debug("a kept-alive connection was closed by the server, reconnecting")
-                self._drop_idle()
-                retry, fresh = False, True
-                continue
+                raise NoAnswer(method, target.split("?", 1)[0]) from err
             except BaseException:
                 connection.close()
                 raise
@@ -525,7 +663,8 @@ class KubeClient(Closing):
                 connection.close()
             else:
                 self._checkin(connection)
-            return _Answer(response.status, response.reason, data)
+            return _Answer(response.status, response.reason, data, _retry_after(
+                response.status, response.getheader("Retry-After"), data))
 
     def _headers(self, content_type: str | None, token: str | None) -> dict[str, str]:
         headers = {"Accept": JSON, "User-Agent": self.user_agent}
@@ -540,13 +679,14 @@ class KubeClient(Closing):
         connection: http.client.HTTPConnection
         if self._tls is not None:
             connection = _HTTPSConnection(
-                self._host, self._port, timeout=timeout[0], context=self._tls(),
+                self._host, self._port, timeout=timeout[0], context=self._tls.context(),
                 server_name=self._tls_server_name,
             )
         else:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout[0])
         try:
             connection.connect()
+            _keep_alive(connection.sock)
             connection.sock.settimeout(timeout[1])
         except BaseException:
             connection.close()
@@ -562,7 +702,7 @@ class KubeClient(Closing):
         expired client certificate was replaced) is closed, not reused.
         """
         now = self._clock()
-        context = self._tls() if self._tls is not None else None
+        context = self._tls.context() if self._tls is not None else None
         while not fresh:
             with self._lock:
                 if not self._idle:
@@ -619,8 +759,13 @@ class WatchStream(ClosableStream[dict[str, Any]]):
             response = self._client._authorized(self._send)
             if not 200 <= response.status <= 299:
                 body = response.read().decode("utf-8", "replace")
-                raise ApiError(response.status, response.reason, body)
-            yield from _json_lines(response)
+                raise ApiError(response.status, response.reason, body, retry_after=_retry_after(
+                    response.status, response.getheader("Retry-After"), body))
+            try:
+                yield from _json_lines(response)
+            except TimeoutError as err:
+                raise TimeoutError(f"the watch stayed silent (no event, no bookmark) for "
+                                   f"{self._timeout[1]:g} s") from err
         except TRANSPORT_ERRORS:
             if self._closed.is_set():
                 return

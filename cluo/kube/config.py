@@ -11,7 +11,10 @@ What a kubeconfig may say (the rest of it is ignored):
   ``insecure-skip-tls-verify``, ``tls-server-name``;
 - user: ``token`` or ``tokenFile`` (re-read about every minute), ``client-certificate``
   / ``client-key`` or their ``-data`` forms, or a credential plugin (``exec``, below);
-  none of them is anonymous access;
+  none of them is anonymous access. Certificate and key files (which may be one PEM
+  file, as the kubelet's kubelet-client-current.pem) are checked for a change at most
+  every ``CERT_FILE_CHECK_PERIOD`` seconds, and after the server refused them (HTTP
+  401): a rotated file (replaced, or a symlink moved) is loaded again without a restart;
 - the ``current-context``, or a context chosen by name.
 
 Relative file names are read relative to the kubeconfig's folder. ``auth-provider``,
@@ -26,8 +29,9 @@ folder, a bare name from PATH) runs with ``args``, ``env`` added to cluo's envir
 ``EXEC_TIMEOUT`` with an ExecCredential on stdout: a ``token``, or a client certificate
 and key (PEM), or both, valid until ``expirationTimestamp`` if given. It runs once when
 the client is built (a failure is a ``ConfigError``), again shortly before the
-credential expires, and again when the server rejects its token (HTTP 401); a failure
-then is a ``CredentialError`` from the request. ``interactiveMode: Always`` is refused:
+credential expires, and again when the server rejects its token or its client
+certificate (HTTP 401), as client-go does; a failure then is a ``CredentialError`` from
+the request. ``interactiveMode: Always`` is refused:
 cluo never has a terminal to lend.
 """
 
@@ -62,10 +66,12 @@ from cluo.kube.client import (
     FileToken,
     KubeClient,
     StaticToken,
+    TlsSource,
     TokenSource,
 )
 
 __all__ = [
+    "CERT_FILE_CHECK_PERIOD",
     "EXEC_API_VERSIONS",
     "EXEC_TIMEOUT",
     "SERVICE_CERT_FILENAME",
@@ -97,6 +103,8 @@ EXEC_STDERR_LINES = 5
 EXEC_STDERR_CHARS = 1000
 EXEC_CLUSTER_EXTENSION = "client.authentication.k8s.io/exec"
 _EXEC_INTERACTIVE_MODES = frozenset({"Never", "IfAvailable", "Always"})
+# Seconds between checks (a stat) of the client certificate and key files for a rotation.
+CERT_FILE_CHECK_PERIOD = 5.0
 
 # User fields cluo does not implement, and what to say about each.
 _UNSUPPORTED_USER_FIELDS = {
@@ -466,9 +474,10 @@ class _ExecPlugin:
     """A credential plugin's current credential, fetched again when it is about to expire
     or the server rejected it.
 
-    A ``TokenSource`` (``get``, ``reject``) and, for a client certificate, the client's
-    TLS context source (``tls``). Thread-safe: one run at a time, the others wait for it.
-    Every answer must carry the same kinds of credential as the first.
+    A ``TokenSource`` (``get``, ``reject``) and, for a client certificate, a
+    ``TlsSource`` (``context``, ``reject_context``). Thread-safe: one run at a time,
+    the others wait for it. Every answer must carry the same kinds of credential as the
+    first.
     """
 
     def __init__(
@@ -512,7 +521,15 @@ class _ExecPlugin:
                 self._renew_at = -math.inf
         return True  # the next get() has a token the server has not yet seen rejected
 
-    def tls(self) -> ssl.SSLContext:
+    def reject_context(self, context: ssl.SSLContext) -> bool:
+        with self._lock:
+            if self._context is context:
+                log.info("the API server rejected the credential plugin's client "
+                         "certificate, running it again", extra={"COMMAND": self._spec.command})
+                self._renew_at = -math.inf
+        return True  # the next context() has a certificate not yet seen rejected
+
+    def context(self) -> ssl.SSLContext:
         with self._lock:
             credential = self._current()
             if self._context is None:
@@ -689,6 +706,88 @@ def _tls_context(endpoint: _Endpoint) -> ssl.SSLContext:
     return context
 
 
+_FileStamp = tuple[int, int, int, int] | None  # (device, inode, mtime in ns, size)
+
+
+def _stamp(path: Path | None) -> _FileStamp:
+    """What changes when a file is rewritten, replaced or a symlink to it is moved."""
+    if path is None:
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
+
+class _FileTls:
+    """The TLS context of a kubeconfig whose client certificate and key are files, built
+    again when they change: the kubelet rotates its certificate by writing a new file and
+    moving the kubelet-client-current.pem symlink, cert-manager or an operator replace
+    it in place. A ``TlsSource``; thread-safe.
+
+    The files are checked (stat) at most every ``check_period`` seconds, and at once
+    after the server refused the certificate. New files that do not load (a key that
+    does not match its certificate yet, half-way through a rotation) keep the last
+    context, with a warning, and are tried again at the next check. The first load
+    raises ``_Invalid``.
+    """
+
+    def __init__(
+        self,
+        endpoint: _Endpoint,
+        *,
+        check_period: float = CERT_FILE_CHECK_PERIOD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._endpoint = endpoint
+        self._check_period = check_period
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._stamps = self._files()
+        self._refused: tuple[_FileStamp, ...] | None = None  # files that did not load
+        self._context = _tls_context(endpoint)
+        self._check_at = clock() + check_period
+
+    def __repr__(self) -> str:
+        return f"_FileTls({str(self._endpoint.cert_file)!r})"
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            now = self._clock()
+            if now >= self._check_at:
+                self._check_at = now + self._check_period
+                self._reload()
+            return self._context
+
+    def reject_context(self, context: ssl.SSLContext) -> bool:
+        with self._lock:
+            self._check_at = self._clock() + self._check_period
+            self._reload()
+            return self._context is not context  # a rotated certificate is worth a try
+
+    def _files(self) -> tuple[_FileStamp, ...]:
+        endpoint = self._endpoint
+        return tuple(_stamp(path) for path in (endpoint.cert_file, endpoint.key_file,
+                                               endpoint.ca_file))
+
+    def _reload(self) -> None:
+        stamps = self._files()
+        if stamps in (self._stamps, self._refused):
+            return
+        try:
+            context = _tls_context(self._endpoint)
+        except _Invalid as err:
+            self._refused = stamps
+            log.warning("the client certificate files changed but do not load, keeping the "
+                        "last ones", extra={"PATH": str(self._endpoint.cert_file),
+                                            "ERROR": str(err)})
+            return
+        self._context, self._stamps = context, stamps
+        log.info("client certificate files changed, loaded them again",
+                 extra={"PATH": str(self._endpoint.cert_file)})
+
+
 def _plugin_tls(endpoint: _Endpoint, cert: bytes, key: bytes) -> ssl.SSLContext:
     """The TLS context with a credential plugin's client certificate and key."""
     command = endpoint.plugin.command if endpoint.plugin is not None else "?"
@@ -759,21 +858,22 @@ def _client(
                       or endpoint.plugin is not None):
         raise _Invalid(f"server {endpoint.server!r}: credentials go over https only")
     token = endpoint.token
-    tls: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None
+    tls: ssl.SSLContext | TlsSource | None = None
     if endpoint.plugin is not None:
         plugin = _ExecPlugin(endpoint.plugin, clock=clock,
                              make_tls=lambda cert, key: _plugin_tls(endpoint, cert, key))
         try:  # run it now: a plugin that does not work is a configuration error
             first = plugin.current()
             if first.cert is not None:
-                plugin.tls()
-                tls = plugin.tls
+                plugin.context()
+                tls = plugin
         except CredentialError as err:
             raise _Invalid(str(err), kind=err.kind) from None
         if first.token is not None:
             token = plugin
     if https and tls is None:
-        tls = _tls_context(endpoint)
+        tls = (_FileTls(endpoint) if endpoint.cert_file or endpoint.key_file
+               else _tls_context(endpoint))
     try:
         client = KubeClient(
             endpoint.server,

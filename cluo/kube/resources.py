@@ -12,11 +12,16 @@ from urllib.parse import quote
 __all__ = [
     "CONNECT_TIMEOUT",
     "EVENT_NAMESPACE",
+    "KEEPALIVE_COUNT",
+    "KEEPALIVE_IDLE",
+    "KEEPALIVE_INTERVAL",
     "MERGE_PATCH",
     "NODES_PATH",
     "PODS_PATH",
     "REQUEST_TIMEOUT",
-    "WATCH_READ_GRACE",
+    "RETRY_AFTER_ATTEMPTS",
+    "RETRY_AFTER_MAX",
+    "WATCH_IDLE_TIMEOUT",
     "WATCH_TIMEOUT_SECONDS",
     "Timeout",
     "events_path",
@@ -31,7 +36,21 @@ Timeout = tuple[float, float]  # (connect, read) seconds
 CONNECT_TIMEOUT = 5.0  # seconds to connect, TLS handshake included
 REQUEST_TIMEOUT: Timeout = (CONNECT_TIMEOUT, 30.0)  # one request, its answer included
 WATCH_TIMEOUT_SECONDS = 300  # the API server ends a watch after this (timeoutSeconds)
-WATCH_READ_GRACE = 30.0  # seconds a watch may stay silent beyond its timeoutSeconds
+# Seconds a watch may stay silent (no event, no bookmark) before it counts as dead and is
+# made again. The API server sends a watch that asked for bookmarks one about every 60 s,
+# so a healthy watch is never this quiet, and a dead one is noticed within 90 s.
+WATCH_IDLE_TIMEOUT = 80.0
+# TCP keepalive on every connection: probe a connection idle for KEEPALIVE_IDLE seconds
+# every KEEPALIVE_INTERVAL seconds, and give it up after KEEPALIVE_COUNT unanswered probes
+# (a peer gone without a word is noticed within a minute, even on an idle pooled one).
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+# A 429 or 5xx answer's Retry-After: a GET is sent again after it at most
+# RETRY_AFTER_ATTEMPTS times; any delay is capped at RETRY_AFTER_MAX seconds (a server
+# cannot park cluo for an hour), and the caller's own deadline still rules.
+RETRY_AFTER_ATTEMPTS = 3
+RETRY_AFTER_MAX = 10.0
 
 MERGE_PATCH = "application/merge-patch+json"  # RFC 7386
 

@@ -5,12 +5,15 @@
   else a watch can bring: a BOOKMARK only moves ``resource_version`` on; an ERROR event
   raises a ``KubeError`` with the status's code and reason, or ``WatchExpired`` for 410
   (with the last resourceVersion seen), as does a watch refused from the start; a broken
-  stream raises a ``KubeError`` of kind ``unavailable``. ``close()``, from any thread,
-  even while the request is being made, ends the iteration quietly.
+  stream raises a ``KubeError`` of kind ``unavailable``, a stream silent for longer than
+  ``WATCH_IDLE_TIMEOUT`` (no event and no bookmark, which the server sends about every
+  minute: the connection died without a word) one of kind ``timeout``. ``close()``,
+  from any thread, even while the request is being made, ends the iteration quietly.
 - ``WatchLoop``: watch, and watch again, in a thread of its own, until stopped: from
   where the last watch ended when the server ended it (its ``timeoutSeconds``), from a
   fresh start (``begin``) at once when it expired, from a fresh start after a
-  ``Backoff`` when it failed.
+  ``Backoff`` when it failed (at least as long as the server's Retry-After, if it
+  gave one).
 - ``Reflector``: a WatchLoop whose fresh start lists a collection into a ``Store``,
   which the watch then keeps current (client-go's pattern): the coordinator's cache.
 
@@ -42,7 +45,7 @@ from cluo.kube.client import (
 from cluo.kube.objects import Obj, name_of, newer_or_same, version_of
 from cluo.kube.resources import (
     CONNECT_TIMEOUT,
-    WATCH_READ_GRACE,
+    WATCH_IDLE_TIMEOUT,
     WATCH_TIMEOUT_SECONDS,
     Timeout,
 )
@@ -97,6 +100,7 @@ class Watch(ClosableStream[WatchEvent]):
     then the objects as they are, as ADDED), and then the last version it saw. Watch
     again from there when the iteration ends (the server ended the watch after
     ``timeout_seconds``). ``action`` says what was being done in its errors.
+    ``idle_timeout``: how long the stream may stay silent before it counts as dead.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class Watch(ClosableStream[WatchEvent]):
         selectors: Query | None = None,
         timeout_seconds: int = WATCH_TIMEOUT_SECONDS,
         connect_timeout: float = CONNECT_TIMEOUT,
+        idle_timeout: float = WATCH_IDLE_TIMEOUT,
     ) -> None:
         if timeout_seconds < 1:
             raise ValueError("a watch needs a timeout of at least one second")
@@ -120,6 +125,7 @@ class Watch(ClosableStream[WatchEvent]):
         self._selectors = dict(selectors or {})
         self._timeout_seconds = timeout_seconds
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
         self._stream: EventStream | None = None
 
     def _interrupt(self) -> None:
@@ -139,7 +145,7 @@ class Watch(ClosableStream[WatchEvent]):
                 "allowWatchBookmarks": True,
                 "timeoutSeconds": self._timeout_seconds,
             },
-            timeout=(self._connect_timeout, self._timeout_seconds + WATCH_READ_GRACE),
+            timeout=(self._connect_timeout, self._idle_timeout),
         )
         if self._closed.is_set():  # closed while the stream was being made
             stream.close()
@@ -210,8 +216,9 @@ class WatchLoop(Generic[E]):
     ``on_event``. When the server ends a watch, the next one starts where it ended;
     with ``restart_every`` seconds, ``begin()`` also runs again when that long has
     passed since it last ran (a safety-net re-list). A failure (a ``CluoError`` from
-    any of them) waits ``backoff.delay(failures in a row)`` first; a watch that
-    delivered an event or ended normally counts as a success.
+    any of them) waits ``backoff.delay(failures in a row)`` first, or the error's
+    ``retry_after`` if longer; a watch that delivered an event or ended normally counts
+    as a success.
 
     ``log_fields`` say what is watched in the log lines, ``failed_message`` (a warning,
     with ERROR, ERROR_KIND and RETRY_IN) and ``expired_message`` (info) are their
@@ -274,7 +281,7 @@ class WatchLoop(Generic[E]):
             except CluoError as err:
                 if self._stop.is_set():
                     return
-                delay = self._next_delay()
+                delay = max(self._next_delay(), err.retry_after or 0.0)
                 log.warning(self._failed_message, extra={
                     **self._fields, "ERROR": str(err), "ERROR_KIND": err.kind,
                     "RETRY_IN": round(delay, 2)})

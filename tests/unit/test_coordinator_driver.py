@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import pytest
 
+from cluo.errors import KubeError
 from cluo.protocol import TRUE
 from cluo_coord.coordinator import RECONCILE_BACKOFF
 from cluo_coord.planner import Policy
@@ -162,3 +163,15 @@ def test_errors_back_off_exponentially_and_the_backoff_resets_after_success() ->
     ])
     assert len(journal.of("patch_node", ok=True)) == 2
     assert rig.cluster.nodes["a"].annotations[KEYS.reboot_ok] == TRUE
+
+
+def test_an_error_with_retry_after_backs_off_at_least_that_long() -> None:
+    rig = CoordRig()
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    throttled = KubeError("patching node 'a'", "too many requests", kind="blocked",
+                          status=429, retry_after=5.0)
+    rig.cluster.fail("patch_node", throttled, throttled)
+    journal = rig.run(until=60)
+    b = RECONCILE_BACKOFF.initial
+    assert 2 * b < 5.0
+    assert journal.times("patch_node")[:3] == pytest.approx([0, 5.0, 10.0])

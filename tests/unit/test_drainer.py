@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from cluo.errors import KubeError
+from cluo.kube.client import ApiError
 from cluo.kube.nodes import NodeApi, NodeEvent, NodeSnapshot
 from cluo_host.agent import Agent
 from cluo_host.agent_core import DrainStatus, Inhibitor
@@ -35,6 +36,7 @@ from cluo_host.eviction import (
     DeletionOutcome,
     Evicted,
     EvictionOutcome,
+    KubePods,
     PodApi,
     PodState,
 )
@@ -88,6 +90,8 @@ class FakePod:
     summary: PodSummary
     refusals: int = 0  # evictions a budget refuses before one goes through (-1: all)
     gone_at: float | None = None  # an eviction or deletion went through: gone then
+    retry_after: float | None = None  # the Retry-After of the refusals
+    throttled: int = 0  # evictions the API server throttles (429, not a budget) first
 
 
 class FakePods:
@@ -99,10 +103,12 @@ class FakePods:
         self.list_failures: list[KubeError] = []
 
     def add(self, name: str, *, owner: str = "ReplicaSet", mirror: bool = False,
-            phase: str = "Running", deleting: bool = False, refusals: int = 0) -> None:
+            phase: str = "Running", deleting: bool = False, refusals: int = 0,
+            retry_after: float | None = None, throttled: int = 0) -> None:
         owners = (OwnerRef(owner, f"{name}-owner", controller=True),) if owner else ()
         summary = PodSummary("default", name, f"uid-{name}", owners, mirror, phase)
-        pod = self.pods[name] = FakePod(summary, refusals)
+        pod = self.pods[name] = FakePod(summary, refusals, retry_after=retry_after,
+                                        throttled=throttled)
         if deleting:  # someone else deleted it just before the drain
             pod.gone_at = elapsed() + GRACE
 
@@ -123,10 +129,15 @@ class FakePods:
     def evict(self, pod: PodSummary, grace_period_seconds: int | None = None
               ) -> EvictionOutcome:
         fake = self.pods[pod.name]
+        if fake.throttled:
+            fake.throttled -= 1
+            self.journal.add("evict", f"{pod.name} throttled")
+            raise KubeError(f"evicting pod {pod.ref!r}", "too many requests", kind="blocked",
+                            status=429, retry_after=fake.retry_after)
         if fake.refusals:
             fake.refusals -= 1
             self.journal.add("evict", f"{pod.name} refused")
-            return BlockedByBudget(BUDGET)
+            return BlockedByBudget(BUDGET, fake.retry_after)
         self.journal.add("evict", pod.name)
         fake.gone_at = fake.gone_at or elapsed() + GRACE
         return Evicted()
@@ -226,6 +237,49 @@ def test_an_eviction_a_budget_refuses_is_retried_with_a_doubling_delay() -> None
     refused = [status for t, status in result.statuses if t < 25]
     assert all(b.reason is BlockReason.DISRUPTION_BUDGET and b.detail == BUDGET
                for status in refused for b in status.blockers)
+
+
+def test_a_budget_refusal_is_retried_no_sooner_than_its_retry_after() -> None:
+    result = drain(lambda pods: pods.add("db-0", refusals=4, retry_after=6.0))
+    # The backoff (1, 2, 4, 8 s) where longer, else the server's 6 s.
+    assert result.journal.times("evict") == [0, 6, 12, 18, 26]
+
+
+def test_an_eviction_the_api_server_throttles_is_retried_after_its_retry_after() -> None:
+    result = drain(lambda pods: pods.add("web-1", throttled=1, retry_after=7.0))
+    assert TUNING.error_retry < 7.0
+    assert result.journal.times("evict") == [0, 7]
+    assert result.journal.of("evict")[-1].detail == "web-1"
+
+
+class RefusingClient:
+    """``KubeClient.request`` answering every eviction with ``error``."""
+
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+    def request(self, method: str, path: str, **_: Any) -> Any:
+        raise self.error
+
+
+@pytest.mark.parametrize(("body", "outcome"), [
+    ('{"kind": "Status", "code": 429, "message": "' + BUDGET + '", "details": {"causes": '
+     '[{"reason": "DisruptionBudget", "message": "The disruption budget db needs 1"}]}}',
+     "budget"),
+    ('{"kind": "Status", "code": 429, "message": "Too many requests, try again later"}',
+     "throttled"),
+])
+def test_the_eviction_adapter_hands_on_the_retry_after_of_a_429(body: str, outcome: str) -> None:
+    client = RefusingClient(ApiError(429, "Too Many Requests", body, retry_after=6.0))
+    pods = KubePods(client)  # type: ignore[arg-type]
+    pod = PodSummary("default", "db-0", "uid-db-0", (), False, "Running")
+    if outcome == "budget":
+        refused = pods.evict(pod)
+        assert isinstance(refused, BlockedByBudget) and refused.retry_after == 6.0
+    else:
+        with pytest.raises(KubeError) as caught:
+            pods.evict(pod)
+        assert (caught.value.kind, caught.value.retry_after) == ("blocked", 6.0)
 
 
 def test_a_refused_pod_keeps_its_own_retry_delay_while_others_terminate() -> None:

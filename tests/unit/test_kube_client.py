@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -24,6 +26,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from cluo.kube import config as kube_config
 from cluo.kube.client import (
     TRANSPORT_ERRORS,
     ApiError,
@@ -31,10 +34,18 @@ from cluo.kube.client import (
     FileToken,
     KubeClient,
     MalformedResponse,
+    NoAnswer,
     StaticToken,
     kube_error,
 )
 from cluo.kube.config import kubeconfig_client
+from cluo.kube.resources import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    RETRY_AFTER_ATTEMPTS,
+    RETRY_AFTER_MAX,
+)
 from testbed.waiting import wait_for
 from tests.unit.test_kube_config import V1, FakePlugin, exec_user
 
@@ -82,9 +93,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/watch") and not self.server.answers:
             self._watch()
             return
-        status, payload = self.server.answers.pop(0) if self.server.answers else self.server.answer
+        status, payload, *more = (self.server.answers.pop(0) if self.server.answers
+                                  else self.server.answer)
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (more[0] if more else {}).items():  # extra headers
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -115,8 +129,9 @@ class ScriptedServer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.seen: list[Seen] = []
-        self.answer: tuple[int, Any] = (200, {"kind": "Thing"})
-        self.answers: list[tuple[int, Any]] = []  # given first, one per request
+        self.answer: tuple[Any, ...] = (200, {"kind": "Thing"})
+        # given first, one per request: (status, body) or (status, body, headers)
+        self.answers: list[tuple[Any, ...]] = []
         self.drop_kept_alive = 0
         self.watch_lines: list[str] = []
         self.watch_hold = False
@@ -225,6 +240,123 @@ def test_a_post_on_a_connection_the_server_closed_is_never_sent_twice(
     assert client.request("POST", "/x", body={}) == {"kind": "Thing"}
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_a_write_the_server_may_have_received_is_never_sent_twice(
+    server: ScriptedServer, client: KubeClient, method: str
+) -> None:
+    # The server read the request, then closed the connection without an answer: it may
+    # have acted on it. Sent again, a compare-and-swap PUT would fail with 409 although
+    # it succeeded.
+    client.request("GET", "/x")
+    server.drop_kept_alive = 1
+    with pytest.raises(NoAnswer) as caught:
+        client.request(method, "/api/v1/nodes/n1", query={"fieldManager": "cluo"}, body={})
+    assert [seen.method for seen in server.seen] == ["GET", method]
+    assert str(caught.value).startswith(f"{method} /api/v1/nodes/n1: the connection closed")
+    assert "not sent again" in str(caught.value)
+    assert isinstance(caught.value, TRANSPORT_ERRORS)
+    assert kube_error("replacing node 'n1'", caught.value).kind == "unavailable"
+
+
+def test_every_connection_has_tcp_keepalive(server: ScriptedServer, client: KubeClient) -> None:
+    client.request("GET", "/x")
+    ((connection, _),) = client._idle
+    sock = connection.sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (
+        KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+    # A peer gone silently is noticed within about a minute.
+    assert KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT <= 90
+
+
+# -- Retry-After -----------------------------------------------------------------------
+
+THROTTLED = {"kind": "Status", "code": 429, "reason": "TooManyRequests",
+             "message": "too many requests, please try again later"}
+
+
+@pytest.fixture
+def pauses(server: ScriptedServer) -> Iterator[tuple[KubeClient, list[float]]]:
+    """A client whose Retry-After waits are recorded, not waited."""
+    waited: list[float] = []
+    with KubeClient(server.url, user_agent="cluo-agent/9.9", sleep=waited.append) as client:
+        yield client, waited
+
+
+def test_a_read_answered_with_retry_after_is_sent_again_after_it(
+    server: ScriptedServer, pauses: tuple[KubeClient, list[float]]
+) -> None:
+    client, waited = pauses
+    server.answers = [(429, THROTTLED, {"Retry-After": "2"}),
+                      (503, b"shutting down", {"Retry-After": "1"})]
+    assert client.request("GET", "/x") == {"kind": "Thing"}
+    assert waited == [2.0, 1.0]
+    assert [seen.method for seen in server.seen] == ["GET", "GET", "GET"]
+
+
+def test_a_read_is_sent_again_a_few_times_only_and_within_its_read_timeout(
+    server: ScriptedServer, pauses: tuple[KubeClient, list[float]]
+) -> None:
+    client, waited = pauses
+    server.answer = (429, THROTTLED, {"Retry-After": "1"})
+    with pytest.raises(ApiError) as caught:
+        client.request("GET", "/x")
+    assert waited == [1.0] * RETRY_AFTER_ATTEMPTS
+    assert caught.value.retry_after == 1.0
+    server.seen.clear()
+    waited.clear()
+    server.answer = (429, THROTTLED, {"Retry-After": "4"})
+    with pytest.raises(ApiError):
+        client.request("GET", "/x", timeout=(5.0, 9.0))  # 4 + 4, not a third 4
+    assert waited == [4.0, 4.0]
+
+
+def test_a_write_answered_with_retry_after_is_not_sent_again_but_says_how_long_to_wait(
+    server: ScriptedServer, pauses: tuple[KubeClient, list[float]]
+) -> None:
+    client, waited = pauses
+    server.answer = (429, THROTTLED, {"Retry-After": "3"})
+    with pytest.raises(ApiError) as caught:
+        client.request("POST", "/api/v1/namespaces/a/pods/p/eviction", body={})
+    assert (caught.value.status, caught.value.retry_after) == (429, 3.0)
+    assert waited == []
+    assert len(server.seen) == 1
+    error = kube_error("evicting pod 'a/p'", caught.value)
+    assert (error.kind, error.retry_after) == ("blocked", 3.0)
+
+
+@pytest.mark.parametrize(("answer", "retry_after"), [
+    ((429, THROTTLED, {"Retry-After": "86400"}), RETRY_AFTER_MAX),  # capped
+    ((429, {**THROTTLED, "details": {"retryAfterSeconds": 7}}), 7.0),  # from the Status
+    ((500, b"oops", {"Retry-After": "2"}), 2.0),
+    ((429, THROTTLED, {"Retry-After": "0"}), None),
+    ((429, THROTTLED, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), None),
+    ((409, {"kind": "Status"}, {"Retry-After": "2"}), None),  # only 429 and 5xx
+    ((429, THROTTLED), None),
+])
+def test_the_retry_after_of_an_answer(
+    server: ScriptedServer, pauses: tuple[KubeClient, list[float]], answer: tuple[Any, ...],
+    retry_after: float | None,
+) -> None:
+    client, _ = pauses
+    server.answer = answer
+    with pytest.raises(ApiError) as caught:
+        client.request("PUT", "/x", body={})
+    assert caught.value.retry_after == retry_after
+    assert 0 < RETRY_AFTER_MAX <= 60
+
+
+def test_a_watch_refused_with_retry_after_says_how_long_to_wait(
+    server: ScriptedServer, client: KubeClient
+) -> None:
+    server.answers = [(429, THROTTLED, {"Retry-After": "5"})]
+    with pytest.raises(ApiError) as caught:
+        list(client.watch("/watch"))
+    assert caught.value.retry_after == 5.0
+
+
 def test_a_watch_yields_events_and_ends_with_the_stream(
     server: ScriptedServer, client: KubeClient
 ) -> None:
@@ -296,8 +428,10 @@ def test_a_silent_watch_times_out_after_its_read_timeout(
     server: ScriptedServer, client: KubeClient
 ) -> None:
     server.watch_hold = True
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError) as caught:
         list(client.watch("/watch", timeout=(5.0, 0.3)))
+    assert "silent (no event, no bookmark) for 0.3 s" in str(caught.value)
+    assert kube_error("watching node 'n1'", caught.value).kind == "timeout"
 
 
 def test_a_token_file_is_read_again_after_the_refresh_period(
@@ -571,3 +705,77 @@ def test_provide_cluster_info_hands_the_plugin_the_cluster(
             "config": {"audience": "cluo", "scopes": ["a", "b"]},
         }},
     }
+
+
+def test_a_plugin_client_certificate_is_fetched_again_when_the_server_rejects_it(
+    tls_server: ScriptedServer, server_certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # As client-go: any 401 runs the plugin again, even for a certificate without expiry.
+    cert, key = server_certificate  # any certificate and key will do as the client's
+    plugin = FakePlugin(tmp_path)
+    plugin.answer(cert=cert.read_text(), key=key.read_text())
+    path = plugin_kubeconfig(tmp_path, tls_server, cert, plugin)
+    with kubeconfig_client(path) as client:
+        client.request("GET", "/x")
+        tls_server.answers = [UNAUTHORIZED]
+        assert client.request("POST", "/x", body={"a": 1}) == {"kind": "Thing"}
+        tls_server.answer = UNAUTHORIZED  # rejected again after a new run: an error
+        with pytest.raises(ApiError) as caught:
+            client.request("GET", "/x")
+    assert caught.value.status == 401
+    methods = [seen.method for seen in tls_server.seen]
+    assert methods == ["GET", "POST", "POST", "GET", "GET"]
+    assert len(plugin.runs) == 3
+    # The POST went again over a new connection, made with the new certificate.
+    assert tls_server.seen[1].connection != tls_server.seen[2].connection
+    assert bearers(tls_server) == [""] * 5
+
+
+# -- client certificate files ------------------------------------------------------------
+
+
+def _client_pair(folder: Path, name: str) -> bytes:
+    """A self-signed certificate and its key, in one PEM."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "1",
+         "-subj", f"/CN={name}"], cwd=folder, check=True, capture_output=True)
+    return (folder / f"{name}.crt").read_bytes() + (folder / f"{name}.key").read_bytes()
+
+
+def test_a_rotated_certificate_file_is_loaded_again_and_a_broken_one_keeps_the_last(
+    server_certificate: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the kubelet rotates kubelet-client-current.pem: a new file, the symlink moved.
+    (tmp_path / "first.pem").write_bytes(_client_pair(tmp_path, "first"))
+    (tmp_path / "second.pem").write_bytes(_client_pair(tmp_path, "second"))
+    current = tmp_path / "current.pem"
+    current.symlink_to("first.pem")
+    now = [0.0]
+    endpoint = kube_config._Endpoint(server="https://127.0.0.1:1", ca_file=server_certificate[0],
+                                     cert_file=current, key_file=current)
+    source = kube_config._FileTls(endpoint, check_period=5.0, clock=lambda: now[0])
+    first = source.context()
+    (tmp_path / "next").symlink_to("second.pem")
+    (tmp_path / "next").replace(current)
+    now[0] = 4.0
+    assert source.context() is first  # not checked before the period is over
+    now[0] = 5.0
+    second = source.context()
+    assert second is not first
+    now[0] = 10.0
+    assert source.context() is second  # nothing changed: nothing loaded
+
+    current.unlink()
+    current.write_bytes(b"-----BEGIN CERTIFICATE-----\nhalf-written")
+    now[0] = 15.0
+    with caplog.at_level(logging.WARNING, logger="cluo.kube.config"):
+        assert source.context() is second
+        now[0] = 20.0
+        assert source.context() is second
+    assert [r.getMessage() for r in caplog.records].count(
+        "the client certificate files changed but do not load, keeping the last ones") == 1
+    # A refused certificate has the files checked at once.
+    current.write_bytes((tmp_path / "first.pem").read_bytes())
+    assert source.reject_context(second)
+    assert source.context() is not second

@@ -21,6 +21,7 @@ from cluo.backoff import Backoff
 from cluo.errors import KubeError, WatchExpired
 from cluo.kube.client import ApiError
 from cluo.kube.objects import Obj
+from cluo.kube.resources import WATCH_IDLE_TIMEOUT
 from cluo.kube.watch import ObjectStore, Reflector, Watch, WatchEvent, WatchLoop
 from cluo_host.journal import fields_of
 from testbed.waiting import assert_stays, wait_for
@@ -109,7 +110,18 @@ def test_the_request_asks_for_bookmarks_from_the_version_through_the_selectors()
     assert query == {"fieldSelector": "metadata.name=n1", "labelSelector": None,
                      "watch": True, "resourceVersion": "41", "allowWatchBookmarks": True,
                      "timeoutSeconds": 60}
-    assert timeout[1] > 60, "the read timeout outlasts the server's end of the watch"
+    # The stream may stay silent no longer than a healthy one does: the server sends a
+    # bookmark about every minute, so a dead connection is noticed within 90 s (not at
+    # the end of timeoutSeconds).
+    assert timeout[1] == WATCH_IDLE_TIMEOUT
+    assert 60 < WATCH_IDLE_TIMEOUT <= 90
+
+
+def test_the_silence_allowed_can_be_set() -> None:
+    client = FakeClient(FakeStream([]))
+    read(Watch(client, "/api/v1/nodes", action=WATCHING, idle_timeout=2.5))
+    [(_, _, timeout)] = client.requests
+    assert timeout[1] == 2.5
 
 
 def test_changes_are_yielded_and_the_version_follows_them() -> None:
@@ -375,6 +387,18 @@ def test_after_a_failure_it_waits_the_backoff_then_begins_again(
     assert warning.getMessage() == "watch failed"
     assert fields_of(warning) == {"WHAT": "things", "ERROR": str(failure),
                                   "ERROR_KIND": "unavailable", "RETRY_IN": 3600.0}
+
+
+def test_after_a_failure_with_retry_after_it_waits_at_least_that_long(
+    running: list[WatchLoop[str]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    throttled = KubeError(WATCHING, "too many requests", kind="blocked", status=429,
+                          retry_after=0.5)
+    script = Script([None], lambda version: FakeWatch(version, [], error=throttled))
+    with caplog.at_level(logging.WARNING, "cluo.kube.watch"):
+        start(running, script.loop(FAST))
+        wait_for(lambda: caplog.records, TIMEOUT, "the first failure")
+    assert fields_of(caplog.records[0])["RETRY_IN"] == 0.5
 
 
 def test_failures_in_a_row_wait_longer_and_a_delivered_event_starts_over(
