@@ -5,7 +5,7 @@ PyInstaller analysis cache in $CLUO_CACHE/agent-artifact-work, shared with
 tests/e2e/test_artifact.py, so a warm build takes seconds), and its onedir binary
 ``usr/lib/cluo-agent/cluo-agent`` is run straight from the image's tree, as systemd would
 run ``/usr/bin/cluo-agent``: production flags (log level info), for one node of the
-kubelet emulator, authenticated as the cluo-agent ServiceAccount, with dbusmock's
+kubelet emulator, authenticated as that node (its kubelet's credential), with dbusmock's
 update_engine (IDLE) and logind on a private system bus.
 
 systemd's side is played by the bench: ``NOTIFY_SOCKET`` names a datagram socket the
@@ -187,13 +187,12 @@ def run(context: BenchContext) -> BenchResult:
         plane = context.plane
         bus = stack.enter_context(private_system_bus())
         coord_rig.apply_rbac(plane)
-        kubeconfig = plane.service_account_kubeconfig(coord_rig.NAMESPACE, "cluo-agent",
-                                                      workdir / "agent.kubeconfig")
         admin = stack.enter_context(plane.admin_api_client())
         emulator = KubeletEmulator(admin, heartbeat_interval=10.0).start()
         stack.callback(emulator.stop, delete_nodes=True)
         host = HostDir(workdir / "host")
         node = emulator.add_node(f"bench-footprint-{run_id}", boot_id=host.boot_id)
+        kubeconfig = plane.node_kubeconfig(node.name, workdir / "kubelet.conf")
         stack.enter_context(spawn_mock(UPDATE_ENGINE_TEMPLATE, None,
                                        workdir / "update-engine.log"))
         stack.enter_context(spawn_mock(LOGIND_TEMPLATE, None, workdir / "logind.log"))
@@ -347,8 +346,8 @@ def _result(context: BenchContext, artifact: Artifact, measured: Footprint,
              f"{artifact.image.name}); its onedir binary usr/lib/cluo-agent/cluo-agent run "
              "from the image tree")
             + " with production flags (log level info, logs to a file "
-            "instead of the journal) for one emulated node, as ServiceAccount "
-            "cluo-system/cluo-agent, dbusmock update_engine (IDLE) and logind on a private "
+            "instead of the journal) for one emulated node, as that node (a kubelet client "
+            "certificate), dbusmock update_engine (IDLE) and logind on a private "
             "system bus. NOTIFY_SOCKET is a datagram socket read by the bench, "
             f"WATCHDOG_USEC={WATCHDOG_USEC} (the unit's WatchdogSec=30s). READY: from just "
             "before the exec to the READY=1 datagram's arrival, "

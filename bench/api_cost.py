@@ -1,12 +1,13 @@
 """Benchmark 3, agent half: API requests made by one idle agent, and per completed reboot.
 
 The real ``cluo-agent`` process (the venv's console script, as testbed/agent_host.py
-runs it) serves one node of the kubelet emulator, authenticated as the cluo-agent
-ServiceAccount with the RBAC of deploy/, talking to dbusmock's update_engine (IDLE) and
-logind on a private system bus.
+runs it) serves one node of the kubelet emulator, authenticated as that node (the kubelet's
+client certificate, docs/security.md) under deploy/'s admission policy, talking to
+dbusmock's update_engine (IDLE) and logind on a private system bus.
 
 Requests are counted at the API server, from its audit log (see bench/testbed.py for why
-not ``apiserver_request_total``): every request whose user is the agent's ServiceAccount.
+not ``apiserver_request_total``): every request whose user is the node's (the kubelet
+emulator writes as the admin, so here only the agent is that user).
 Idle: after start-up (the node labelled, update_engine's status mirrored) and a short
 settling pause, a window of ``IDLE_WINDOW`` seconds; the requests in it that are not
 watches are extrapolated to an hour (target: 0). Watch (re)opens are reported apart.
@@ -72,7 +73,6 @@ TAIL = 2.0  # seconds after the cycle closed, for trailing requests
 TIMEOUT = 90.0
 CYCLE_PODS = 10
 GRACE_PERIOD_SCALE = 0.05  # 30 s grace -> 1.5 s per evicted pod
-AGENT_USER = "system:serviceaccount:cluo-system:cluo-agent"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KEYS = Keys()
 NEED_REBOOT = (dbus.Int64(1_700_000_000), 1.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT",
@@ -88,17 +88,17 @@ def run(context: BenchContext) -> BenchResult:
         if not isinstance(plane, AuditedControlPlane):
             plane = stack.enter_context(running_audited_plane())
         bus = stack.enter_context(private_system_bus())
-        plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
-                      "-f", str(DEPLOY / "agent-rbac.yaml"))
+        plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"))
+        plane.apply_agent_policy()
         workdir = context.workdir / f"api-cost-{uuid.uuid4().hex[:6]}"
         workdir.mkdir(parents=True)
-        kubeconfig = plane.service_account_kubeconfig("cluo-system", "cluo-agent",
-                                                      workdir / "agent.kubeconfig")
         admin = stack.enter_context(plane.admin_api_client())
         kubelet = stack.enter_context(KubeletEmulator(
             admin, heartbeat_interval=10.0, grace_period_scale=GRACE_PERIOD_SCALE))
         host = HostDir(workdir / "host")
         node = kubelet.add_node(f"bench-agent-{uuid.uuid4().hex[:6]}", boot_id=host.boot_id)
+        kubeconfig = plane.node_kubeconfig(node.name, workdir / "kubelet.conf")
+        agent_user = f"system:node:{node.name}"
         update_engine = stack.enter_context(
             spawn_mock(UPDATE_ENGINE_TEMPLATE, None, workdir / "update-engine.log"))
         logind = stack.enter_context(spawn_mock(LOGIND_TEMPLATE, None, workdir / "logind.log"))
@@ -123,7 +123,7 @@ def run(context: BenchContext) -> BenchResult:
         agent.kill()
         CoreV1Api(admin).delete_collection_namespaced_pod(namespace, grace_period_seconds=0)
 
-        requests = [r for r in read_audit_log(plane.audit_log) if r.user == AGENT_USER]
+        requests = [r for r in read_audit_log(plane.audit_log) if r.user == agent_user]
     idle = _between(requests, idle_from, idle_to)
     cycle = _between(requests, cycle_from, cycle_to)
     idle_other = [r for r in idle if not r.is_watch]
@@ -131,7 +131,7 @@ def run(context: BenchContext) -> BenchResult:
     seconds = (idle_to - idle_from).total_seconds()
     per_hour = len(idle_other) * 3600.0 / seconds
     agents = sorted({r.user_agent for r in (*idle, *cycle)})
-    notes = [f"user agents seen for {AGENT_USER} in the windows: {', '.join(agents) or 'none'}",
+    notes = [f"user agents seen for {agent_user} in the windows: {', '.join(agents) or 'none'}",
              f"idle window requests by verb and resource: {_breakdown(idle)}",
              f"reboot cycle requests by verb and resource: {_breakdown(cycle)}"]
     if context.quick:
@@ -153,10 +153,11 @@ def run(context: BenchContext) -> BenchResult:
         ),
         method=(
             "The real cluo-agent process (venv console script) for one emulated node, "
-            "authenticated as ServiceAccount cluo-system/cluo-agent (deploy/agent-rbac.yaml), "
+            "authenticated as its node (a kubelet client certificate, deploy/agent-policy.yaml "
+            "applied), "
             "dbusmock update_engine reporting IDLE and logind on a private system bus. "
             "Requests counted at the API server from its audit log (level Metadata), user = "
-            f"{AGENT_USER}: apiserver_request_total in 1.34 has no label naming the client. "
+            f"{agent_user}: apiserver_request_total in 1.34 has no label naming the client. "
             f"Idle: a {seconds:.0f} s window after start-up; non-watch requests extrapolated to "
             "an hour. Per reboot: from UPDATED_NEED_REBOOT to the agent closing the cycle "
             "(grant, cordon, drain, Reboot() via logind, the host's reboot emulated: agent "

@@ -28,7 +28,31 @@ from testbed.coordinator import CoordProcess
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 NAMESPACE = "cluo-system"
 COORD_USER = f"system:serviceaccount:{NAMESPACE}:cluo-coord"
-AGENT_USER = f"system:serviceaccount:{NAMESPACE}:cluo-agent"
+# The roll's stand-in agents (bench/roll.py FastAgents) play every node from one client, so
+# they cannot be confined to one node as the real agent is (its node's credential,
+# docs/security.md): a benchmark-only account that may patch every Node.
+FAKE_AGENT_ACCOUNT = "cluo-bench-fake-agent"
+AGENT_USER = f"system:serviceaccount:{NAMESPACE}:{FAKE_AGENT_ACCOUNT}"
+FAKE_AGENT_RBAC = f"""\
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {FAKE_AGENT_ACCOUNT}, namespace: {NAMESPACE}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: {FAKE_AGENT_ACCOUNT}}}
+rules:
+  - apiGroups: [""]
+    resources: ["nodes"]
+    verbs: ["get", "list", "watch", "patch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {FAKE_AGENT_ACCOUNT}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {FAKE_AGENT_ACCOUNT}}}
+subjects:
+  - {{kind: ServiceAccount, name: {FAKE_AGENT_ACCOUNT}, namespace: {NAMESPACE}}}
+"""
 SELECTOR_LABEL = "bench.cluo.test/run"
 READY_TIMEOUT = 120.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -45,10 +69,12 @@ def audited(plane: ControlPlane) -> Iterator[AuditedControlPlane]:
 
 
 def apply_rbac(plane: ControlPlane) -> None:
-    """The namespace, ServiceAccounts and RBAC of deploy/ (coordinator and agent)."""
+    """The namespace and the coordinator's RBAC of deploy/, the agents' admission policy,
+    and the stand-in agents' account (FAKE_AGENT_RBAC)."""
     plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
-                  "-f", str(DEPLOY / "coordinator-rbac.yaml"),
-                  "-f", str(DEPLOY / "agent-rbac.yaml"))
+                  "-f", str(DEPLOY / "coordinator-rbac.yaml"))
+    plane.apply_agent_policy()
+    plane.kubectl("apply", "-f", "-", input_text=FAKE_AGENT_RBAC)
 
 
 def coordinator_kubeconfig(plane: ControlPlane, path: Path) -> Path:

@@ -3,11 +3,12 @@
 The real ``cluo-coord`` process (console script, cluo-coord ServiceAccount, leader
 election on as deployed, --max-concurrent 1) rolls N nodes of the kubelet emulator that
 all report ``reboot-needed=true`` (queued by last-checked-time). A fast fake agent per node
-(``FastAgents``, authenticated as the cluo-agent ServiceAccount) reacts to one Node watch:
-on ``reboot-ok=true`` it writes ``reboot-in-progress=true`` and ``boot-id-before-reboot``
-as the real agent does, powers the emulated host off, waits ``DRAIN_REBOOT`` seconds (the
-simulated drain + reboot), boots it with a new boot id, waits for the Node to show it,
-and reports ``reboot-needed=false, reboot-in-progress=false``.
+(``FastAgents``, authenticated as the stand-in account of bench/coord_rig.py) reacts to
+one Node watch: on ``reboot-ok=true`` it writes ``reboot-in-progress=true`` and
+``boot-id-before-reboot`` as the real agent does, powers the emulated host off, waits
+``DRAIN_REBOOT`` seconds (the simulated drain + reboot), boots it with a new boot id,
+waits for the Node to show it, and reports ``reboot-needed=false,
+reboot-in-progress=false``.
 
 Every time is the API server's, from its audit log (the bodies of Node patches and of
 cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resolution:
@@ -249,7 +250,7 @@ def _roll(context: BenchContext, count: int) -> RollOutcome:
             core.patch_node(name, {"metadata": {"annotations": {
                 KEYS.reboot_needed: "true", KEYS.last_checked_time: str(1_700_000_000 + i)}}})
         agent_api = stack.enter_context(
-            plane.service_account_api_client(coord_rig.NAMESPACE, "cluo-agent"))
+            plane.service_account_api_client(coord_rig.NAMESPACE, coord_rig.FAKE_AGENT_ACCOUNT))
         # Named apart from the real agent in the audit log the later benchmarks read.
         agent_api.user_agent = FAKE_AGENT_USER_AGENT
         agents = FastAgents(agent_api, emulator, selector, DRAIN_REBOOT)
@@ -331,7 +332,7 @@ class FastAgents:
     On reboot-ok=true (with reboot-needed=true, not in progress): reboot-in-progress=true
     and boot-id-before-reboot, host off, ``drain_reboot`` seconds, host on with a new boot
     id, wait for the Node to show it Ready, then reboot-needed=false and
-    reboot-in-progress=false. Writes as the cluo-agent ServiceAccount.
+    reboot-in-progress=false. Writes as the stand-in account of bench/coord_rig.py.
     """
 
     def __init__(self, api: kubernetes.client.ApiClient, emulator: KubeletEmulator,

@@ -2,15 +2,18 @@
 
 The binaries come from ``KUBEBUILDER_ASSETS`` when it is set, otherwise from
 ``hack/build-control-plane.sh`` (built once from the Go module proxy, cached outside the
-repository). Nothing here is emulated: RBAC is enforced by the real authorizer, tokens
-are real ServiceAccount tokens from the TokenRequest API, and PodDisruptionBudget status
-is written by the real disruption controller.
+repository). Nothing here is emulated: requests are authorized as on a kubeadm cluster, by
+the Node authorizer and RBAC, with the NodeRestriction admission plugin and
+ValidatingAdmissionPolicy on; tokens are real ServiceAccount tokens from the TokenRequest
+API, node credentials are client certificates of ``system:node:<name>`` signed by the
+cluster's CA, and PodDisruptionBudget status is written by the real disruption controller.
 
 Run it by hand with ``python -m testbed.controlplane`` (it prints how to reach it).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -31,13 +34,18 @@ from pathlib import Path
 import kubernetes.client
 from kubernetes.client.rest import ApiException
 
-from cluo.kube.client import KubeClient
+from cluo.kube.client import ApiError, KubeClient
 from cluo.kube.config import Component, kubeconfig_client
+from cluo.kube.resources import MERGE_PATCH
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
+AGENT_POLICY = REPO_ROOT / "deploy" / "agent-policy.yaml"
+AGENT_POLICY_NAME = "cluo-node-keys"  # its ValidatingAdmissionPolicy and binding
+POLICY_TIMEOUT = 30.0
+HOOK_VARIABLE = '- name: hookAnnotations\n      expression: "[{}]"'
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 START_TIMEOUT = 90.0
@@ -137,8 +145,20 @@ class Pki:
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=folder)
         return pki
 
-    def _signed(self, name: str, subject: str, ext: Path) -> None:
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+    def node_credential(self, node_name: str) -> bytes:
+        """A kubelet client certificate and its key in one PEM, as the kubelet keeps them
+        in /var/lib/kubelet/pki/kubelet-client-current.pem: CN ``system:node:<name>``,
+        O ``system:nodes``, an ECDSA P-256 key (what the kubelet's rotation generates)."""
+        name = f"node-{uuid.uuid4().hex[:8]}"
+        self._signed(name, f"/O=system:nodes/CN=system:node:{node_name}",
+                     self.folder / "client.ext", key=("ec", "-pkeyopt",
+                                                      "ec_paramgen_curve:P-256"))
+        return (self.folder / f"{name}.crt").read_bytes() + (
+            self.folder / f"{name}.key").read_bytes()
+
+    def _signed(self, name: str, subject: str, ext: Path,
+                key: Sequence[str] = ("rsa:2048",)) -> None:
+        _openssl("req", "-newkey", *key, "-nodes", "-keyout", f"{name}.key",
                  "-out", f"{name}.csr", "-subj", subject, cwd=self.folder)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
                  "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650",
@@ -276,7 +296,11 @@ class ControlPlane:
             "--tls-cert-file", str(self.pki.serving_cert),
             "--tls-private-key-file", str(self.pki.serving_key),
             "--client-ca-file", str(self.pki.ca_cert),
-            "--authorization-mode", "RBAC",
+            # As kubeadm runs it: a kubelet's identity (system:node:<name>) is confined to
+            # its own Node, pods and Lease by the Node authorizer and NodeRestriction.
+            # ValidatingAdmissionPolicy is on by default (deploy/agent-policy.yaml).
+            "--authorization-mode", "Node,RBAC",
+            "--enable-admission-plugins", "NodeRestriction",
             "--service-account-issuer", SERVICE_ACCOUNT_ISSUER,
             "--service-account-key-file", str(self.pki.sa_pub),
             "--service-account-signing-key-file", str(self.pki.sa_key),
@@ -427,6 +451,16 @@ class ControlPlane:
         config.api_key_prefix = {"authorization": "Bearer"}
         return kubernetes.client.ApiClient(config)
 
+    def node_api_client(self, node_name: str) -> kubernetes.client.ApiClient:
+        """An ApiClient authenticated as node ``node_name``, with a client certificate of
+        system:node:<name> as its kubelet has (for stand-ins of the agent)."""
+        pem = self.workdir / f"node-{node_name}-{uuid.uuid4().hex[:8]}.pem"
+        pem.write_bytes(self.pki.node_credential(node_name))
+        pem.chmod(0o600)
+        config = self._configuration()
+        config.cert_file = config.key_file = str(pem)
+        return kubernetes.client.ApiClient(config)
+
     # cluo's own client (cluo.kube.client), built the way cluo builds it: from a
     # kubeconfig. The kubernetes package above is the test bed's admin tool only.
 
@@ -454,6 +488,80 @@ class ControlPlane:
         path.chmod(0o600)
         return path
 
+    def node_kubeconfig(self, node_name: str, path: Path,
+                        credential_path: Path | None = None) -> Path:
+        """Write a kubelet.conf-shaped kubeconfig (mode 0600) for node ``node_name``.
+
+        As kubeadm writes /etc/kubernetes/kubelet.conf: the CA inline, the client
+        certificate and key both pointing at one PEM file, the kubelet's
+        kubelet-client-current.pem. The PEM is written beside the kubeconfig
+        (``<path>.pem``); ``credential_path`` is the path the kubeconfig names instead,
+        for a kubeconfig that will be read on a host where the PEM lies elsewhere (the
+        caller then puts the PEM there: ``node_credential_path(path)`` holds it).
+        """
+        pem = node_credential_path(path)
+        pem.write_bytes(self.pki.node_credential(node_name))
+        pem.chmod(0o600)
+        named = str(credential_path or pem)
+        ca = base64.b64encode(self.pki.ca_cert.read_bytes()).decode()
+        path.write_text(
+            "apiVersion: v1\n"
+            "kind: Config\n"
+            "clusters:\n"
+            "- name: kubernetes\n"
+            "  cluster:\n"
+            f"    server: {self.url}\n"
+            f"    certificate-authority-data: {ca}\n"
+            "users:\n"
+            f"- name: system:node:{node_name}\n"
+            "  user:\n"
+            f"    client-certificate: {named}\n"
+            f"    client-key: {named}\n"
+            "contexts:\n"
+            f"- name: system:node:{node_name}@kubernetes\n"
+            "  context:\n"
+            "    cluster: kubernetes\n"
+            f"    user: system:node:{node_name}\n"
+            f"current-context: system:node:{node_name}@kubernetes\n"
+        )
+        path.chmod(0o600)
+        return path
+
+    def node_kube_client(self, node_name: str, component: Component = "cluo-agent"
+                         ) -> KubeClient:
+        """A KubeClient authenticated as node ``node_name`` (its kubelet's credential)."""
+        path = self.workdir / f"node-{node_name}-{uuid.uuid4().hex[:8]}.kubeconfig"
+        return kubeconfig_client(self.node_kubeconfig(node_name, path), component)
+
+    def apply_agent_policy(self, hook_annotations: Sequence[str] = ()) -> None:
+        """Apply deploy/agent-policy.yaml and wait until the API server enforces it.
+
+        ``hook_annotations`` are listed in its ``hookAnnotations`` variable, as an
+        operator who configures hooks does (docs/security.md). A new or changed
+        ValidatingAdmissionPolicy takes effect a moment after it is stored (the API
+        server compiles it from an informer): until then a node's write would go through.
+        Waits until a server-side dry run of a node writing reboot-ok (or the first hook
+        annotation) on itself is refused by the policy.
+        """
+        text = AGENT_POLICY.read_text()
+        hooks = ", ".join(f"'{key}'" for key in hook_annotations)
+        listed = text.replace(HOOK_VARIABLE.format(""), HOOK_VARIABLE.format(hooks))
+        if listed == text and hook_annotations:
+            raise ControlPlaneError(f"{AGENT_POLICY} has no empty hookAnnotations variable")
+        self.kubectl("apply", "-f", "-", input_text=listed)
+        key = hook_annotations[0] if hook_annotations else (
+            "container-linux-update.v1.coreos.com/reboot-ok")
+        name = f"cluo-policy-probe-{uuid.uuid4().hex[:8]}"
+        with self.admin_api_client() as api:
+            core = kubernetes.client.CoreV1Api(api)
+            core.create_node(kubernetes.client.V1Node(
+                metadata=kubernetes.client.V1ObjectMeta(name=name)))
+            try:
+                with self.node_kube_client(name) as probe:
+                    _wait_refused_by_policy(probe, name, key)
+            finally:
+                core.delete_node(name)
+
     def kubectl(
         self, *args: str, check: bool = True, input_text: str | None = None,
         kubeconfig: Path | None = None, timeout: float = 120,
@@ -469,6 +577,29 @@ class ControlPlane:
                 f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
             )
         return result
+
+
+def _wait_refused_by_policy(probe: KubeClient, node: str, key: str) -> None:
+    patch = {"metadata": {"annotations": {key: "true"}}}
+    deadline = time.monotonic() + POLICY_TIMEOUT
+    while True:
+        try:
+            probe.request("PATCH", f"/api/v1/nodes/{node}", query={"dryRun": "All"},
+                          body=patch, content_type=MERGE_PATCH)
+        except ApiError as err:
+            if err.status == 403 and AGENT_POLICY_NAME in err.body:
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(
+                f"{AGENT_POLICY} not enforced after {POLICY_TIMEOUT}s: a node may still "
+                f"write {key}")
+        time.sleep(0.2)
+
+
+def node_credential_path(kubeconfig: Path) -> Path:
+    """Where ``ControlPlane.node_kubeconfig`` writes the PEM of ``kubeconfig``."""
+    return kubeconfig.with_name(kubeconfig.name + ".pem")
 
 
 def kubeconfig_text(server: str, ca_file: Path, *, user: dict[str, str]) -> str:

@@ -4,8 +4,10 @@
 reboot-ok=true on a node that needs a reboot, it marks reboot-in-progress (with the boot id
 before), powers the emulated host off and on again (a new bootID), waits until the Node
 reports it, then reports reboot-needed=false, reboot-in-progress=false, as the agent does.
-It writes with a real token of the cluo-agent ServiceAccount of deploy/, so the agent's RBAC
-is exercised by the real authorizer. Errors are collected in ``errors`` for the test to
+Each node's stand-in writes with that node's own credential (a client certificate of
+system:node:<name>, as the real agent uses its kubelet's), so the confinement of
+docs/security.md is exercised by the real authorizer and admission; the nodes are listed
+with the admin's. Errors are collected in ``errors`` for the test to
 assert on; a list that fails (an API server outage) is counted and retried, as an agent
 would.
 
@@ -25,8 +27,6 @@ from testbed.controlplane import ControlPlane
 from testbed.kubelet import KubeletEmulator
 from testbed.waiting import wait_for
 
-AGENT_NAMESPACE = "cluo-system"  # deploy/agent-rbac.yaml
-AGENT_SERVICE_ACCOUNT = "cluo-agent"
 POLL_INTERVAL = 0.05
 BOOT_TIMEOUT = 20.0
 
@@ -41,8 +41,8 @@ class FakeAgents:
         self._emulator = emulator
         self._selector = selector
         self._keys = keys or Keys()
-        self._api = control_plane.service_account_api_client(AGENT_NAMESPACE,
-                                                             AGENT_SERVICE_ACCOUNT)
+        self._control_plane = control_plane
+        self._api = control_plane.admin_api_client()
         self._core = CoreV1Api(self._api)
         self._never_return = never_return
         self._stop = threading.Event()
@@ -90,23 +90,24 @@ class FakeAgents:
                     worker.start()
 
     def _reboot(self, name: str) -> None:
-        keys = self._keys
         try:
-            old_boot = self._core.read_node(name).status.node_info.boot_id
-            self._annotate(name, {keys.reboot_in_progress: "true",
-                                  keys.boot_id_before_reboot: old_boot})
-            host = self._emulator.node(name)
-            host.shutdown()
-            if name in self._never_return:
-                return
-            time.sleep(0.1)  # down for a moment, as a host is
-            new_boot = host.boot()
-            wait_for(lambda: self._core.read_node(name).status.node_info.boot_id == new_boot,
-                     BOOT_TIMEOUT, f"{name} to report its new bootID")
-            self._annotate(name, {keys.reboot_needed: "false",
-                                  keys.reboot_in_progress: "false"})
+            with self._control_plane.node_api_client(name) as api:
+                self._reboot_as_node(name, CoreV1Api(api))
         except Exception as err:  # reported by the test
             self.errors.append(f"{name}: {err!r}")
 
-    def _annotate(self, name: str, values: dict[str, str | None]) -> None:
-        self._core.patch_node(name, {"metadata": {"annotations": values}})
+    def _reboot_as_node(self, name: str, node: CoreV1Api) -> None:
+        keys = self._keys
+        old_boot = node.read_node(name).status.node_info.boot_id
+        node.patch_node(name, {"metadata": {"annotations": {
+            keys.reboot_in_progress: "true", keys.boot_id_before_reboot: old_boot}}})
+        host = self._emulator.node(name)
+        host.shutdown()
+        if name in self._never_return:
+            return
+        time.sleep(0.1)  # down for a moment, as a host is
+        new_boot = host.boot()
+        wait_for(lambda: node.read_node(name).status.node_info.boot_id == new_boot,
+                 BOOT_TIMEOUT, f"{name} to report its new bootID")
+        node.patch_node(name, {"metadata": {"annotations": {
+            keys.reboot_needed: "false", keys.reboot_in_progress: "false"}}})

@@ -90,8 +90,7 @@ def service_account_dir(control_plane: ControlPlane, deployment: dict[str, Any],
                         tmp_path_factory: pytest.TempPathFactory) -> Path:
     """token, ca.crt and namespace of the pod's ServiceAccount, as the kubelet mounts them."""
     control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
-                          "-f", str(DEPLOY / "coordinator-rbac.yaml"),
-                          "-f", str(DEPLOY / "agent-rbac.yaml"))
+                          "-f", str(DEPLOY / "coordinator-rbac.yaml"))
     namespace = deployment["metadata"]["namespace"]
     account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     folder = tmp_path_factory.mktemp("serviceaccount")

@@ -1,9 +1,10 @@
 """The real cluo-agent process against the real control plane and the private system bus.
 
-The agent runs as its console script, authenticated with a real token of the cluo-agent
-ServiceAccount bound by deploy/agent-rbac.yaml, talks to dbusmock's update_engine and
-logind, and drains pods that the kubelet emulator runs. The test plays the coordinator
-(reboot-ok) and the host's reboot (new boot id, node back with a new bootID).
+The agent runs as its console script, authenticated as its node with a kubelet.conf-shaped
+kubeconfig (a client certificate of system:node:<name>, as kubeadm's kubelet has), confined
+by the Node authorizer, NodeRestriction and deploy/agent-policy.yaml; it talks to dbusmock's
+update_engine and logind, and drains pods that the kubelet emulator runs. The test plays the
+coordinator (reboot-ok) and the host's reboot (new boot id, node back with a new bootID).
 
 The kubelet emulator scales grace periods by 0.05: a pod with
 terminationGracePeriodSeconds=100 takes 5 s to go once evicted, which keeps a drain
@@ -69,16 +70,15 @@ BLOCKED_BY_INHIBITOR = "org.freedesktop.login1.BlockedByInhibitorLock"
 BLOCKED_BY_INHIBITOR_MESSAGE = "Operation denied due to active block inhibitor"
 # 100 s x the emulator's grace_period_scale 0.05: an evicted pod takes 5 s to go.
 SLOW_GRACE_SECONDS = 100
+REVOKED = "node-restriction.kubernetes.io/cluo-revoked"  # docs/security.md
 
 
 @pytest.fixture(scope="module")
-def agent_kubeconfig(
-    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
-                          "-f", str(DEPLOY / "agent-rbac.yaml"))
-    path = tmp_path_factory.mktemp("agent") / "kubeconfig"
-    return control_plane.service_account_kubeconfig("cluo-system", "cluo-agent", path)
+def agent_policy(control_plane: ControlPlane) -> ControlPlane:
+    """The API server enforces deploy/agent-policy.yaml, as in a cluster running cluo."""
+    control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"))
+    control_plane.apply_agent_policy()
+    return control_plane
 
 
 @pytest.fixture
@@ -337,7 +337,7 @@ def make_pod(name: str, node: str, *, controller: bool = True, grace: int = 30) 
 def rig(
     kube_admin: kubernetes.client.ApiClient,
     kubelet: KubeletEmulator,
-    agent_kubeconfig: Path,
+    agent_policy: ControlPlane,
     update_engine_mock: MockService,
     logind_mock: MockService,
     system_bus_address: str,
@@ -353,7 +353,8 @@ def rig(
     node = kubelet.add_node(f"n-{uuid.uuid4().hex[:8]}", boot_id=host.boot_id)
     for pod in ("web-a", "web-b"):
         core.create_namespaced_pod(namespace, make_pod(pod, node.name))
-    agent = AgentProcess(node.name, agent_kubeconfig, system_bus_address, host,
+    kubelet_conf = agent_policy.node_kubeconfig(node.name, tmp_path / "kubelet.conf")
+    agent = AgentProcess(node.name, kubelet_conf, system_bus_address, host,
                          tmp_path / "agent.log", extra_args=options.args)
     rig = Rig(core, node, host, agent, update_engine_mock, logind_mock, namespace)
     rig.wait(lambda: all(core.read_namespaced_pod(p, namespace).status.phase == "Running"
@@ -614,13 +615,40 @@ def test_manual_trigger_by_annotation_reboots_on_grant(rig: Rig) -> None:
 
 
 @pytest.mark.parametrize("rig", [AgentOptions(start=False)], indirect=True)
+def test_a_credential_of_another_node_is_refused_cleanly(
+    rig: Rig, control_plane: ControlPlane, notify_listener: NotifyListener, tmp_path: Path
+) -> None:
+    """The kubelet.conf of node B, given to node A's agent: the API server refuses every
+    request, the agent says why, writes nothing anywhere and keeps trying."""
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    rig.core.create_node(kubernetes.client.V1Node(metadata=V1ObjectMeta(name=other)))
+    try:
+        rig.agent.kubeconfig = control_plane.node_kubeconfig(other, tmp_path / "other.conf")
+        rig.agent.env["NOTIFY_SOCKET"] = str(notify_listener.path)
+        rig.agent.start()
+        refusal = rig.wait(lambda: next((s for s in notify_listener.statuses()
+                                         if s.startswith("starting: cannot read node")), None),
+                           "STATUS= to say the node cannot be read")
+        assert f"node '{other}' cannot read '{rig.name}'" in refusal, refusal
+        assert_stays(lambda: rig.agent.running() and not notify_listener.received("READY=1"),
+                     1.5, "the agent running, retrying, not ready")
+        for name in (rig.name, other):
+            labels = rig.core.read_node(name).metadata.labels or {}
+            assert KEYS.group not in labels and KEYS.id not in labels, (name, labels)
+        assert "cannot read or label the node, retrying" in rig.agent.log()
+    finally:
+        rig.core.delete_node(other)
+
+
+@pytest.mark.parametrize("rig", [AgentOptions(start=False)], indirect=True)
 def test_notify_socket_ready_status_watchdog_stopping(
     rig: Rig, control_plane: ControlPlane, notify_listener: NotifyListener
 ) -> None:
     rig.agent.env.update({"NOTIFY_SOCKET": str(notify_listener.path),
                           "WATCHDOG_USEC": "2000000"})  # a ping every second
-    # Start-up cannot succeed while the agent may not read its node: no READY=1 then.
-    control_plane.kubectl("delete", "clusterrolebinding", "cluo-agent")
+    # Start-up cannot succeed while the agent may not label its node (an operator revoked
+    # it: deploy/agent-policy.yaml): no READY=1 then.
+    control_plane.kubectl("label", "node", rig.name, f"{REVOKED}=true")
     try:
         rig.agent.start()
         rig.wait(lambda: any(s.startswith("starting: cannot read node")
@@ -630,8 +658,9 @@ def test_notify_socket_ready_status_watchdog_stopping(
                      "no READY=1 while start-up fails")
         assert rig.agent.running()
     finally:
-        control_plane.kubectl("apply", "-f", str(DEPLOY / "agent-rbac.yaml"))
-    rig.wait(lambda: notify_listener.received("READY=1"), "READY=1 once the node can be read")
+        control_plane.kubectl("label", "node", rig.name, f"{REVOKED}-")
+    rig.wait(lambda: notify_listener.received("READY=1"),
+             "READY=1 once the node can be labelled")
     # READY=1 comes after the start-up writes (the host labels).
     assert rig.label("group") == "stable"
     startup = notify_listener.statuses()
@@ -744,12 +773,15 @@ NO_NODE = "no Node of this name"
 
 @pytest.mark.parametrize("rig", [AgentOptions(start=False)], indirect=True)
 def test_waits_for_a_node_of_its_name_and_carries_on_when_it_appears(
-    rig: Rig, kubelet: KubeletEmulator, notify_listener: NotifyListener
+    rig: Rig, kubelet: KubeletEmulator, notify_listener: NotifyListener,
+    control_plane: ControlPlane, tmp_path: Path
 ) -> None:
-    # The agent is told a name no Node has (an FQDN where the kubelet registered the short
-    # name, or a kubelet that registers late): it says so, stays up, and waits.
+    # The agent is told a name no Node has yet (a kubelet that registers late): it says so,
+    # stays up, and waits. Its credential is that node's: a node may read its own Node
+    # before it exists (a 404); another node's name would be a 403 (the test above).
     name = f"{rig.name}.example.com"
     rig.agent.node_name = name
+    rig.agent.kubeconfig = control_plane.node_kubeconfig(name, tmp_path / "late.conf")
     rig.agent.env.update({"NOTIFY_SOCKET": str(notify_listener.path),
                           "WATCHDOG_USEC": "2000000"})  # a ping every second
     rig.agent.start()

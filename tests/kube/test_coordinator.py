@@ -56,8 +56,7 @@ def coord_kubeconfig(control_plane: ControlPlane, tmp_path_factory: pytest.TempP
                      ) -> Path:
     """A kubeconfig with a real cluo-coord ServiceAccount token (RBAC from deploy/)."""
     control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
-                          "-f", str(DEPLOY / "coordinator-rbac.yaml"),
-                          "-f", str(DEPLOY / "agent-rbac.yaml"))
+                          "-f", str(DEPLOY / "coordinator-rbac.yaml"))
     path = tmp_path_factory.mktemp("coord") / "kubeconfig"
     return control_plane.service_account_kubeconfig(NAMESPACE, "cluo-coord", path)
 
@@ -124,7 +123,7 @@ class Rig:
         return coord
 
     def agents(self, *, never_return: frozenset[str] = frozenset()) -> FakeAgents:
-        """The agents of this rig's nodes (as the cluo-agent ServiceAccount of deploy/)."""
+        """The agents of this rig's nodes (each as its own node, as the agent is)."""
         return FakeAgents(self.control_plane, self.emulator, self.selector,
                           never_return=never_return)
 
