@@ -1,70 +1,90 @@
-"""Kubelet emulator: plays the kubelet for many virtual nodes from one process.
+"""Kubelet emulator: KWOK plays the kubelet of many virtual nodes; this wrapper does the rest.
 
 The test bed runs etcd, kube-apiserver and a kube-controller-manager with only the disruption
-controller: no scheduler, no node lifecycle controller and no kubelet. This module plays the
-kubelet for virtual hosts (as KWOK does upstream), so the agent and the coordinator see what
-they would see in a real cluster:
+controller: no scheduler, no node lifecycle controller and no kubelet. Each KubeletEmulator
+runs one KWOK process (``sigs.k8s.io/kwok`` v0.8.0, built by ``hack/build-kwok.sh``) that
+plays the kubelet for the Nodes carrying this instance's label, with the Stages of
+``testbed/kwok/config.yaml``:
 
-* a registered Node with a Ready condition, ``nodeInfo.bootID`` and a Flatcar ``osImage``;
-* a node Lease in ``kube-node-lease`` renewed every ``heartbeat_interval`` while the host is up,
-  and the conditions' ``lastHeartbeatTime`` refreshed every ``status_report_interval`` or on
-  change (the kubelet's nodeStatusReportFrequency);
-* pods bound to an up node (``spec.nodeName``) turned Running and Ready;
-* deletions of such pods finished with a grace-0 delete once their grace period (times
-  ``grace_period_scale``) has passed;
-* silence while the host is down, and a fresh bootID on every boot.
+* a new Node turns Ready (``node-initialize``), its node Lease in ``kube-node-lease`` is
+  renewed every ``heartbeat_interval`` (KWOK renews every quarter of the lease duration, as
+  the kubelet does) and its conditions' ``lastHeartbeatTime`` every
+  ``status_report_interval`` (``node-heartbeat-with-lease``);
+* pods bound to it (``spec.nodeName``) run and are Ready (``pod-ready``);
+* a terminating pod is removed with a grace-0 delete once its grace period times
+  ``grace_period_scale`` has passed, at once if it is not Ready
+  (``pod-delete-after-scaled-grace``);
+* a pod that lost Ready because its host went down runs again once the host is back, with
+  every restartCount + 1 (``pod-restart-after-boot``).
 
-When a host goes down the emulator also stands in for kube-controller-manager's **node
-lifecycle controller**, which the test bed does not run: the node's conditions become Unknown
-(``NodeStatusUnknown``), the ``node.kubernetes.io/unreachable`` taints are added and the
-node's pods get ``Ready=False``. Unlike the real controller it does so at once, without
-waiting out node-monitor-grace-period. On boot the kubelet part reports Ready again, the taints
-go, and the pods run again with their restartCount incremented. A pod whose deletion started
-while its host was down is removed right after the boot: its containers died with the host.
+KWOK does not register nodes and knows nothing of hosts going down, so this wrapper does:
 
-One process serves thousands of nodes: one pod watch over all namespaces (re-listed when the
-watch expires), and a small pool of worker threads processing keys ``("node", name)``,
-``("lease", name)`` and ``("pod", namespace, name)`` from one queue with delayed adds, one key
-by one worker at a time (client-go's workqueue). Handlers are level-based: they compare what
-the cluster shows with the emulated state and write the difference, every write is a
-read-modify-write retried on 409 Conflict or a patch that cannot clobber others' fields, and a
-failed key is retried with backoff, so the emulator rides out a briefly unavailable API server.
+* ``add_node(s)`` creates the Node as the kubelet registers it (``nodeInfo.bootID``, a
+  Flatcar ``osImage`` and kernel, capacity, the API server's version as kubeletVersion) and
+  waits until KWOK reports it Ready;
+* ``shutdown()`` removes KWOK's label from the Node, and KWOK goes silent for it: no Lease
+  renewals, no pod handling. The node lifecycle controller, which the test bed does not run,
+  would notice after node-monitor-grace-period; the wrapper stands in for it at once, so a
+  test sees a host go down exactly when it takes it down: the node's conditions become
+  Unknown (``NodeStatusUnknown``), the ``node.kubernetes.io/unreachable`` NoSchedule and
+  NoExecute taints are added and the node's pods get ``Ready=False``. A KWOK write already
+  in flight when the label went could undo part of that, so the down state is written once
+  more a moment later;
+* ``boot()`` writes the new ``nodeInfo.bootID``, removes the taints, puts the label back and
+  waits until KWOK reports the node Ready; KWOK then runs its pods again. A pod whose
+  deletion began while the host was down is removed right after the boot.
+
+Requests the wrapper makes carry the user agent ``cluo-kubelet-emulator``; KWOK's carry its
+own. A restarted KWOK process waits one lease duration before it takes over a node Lease
+another process renewed, so nodes are served by the process that registered them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import heapq
-import itertools
 import json
 import logging
-import random
+import os
+import shutil
+import signal
+import string
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import kubernetes.client
-import urllib3
 from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
-Key = tuple[str, ...]
-PodKey = tuple[str, str]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-kwok.sh"
+KWOK_CONFIG_TEMPLATE = Path(__file__).resolve().parent / "kwok" / "config.yaml"
 
 USER_AGENT = "cluo-kubelet-emulator"
-INSTANCE_LABEL = "kubelet-emulator.cluo.test/instance"
 NODE_LEASE_NAMESPACE = "kube-node-lease"
-LEASE_DURATION_SECONDS = 40
-HEARTBEAT_JITTER = 0.04
+# On every Node an emulator registered: which instance made it (stop() deletes by it).
+INSTANCE_LABEL = "kubelet-emulator.cluo.test/instance"
+# KWOK's node selector: on the Node (value: the instance id) while its host is up.
+KWOK_LABEL = "kubelet-emulator.cluo.test/kwok"
+UNREACHABLE_TAINT = "node.kubernetes.io/unreachable"
+UNKNOWN_REASON = "NodeStatusUnknown"
+UNKNOWN_MESSAGE = "Kubelet stopped posting node status."
+# The conditions the node lifecycle controller turns Unknown (NetworkUnavailable it leaves).
+KUBELET_CONDITION_TYPES = ("Ready", "MemoryPressure", "DiskPressure", "PIDPressure")
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+MERGE = "application/merge-patch+json"
 
 OS_IMAGE = "Flatcar Container Linux by Kinvolk 4081.3.4 (Oklo)"
 KERNEL_VERSION = "6.6.95-flatcar"
@@ -76,45 +96,87 @@ NODE_RESOURCES = {
     "hugepages-2Mi": "0",
     "pods": "110",
 }
-UNREACHABLE_TAINT = "node.kubernetes.io/unreachable"
 
-# (type, status, reason, message) as the kubelet posts them for a healthy node.
-KUBELET_CONDITIONS = (
-    (
-        "MemoryPressure",
-        "False",
-        "KubeletHasSufficientMemory",
-        "kubelet has sufficient memory available",
-    ),
-    ("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-    ("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-    ("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
-)
-NODE_CONDITION_TYPES = tuple(ctype for ctype, _, _, _ in KUBELET_CONDITIONS)
-POD_CONDITION_TYPES = (
-    "PodReadyToStartContainers",
-    "Initialized",
-    "ContainersReady",
-    "Ready",
-    "PodScheduled",
-)
-TERMINAL_PHASES = ("Succeeded", "Failed")
-
-BOUND_PODS_SELECTOR = "spec.nodeName!="
-LIST_PAGE_SIZE = 500
-REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
-WATCH_TIMEOUT_SECONDS = 60  # the API server ends each watch after this long; we re-watch
+STATUS_REPORT_JITTER = 0.04  # as the kubelet's, on top of status_report_interval
+READY_POLL_INTERVAL = 0.05
+BOOT_TIMEOUT = 30.0  # for KWOK to report a booted node Ready
+REASSERT_DOWN_AFTER = 1.0  # seconds after a shutdown: a KWOK write in flight has landed
+KWOK_STOP_TIMEOUT = 10.0
 CONFLICT_RETRIES = 8
-RETRY_BASE_DELAY = 0.05
-RETRY_MAX_DELAY = 2.0
+LOG_TAIL_CHARS = 3000
 
 
-class WriteConflict(Exception):
-    """A read-modify-write kept hitting 409 Conflict; the work queue retries it later."""
+class KwokError(RuntimeError):
+    """KWOK could not be built, found or started, or it died."""
 
 
-class _WatchExpired(Exception):
-    """The watch's resourceVersion is too old (410 Gone): re-list."""
+def find_kwok() -> Path:
+    """The kwok binary: ``$KWOK_BINARY``, else ``hack/build-kwok.sh``'s (built if missing)."""
+    result = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise KwokError(
+            f"no kwok binary: `bash {BUILD_SCRIPT.relative_to(REPO_ROOT)}` (which builds it "
+            f"into $CLUO_CACHE) failed:\n{result.stderr[-LOG_TAIL_CHARS:]}"
+        )
+    binary = Path(result.stdout.strip().splitlines()[-1])
+    if not os.access(binary, os.X_OK):
+        raise KwokError(
+            f"{binary} is not an executable kwok; build it with "
+            f"`bash {BUILD_SCRIPT.relative_to(REPO_ROOT)}`"
+        )
+    return binary
+
+
+def kwok_config(
+    *,
+    lease_duration_seconds: int,
+    parallelism: int,
+    status_report_interval: float,
+    grace_period_scale: float,
+) -> str:
+    """``testbed/kwok/config.yaml`` with its parameters filled in."""
+    status_report_ms = max(1, round(status_report_interval * 1000))
+    return _KwokTemplate(KWOK_CONFIG_TEMPLATE.read_text()).substitute(
+        lease_duration_seconds=lease_duration_seconds,
+        parallelism=parallelism,
+        status_report_ms=status_report_ms,
+        status_report_jitter_ms=round(status_report_ms * (1 + STATUS_REPORT_JITTER)) + 1,
+        grace_ms_per_second=f"{grace_period_scale * 1000:g}",
+    )
+
+
+class _KwokTemplate(string.Template):
+    """``@{name}`` placeholders: ``$`` is taken by Go templates and jq."""
+
+    delimiter = "@"
+
+
+def kubeconfig_json(configuration: kubernetes.client.Configuration) -> str:
+    """A kubeconfig (JSON is YAML) reaching the API server as `configuration` does."""
+    cluster: Obj = {"server": configuration.host}
+    if not configuration.verify_ssl:
+        cluster["insecure-skip-tls-verify"] = True
+    elif configuration.ssl_ca_cert:
+        cluster["certificate-authority"] = str(configuration.ssl_ca_cert)
+    user: Obj = {}
+    if configuration.cert_file:
+        user["client-certificate"] = str(configuration.cert_file)
+        user["client-key"] = str(configuration.key_file)
+    authorization = configuration.get_api_key_with_prefix("authorization") or ""
+    if authorization.startswith("Bearer "):
+        user["token"] = authorization.removeprefix("Bearer ")
+    return json.dumps({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test-bed", "cluster": cluster}],
+        "users": [{"name": "kubelet-emulator", "user": user}],
+        "contexts": [
+            {"name": "test-bed", "context": {"cluster": "test-bed", "user": "kubelet-emulator"}}
+        ],
+        "current-context": "test-bed",
+    }, indent=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,26 +185,16 @@ class _WatchExpired(Exception):
 
 @dataclass(eq=False)
 class _Host:
-    """Mutable state of one emulated host; fields guarded by KubeletEmulator._lock."""
+    """One emulated host. `up`, `boot_id` and `downs` change only under `lock`."""
 
     name: str
     index: int
-    labels: dict[str, str]
     boot_id: str
     up: bool = True
+    downs: int = 0  # shutdowns so far: a late re-assert of an earlier one is dropped
     machine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     system_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    registered: bool = False
-    gone: bool = False  # someone deleted the Node object: the kubelet does not re-create it
-    uid: str = ""
-    last_error: str = ""
-    # Only touched by the ("node", name) handler, which never runs twice at once.
-    reported: tuple[bool, str] | None = None
-    status_reported_at: float = 0.0
-    # Held across a lease renewal, so a shutdown waits for one in flight: once shutdown()
-    # returns, the lease's renewTime stays frozen.
-    heartbeat_lock: threading.Lock = field(default_factory=threading.Lock)
-    pod_ip_seq: Iterator[int] = field(default_factory=itertools.count)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def host_ip(self) -> str:
@@ -151,9 +203,6 @@ class _Host:
     @property
     def pod_cidr(self) -> str:
         return f"10.{128 + self.index // 256}.{self.index % 256}.0/24"
-
-    def next_pod_ip(self) -> str:
-        return f"10.{128 + self.index // 256}.{self.index % 256}.{2 + next(self.pod_ip_seq) % 250}"
 
 
 class EmulatedNode:
@@ -179,189 +228,20 @@ class EmulatedNode:
         return self._host.boot_id
 
     def shutdown(self) -> None:
-        """The host goes down: heartbeats and pod handling stop; the node turns NotReady.
-
-        Returns once no heartbeat is in flight; the API objects follow asynchronously.
+        """The host goes down: KWOK goes silent for it; the node turns Unknown and tainted
+        and its pods lose Ready (written before this returns, and once more a moment later).
         """
-        self._emulator._power(self._host, up=False, boot_id=None)
+        self._emulator._shut_down(self._host)
 
     def boot(self, boot_id: str | None = None) -> str:
         """The host (re)boots with `boot_id` (a random one if None); returns the boot id.
 
-        Heartbeats resume, the node reports Ready with the new bootID and its pods run again.
-        Booting a host that is up counts as a reboot nobody noticed in between.
+        Returns once the node reports Ready with the new bootID; KWOK then runs its pods
+        again. Booting a host that is up counts as a reboot nobody noticed in between.
         """
         new_boot_id = boot_id or str(uuid.uuid4())
-        self._emulator._power(self._host, up=True, boot_id=new_boot_id)
+        self._emulator._boot(self._host, new_boot_id)
         return new_boot_id
-
-
-# --------------------------------------------------------------------------------------------
-# Plumbing: raw JSON requests and a work queue
-
-
-class _Rest:
-    """Raw JSON requests through the official client's transport (auth, TLS, user agent).
-
-    The typed API methods coerce bodies into models that forbid unknown fields and parse every
-    response into models; a kubelet-sized load wants neither, so objects stay plain dicts.
-    """
-
-    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
-        self._client = api_client
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: dict[str, str] | None = None,
-        body: Obj | None = None,
-        content_type: str = "application/json",
-    ) -> Obj:
-        response = self._send(
-            method,
-            path,
-            query=query,
-            body=body,
-            content_type=content_type,
-            timeout=REQUEST_TIMEOUT,
-        )
-        data = response.read()
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(
-                http_resp=response, body=data.decode("utf-8", "replace"), data=None
-            )
-        return json.loads(data) if data else {}
-
-    def stream(self, path: str, query: dict[str, str], read_timeout: float) -> Any:
-        """Start a streaming GET (a watch); returns the urllib3 response to iterate by line."""
-        response = self._send(
-            "GET",
-            path,
-            query=query,
-            body=None,
-            content_type="",
-            timeout=(REQUEST_TIMEOUT[0], read_timeout),
-        )
-        if not 200 <= response.status <= 299:
-            data = response.read()
-            raise ApiException.from_response(
-                http_resp=response, body=data.decode("utf-8", "replace"), data=None
-            )
-        return response.response
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: dict[str, str] | None,
-        body: Obj | None,
-        content_type: str,
-        timeout: tuple[float, float],
-    ) -> Any:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        request = self._client.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list(query.items()) if query else None,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        return self._client.call_api(*request, _request_timeout=timeout)
-
-
-class _WorkQueue:
-    """Keys to process, each by one worker at a time, with delayed adds and retry backoff.
-
-    A key added while it is being processed is processed again afterwards; a key added twice
-    while queued is processed once; of several delayed adds of one key the earliest wins.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._ready: deque[Key] = deque()
-        self._queued: set[Key] = set()
-        self._processing: set[Key] = set()
-        self._dirty: set[Key] = set()
-        self._timers: list[tuple[float, int, Key]] = []
-        self._due: dict[Key, float] = {}
-        self._seq = itertools.count()
-        self._failures: dict[Key, int] = {}
-        self._closed = False
-
-    def add(self, key: Key) -> None:
-        with self._cond:
-            self._add_locked(key)
-
-    def add_after(self, key: Key, delay: float) -> None:
-        if delay <= 0:
-            self.add(key)
-            return
-        with self._cond:
-            due = time.monotonic() + delay
-            if self._closed or self._due.get(key, float("inf")) <= due:
-                return
-            self._due[key] = due
-            heapq.heappush(self._timers, (due, next(self._seq), key))
-            self._cond.notify()
-
-    def retry(self, key: Key) -> tuple[float, int]:
-        """Add `key` again after an exponential backoff; returns (delay, failures so far)."""
-        with self._cond:
-            failures = self._failures.get(key, 0) + 1
-            self._failures[key] = failures
-        delay = min(RETRY_BASE_DELAY * 2 ** (failures - 1), RETRY_MAX_DELAY)
-        self.add_after(key, delay)
-        return delay, failures
-
-    def forget(self, key: Key) -> None:
-        with self._cond:
-            self._failures.pop(key, None)
-
-    def get(self) -> Key | None:
-        """The next key to process (blocking); None once the queue is closed."""
-        with self._cond:
-            while not self._closed:
-                now = time.monotonic()
-                while self._timers and self._timers[0][0] <= now:
-                    due, _, key = heapq.heappop(self._timers)
-                    if self._due.get(key) == due:
-                        del self._due[key]
-                        self._add_locked(key)
-                if self._ready:
-                    key = self._ready.popleft()
-                    self._queued.discard(key)
-                    self._processing.add(key)
-                    return key
-                self._cond.wait(self._timers[0][0] - now if self._timers else None)
-            return None
-
-    def done(self, key: Key) -> None:
-        with self._cond:
-            self._processing.discard(key)
-            if key in self._dirty:
-                self._dirty.discard(key)
-                self._add_locked(key)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def _add_locked(self, key: Key) -> None:
-        if self._closed:
-            return
-        if key in self._processing:
-            self._dirty.add(key)
-        elif key not in self._queued:
-            self._queued.add(key)
-            self._ready.append(key)
-            self._cond.notify()
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,10 +249,10 @@ class _WorkQueue:
 
 
 class KubeletEmulator:
-    """Plays the kubelet (and, for down hosts, the node lifecycle controller) for many nodes.
+    """KWOK plus the registration and the node lifecycle controller's part, for many nodes.
 
-    Use as a context manager, or call start() and stop(). Requests carry the user agent
-    ``cluo-kubelet-emulator``, so benchmarks can tell its load apart at the API server.
+    Use as a context manager, or call start() and stop(). `workers` is KWOK's parallelism
+    (and the wrapper's when it registers many nodes at once).
     """
 
     def __init__(
@@ -392,85 +272,91 @@ class KubeletEmulator:
             raise ValueError("workers must be at least 1")
         configuration = copy.deepcopy(api_client.configuration)
         configuration.connection_pool_maxsize = workers + 2
-        # Fail fast while the API server is down: the work queue retries with backoff. One
-        # retry still covers a pooled keep-alive connection that the server closed.
-        configuration.retries = urllib3.Retry(total=1, connect=0, redirect=0)
         self._client = kubernetes.client.ApiClient(configuration)
         self._client.default_headers.update(api_client.default_headers)
         self._client.user_agent = USER_AGENT
-        self._rest = _Rest(self._client)
-        self._heartbeat_interval = heartbeat_interval
+        self._core = kubernetes.client.CoreV1Api(self._client)
+        self._leases = kubernetes.client.CoordinationV1Api(self._client)
+        self._kubeconfig = kubeconfig_json(configuration)
+        # KWOK renews every quarter of the lease duration, in whole seconds.
+        self._lease_duration_seconds = max(1, int(-(-4 * heartbeat_interval // 1)))
         self._status_report_interval = status_report_interval
         self._grace_period_scale = grace_period_scale
-        self._worker_count = workers
+        self._workers = workers
         self._instance = uuid.uuid4().hex[:12]
         self._kubelet_version = ""
 
         self._lock = threading.Lock()
-        self._registered = threading.Condition(self._lock)
         self._hosts: dict[str, _Host] = {}
-        self._host_index = itertools.count(1)
-        self._pods: dict[PodKey, Obj] = {}
-        self._pods_by_node: dict[str, set[PodKey]] = {}
-        self._started_in_boot: dict[str, str] = {}  # pod uid -> boot id its containers run in
-        self._deletion_due: dict[str, tuple[str, float]] = {}  # pod uid -> (boot id, deadline)
-        self._deleted: set[str] = set()  # pod uids we sent the grace-0 delete for
-
-        self._queue = _WorkQueue()
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._watch_response: Any = None
+        self._next_index = 1
+        self._timers: set[threading.Timer] = set()
+        self._workdir: Path | None = None
+        self._kwok: subprocess.Popen[bytes] | None = None
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> KubeletEmulator:
-        if self._threads:
+        if self._kwok is not None:
             raise RuntimeError("kubelet emulator already started")
-        self._kubelet_version = self._rest.request("GET", "/version")["gitVersion"]
-        self._threads.append(
-            threading.Thread(target=self._run_pod_watch, name="kubelet-emulator-watch", daemon=True)
-        )
-        for number in range(self._worker_count):
-            self._threads.append(
-                threading.Thread(
-                    target=self._run_worker, name=f"kubelet-emulator-{number}", daemon=True
-                )
+        binary = find_kwok()
+        self._kubelet_version = kubernetes.client.VersionApi(self._client).get_code().git_version
+        workdir = Path(tempfile.mkdtemp(prefix="cluo-kwok-"))
+        self._workdir = workdir
+        kubeconfig = workdir / "kubeconfig"
+        kubeconfig.touch(mode=0o600)
+        kubeconfig.write_text(self._kubeconfig)
+        config = workdir / "config.yaml"
+        config.write_text(
+            kwok_config(
+                lease_duration_seconds=self._lease_duration_seconds,
+                parallelism=self._workers,
+                status_report_interval=self._status_report_interval,
+                grace_period_scale=self._grace_period_scale,
             )
-        for thread in self._threads:
-            thread.start()
-        log.info("kubelet emulator started", extra={"INSTANCE": self._instance})
+        )
+        argv = [
+            str(binary),
+            f"--kubeconfig={kubeconfig}",
+            f"--config={config}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-label-selector={KWOK_LABEL}={self._instance}",
+        ]
+        with (workdir / "kwok.log").open("ab") as logfile:
+            self._kwok = subprocess.Popen(
+                argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        log.info(
+            "kubelet emulator started",
+            extra={"INSTANCE": self._instance, "KWOK_PID": self._kwok.pid, "WORKDIR": workdir},
+        )
         return self
 
     def stop(self, *, delete_nodes: bool = False, timeout: float = 10.0) -> None:
-        """Stop all threads (waiting at most `timeout` seconds in all).
+        """Stop KWOK (SIGTERM, SIGKILL after `timeout` seconds).
 
         With `delete_nodes`, also delete the Nodes and node Leases this emulator registered
         (pods bound to them stay: nothing garbage-collects pods in the test bed).
         """
-        deadline = time.monotonic() + timeout
-        self._stopping.set()
-        self._queue.close()
         with self._lock:
-            response = self._watch_response
-        if response is not None:
-            with contextlib.suppress(OSError):  # the watch may have ended meanwhile
-                response.shutdown()
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        alive = [thread.name for thread in self._threads if thread.is_alive()]
-        if alive:
-            log.warning("kubelet emulator threads did not stop in time", extra={"THREADS": alive})
+            self._stopping = True
+            timers, self._timers = self._timers, set()
+            names = list(self._hosts)
+        for timer in timers:
+            timer.cancel()
         try:
+            self._stop_kwok(timeout)
             if delete_nodes:
-                selector = {"labelSelector": f"{INSTANCE_LABEL}={self._instance}"}
-                self._rest.request(
-                    "DELETE",
-                    f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}/leases",
-                    query=selector,
+                self._core.delete_collection_node(
+                    label_selector=f"{INSTANCE_LABEL}={self._instance}"
                 )
-                self._rest.request("DELETE", "/api/v1/nodes", query=selector)
+                for name in names:
+                    _unless_gone(lambda name=name: self._leases.delete_namespaced_lease(
+                        name, NODE_LEASE_NAMESPACE))
         finally:
             self._client.close()
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
         log.info("kubelet emulator stopped", extra={"INSTANCE": self._instance})
 
     def __enter__(self) -> KubeletEmulator:
@@ -478,6 +364,37 @@ class KubeletEmulator:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def _stop_kwok(self, timeout: float) -> None:
+        process = self._kwok
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(min(timeout, KWOK_STOP_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            log.warning("kwok did not stop on SIGTERM, killing it", extra={"PID": process.pid})
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(KWOK_STOP_TIMEOUT)
+
+    def _check_kwok(self) -> None:
+        """Raise KwokError (with its log) if the KWOK process is not running."""
+        process = self._kwok
+        if process is None or self._stopping:
+            raise RuntimeError("kubelet emulator is not running")
+        code = process.poll()
+        if code is not None:
+            raise KwokError(f"kwok exited with status {code}:\n{self.kwok_log_tail()}")
+
+    def kwok_log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        if self._workdir is None:
+            return ""
+        try:
+            return (self._workdir / "kwok.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
     # -- nodes -------------------------------------------------------------------------------
 
@@ -489,8 +406,8 @@ class KubeletEmulator:
         boot_id: str | None = None,
         timeout: float = 60.0,
     ) -> EmulatedNode:
-        """Register a Node that is up and start heartbeating it; returns once registered."""
-        return self._add_hosts([(name, boot_id)], labels, timeout)[0]
+        """Register a Node that is up; returns once KWOK reports it Ready."""
+        return self._add_hosts([(name, boot_id)], labels or {}, timeout)[0]
 
     def add_nodes(
         self,
@@ -499,21 +416,17 @@ class KubeletEmulator:
         labels: dict[str, str] | None = None,
         timeout: float = 60.0,
     ) -> list[EmulatedNode]:
-        """Register many Nodes in parallel; returns once all are registered."""
-        return self._add_hosts([(name, None) for name in names], labels, timeout)
+        """Register many Nodes in parallel; returns once KWOK reports all Ready."""
+        return self._add_hosts([(name, None) for name in names], labels or {}, timeout)
 
     def node(self, name: str) -> EmulatedNode:
         with self._lock:
             return EmulatedNode(self, self._hosts[name])
 
     def _add_hosts(
-        self,
-        specs: list[tuple[str, str | None]],
-        labels: dict[str, str] | None,
-        timeout: float,
+        self, specs: list[tuple[str, str | None]], labels: dict[str, str], timeout: float
     ) -> list[EmulatedNode]:
-        if not self._threads or self._stopping.is_set():
-            raise RuntimeError("kubelet emulator is not running")
+        self._check_kwok()
         names = [name for name, _ in specs]
         if len(set(names)) != len(names):
             raise ValueError("node names must be unique")
@@ -521,205 +434,84 @@ class KubeletEmulator:
             taken = [name for name in names if name in self._hosts]
             if taken:
                 raise ValueError(f"nodes already emulated: {taken}")
-            hosts = [
-                _Host(
-                    name=name,
-                    index=next(self._host_index),
-                    labels=dict(labels or {}),
-                    boot_id=boot_id or str(uuid.uuid4()),
-                )
-                for name, boot_id in specs
-            ]
+            hosts = []
+            for name, boot_id in specs:
+                hosts.append(_Host(name, self._next_index, boot_id or str(uuid.uuid4())))
+                self._next_index += 1
             for host in hosts:
                 self._hosts[host.name] = host
-                self._pods_by_node.setdefault(host.name, set())
-        for host in hosts:
-            self._queue.add(("node", host.name))
-        with self._registered:
-            done = self._registered.wait_for(
-                lambda: self._stopping.is_set() or all(h.registered or h.gone for h in hosts),
-                timeout,
-            )
-        pending = [host for host in hosts if not host.registered]
-        if not done or pending:
-            errors = sorted({host.last_error for host in pending if host.last_error})
-            raise TimeoutError(
-                f"kubelet emulator: {len(pending)} node(s) not registered within {timeout:g}s "
-                f"(first: {[host.name for host in pending[:5]]}, errors: {errors[:3]})"
-            )
+        self._delete_stale_leases(set(names))
+        with ThreadPoolExecutor(self._workers, thread_name_prefix="kubelet-emulator") as pool:
+            list(pool.map(lambda host: self._register(host, labels), hosts))
+        self._wait_ready(names, timeout, "to be registered and reported Ready")
         return [EmulatedNode(self, host) for host in hosts]
 
-    def _power(self, host: _Host, *, up: bool, boot_id: str | None) -> None:
-        with host.heartbeat_lock, self._lock:
-            if not up and not host.up:
-                return
-            host.up = up
-            if boot_id is not None:
-                host.boot_id = boot_id
-            pods = list(self._pods_by_node.get(host.name, ()))
-        if up:
-            log.info("emulated host booted", extra={"NODE": host.name, "BOOT_ID": boot_id})
-        else:
-            log.info("emulated host shut down", extra={"NODE": host.name})
-        self._queue.add(("node", host.name))
-        if up:
-            self._queue.add(("lease", host.name))
-        for namespace, name in pods:
-            self._queue.add(("pod", namespace, name))
+    def _delete_stale_leases(self, names: set[str]) -> None:
+        """Delete node Leases of these names an earlier KWOK left: a Lease another process
+        renewed keeps ours off the node for one lease duration."""
+        leases = self._leases.list_namespaced_lease(NODE_LEASE_NAMESPACE).items
+        for lease in leases:
+            if lease.metadata.name in names:
+                _unless_gone(lambda name=lease.metadata.name: self._leases.delete_namespaced_lease(
+                    name, NODE_LEASE_NAMESPACE))
 
-    # -- workers -----------------------------------------------------------------------------
-
-    def _run_worker(self) -> None:
-        while (key := self._queue.get()) is not None:
-            try:
-                self._sync(key)
-            except Exception as err:
-                delay, failures = self._queue.retry(key)
-                self._note_failure(key, err, delay, first=failures == 1)
-            else:
-                self._queue.forget(key)
-            finally:
-                self._queue.done(key)
-
-    def _sync(self, key: Key) -> None:
-        kind = key[0]
-        if kind == "node":
-            self._sync_node(key[1])
-        elif kind == "lease":
-            self._sync_lease(key[1])
-        elif kind == "pod":
-            self._sync_pod((key[1], key[2]))
-        else:
-            raise ValueError(f"unknown work key {key!r}")
-
-    def _note_failure(self, key: Key, err: Exception, delay: float, first: bool) -> None:
-        fields = {"KEY": "/".join(key), "ERROR": repr(err), "RETRY_IN": delay}
-        if key[0] in ("node", "lease"):
-            with self._lock:
-                host = self._hosts.get(key[1])
-                if host is not None:
-                    host.last_error = repr(err)
-        if not isinstance(
-            err, ApiException | urllib3.exceptions.HTTPError | OSError | WriteConflict
-        ):
-            log.error("kubelet emulator handler crashed, will retry", extra=fields, exc_info=err)
-        elif first:  # one warning per failing key, not one per retry during an outage
-            log.warning("kubelet emulator request failed, will retry", extra=fields)
-        else:
-            log.debug("kubelet emulator request failed again, will retry", extra=fields)
-
-    # -- node objects and heartbeats ----------------------------------------------------------
-
-    def _sync_node(self, name: str) -> None:
-        with self._lock:
-            host = self._hosts.get(name)
-            if host is None or host.gone:
-                return
-            registered, up, boot_id = host.registered, host.up, host.boot_id
-        try:
-            if not registered:
-                self._register(host, boot_id)
-            now = time.monotonic()
-            if host.reported != (up, boot_id):
-                self._write_node_state(host, up, boot_id)
-                host.reported = (up, boot_id)
-                host.status_reported_at = now
-            elif up and now - host.status_reported_at >= self._status_report_interval:
-                self._post_status_heartbeat(host)
-                host.status_reported_at = now
-        except ApiException as err:
-            if err.status != 404 or not registered:
-                raise
-            with self._lock:
-                host.gone = True
-            log.warning("node object was deleted, no longer emulating it", extra={"NODE": name})
-            return
-        if up:
-            next_report = host.status_reported_at + self._status_report_interval
-            self._queue.add_after(("node", name), next_report - time.monotonic())
-
-    def _register(self, host: _Host, boot_id: str) -> None:
-        """Create the Node (Ready, as the kubelet registers it) and its Lease."""
-        now = _now()
+    def _register(self, host: _Host, labels: dict[str, str]) -> None:
+        """Create the Node as the kubelet registers it; KWOK then makes it Ready."""
         body: Obj = {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {
                 "name": host.name,
-                "labels": self._node_labels(host),
+                "labels": self._node_labels(host, labels),
                 "annotations": {
                     "node.alpha.kubernetes.io/ttl": "0",
                     "volumes.kubernetes.io/controller-managed-attach-detach": "true",
                 },
             },
             "spec": {"podCIDR": host.pod_cidr, "podCIDRs": [host.pod_cidr]},
-            "status": self._kubelet_status({}, host, boot_id, now),
+            "status": self._kubelet_status(host),
         }
         try:
-            node = self._rest.request("POST", "/api/v1/nodes", body=body)
-            host.reported = (True, boot_id)
+            self._core.create_node(body)
         except ApiException as err:
             if err.status != 409:
                 raise
-            # A Node of that name exists (an earlier run): adopt it and rewrite its state.
-            node = self._rest.request(
-                "PATCH",
-                f"/api/v1/nodes/{host.name}",
-                body={"metadata": {"labels": self._node_labels(host)}},
-                content_type="application/merge-patch+json",
+            # A Node of that name exists (an earlier run): adopt it, as a kubelet would.
+            self._core.patch_node(
+                host.name, {"metadata": {"labels": self._node_labels(host, labels)}}
             )
-            host.reported = None
-        host.status_reported_at = time.monotonic()
-        host.uid = node["metadata"]["uid"]
-        self._heartbeat(host)
-        with self._registered:
-            host.registered = True
-            host.last_error = ""
-            self._registered.notify_all()
-            pods = list(self._pods_by_node.get(host.name, ()))
-        log.debug("node registered", extra={"NODE": host.name, "BOOT_ID": boot_id})
-        self._queue.add_after(("lease", host.name), self._next_heartbeat_delay())
-        for namespace, name in pods:
-            self._queue.add(("pod", namespace, name))
+            self._core.patch_node_status(
+                host.name, {"status": self._kubelet_status(host)}, _content_type=STRATEGIC_MERGE
+            )
+            self._set_unreachable_taints(host.name, present=False)
+        log.debug("node registered", extra={"NODE": host.name, "BOOT_ID": host.boot_id})
 
-    def _node_labels(self, host: _Host) -> dict[str, str]:
+    def _node_labels(self, host: _Host, labels: dict[str, str]) -> dict[str, str]:
         return {
             "kubernetes.io/hostname": host.name,
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": "amd64",
             "beta.kubernetes.io/os": "linux",
             "beta.kubernetes.io/arch": "amd64",
-            **host.labels,
+            **labels,
             INSTANCE_LABEL: self._instance,
+            KWOK_LABEL: self._instance,
         }
 
-    def _kubelet_status(self, old_status: Obj, host: _Host, boot_id: str, now: str) -> Obj:
-        """The Node status the kubelet posts for a healthy host, keeping fields it does not own."""
-        status = dict(old_status)
-        conditions = copy.deepcopy(old_status.get("conditions", []))
-        for ctype, cstatus, reason, message in KUBELET_CONDITIONS:
-            _set_condition(
-                conditions,
-                ctype,
-                cstatus,
-                now,
-                reason=reason,
-                message=message,
-                lastHeartbeatTime=now,
-            )
-        status.update(
-            conditions=conditions,
-            capacity=dict(NODE_RESOURCES),
-            allocatable=dict(NODE_RESOURCES),
-            addresses=[
+    def _kubelet_status(self, host: _Host) -> Obj:
+        """What the kubelet posts about itself; KWOK adds the conditions and keeps the rest."""
+        return {
+            "capacity": dict(NODE_RESOURCES),
+            "allocatable": dict(NODE_RESOURCES),
+            "addresses": [
                 {"type": "InternalIP", "address": host.host_ip},
                 {"type": "Hostname", "address": host.name},
             ],
-            daemonEndpoints={"kubeletEndpoint": {"Port": 10250}},
-            nodeInfo={
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
                 "machineID": host.machine_id,
                 "systemUUID": host.system_uuid,
-                "bootID": boot_id,
+                "bootID": host.boot_id,
                 "kernelVersion": KERNEL_VERSION,
                 "osImage": OS_IMAGE,
                 "containerRuntimeVersion": CONTAINER_RUNTIME_VERSION,
@@ -728,492 +520,187 @@ class KubeletEmulator:
                 "operatingSystem": "linux",
                 "architecture": "amd64",
             },
-        )
-        return status
+        }
 
-    def _write_node_state(self, host: _Host, up: bool, boot_id: str) -> None:
-        """Make the Node show the host's state: Ready, or (node lifecycle controller) Unknown."""
-        path = f"/api/v1/nodes/{host.name}"
-        now = _now()
-
-        def post_status(node: Obj) -> bool:
-            if up:
-                node["status"] = self._kubelet_status(node.get("status", {}), host, boot_id, now)
-                return True
-            conditions = node.setdefault("status", {}).setdefault("conditions", [])
-            changed = False
-            for ctype in NODE_CONDITION_TYPES:
-                changed |= _set_condition(
-                    conditions,
-                    ctype,
-                    "Unknown",
-                    now,
-                    reason="NodeStatusUnknown",
-                    message="Kubelet stopped posting node status.",
-                )
-            return changed
-
-        def set_taints(node: Obj) -> bool:
-            spec = node.setdefault("spec", {})
-            taints = [t for t in spec.get("taints", []) if t.get("key") != UNREACHABLE_TAINT]
-            if not up:
-                taints.append({"key": UNREACHABLE_TAINT, "effect": "NoSchedule"})
-                taints.append({"key": UNREACHABLE_TAINT, "effect": "NoExecute", "timeAdded": now})
-            if _unreachable_effects(spec.get("taints", [])) == _unreachable_effects(taints):
-                return False
-            spec["taints"] = taints
-            return True
-
-        node = self._rest.request("GET", path)
-        node = self._read_modify_write(node, path, f"{path}/status", post_status)
-        self._read_modify_write(node, path, path, set_taints)
-        log.debug(
-            "node state posted",
-            extra={"NODE": host.name, "READY": "True" if up else "Unknown", "BOOT_ID": boot_id},
-        )
-
-    def _post_status_heartbeat(self, host: _Host) -> None:
-        now = _now()
-        self._rest.request(
-            "PATCH",
-            f"/api/v1/nodes/{host.name}/status",
-            body={
-                "status": {
-                    "conditions": [
-                        {"type": ctype, "lastHeartbeatTime": now} for ctype in NODE_CONDITION_TYPES
-                    ]
-                }
-            },
-            content_type="application/strategic-merge-patch+json",
-        )
-
-    def _sync_lease(self, name: str) -> None:
-        with self._lock:
-            host = self._hosts.get(name)
-        if host is not None and self._heartbeat(host):
-            self._queue.add_after(("lease", name), self._next_heartbeat_delay())
-
-    def _heartbeat(self, host: _Host) -> bool:
-        """Renew (or create) the node Lease if the host is up; returns whether it was."""
-        with host.heartbeat_lock:
-            with self._lock:
-                if not host.up or host.gone or not host.uid:
-                    return False
-            path = f"/apis/coordination.k8s.io/v1/namespaces/{NODE_LEASE_NAMESPACE}/leases"
-            lease: Obj = {
-                "metadata": {"labels": {INSTANCE_LABEL: self._instance}},
-                "spec": {
-                    "holderIdentity": host.name,
-                    "leaseDurationSeconds": LEASE_DURATION_SECONDS,
-                    "renewTime": _now_micro(),
-                },
-            }
-            try:
-                self._rest.request(
-                    "PATCH",
-                    f"{path}/{host.name}",
-                    body=lease,
-                    content_type="application/merge-patch+json",
-                )
-            except ApiException as err:
-                if err.status != 404:
-                    raise
-                lease["apiVersion"] = "coordination.k8s.io/v1"
-                lease["kind"] = "Lease"
-                lease["metadata"].update(
-                    name=host.name,
-                    namespace=NODE_LEASE_NAMESPACE,
-                    ownerReferences=[
-                        {"apiVersion": "v1", "kind": "Node", "name": host.name, "uid": host.uid}
-                    ],
-                )
-                self._rest.request("POST", path, body=lease)
-            return True
-
-    def _next_heartbeat_delay(self) -> float:
-        return self._heartbeat_interval * (1.0 - HEARTBEAT_JITTER * random.random())
-
-    # -- pods --------------------------------------------------------------------------------
-
-    def _sync_pod(self, key: PodKey) -> None:
-        with self._lock:
-            pod = self._pods.get(key)
-            host = self._hosts.get(_node_name(pod)) if pod is not None else None
-            if pod is None or host is None or not host.registered or host.gone:
+    def _wait_ready(self, names: list[str], timeout: float, what: str) -> None:
+        """Wait until every node of `names` shows Ready=True; the error names the others."""
+        deadline = time.monotonic() + timeout
+        wanted = set(names)
+        while True:
+            self._check_kwok()
+            nodes = self._core.list_node(
+                label_selector=f"{INSTANCE_LABEL}={self._instance}"
+            ).items
+            ready = {node.metadata.name for node in nodes if _ready_status(node) == "True"}
+            pending = sorted(wanted - ready)
+            if not pending:
                 return
-            up, boot_id = host.up, host.boot_id
-            uid = pod["metadata"]["uid"]
-            started_in = self._started_in_boot.get(uid)
-        if not up:
-            # Stand-in for the node lifecycle controller's MarkPodsNotReady.
-            self._update_pod_status(pod, _mark_not_ready)
-        elif pod["metadata"].get("deletionTimestamp"):
-            self._finish_deletion(key, pod, boot_id, started_in)
-        elif pod.get("status", {}).get("phase") in TERMINAL_PHASES:
-            return
-        elif _is_ready(pod) and started_in in (boot_id, None):
-            with self._lock:  # running in this boot, or adopted from an earlier emulator
-                self._started_in_boot[uid] = boot_id
-        else:
-            restarted = _has_run(pod) if started_in is None else started_in != boot_id
-            now = _now()
-            self._update_pod_status(
-                pod, lambda p: _mark_running(p, host, restarted=restarted, now=now)
-            )
-            with self._lock:
-                self._started_in_boot[uid] = boot_id
-            log.debug(
-                "pod running",
-                extra={"POD": "/".join(key), "NODE": host.name, "RESTARTED": restarted},
-            )
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"kubelet emulator: {len(pending)} node(s) not Ready within {timeout:g}s "
+                    f"waiting for them {what} (first: {pending[:5]}); kwok's log ends:\n"
+                    f"{self.kwok_log_tail()}"
+                )
+            time.sleep(READY_POLL_INTERVAL)
 
-    def _finish_deletion(self, key: PodKey, pod: Obj, boot_id: str, started_in: str | None) -> None:
-        """Delete a terminating pod for good once its (scaled) grace period has passed."""
-        uid = pod["metadata"]["uid"]
-        grace = (pod["metadata"].get("deletionGracePeriodSeconds") or 0) * self._grace_period_scale
-        now = time.monotonic()
-        with self._lock:
-            if uid in self._deleted:
+    # -- down and up -------------------------------------------------------------------------
+
+    def _shut_down(self, host: _Host) -> None:
+        with host.lock:
+            if not host.up:
                 return
-            recorded = self._deletion_due.get(uid)
-            if recorded is not None and recorded[0] == boot_id:
-                due = min(recorded[1], now + grace)  # a second delete may shorten the grace
-            elif started_in == boot_id:
-                due = now + grace  # its containers get their grace period to stop
-            else:
-                due = now  # no container of it runs in this boot: nothing to wait for
-            self._deletion_due[uid] = (boot_id, due)
-        if due > now:
-            self._queue.add_after(("pod", *key), due - now)
-            return
-        namespace, name = key
-        try:
-            self._rest.request(
-                "DELETE",
-                f"/api/v1/namespaces/{namespace}/pods/{name}",
-                body={
-                    "apiVersion": "v1",
-                    "kind": "DeleteOptions",
-                    "gracePeriodSeconds": 0,
-                    "preconditions": {"uid": uid},
-                },
-            )
-        except ApiException as err:
-            if err.status not in (404, 409):  # gone already, or replaced by a new pod
-                raise
+            self._check_kwok()
+            # KWOK's watch drops the node: no more Lease renewals, status or pod handling.
+            self._core.patch_node(host.name, {"metadata": {"labels": {KWOK_LABEL: None}}})
+            host.up = False
+            host.downs += 1
+            self._write_down_state(host)
+            downs = host.downs
+        log.info("emulated host shut down", extra={"NODE": host.name})
+        timer = threading.Timer(
+            REASSERT_DOWN_AFTER, lambda: self._reassert_down(host, downs, timer)
+        )
+        timer.daemon = True
         with self._lock:
-            self._deleted.add(uid)
-        log.debug("pod deletion finished", extra={"POD": "/".join(key), "NODE": _node_name(pod)})
+            if self._stopping:
+                return
+            self._timers.add(timer)
+        timer.start()
 
-    def _update_pod_status(self, pod: Obj, mutate: Callable[[Obj], bool]) -> None:
-        namespace, name = _pod_key(pod)
-        uid = pod["metadata"]["uid"]
-        path = f"/api/v1/namespaces/{namespace}/pods/{name}"
-
-        def same_pod_mutate(current: Obj) -> bool:
-            return current["metadata"]["uid"] == uid and mutate(current)
-
+    def _reassert_down(self, host: _Host, downs: int, timer: threading.Timer) -> None:
+        """Write the down state again: undo what a KWOK write in flight at the shutdown did."""
         try:
-            self._read_modify_write(pod, path, f"{path}/status", same_pod_mutate)
-        except ApiException as err:
-            if err.status != 404:
-                raise
+            with host.lock:
+                if host.up or host.downs != downs or self._stopping:
+                    return
+                if self._write_down_state(host):
+                    log.info("down state written again after a late kwok write",
+                             extra={"NODE": host.name})
+        except Exception as err:
+            log.warning("could not re-check a down node", extra={"NODE": host.name,
+                                                                 "ERROR": repr(err)})
+        finally:
+            with self._lock:
+                self._timers.discard(timer)
 
-    def _read_modify_write(
-        self, obj: Obj, read_path: str, write_path: str, mutate: Callable[[Obj], bool]
-    ) -> Obj:
-        """PUT mutate(obj) to write_path, re-reading and retrying on 409; returns the latest."""
+    def _write_down_state(self, host: _Host) -> bool:
+        """The node lifecycle controller's part for a node whose kubelet went silent: its
+        conditions Unknown, the unreachable taints, its pods not Ready. Returns whether
+        anything had to change."""
+        changed = self._mark_conditions_unknown(host.name)
+        changed |= self._set_unreachable_taints(host.name, present=True)
+        changed |= self._mark_pods_not_ready(host.name)
+        return changed
+
+    def _boot(self, host: _Host, boot_id: str) -> None:
+        if host.up:  # a reboot nobody saw: down for an instant
+            self._shut_down(host)
+        with host.lock:
+            self._check_kwok()
+            self._core.patch_node_status(
+                host.name, {"status": {"nodeInfo": {"bootID": boot_id}}},
+                _content_type=STRATEGIC_MERGE,
+            )
+            self._set_unreachable_taints(host.name, present=False)
+            self._core.patch_node(
+                host.name, {"metadata": {"labels": {KWOK_LABEL: self._instance}}}
+            )
+            host.boot_id = boot_id
+            host.up = True
+        log.info("emulated host booted", extra={"NODE": host.name, "BOOT_ID": boot_id})
+        self._wait_ready([host.name], BOOT_TIMEOUT, f"to report Ready after boot {boot_id}")
+
+    def _mark_conditions_unknown(self, name: str) -> bool:
+        node = self._core.read_node_status(name)
+        stale = [
+            c.type for c in node.status.conditions or []
+            if c.type in KUBELET_CONDITION_TYPES and c.status != "Unknown"
+        ]
+        if not stale:
+            return False
+        now = _now()
+        self._core.patch_node_status(
+            name,
+            {"status": {"conditions": [
+                {"type": ctype, "status": "Unknown", "reason": UNKNOWN_REASON,
+                 "message": UNKNOWN_MESSAGE, "lastTransitionTime": now}
+                for ctype in stale
+            ]}},
+            _content_type=STRATEGIC_MERGE,
+        )
+        return True
+
+    def _set_unreachable_taints(self, name: str, *, present: bool) -> bool:
+        """Add or remove the two unreachable taints, leaving other taints alone: a merge
+        patch carrying the resourceVersion it was computed from, retried on 409. Returns
+        whether anything had to change."""
         for _ in range(CONFLICT_RETRIES):
-            candidate = copy.deepcopy(obj)
-            if not mutate(candidate):
-                return obj
+            node = self._core.read_node(name)
+            current = node.spec.taints or []
+            effects = sorted(t.effect for t in current if t.key == UNREACHABLE_TAINT)
+            if effects == (["NoExecute", "NoSchedule"] if present else []):
+                return False
+            taints = [
+                self._client.sanitize_for_serialization(t)
+                for t in current if t.key != UNREACHABLE_TAINT
+            ]
+            if present:
+                taints.append({"key": UNREACHABLE_TAINT, "effect": "NoSchedule"})
+                taints.append({"key": UNREACHABLE_TAINT, "effect": "NoExecute",
+                               "timeAdded": _now()})
             try:
-                return self._rest.request("PUT", write_path, body=candidate)
+                self._core.patch_node(
+                    name,
+                    {"metadata": {"resourceVersion": node.metadata.resource_version},
+                     "spec": {"taints": taints}},
+                    _content_type=MERGE,
+                )
+                return True
             except ApiException as err:
                 if err.status != 409:
                     raise
-            obj = self._rest.request("GET", read_path)
-        raise WriteConflict(f"updating {write_path}")
+        raise RuntimeError(f"setting the unreachable taints of node {name!r}: kept conflicting")
 
-    # -- the pod watch -------------------------------------------------------------------------
-
-    def _run_pod_watch(self) -> None:
-        resource_version: str | None = None
-        failures = 0
-        while not self._stopping.is_set():
-            try:
-                if resource_version is None:
-                    resource_version = self._relist_pods()
-                resource_version = self._watch_pods(resource_version)
-                failures = 0
-            except _WatchExpired:
-                log.info("pod watch expired, re-listing")
-                resource_version = None
-            except Exception as err:
-                if self._stopping.is_set():
-                    break
-                delay = min(RETRY_BASE_DELAY * 2**failures, RETRY_MAX_DELAY)
-                failures += 1
-                log.warning(
-                    "pod watch failed, will retry",
-                    extra={"ERROR": repr(err), "RETRY_IN": delay},
+    def _mark_pods_not_ready(self, name: str) -> bool:
+        """The node lifecycle controller's MarkPodsNotReady: Ready=False on the node's pods."""
+        pods = self._core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}")
+        changed = False
+        for pod in pods.items:
+            if pod.status.phase in ("Succeeded", "Failed"):
+                continue
+            if not any(c.type == "Ready" and c.status == "True"
+                       for c in pod.status.conditions or []):
+                continue
+            body = {"status": {"conditions": [
+                {"type": "Ready", "status": "False", "lastTransitionTime": _now()}
+            ]}}
+            changed |= _unless_gone(
+                lambda pod=pod, body=body: self._core.patch_namespaced_pod_status(
+                    pod.metadata.name, pod.metadata.namespace, body,
+                    _content_type=STRATEGIC_MERGE,
                 )
-                self._stopping.wait(delay)
-
-    def _relist_pods(self) -> str:
-        """Replace the pod cache with a fresh list; returns the list's resourceVersion."""
-        pods: dict[PodKey, Obj] = {}
-        query = {"fieldSelector": BOUND_PODS_SELECTOR, "limit": str(LIST_PAGE_SIZE)}
-        while True:
-            try:
-                page = self._rest.request("GET", "/api/v1/pods", query=query)
-            except ApiException as err:
-                if err.status == 410:  # the continue token expired
-                    raise _WatchExpired from err
-                raise
-            for pod in page.get("items") or []:
-                pods[_pod_key(pod)] = _with_kind(pod)
-            token = page["metadata"].get("continue")
-            if not token:
-                resource_version: str = page["metadata"]["resourceVersion"]
-                break
-            query["continue"] = token
-        with self._lock:
-            for key in set(self._pods) - set(pods):
-                self._drop_pod_locked(key)
-            for key, pod in pods.items():
-                self._store_pod_locked(key, pod)
-            ours = [key for key, pod in pods.items() if _node_name(pod) in self._hosts]
-        for namespace, name in ours:
-            self._queue.add(("pod", namespace, name))
-        log.info("pods listed", extra={"PODS": len(pods), "RESOURCE_VERSION": resource_version})
-        return resource_version
-
-    def _watch_pods(self, resource_version: str) -> str:
-        """Follow pod events until the server ends the watch; returns the last resourceVersion."""
-        query = {
-            "watch": "true",
-            "fieldSelector": BOUND_PODS_SELECTOR,
-            "resourceVersion": resource_version,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(WATCH_TIMEOUT_SECONDS),
-        }
-        try:
-            response = self._rest.stream("/api/v1/pods", query, WATCH_TIMEOUT_SECONDS + 30.0)
-        except ApiException as err:
-            if err.status == 410:
-                raise _WatchExpired from err
-            raise
-        with self._lock:
-            self._watch_response = response
-        try:
-            for line in response:
-                if self._stopping.is_set():
-                    break
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, obj = event["type"], event["object"]
-                if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        raise _WatchExpired
-                    raise RuntimeError(f"pod watch error: {obj.get('message')}")
-                resource_version = obj["metadata"]["resourceVersion"]
-                if kind != "BOOKMARK":
-                    self._on_pod_event(kind, _with_kind(obj))
-        finally:
-            with self._lock:
-                self._watch_response = None
-            response.release_conn()
-        return resource_version
-
-    def _on_pod_event(self, kind: str, pod: Obj) -> None:
-        key = _pod_key(pod)
-        with self._lock:
-            if kind == "DELETED":
-                self._drop_pod_locked(key)
-                return
-            self._store_pod_locked(key, pod)
-            ours = _node_name(pod) in self._hosts
-        if ours:
-            self._queue.add(("pod", *key))
-
-    def _store_pod_locked(self, key: PodKey, pod: Obj) -> None:
-        old = self._pods.get(key)
-        if old is not None and old["metadata"]["uid"] != pod["metadata"]["uid"]:
-            self._drop_pod_locked(key)
-        self._pods[key] = pod
-        self._pods_by_node.setdefault(_node_name(pod), set()).add(key)
-
-    def _drop_pod_locked(self, key: PodKey) -> None:
-        pod = self._pods.pop(key, None)
-        if pod is None:
-            return
-        uid = pod["metadata"]["uid"]
-        self._started_in_boot.pop(uid, None)
-        self._deletion_due.pop(uid, None)
-        self._deleted.discard(uid)
-        self._pods_by_node.get(_node_name(pod), set()).discard(key)
+            )
+        return changed
 
 
-# --------------------------------------------------------------------------------------------
-# Pure helpers on API objects (plain dicts)
+def _unless_gone(call: Callable[[], object]) -> bool:
+    """Make an API call; False instead of the error if its object is gone (404)."""
+    try:
+        call()
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def _ready_status(node: kubernetes.client.V1Node) -> str | None:
+    for condition in node.status.conditions or [] if node.status else []:
+        if condition.type == "Ready":
+            return str(condition.status)
+    return None
 
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-
-def _now_micro() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _pod_key(pod: Obj) -> PodKey:
-    return pod["metadata"]["namespace"], pod["metadata"]["name"]
-
-
-def _node_name(pod: Obj) -> str:
-    return str(pod.get("spec", {}).get("nodeName") or "")
-
-
-def _with_kind(pod: Obj) -> Obj:
-    """List items lack apiVersion/kind; a PUT of the object wants them."""
-    pod.setdefault("apiVersion", "v1")
-    pod.setdefault("kind", "Pod")
-    return pod
-
-
-def _set_condition(conditions: list[Obj], ctype: str, status: str, now: str, **fields: Any) -> bool:
-    """Set one condition in place (lastTransitionTime moves only on a status change).
-
-    Returns whether the condition's status, reason or message changed.
-    """
-    for condition in conditions:
-        if condition.get("type") == ctype:
-            changed = condition.get("status") != status or any(
-                condition.get(name) != fields[name]
-                for name in ("reason", "message")
-                if name in fields
-            )
-            if condition.get("status") != status:
-                condition["lastTransitionTime"] = now
-            condition["status"] = status
-            condition.update(fields)
-            return changed
-    conditions.append({"type": ctype, "status": status, "lastTransitionTime": now, **fields})
-    return True
-
-
-def _condition_status(obj: Obj, ctype: str) -> str | None:
-    for condition in obj.get("status", {}).get("conditions") or []:
-        if condition.get("type") == ctype:
-            return str(condition.get("status"))
-    return None
-
-
-def _unreachable_effects(taints: list[Obj]) -> list[str]:
-    return sorted(t.get("effect", "") for t in taints if t.get("key") == UNREACHABLE_TAINT)
-
-
-def _is_ready(pod: Obj) -> bool:
-    return (
-        pod.get("status", {}).get("phase") == "Running"
-        and _condition_status(pod, "Ready") == "True"
-    )
-
-
-def _has_run(pod: Obj) -> bool:
-    """Whether the pod's containers were started before (by an earlier boot or emulator)."""
-    return any(
-        "running" in (status.get("state") or {})
-        for status in pod.get("status", {}).get("containerStatuses") or []
-    )
-
-
-def _mark_not_ready(pod: Obj) -> bool:
-    if _condition_status(pod, "Ready") != "True":
-        return False
-    _set_condition(pod["status"]["conditions"], "Ready", "False", _now())
-    return True
-
-
-def _mark_running(pod: Obj, host: _Host, *, restarted: bool, now: str) -> bool:
-    """Status of a pod whose containers all run and are ready; False if nothing to change."""
-    if _is_ready(pod) and not restarted:
-        return False
-    status = pod.setdefault("status", {})
-    spec = pod["spec"]
-    previous = {s["name"]: s for s in status.get("containerStatuses") or []}
-    status["containerStatuses"] = [
-        _running_container(container, previous.get(container["name"]), restarted, now)
-        for container in spec["containers"]
-    ]
-    if spec.get("initContainers"):
-        status["initContainerStatuses"] = [
-            _finished_init_container(container, now) for container in spec["initContainers"]
-        ]
-    conditions = status.setdefault("conditions", [])
-    for ctype in POD_CONDITION_TYPES:
-        _set_condition(conditions, ctype, "True", now)
-    pod_ip = status.get("podIP") or host.next_pod_ip()
-    status.update(
-        phase="Running",
-        hostIP=host.host_ip,
-        hostIPs=[{"ip": host.host_ip}],
-        podIP=pod_ip,
-        podIPs=[{"ip": pod_ip}],
-    )
-    status.setdefault("startTime", now)
-    return True
-
-
-def _running_container(container: Obj, previous: Obj | None, restarted: bool, now: str) -> Obj:
-    restart_count = (previous or {}).get("restartCount", 0) + (1 if restarted and previous else 0)
-    status: Obj = {
-        "name": container["name"],
-        "image": container.get("image", ""),
-        "imageID": _image_id(container.get("image", "")),
-        "containerID": f"containerd://{uuid.uuid4().hex}{uuid.uuid4().hex}",
-        "ready": True,
-        "started": True,
-        "restartCount": restart_count,
-        "state": {"running": {"startedAt": now}},
-    }
-    if restarted and previous is not None:
-        # What the kubelet reports for a container that died with its host.
-        last_run = (previous.get("state") or {}).get("running") or {}
-        status["lastState"] = {
-            "terminated": {
-                "exitCode": 255,
-                "reason": "Unknown",
-                "startedAt": last_run.get("startedAt"),
-                "finishedAt": now,
-                "containerID": previous.get("containerID"),
-            }
-        }
-    return status
-
-
-def _finished_init_container(container: Obj, now: str) -> Obj:
-    if container.get("restartPolicy") == "Always":  # a sidecar keeps running
-        return _running_container(container, None, False, now)
-    return {
-        "name": container["name"],
-        "image": container.get("image", ""),
-        "imageID": _image_id(container.get("image", "")),
-        "containerID": f"containerd://{uuid.uuid4().hex}{uuid.uuid4().hex}",
-        "ready": True,
-        "restartCount": 0,
-        "state": {
-            "terminated": {
-                "exitCode": 0,
-                "reason": "Completed",
-                "startedAt": now,
-                "finishedAt": now,
-            }
-        },
-    }
-
-
-def _image_id(image: str) -> str:
-    return f"sha256:{hashlib.sha256(image.encode()).hexdigest()}"
