@@ -83,6 +83,7 @@ __all__ = [
     "StaticToken",
     "TlsSource",
     "TokenSource",
+    "WatchSilent",
     "WatchStream",
     "kube_error",
 ]
@@ -178,6 +179,13 @@ class ApiError(Exception):
 
 class MalformedResponse(http.client.HTTPException):
     """A 2xx answer (or a watch line) that is not the JSON object it should be."""
+
+
+class WatchSilent(TimeoutError):
+    """A watch stream said nothing (no event, no bookmark) for longer than its read
+    timeout: its connection may have died without a word, or the server had nothing to
+    say and sent no bookmark (it sends them only once it has seen a change of that kind
+    since it started). Either way, make the watch again."""
 
 
 class NoAnswer(http.client.HTTPException):
@@ -582,7 +590,7 @@ class KubeClient(Closing):
         """A streaming GET (``watch=true`` belongs in ``query``), on its own connection.
 
         Nothing is sent until the result is iterated; ``timeout[1]`` is how long the
-        stream may stay silent before it counts as dead (a ``TimeoutError``), so it must
+        stream may stay silent before it counts as dead (``WatchSilent``), so it should
         exceed the time between the server's bookmarks (``allowWatchBookmarks``).
         """
         return WatchStream(self, self._target(path, query), timeout)
@@ -764,8 +772,8 @@ class WatchStream(ClosableStream[dict[str, Any]]):
             try:
                 yield from _json_lines(response)
             except TimeoutError as err:
-                raise TimeoutError(f"the watch stayed silent (no event, no bookmark) for "
-                                   f"{self._timeout[1]:g} s") from err
+                raise WatchSilent(f"the watch stayed silent (no event, no bookmark) for "
+                                  f"{self._timeout[1]:g} s") from err
         except TRANSPORT_ERRORS:
             if self._closed.is_set():
                 return

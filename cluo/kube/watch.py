@@ -5,10 +5,13 @@
   else a watch can bring: a BOOKMARK only moves ``resource_version`` on; an ERROR event
   raises a ``KubeError`` with the status's code and reason, or ``WatchExpired`` for 410
   (with the last resourceVersion seen), as does a watch refused from the start; a broken
-  stream raises a ``KubeError`` of kind ``unavailable``, a stream silent for longer than
+  stream raises a ``KubeError`` of kind ``unavailable``. A stream silent for longer than
   ``WATCH_IDLE_TIMEOUT`` (no event and no bookmark, which the server sends about every
-  minute: the connection died without a word) one of kind ``timeout``. ``close()``,
-  from any thread, even while the request is being made, ends the iteration quietly.
+  minute once it has seen a change of that kind: the connection may have died without a
+  word) ends the iteration, as the server's end of the watch does, so the caller
+  watches again from ``resource_version`` on a new connection (which fails, and goes
+  the failure path, if the server is really gone). ``close()``, from any thread, even
+  while the request is being made, ends the iteration quietly.
 - ``WatchLoop``: watch, and watch again, in a thread of its own, until stopped: from
   where the last watch ended when the server ended it (its ``timeoutSeconds``), from a
   fresh start (``begin``) at once when it expired, from a fresh start after a
@@ -40,6 +43,7 @@ from cluo.kube.client import (
     KubeClient,
     MalformedResponse,
     Query,
+    WatchSilent,
     kube_error,
 )
 from cluo.kube.objects import Obj, name_of, newer_or_same, version_of
@@ -99,8 +103,8 @@ class Watch(ClosableStream[WatchEvent]):
     ``resource_version``: where the watch starts (None: from now; its first events are
     then the objects as they are, as ADDED), and then the last version it saw. Watch
     again from there when the iteration ends (the server ended the watch after
-    ``timeout_seconds``). ``action`` says what was being done in its errors.
-    ``idle_timeout``: how long the stream may stay silent before it counts as dead.
+    ``timeout_seconds``, or it stayed silent for ``idle_timeout`` seconds). ``action``
+    says what was being done in its errors.
     """
 
     def __init__(
@@ -156,6 +160,10 @@ class Watch(ClosableStream[WatchEvent]):
                 event = self._read(raw)
                 if event is not None:
                     yield event
+        except WatchSilent:  # maybe a dead connection: the next watch makes a new one
+            if not self._closed.is_set():
+                log.info("the watch stayed silent, watching again", extra={
+                    "ACTION": self.action, "SILENT_FOR": self._idle_timeout})
         except ApiError as err:  # the watch was refused
             if err.status == 410:
                 raise WatchExpired(

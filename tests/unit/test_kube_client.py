@@ -36,6 +36,7 @@ from cluo.kube.client import (
     MalformedResponse,
     NoAnswer,
     StaticToken,
+    WatchSilent,
     kube_error,
 )
 from cluo.kube.config import kubeconfig_client
@@ -428,7 +429,7 @@ def test_a_silent_watch_times_out_after_its_read_timeout(
     server: ScriptedServer, client: KubeClient
 ) -> None:
     server.watch_hold = True
-    with pytest.raises(TimeoutError) as caught:
+    with pytest.raises(WatchSilent) as caught:
         list(client.watch("/watch", timeout=(5.0, 0.3)))
     assert "silent (no event, no bookmark) for 0.3 s" in str(caught.value)
     assert kube_error("watching node 'n1'", caught.value).kind == "timeout"

@@ -19,7 +19,7 @@ import pytest
 
 from cluo.backoff import Backoff
 from cluo.errors import KubeError, WatchExpired
-from cluo.kube.client import ApiError
+from cluo.kube.client import ApiError, WatchSilent
 from cluo.kube.objects import Obj
 from cluo.kube.resources import WATCH_IDLE_TIMEOUT
 from cluo.kube.watch import ObjectStore, Reflector, Watch, WatchEvent, WatchLoop
@@ -191,6 +191,23 @@ def test_a_watch_refused_otherwise_is_that_error() -> None:
         read(Watch(FakeClient(FakeStream([refused])), "/p", action=WATCHING))
     assert (caught.value.kind, caught.value.status) == ("forbidden", 403)
     assert "nodes is forbidden" in str(caught.value)
+
+
+def test_a_silent_stream_ends_the_watch_to_be_made_again_from_its_version(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No event, no bookmark for the idle timeout: maybe a connection that died without a
+    # word. The watch ends as when the server ends it; the next one, from the version
+    # reached, goes over a new connection.
+    silent = WatchSilent("the watch stayed silent (no event, no bookmark) for 80 s")
+    watch = Watch(FakeClient(FakeStream([change("ADDED", "n1", "5"), silent])), "/p",
+                  action=WATCHING)
+    with caplog.at_level(logging.INFO, "cluo.kube.watch"):
+        assert [event.object for event in read(watch)] == [node("n1", "5")]
+    assert watch.resource_version == "5"
+    [record] = caplog.records
+    assert record.getMessage() == "the watch stayed silent, watching again"
+    assert fields_of(record) == {"ACTION": WATCHING, "SILENT_FOR": WATCH_IDLE_TIMEOUT}
 
 
 def test_a_broken_stream_is_unavailable_and_says_what_was_watched() -> None:
