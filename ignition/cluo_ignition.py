@@ -4,16 +4,20 @@
     python ignition/cluo_ignition.py \\
         --artifact-url https://example.com/cluo-agent-0.1.0-x86-64.raw \\
         --artifact build/cluo-agent-0.1.0-x86-64.raw \\
-        --kubeconfig cluo-agent.kubeconfig \\
         --node-setting drain-timeout=15m -o node.ign
 
 What the config does on the node's first boot (docs/install.md):
 
 - downloads the systemd-sysext image to /opt/extensions/cluo-agent/NAME.raw, checked by its
   sha512, and links /etc/extensions/cluo-agent.raw to it (systemd-sysext merges it into /usr);
-- writes /etc/cluo/kubeconfig (mode 0600) and /etc/cluo/agent.env (CLUO_AGENT_* settings);
+- writes /etc/cluo/agent.env (CLUO_AGENT_* settings), which points the agent at the kubelet's
+  own kubeconfig, /etc/kubernetes/kubelet.conf unless ``--node-setting kubeconfig=PATH``
+  names another file on the node;
 - installs units/cluo-agent.service and enables it, enables update-engine.service and masks
   locksmithd.service.
+
+The config holds no credential: the agent acts as its node, with the kubelet's credential,
+which the kubelet renews itself (docs/security.md).
 
 `--format ignition` (the default) writes Ignition JSON, spec 3.3.0 (`--spec 3.4.0` for the
 newer spec, which every Flatcar channel accepts). `--format butane` fills the placeholders
@@ -23,7 +27,6 @@ of ignition/cluo-agent.bu instead. Bad input exits with status 2 and a message n
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import re
@@ -33,8 +36,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,7 +51,9 @@ BUTANE_TEMPLATE = HERE / "cluo-agent.bu"
 EXTENSIONS_DIR = "/opt/extensions/cluo-agent"
 EXTENSION_LINK = "/etc/extensions/cluo-agent.raw"
 CONFIG_DIR = "/etc/cluo"
-KUBECONFIG_PATH = "/etc/cluo/kubeconfig"
+# kubeadm's kubeconfig of the kubelet; its client certificate is the kubelet's own,
+# /var/lib/kubelet/pki/kubelet-client-current.pem, rotated by the kubelet.
+KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 AGENT_ENV_PATH = "/etc/cluo/agent.env"
 
 # Ignition spec -> the Butane flatcar variant version that produces it.
@@ -58,7 +61,6 @@ SPECS = {"3.3.0": "1.0.0", "3.4.0": "1.1.0"}
 DEFAULT_SPEC = "3.3.0"
 URL_SCHEMES = ("http", "https", "s3", "gs", "tftp")
 # File modes; Ignition JSON wants them in decimal.
-MODE_SECRET = 0o600  # 384
 MODE_FILE = 0o644  # 420
 MODE_DIR = 0o755  # 493
 
@@ -66,14 +68,13 @@ ARTIFACT_NAME_RE = re.compile(r"^cluo-agent-[A-Za-z0-9][A-Za-z0-9._+~-]*\.raw$")
 SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
 # Environment values written without quotes; anything else is double-quoted.
 PLAIN_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/@%+,=-]*$")
-# Settings this tool owns, so a node setting may not override them.
-OWNED_SETTINGS = {"kubeconfig": f"the kubeconfig is always written to {KUBECONFIG_PATH}"}
-KUBECONFIG_FILE_FIELDS = {
-    "certificate-authority": "certificate-authority-data",
-    "client-certificate": "client-certificate-data",
-    "client-key": "client-key-data",
-    "tokenFile": "token",
-}
+KUBECONFIG_VARIABLE = agent_config.ENV_PREFIX + "KUBECONFIG"
+# Options of earlier versions that put a credential into the config.
+NO_CREDENTIAL = (
+    "the config carries no credential: cluo-agent uses its node's kubelet credential "
+    f"({KUBELET_KUBECONFIG}; docs/security.md). To name another kubeconfig on the node: "
+    "--node-setting kubeconfig=PATH"
+)
 
 
 class InputError(ValueError):
@@ -81,19 +82,9 @@ class InputError(ValueError):
 
 
 @dataclass(frozen=True)
-class Kubeconfig:
-    """Either the kubeconfig's text (embedded) or a URL the node fetches it from."""
-
-    text: str | None = None
-    url: str | None = None
-    sha512: str | None = None
-
-
-@dataclass(frozen=True)
 class Inputs:
     artifact_url: str
     artifact_sha512: str
-    kubeconfig: Kubeconfig
     settings: Mapping[str, str] = field(default_factory=dict)  # CLUO_AGENT_* -> value
     spec: str = DEFAULT_SPEC
 
@@ -156,38 +147,15 @@ def file_sha512(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_kubeconfig(text: str, source: str) -> str:
-    """The kubeconfig's text if it is a kubeconfig the node can use on its own."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise InputError(f"--kubeconfig: {source} is not YAML: {err}") from None
-    if not isinstance(document, dict) or document.get("kind", "Config") != "Config":
-        raise InputError(f"--kubeconfig: {source} is not a kubeconfig (kind: Config)")
-    for section in ("clusters", "users", "contexts"):
-        if not isinstance(document.get(section), list) or not document[section]:
-            raise InputError(f"--kubeconfig: {source} has no {section}")
-    for section, key in (("clusters", "cluster"), ("users", "user")):
-        for entry in document[section]:
-            body = entry.get(key) if isinstance(entry, dict) else None
-            for file_field, data_field in KUBECONFIG_FILE_FIELDS.items():
-                if isinstance(body, dict) and body.get(file_field):
-                    raise InputError(
-                        f"--kubeconfig: {source} refers to the file {body[file_field]!r} "
-                        f"({file_field}), which the node does not have: embed it as "
-                        f"{data_field}"
-                    )
-    return text
-
-
 def settings_from(pairs: Sequence[str]) -> dict[str, str]:
     """CLUO_AGENT_* variables from KEY=VALUE pairs, checked as the agent itself would.
 
     KEY is a flag of cluo-agent (`drain-timeout`, `--drain-timeout`, `drain_timeout`) or its
-    variable (`CLUO_AGENT_DRAIN_TIMEOUT`).
+    variable (`CLUO_AGENT_DRAIN_TIMEOUT`). The kubeconfig is the kubelet's unless a setting
+    names another.
     """
     flags = agent_flags()
-    settings: dict[str, str] = {}
+    given: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
@@ -196,8 +164,6 @@ def settings_from(pairs: Sequence[str]) -> dict[str, str]:
         if flag.upper().startswith(agent_config.ENV_PREFIX):
             flag = flag[len(agent_config.ENV_PREFIX):]
         flag = flag.lstrip("-").lower().replace("_", "-")
-        if flag in OWNED_SETTINGS:
-            raise InputError(f"--node-setting: {key!r} cannot be set: {OWNED_SETTINGS[flag]}")
         if flag not in flags:
             raise InputError(
                 f"--node-setting: {key!r} is not a cluo-agent flag "
@@ -206,9 +172,10 @@ def settings_from(pairs: Sequence[str]) -> dict[str, str]:
         if any(ord(char) < 32 or ord(char) == 127 for char in value):
             raise InputError(f"--node-setting: the value of {key!r} has control characters")
         variable = agent_config.ENV_PREFIX + flag.upper().replace("-", "_")
-        if variable in settings:
+        if variable in given:
             raise InputError(f"--node-setting: {key!r} is given twice")
-        settings[variable] = value
+        given[variable] = value
+    settings = {KUBECONFIG_VARIABLE: KUBELET_KUBECONFIG, **given}
     # The agent's own checks, on the values as it will read them. The node name defaults to
     # the node's hostname, which this machine does not know: a stand-in when it is not set.
     environment = {agent_config.ENV_PREFIX + "NODE_NAME": "node", **settings}
@@ -227,9 +194,7 @@ def agent_flags() -> set[str]:
 # --- the config ------------------------------------------------------------------------
 
 
-def data_url(content: str, *, base64_encoded: bool = False) -> str:
-    if base64_encoded:
-        return "data:;base64," + base64.b64encode(content.encode()).decode()
+def data_url(content: str) -> str:
     return "data:," + urllib.parse.quote(content, safe="")
 
 
@@ -255,15 +220,6 @@ def build_config(inputs: Inputs) -> dict[str, Any]:
     """The Ignition config, as the dict that becomes its JSON."""
     if inputs.spec not in SPECS:
         raise InputError(f"--spec: {inputs.spec!r} is not one of {', '.join(SPECS)}")
-    kubeconfig: dict[str, Any]
-    if inputs.kubeconfig.text is not None:
-        kubeconfig = {"source": data_url(inputs.kubeconfig.text, base64_encoded=True)}
-    elif inputs.kubeconfig.url is not None:
-        kubeconfig = {"source": inputs.kubeconfig.url}
-        if inputs.kubeconfig.sha512:
-            kubeconfig["verification"] = {"hash": f"sha512-{inputs.kubeconfig.sha512}"}
-    else:
-        raise InputError("--kubeconfig or --kubeconfig-url is required")
     return {
         "ignition": {"version": inputs.spec},
         "storage": {
@@ -280,7 +236,6 @@ def build_config(inputs: Inputs) -> dict[str, Any]:
                         "verification": {"hash": f"sha512-{inputs.artifact_sha512}"},
                     },
                 },
-                {"path": KUBECONFIG_PATH, "mode": MODE_SECRET, "contents": kubeconfig},
                 {
                     "path": AGENT_ENV_PATH,
                     "mode": MODE_FILE,
@@ -303,21 +258,12 @@ def render_butane(inputs: Inputs, template: str | None = None) -> str:
     """ignition/cluo-agent.bu with its placeholders filled."""
     if inputs.spec not in SPECS:
         raise InputError(f"--spec: {inputs.spec!r} is not one of {', '.join(SPECS)}")
-    if inputs.kubeconfig.text is not None:
-        kubeconfig = "inline: |\n" + _indent(inputs.kubeconfig.text, "  ")
-    elif inputs.kubeconfig.url is not None:
-        kubeconfig = f"source: {json.dumps(inputs.kubeconfig.url)}"
-        if inputs.kubeconfig.sha512:
-            kubeconfig += f"\nverification:\n  hash: sha512-{inputs.kubeconfig.sha512}"
-    else:
-        raise InputError("--kubeconfig or --kubeconfig-url is required")
     env_lines = agent_env(inputs.settings).splitlines()[2:]  # the header is in the template
     values = {
         "BUTANE_VERSION": SPECS[inputs.spec],
         "ARTIFACT_NAME": inputs.artifact_name,
         "ARTIFACT_URL": json.dumps(inputs.artifact_url),
         "ARTIFACT_SHA512": inputs.artifact_sha512,
-        "KUBECONFIG": kubeconfig,
         "AGENT_ENV": "\n".join(env_lines),
         "AGENT_UNIT": unit_text(),
     }
@@ -354,12 +300,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where the node downloads cluo-agent-VERSION-x86-64.raw")
     add("--artifact-sha512", help="the image's sha512 (or the contents of its .sha512 file)")
     add("--artifact", type=Path, help="the built image: its sha512 is computed")
-    add("--kubeconfig", type=Path,
-        help="kubeconfig of the cluo-agent ServiceAccount, embedded (mode 0600)")
-    add("--kubeconfig-url", help="or: a URL the node fetches the kubeconfig from")
-    add("--kubeconfig-sha512", help="sha512 of what --kubeconfig-url serves (optional)")
     add("--node-setting", action="append", default=[], metavar="KEY=VALUE",
-        help="a cluo-agent flag for /etc/cluo/agent.env, e.g. drain-timeout=15m (repeatable)")
+        help="a cluo-agent flag for /etc/cluo/agent.env, e.g. drain-timeout=15m (repeatable); "
+        f"kubeconfig=PATH: a kubeconfig on the node other than {KUBELET_KUBECONFIG}")
+    for gone in ("--kubeconfig", "--kubeconfig-url", "--kubeconfig-sha512"):
+        add(gone, dest=gone.removeprefix("--").replace("-", "_"), help=argparse.SUPPRESS)
     add("--spec", default=DEFAULT_SPEC, choices=list(SPECS), help="Ignition spec version")
     add("--format", default="ignition", choices=["ignition", "butane"])
     add("-o", "--output", type=Path, help="output file (default: stdout)")
@@ -384,28 +329,12 @@ def inputs_from(args: argparse.Namespace) -> Inputs:
         if len(words) > 1:
             raise_if_other_file(words[1], artifact_name(url))
         sha512 = check_sha512(words[0] if words else args.artifact_sha512, "--artifact-sha512")
-    if (args.kubeconfig is None) == (args.kubeconfig_url is None):
-        raise InputError("give exactly one of --kubeconfig and --kubeconfig-url")
-    if args.kubeconfig is not None:
-        if args.kubeconfig_sha512 is not None:
-            raise InputError("--kubeconfig-sha512 goes with --kubeconfig-url only")
-        try:
-            text = args.kubeconfig.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            reason = getattr(err, "strerror", None) or str(err)
-            raise InputError(f"--kubeconfig: cannot read {str(args.kubeconfig)!r}: "
-                             f"{reason}") from None
-        kubeconfig = Kubeconfig(text=check_kubeconfig(text, repr(str(args.kubeconfig))))
-    else:
-        kubeconfig = Kubeconfig(
-            url=check_url(args.kubeconfig_url, "--kubeconfig-url"),
-            sha512=(check_sha512(args.kubeconfig_sha512, "--kubeconfig-sha512")
-                    if args.kubeconfig_sha512 is not None else None),
-        )
+    for gone in ("kubeconfig", "kubeconfig_url", "kubeconfig_sha512"):
+        if getattr(args, gone) is not None:
+            raise InputError(f"--{gone.replace('_', '-')}: {NO_CREDENTIAL}")
     return Inputs(
         artifact_url=url,
         artifact_sha512=sha512,
-        kubeconfig=kubeconfig,
         settings=settings_from(args.node_setting),
         spec=args.spec,
     )

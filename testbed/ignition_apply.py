@@ -30,8 +30,10 @@ Gotchas (Ignition 2.14 from Debian, verified on this machine):
 - ``-config-cache``, ``-state-file`` and ``-neednet`` default to /run: they are pointed at a
   scratch folder so nothing of this machine's /run is touched.
 - It logs to the journal by default; ``-log-to-stdout`` keeps its log with the test.
-- ``data:`` URLs with percent-encoding are fine; the generator's embedded kubeconfig is
-  base64 (``data:;base64,...``).
+- ``data:`` URLs with percent-encoding (the generator's agent.env) and base64 are both
+  read. The generated config holds no credential: the test bed puts the kubelet's
+  kubeconfig and client certificate on a host itself (testbed/roll.py), where kubeadm's
+  kubelet would have them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
 """A rolling reboot of real systemd hosts, end to end: shared by tests/e2e and `make demo`.
 
 Hosts are provisioned the way a Flatcar node is: `ignition/cluo_ignition.py` generates the
-Ignition config (sysext image by URL + sha512, the link in /etc/extensions, kubeconfig,
-agent.env, the unit, masks and enables), and the real Ignition applies it into the host's
-root (`testbed/ignition_apply.py`). What a Debian root lacks is then added:
+Ignition config (sysext image by URL + sha512, the link in /etc/extensions, agent.env,
+the unit, masks and enables: no credential), and the real Ignition applies it into the
+host's root (`testbed/ignition_apply.py`). What a Debian root lacks is then added:
+
+- the kubelet's credential, where a kubeadm-built node has it (`install_kubelet_credential`):
+  /etc/kubernetes/kubelet.conf naming /var/lib/kubelet/pki/kubelet-client-current.pem, a
+  client certificate of system:node:<host name> signed by the test bed's CA. The agent
+  uses it (agent.env points it there), confined to its own node (docs/security.md);
 
 - the host is Flatcar-shaped (`testbed/flatcar.py`: Flatcar's os-release with
   ``SYSEXT_LEVEL=1.0`` and its update group), so systemd-sysext merges the release image
@@ -20,8 +25,8 @@ root (`testbed/ignition_apply.py`). What a Debian root lacks is then added:
 
 `Roll` then runs N such hosts against a real control plane, the kubelet
 emulator following each host's up and down (`HostFollower`), the real ``cluo-coord`` with
-the deploy/ RBAC, update_engine reporting NEED_REBOOT on every host, and the roll watched
-until every node rebooted once for real and was uncordoned. `InFlightRecorder`
+the deploy/ RBAC and admission policy, update_engine reporting NEED_REBOOT on every host,
+and the roll watched until every node rebooted once for real and was uncordoned. `InFlightRecorder`
 (testbed/recorder.py) keeps the history (Node and slot Lease watches, ordered by
 resourceVersion) that proves "never two in flight"; `Roll.snapshot()` is what the demo's
 progress display shows.
@@ -29,7 +34,6 @@ progress display shows.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -48,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes.client
-import yaml
 from kubernetes.client import (
     CoordinationV1Api,
     CoreV1Api,
@@ -62,7 +65,7 @@ from kubernetes.client.exceptions import ApiException
 
 from cluo.protocol import LEADER_LEASE_NAME, SLOT_LEASE_LABEL, Keys
 from testbed import flatcar, ignition_apply
-from testbed.controlplane import ControlPlane
+from testbed.controlplane import ControlPlane, node_credential_path
 from testbed.coordinator import CoordProcess
 from testbed.dbus_bus import UPDATE_ENGINE_TEMPLATE, mock_command
 from testbed.kubelet import EmulatedNode, KubeletEmulator
@@ -79,11 +82,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "hack" / "build-agent-artifact.sh"
 GENERATOR = ROOT / "ignition" / "cluo_ignition.py"
 DEPLOY = ROOT / "deploy"
-NAMESPACE = "cluo-system"  # the agent's and the coordinator's (deploy/namespace.yaml)
-AGENT_SERVICE_ACCOUNT = "cluo-agent"
+NAMESPACE = "cluo-system"  # the coordinator's (deploy/namespace.yaml)
 COORD_SERVICE_ACCOUNT = "cluo-coord"
 ARTIFACT_BUILD_TIMEOUT = 900
-TOKEN_SECONDS = 3 * 3600
+# Where kubeadm's kubelet keeps its kubeconfig and its (rotated) client certificate; the
+# generated agent.env points the agent at the first (ignition/cluo_ignition.py).
+KUBELET_CONF = "/etc/kubernetes/kubelet.conf"
+KUBELET_PEM = "/var/lib/kubelet/pki/kubelet-client-current.pem"
 # Until systemd inside has finished booting: that includes cluo-agent.service's READY=1,
 # which waits for the Node (the agent's start-up retries back off up to 30 s).
 BOOT_TIMEOUT = 90.0
@@ -228,10 +233,11 @@ def build_agent_image(out: Path) -> AgentImage:
 
 
 def _image_inputs_key() -> str:
-    """A hash of what the image is built from: the agent's sources, the build script,
-    pyproject.toml and the virtualenv's installed distributions."""
+    """A hash of what the image is built from: the agent's sources and the shared package
+    it bundles, the build script, pyproject.toml and the virtualenv's installed
+    distributions."""
     digest = hashlib.sha256()
-    sources = sorted((ROOT / "cluo_host").rglob("*.py"))
+    sources = sorted([*(ROOT / "cluo_host").rglob("*.py"), *(ROOT / "cluo").rglob("*.py")])
     for path in [*sources, BUILD, ROOT / "pyproject.toml"]:
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     site = sorted(Path(sys.executable).parent.parent.glob("lib/python*/site-packages/*.dist-info"))
@@ -268,34 +274,23 @@ def cached_agent_image() -> AgentImage:
     return AgentImage(image=image, sha512=sha512, tree=image.with_suffix(""))
 
 
-def agent_kubeconfig_text(control_plane: ControlPlane) -> str:
-    """A kubeconfig of the cluo-agent ServiceAccount (deploy/agent-rbac.yaml), self-contained:
-    the CA embedded as certificate-authority-data, a real token."""
-    control_plane.kubectl("apply", "-f", str(DEPLOY / "namespace.yaml"),
-                          "-f", str(DEPLOY / "agent-rbac.yaml"))
-    token = control_plane.service_account_token(
-        NAMESPACE, AGENT_SERVICE_ACCOUNT, expiration_seconds=TOKEN_SECONDS
-    )
-    ca_data = base64.b64encode(control_plane.pki.ca_cert.read_bytes()).decode()
-    return yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "cluo-test", "cluster": {
-            "server": control_plane.url, "certificate-authority-data": ca_data}}],
-        "users": [{"name": "cluo-agent", "user": {"token": token}}],
-        "contexts": [{"name": "cluo-test",
-                      "context": {"cluster": "cluo-test", "user": "cluo-agent"}}],
-        "current-context": "cluo-test",
-    })
+def install_kubelet_credential(host: NspawnHost, control_plane: ControlPlane,
+                               workdir: Path) -> None:
+    """Put the credential of node ``host.name`` on the stopped ``host`` where kubeadm's
+    kubelet keeps it: KUBELET_CONF (server, CA) naming KUBELET_PEM (certificate and key of
+    system:node:<name>), both root-only."""
+    kubeconfig = control_plane.node_kubeconfig(host.name, workdir / "kubelet.conf",
+                                               credential_path=Path(KUBELET_PEM))
+    host.add_file(KUBELET_CONF, kubeconfig.read_text(), 0o600)
+    host.add_file(KUBELET_PEM, node_credential_path(kubeconfig).read_bytes(), 0o600)
 
 
 def generate_config(
-    image: AgentImage, url_base: str, kubeconfig: Path, out: Path, settings: Sequence[str]
+    image: AgentImage, url_base: str, out: Path, settings: Sequence[str]
 ) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, str(GENERATOR),
          "--artifact-url", f"{url_base}/{image.image.name}", "--artifact", str(image.image),
-         "--kubeconfig", str(kubeconfig),
          *(arg for setting in settings for arg in ("--node-setting", setting)),
          "-o", str(out)],
         capture_output=True, text=True, timeout=60, check=False,
@@ -318,7 +313,7 @@ def provision_host(
     base_root: Path,
     image: AgentImage,
     url_base: str,
-    kubeconfig_text: str,
+    control_plane: ControlPlane,
     workdir: Path,
     settings: Sequence[str] = (),
     on_made: Callable[[NspawnHost], None] = lambda _host: None,
@@ -332,11 +327,8 @@ def provision_host(
     timings: dict[str, float] = {}
     started = time.monotonic()
     workdir.mkdir(parents=True)
-    kubeconfig = workdir / "kubeconfig"
-    kubeconfig.write_text(kubeconfig_text)
-    kubeconfig.chmod(0o600)
     config_path = workdir / "node.ign"
-    config = generate_config(image, url_base, kubeconfig, config_path, settings)
+    config = generate_config(image, url_base, config_path, settings)
     host = NspawnHost(name, base_root, workdir / "host", loop_devices=True)
     on_made(host)
     flatcar.make_flatcar_shaped(host)
@@ -345,6 +337,7 @@ def provision_host(
     else:
         summary = ignition_apply.apply_with_python(host, config)
     add_update_engine_stand_in(host)
+    install_kubelet_credential(host, control_plane, workdir)
     host.add_file(f"/etc/systemd/system/{BOOT_ID_UNIT}", BOOT_ID_UNIT_TEXT)
     host.add_file(AGENT_BOOT_ID_DROPIN, AGENT_BOOT_ID_DROPIN_TEXT)
     host.enable_unit(BOOT_ID_UNIT)
@@ -609,10 +602,11 @@ class Roll:
     def setup(self) -> None:
         """Everything up to hosts whose agents are ready and a ready coordinator."""
         t0 = time.monotonic()
-        self.log("applying deploy/ RBAC (namespace, agent, coordinator)")
+        self.log("applying deploy/ (namespace, coordinator RBAC, the agents' admission policy)")
         self.control_plane.kubectl(
-            "apply", "-f", str(DEPLOY / "namespace.yaml"), "-f", str(DEPLOY / "agent-rbac.yaml"),
+            "apply", "-f", str(DEPLOY / "namespace.yaml"),
             "-f", str(DEPLOY / "coordinator-rbac.yaml"))
+        self.control_plane.apply_agent_policy()
         self._clean_leases()
         base_root = self._base_root
         if base_root is None:
@@ -628,7 +622,6 @@ class Roll:
             server = ignition_apply.serve_directory(image.image.parent)
             url_base = server.__enter__()
             self._closers.append(lambda: server.__exit__(None, None, None))
-        kubeconfig_text = agent_kubeconfig_text(self.control_plane)
         self._core.create_namespace(kubernetes.client.V1Namespace(
             metadata=V1ObjectMeta(name=self.namespace)))
         emulator = KubeletEmulator(self._admin, heartbeat_interval=2.0,
@@ -640,7 +633,7 @@ class Roll:
             self.log(f"provisioning {name} with Ignition and booting it")
             provisioned = provision_host(
                 name, base_root=base_root, image=image, url_base=url_base,
-                kubeconfig_text=kubeconfig_text, workdir=self.workdir / name,
+                control_plane=self.control_plane, workdir=self.workdir / name,
                 settings=self.settings.agent_settings, on_made=self._hosts.append)
             if provisioned.root_problems:
                 raise RollError(f"{name}: the root does not match its Ignition config: "

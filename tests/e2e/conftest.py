@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import ignition_apply, roll
+from testbed import ignition_apply
 from testbed.controlplane import ControlPlane
 from testbed.nspawn import NspawnHost, build_base_root
 from testbed.roll import (
@@ -62,13 +62,6 @@ def artifact_url_base(agent_image: AgentImage) -> Iterator[str]:
         yield base
 
 
-@pytest.fixture(scope="session")
-def agent_kubeconfig_text(control_plane: ControlPlane) -> str:
-    """A kubeconfig of the cluo-agent ServiceAccount (deploy/agent-rbac.yaml), self-contained:
-    the CA embedded as certificate-authority-data, a real token."""
-    return roll.agent_kubeconfig_text(control_plane)
-
-
 AgentHostFactory = Callable[..., ProvisionedHost]
 
 
@@ -77,11 +70,12 @@ def agent_hosts(
     agent_base_root: Path,
     agent_image: AgentImage,
     artifact_url_base: str,
-    agent_kubeconfig_text: str,
+    control_plane: ControlPlane,
     tmp_path: Path,
 ) -> Iterator[AgentHostFactory]:
-    """Factory: `make(name, settings=())` provisions a host from its Ignition config and
-    starts its boot; it returns as soon as the boot id can be read.
+    """Factory: `make(name, settings=())` provisions a host from its Ignition config, with
+    its node's kubelet credential where kubeadm puts it (testbed/roll.py), and starts its
+    boot; it returns as soon as the boot id can be read.
 
     Not later: the boot does not finish (`wait_until_running`) before the agent is ready,
     and the agent is ready only once its Node exists, which the caller registers with this
@@ -91,7 +85,7 @@ def agent_hosts(
     def make(name: str, settings: Sequence[str] = ()) -> ProvisionedHost:
         return provision_host(
             name, base_root=agent_base_root, image=agent_image, url_base=artifact_url_base,
-            kubeconfig_text=agent_kubeconfig_text, workdir=tmp_path / name,
+            control_plane=control_plane, workdir=tmp_path / name,
             settings=settings, on_made=hosts.append)
 
     yield make

@@ -65,19 +65,6 @@ NEED_REBOOT = ("1700000000", "1.0", "UPDATE_STATUS_UPDATED_NEED_REBOOT", "4152.2
 TIMEOUT = 60.0  # any one step of the cycle (agent start-up retries back off up to 30 s)
 REBOOT_TIMEOUT = 90.0  # grant -> nspawn exit, with a drain of a few seconds in between
 SLOW_GRACE_SECONDS = 200  # x 0.05: an evicted pod takes 10 s to go
-KUBECONFIG_STUB = """apiVersion: v1
-kind: Config
-clusters:
-- name: c
-  cluster: {server: "https://127.0.0.1:9", certificate-authority-data: "Y2E="}
-users:
-- name: u
-  user: {token: not-a-real-token}
-contexts:
-- name: c
-  context: {cluster: c, user: u}
-current-context: c
-"""
 
 
 @pytest.fixture
@@ -328,11 +315,9 @@ def test_agent_killed_mid_drain_is_restarted_by_systemd_and_reboots_once(cycle: 
 def test_python_applier_gives_the_root_real_ignition_gives_and_checks_hashes(
     agent_base_root: Path, agent_image: AgentImage, tmp_path: Path
 ) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG_STUB)
     url_base = "https://artifacts.example.com/cluo"
     config_path = tmp_path / "node.ign"
-    config = generate_config(agent_image, url_base, kubeconfig, config_path, ["log-level=debug"])
+    config = generate_config(agent_image, url_base, config_path, ["log-level=debug"])
     url = f"{url_base}/{agent_image.image.name}"
     hosts = [NspawnHost(f"prov-{kind}", agent_base_root, tmp_path / kind)
              for kind in ("ignition", "python", "tampered")]

@@ -100,10 +100,10 @@ def kubeconfig(tmp_path: Path) -> Path:
     return path
 
 
-def generate(artifact: Artifact, kubeconfig: Path, out: Path, *extra: str) -> dict[str, object]:
+def generate(artifact: Artifact, out: Path, *extra: str) -> dict[str, object]:
     result = subprocess.run(
         [sys.executable, str(GENERATOR), "--artifact-url", artifact.url,
-         "--artifact", str(artifact.image), "--kubeconfig", str(kubeconfig),
+         "--artifact", str(artifact.image),
          "--node-setting", "drain-timeout=15m", "-o", str(out), *extra],
         capture_output=True, text=True, timeout=60, check=False,
     )
@@ -160,39 +160,23 @@ def test_image_is_a_flatcar_sysext_with_a_bundle_that_runs(artifact: Artifact) -
 
 
 def test_ignition_validate_accepts_the_generated_config(
-    artifact: Artifact, kubeconfig: Path, tmp_path: Path
+    artifact: Artifact, tmp_path: Path
 ) -> None:
-    config = generate(artifact, kubeconfig, tmp_path / "node.ign")
+    config = generate(artifact, tmp_path / "node.ign")
 
     assert image_hash(config) == f"sha512-{artifact.sha512}"
     result = ignition_validate(tmp_path / "node.ign")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_ignition_validate_accepts_a_kubeconfig_fetched_by_url(
-    artifact: Artifact, tmp_path: Path
-) -> None:
-    out = tmp_path / "node.ign"
-    result = subprocess.run(
-        [sys.executable, str(GENERATOR), "--artifact-url", artifact.url,
-         "--artifact-sha512", artifact.sha512,
-         "--kubeconfig-url", "https://secrets.example.com/node-1.kubeconfig", "-o", str(out)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert result.returncode == 0, result.stderr
-
-    validation = ignition_validate(out)
-    assert validation.returncode == 0, validation.stdout + validation.stderr
-
-
 def test_a_rebuilt_artifact_changes_the_sha512_in_the_config(
-    artifact: Artifact, kubeconfig: Path, tmp_path: Path, work_dir: Path
+    artifact: Artifact, tmp_path: Path, work_dir: Path
 ) -> None:
-    before = generate(artifact, kubeconfig, tmp_path / "before.ign")
+    before = generate(artifact, tmp_path / "before.ign")
     extra = tmp_path / "NOTICE"
     extra.write_text("a change to the image\n")
     rebuilt = build_artifact(tmp_path / "rebuilt", work_dir, EXTRA_FILE=str(extra))
-    after = generate(rebuilt, kubeconfig, tmp_path / "after.ign")
+    after = generate(rebuilt, tmp_path / "after.ign")
 
     assert rebuilt.image.name == artifact.image.name
     assert rebuilt.sha512 != artifact.sha512

@@ -2,8 +2,9 @@
 
 The example names become the test bed's: ``registry.example.com`` a Debian
 ``docker-registry`` on a free loopback port, ``https://k8s-api.example.com:6443`` the test
-control plane, ``https://artifacts.example.com/cluo`` an HTTP server on loopback. Where the
-doc's text is a script (the agent's credential, the in-place update) or a file's content
+control plane, ``https://artifacts.example.com/cluo`` an HTTP server on loopback, the
+example node ``worker-1`` a Node registered here. Where the doc's text is a script (the
+check that the cluster confines node credentials, the in-place update) or a file's content
 (the kustomization's ``images:`` entry), the test takes it from docs/install.md itself, so
 the doc and the test cannot say different things; single commands are written out here.
 
@@ -15,7 +16,8 @@ unchanged. ``kubectl`` is the control plane's, with the admin kubeconfig.
 The test bed runs no deployment controller and no kubelet: the applied Deployment's pod
 does not start here (tests/e2e/test_coord_image.py runs the image as that pod would). The
 nodes are Flatcar-shaped nspawn hosts provisioned from their Ignition config
-(tests/e2e/conftest.py's ``agent_hosts``) with the kubeconfig of step 5.
+(tests/e2e/conftest.py's ``agent_hosts``), the test bed putting each node's kubelet
+credential where kubeadm would (step 5: the agent uses it).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ with (REPO / "pyproject.toml").open("rb") as _file:
     VERSION = tomllib.load(_file)["project"]["version"]
 NEW_AGENT_VERSION = f"{VERSION}-next"  # step 8's second image
 NAMESPACE = "cluo-system"
-AGENT_IDENTITY = "system:serviceaccount:cluo-system:cluo-agent"
+EXAMPLE_NODE = "worker-1"  # step 5's node
 REGISTRY_IMAGE = "registry.example.com/cluo-coord:0.1.0"  # the doc's images: entry
 EXAMPLE_SERVER = "https://k8s-api.example.com:6443"
 EXAMPLE_ARTIFACTS = "https://artifacts.example.com/cluo"
@@ -207,18 +209,25 @@ def applied_deploy(control_plane: ControlPlane, pointed_deploy: Path) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def agent_credential(control_plane: ControlPlane, applied_deploy: str, checkout: Path,
-                     shell_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Step 5's block, run by bash in the checkout: it writes cluo-agent.kubeconfig."""
-    script = substituted(documented("kind: Config"), {EXAMPLE_SERVER: control_plane.url})
-    return run(["bash", "-euo", "pipefail", "-c", script], cwd=checkout, env=shell_env)
-
-
-@pytest.fixture(scope="module")
-def agent_kubeconfig_text(agent_credential: subprocess.CompletedProcess[str],
-                          checkout: Path) -> str:
-    """The nodes of this module (conftest's agent_hosts) get step 5's kubeconfig."""
-    return (checkout / "cluo-agent.kubeconfig").read_text()
+def node_check(control_plane: ControlPlane, applied_deploy: str, checkout: Path,
+               shell_env: dict[str, str],
+               kube_admin: kubernetes.client.ApiClient) -> Iterator[str]:
+    """Step 5's block, run by bash in the checkout for a registered Node; yields its output
+    (every command in it is meant to be refused)."""
+    name = unique_name("check")
+    core = kubernetes.client.CoreV1Api(kube_admin)
+    core.create_node(kubernetes.client.V1Node(
+        metadata=kubernetes.client.V1ObjectMeta(name=name)))
+    try:
+        control_plane.apply_agent_policy()  # applied by step 4; waits until it is enforced
+        script = substituted(documented("--dry-run=server"), {
+            f"node={EXAMPLE_NODE}": f"node={name}"})
+        result = subprocess.run(["bash", "-c", script], cwd=checkout, env=shell_env,
+                                capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                                check=False)
+        yield result.stdout + result.stderr
+    finally:
+        core.delete_node(name)
 
 
 @pytest.fixture
@@ -230,8 +239,9 @@ def kubelet(kube_admin: kubernetes.client.ApiClient) -> Iterator[KubeletEmulator
 
 
 def first_boot(agent_hosts: AgentHostFactory, kubelet: KubeletEmulator) -> ProvisionedHost:
-    """Step 7 on the test bed: a node provisioned from its Ignition config boots, its Node
-    is registered (the kubelet's part) and the boot finishes with the agent ready."""
+    """Step 7 on the test bed: a node provisioned from its Ignition config (and given its
+    kubelet credential) boots, its Node is registered (the kubelet's part) and the boot
+    finishes with the agent ready."""
     provisioned = agent_hosts(unique_name("walk"))
     assert provisioned.root_problems == [], provisioned.root_problems
     kubelet.add_node(provisioned.name, boot_id=provisioned.boot_id)
@@ -292,35 +302,27 @@ def test_apply_makes_the_deployment_run_the_registry_image(
 # --------------------------------------------------------------------------- 5. credential
 
 
-def test_agent_kubeconfig_authenticates_as_the_cluo_agent_service_account(
-    agent_credential: subprocess.CompletedProcess[str], control_plane: ControlPlane,
-    checkout: Path
-) -> None:
-    assert agent_credential.stdout.strip() == AGENT_IDENTITY  # the block's `auth whoami`
-    path = checkout / "cluo-agent.kubeconfig"
-    assert path.stat().st_mode & 0o777 == 0o600
-    config = yaml.safe_load(path.read_text())
-    (cluster,) = config["clusters"]
-    assert cluster["cluster"] == {
-        "server": control_plane.url,
-        "certificate-authority-data": base64.b64encode(
-            control_plane.pki.ca_cert.read_bytes()).decode(),
-    }
-    (user,) = config["users"]
-    assert list(user["user"]) == ["token"], "self-contained: a token, no file reference"
+def test_the_cluster_confines_a_nodes_credential(node_check: str) -> None:
+    def said(*parts: str) -> bool:
+        return any(all(part in line for part in parts) for line in node_check.splitlines())
+
+    assert said("no - node '", "cannot read all nodes"), node_check  # the Node authorizer
+    assert said("is not allowed to modify labels: node-restriction.kubernetes.io/cluo-check"), \
+        node_check  # NodeRestriction
+    assert said("ValidatingAdmissionPolicy 'cluo-node-keys' with binding 'cluo-node-keys' "
+                "denied request"), node_check  # deploy/agent-policy.yaml
+    assert not said("labeled") and not said("annotated"), node_check
 
 
 # --------------------------------------------------------------------------- 6. Ignition
 
 
-def test_ignition_config_with_the_agent_kubeconfig_validates(
-    checkout: Path, agent_credential: subprocess.CompletedProcess[str], agent_artifact: Path,
-    agent_image: AgentImage
+def test_ignition_config_validates_and_carries_no_credential(
+    checkout: Path, agent_artifact: Path, agent_image: AgentImage
 ) -> None:
     run([".venv/bin/python", "ignition/cluo_ignition.py",
          "--artifact-url", f"{EXAMPLE_ARTIFACTS}/cluo-agent-{VERSION}-x86-64.raw",
          "--artifact", f"build/cluo-agent-{VERSION}-x86-64.raw",
-         "--kubeconfig", "cluo-agent.kubeconfig",
          "--node-setting", "drain-timeout=15m",
          "-o", "node.ign"], cwd=checkout)
     run(["ignition-validate", "node.ign"], cwd=checkout)
@@ -330,9 +332,9 @@ def test_ignition_config_with_the_agent_kubeconfig_validates(
     image = files[f"/opt/extensions/cluo-agent/{agent_artifact.name}"]
     assert image["contents"]["source"] == f"{EXAMPLE_ARTIFACTS}/{agent_artifact.name}"
     assert image["contents"]["verification"]["hash"] == f"sha512-{agent_image.sha512}"
-    assert _data_url(files["/etc/cluo/kubeconfig"]) == (
-        checkout / "cluo-agent.kubeconfig").read_text()
-    assert "CLUO_AGENT_DRAIN_TIMEOUT=15m" in _data_url(files["/etc/cluo/agent.env"])
+    assert set(files) == {image["path"], "/etc/cluo/agent.env"}, "no kubeconfig, no key"
+    assert _data_url(files["/etc/cluo/agent.env"]).splitlines()[-2:] == [
+        "CLUO_AGENT_KUBECONFIG=/etc/kubernetes/kubelet.conf", "CLUO_AGENT_DRAIN_TIMEOUT=15m"]
 
 
 def _data_url(entry: dict[str, Any]) -> str:
@@ -348,7 +350,8 @@ def _data_url(entry: dict[str, Any]) -> str:
 
 
 def test_first_boot_shows_the_merged_agent_ready_and_its_node_labelled(
-    agent_hosts: AgentHostFactory, kubelet: KubeletEmulator, control_plane: ControlPlane
+    applied_deploy: str, agent_hosts: AgentHostFactory, kubelet: KubeletEmulator,
+    control_plane: ControlPlane
 ) -> None:
     node = first_boot(agent_hosts, kubelet)
     host = node.host

@@ -24,23 +24,9 @@ TOOL = ROOT / "ignition" / "cluo_ignition.py"
 URL = "https://artifacts.example.com/cluo/cluo-agent-1.2.3-x86-64.raw"
 SHA = "ab" * 64
 
-KUBECONFIG = """\
-apiVersion: v1
-kind: Config
-clusters:
-- name: prod
-  cluster:
-    server: https://10.0.0.1:6443
-    certificate-authority-data: LS0tLS1CRUdJTg==
-users:
-- name: cluo-agent
-  user:
-    token: eyJhbGciOiJSUzI1NiJ9.secret
-contexts:
-- name: cluo-agent
-  context: {cluster: prod, user: cluo-agent}
-current-context: cluo-agent
-"""
+# What would give a credential away, in any config or Butane text the tool writes.
+CREDENTIAL_MARKERS = ("-----BEGIN", "token:", "tokenFile", "client-key", "client-certificate",
+                      "certificate-authority-data", "password")
 
 
 def _load() -> ModuleType:
@@ -55,13 +41,6 @@ def _load() -> ModuleType:
 tool = _load()
 
 
-@pytest.fixture
-def kubeconfig(tmp_path: Path) -> Path:
-    path = tmp_path / "agent.kubeconfig"
-    path.write_text(KUBECONFIG)
-    return path
-
-
 def generate(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """Run the tool's `main` in this process, as its command line would."""
     argv = [str(arg) for arg in args]
@@ -74,19 +53,17 @@ def generate(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
-def test_runs_as_a_script(kubeconfig: Path) -> None:
+def test_runs_as_a_script() -> None:
     result = subprocess.run(
-        [sys.executable, str(TOOL), "--artifact-url", URL, "--artifact-sha512", SHA,
-         "--kubeconfig", str(kubeconfig)],
+        [sys.executable, str(TOOL), "--artifact-url", URL, "--artifact-sha512", SHA],
         capture_output=True, text=True, check=False, timeout=60, cwd="/",
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ignition"]["version"] == "3.3.0"
 
 
-def config_for(kubeconfig: Path, *extra: str) -> dict[str, Any]:
-    result = generate("--artifact-url", URL, "--artifact-sha512", SHA,
-                      "--kubeconfig", kubeconfig, *extra)
+def config_for(*extra: str) -> dict[str, Any]:
+    result = generate("--artifact-url", URL, "--artifact-sha512", SHA, *extra)
     assert result.returncode == 0, result.stderr
     config: dict[str, Any] = json.loads(result.stdout)
     return config
@@ -111,8 +88,8 @@ def decode_data_url(url: str) -> str:
 # --- the config ------------------------------------------------------------------------
 
 
-def test_downloads_the_sysext_image_checked_by_its_sha512(kubeconfig: Path) -> None:
-    config = config_for(kubeconfig)
+def test_downloads_the_sysext_image_checked_by_its_sha512() -> None:
+    config = config_for()
 
     assert config["ignition"]["version"] == "3.3.0"
     image = files_by_path(config)["/opt/extensions/cluo-agent/cluo-agent-1.2.3-x86-64.raw"]
@@ -131,29 +108,54 @@ def test_downloads_the_sysext_image_checked_by_its_sha512(kubeconfig: Path) -> N
     }
 
 
-def test_embeds_the_kubeconfig_readable_by_root_only(kubeconfig: Path) -> None:
-    entry = files_by_path(config_for(kubeconfig))["/etc/cluo/kubeconfig"]
+def agent_env_lines(config: dict[str, Any]) -> list[str]:
+    entry = files_by_path(config)["/etc/cluo/agent.env"]
+    assert entry["mode"] == 420
+    return [line for line in decode_data_url(entry["contents"]["source"]).splitlines()
+            if not line.startswith("#")]
 
-    assert entry["mode"] == 384
-    assert decode_data_url(entry["contents"]["source"]) == KUBECONFIG
+
+def test_points_the_agent_at_the_kubelets_kubeconfig_and_writes_no_other() -> None:
+    config = config_for()
+
+    assert agent_env_lines(config) == ["CLUO_AGENT_KUBECONFIG=/etc/kubernetes/kubelet.conf"]
+    assert set(files_by_path(config)) == {
+        "/opt/extensions/cluo-agent/cluo-agent-1.2.3-x86-64.raw", "/etc/cluo/agent.env"}
 
 
-def test_a_kubeconfig_url_is_fetched_by_the_node_with_an_optional_hash() -> None:
-    result = generate("--artifact-url", URL, "--artifact-sha512", SHA,
-                      "--kubeconfig-url", "https://secrets.example.com/n1.kubeconfig",
-                      "--kubeconfig-sha512", "cd" * 64)
+def test_another_kubeconfig_on_the_node_can_be_named() -> None:
+    config = config_for("--node-setting", "kubeconfig=/etc/kubernetes/cluo-agent.conf")
+
+    assert agent_env_lines(config) == ["CLUO_AGENT_KUBECONFIG=/etc/kubernetes/cluo-agent.conf"]
+
+
+@pytest.mark.parametrize("output", ["ignition", "butane"])
+def test_the_config_carries_no_credential(output: str) -> None:
+    result = generate("--artifact-url", URL, "--artifact-sha512", SHA, "--format", output,
+                      "--node-setting", "drain-timeout=15m", "--node-setting", "node-name=n1")
     assert result.returncode == 0, result.stderr
+    text = result.stdout
+    if output == "ignition":
+        config = json.loads(text)
+        text = "\n".join([text, *(decode_data_url(entry["contents"]["source"])
+                                  for entry in config["storage"]["files"]
+                                  if entry["contents"]["source"].startswith("data:"))])
+    found = [marker for marker in CREDENTIAL_MARKERS if marker in text]
+    assert found == [], f"the generated {output} config holds {found}"
 
-    entry = files_by_path(json.loads(result.stdout))["/etc/cluo/kubeconfig"]
-    assert entry["mode"] == 384
-    assert entry["contents"] == {
-        "source": "https://secrets.example.com/n1.kubeconfig",
-        "verification": {"hash": f"sha512-{'cd' * 64}"},
-    }
+
+@pytest.mark.parametrize("option", ["--kubeconfig", "--kubeconfig-url", "--kubeconfig-sha512"])
+def test_the_former_credential_options_are_refused_saying_why(option: str) -> None:
+    result = generate("--artifact-url", URL, "--artifact-sha512", SHA, option, "x")
+
+    assert result.returncode == 2
+    assert f"{option}: the config carries no credential" in result.stderr
+    assert "/etc/kubernetes/kubelet.conf" in result.stderr
+    assert result.stdout == ""
 
 
-def test_installs_the_repository_unit_and_masks_locksmithd(kubeconfig: Path) -> None:
-    units = units_by_name(config_for(kubeconfig))
+def test_installs_the_repository_unit_and_masks_locksmithd() -> None:
+    units = units_by_name(config_for())
 
     assert units["cluo-agent.service"] == {
         "name": "cluo-agent.service",
@@ -164,21 +166,15 @@ def test_installs_the_repository_unit_and_masks_locksmithd(kubeconfig: Path) -> 
     assert units["update-engine.service"] == {"name": "update-engine.service", "enabled": True}
 
 
-def test_node_settings_become_agent_variables(kubeconfig: Path) -> None:
+def test_node_settings_become_agent_variables() -> None:
     config = config_for(
-        kubeconfig,
         "--node-setting", "drain-timeout=15m",
         "--node-setting", "CLUO_AGENT_LOG_LEVEL=debug",
         "--node-setting=--annotation-prefix=flatcar-linux-update.v1.flatcar-linux.net/",
         "--node-setting", "node_name=worker-1.example.com",
     )
-    entry = files_by_path(config)["/etc/cluo/agent.env"]
-    assert entry["mode"] == 420
-    lines = [
-        line for line in decode_data_url(entry["contents"]["source"]).splitlines()
-        if not line.startswith("#")
-    ]
-    assert lines == [
+    assert agent_env_lines(config) == [
+        "CLUO_AGENT_KUBECONFIG=/etc/kubernetes/kubelet.conf",
         "CLUO_AGENT_DRAIN_TIMEOUT=15m",
         "CLUO_AGENT_LOG_LEVEL=debug",
         "CLUO_AGENT_ANNOTATION_PREFIX=flatcar-linux-update.v1.flatcar-linux.net/",
@@ -192,18 +188,18 @@ def test_env_values_with_spaces_or_quotes_are_quoted_for_systemd() -> None:
     )
 
 
-def test_spec_340_changes_only_the_version(kubeconfig: Path) -> None:
-    old = config_for(kubeconfig)
-    new = config_for(kubeconfig, "--spec", "3.4.0")
+def test_spec_340_changes_only_the_version() -> None:
+    old = config_for()
+    new = config_for("--spec", "3.4.0")
 
     assert new["ignition"]["version"] == "3.4.0"
     assert {**new, "ignition": old["ignition"]} == old
 
 
-def test_artifact_path_gives_its_sha512(kubeconfig: Path, tmp_path: Path) -> None:
+def test_artifact_path_gives_its_sha512(tmp_path: Path) -> None:
     image = tmp_path / "cluo-agent-1.2.3-x86-64.raw"
     image.write_bytes(b"squashfs stand-in")
-    result = generate("--artifact-url", URL, "--artifact", image, "--kubeconfig", kubeconfig)
+    result = generate("--artifact-url", URL, "--artifact", image)
     assert result.returncode == 0, result.stderr
 
     entry = files_by_path(json.loads(result.stdout))[
@@ -213,24 +209,23 @@ def test_artifact_path_gives_its_sha512(kubeconfig: Path, tmp_path: Path) -> Non
     assert entry["contents"]["verification"]["hash"] == f"sha512-{expected}"
 
 
-def test_a_sha512_file_line_is_accepted(kubeconfig: Path) -> None:
+def test_a_sha512_file_line_is_accepted() -> None:
     line = f"{SHA}  cluo-agent-1.2.3-x86-64.raw"
-    config = config_for_sha(kubeconfig, line)
+    config = config_for_sha(line)
     image = files_by_path(config)["/opt/extensions/cluo-agent/cluo-agent-1.2.3-x86-64.raw"]
     assert image["contents"]["verification"]["hash"] == f"sha512-{SHA}"
 
 
-def config_for_sha(kubeconfig: Path, sha: str) -> dict[str, Any]:
-    result = generate("--artifact-url", URL, "--artifact-sha512", sha, "--kubeconfig", kubeconfig)
+def config_for_sha(sha: str) -> dict[str, Any]:
+    result = generate("--artifact-url", URL, "--artifact-sha512", sha)
     assert result.returncode == 0, result.stderr
     config: dict[str, Any] = json.loads(result.stdout)
     return config
 
 
-def test_output_file(kubeconfig: Path, tmp_path: Path) -> None:
+def test_output_file(tmp_path: Path) -> None:
     out = tmp_path / "node.ign"
-    result = generate("--artifact-url", URL, "--artifact-sha512", SHA,
-                      "--kubeconfig", kubeconfig, "-o", out)
+    result = generate("--artifact-url", URL, "--artifact-sha512", SHA, "-o", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert json.loads(out.read_text())["ignition"]["version"] == "3.3.0"
@@ -263,13 +258,11 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("spec", ["3.3.0", "3.4.0"])
-def test_butane_template_says_the_same_as_the_ignition_config(
-    kubeconfig: Path, spec: str
-) -> None:
-    args = ["--artifact-url", URL, "--artifact-sha512", SHA, "--kubeconfig", str(kubeconfig),
+def test_butane_template_says_the_same_as_the_ignition_config(spec: str) -> None:
+    args = ["--artifact-url", URL, "--artifact-sha512", SHA,
             "--node-setting", "drain-timeout=15m", "--node-setting", "log-level=debug",
             "--spec", spec]
-    ignition = config_for(kubeconfig, *args[6:])
+    ignition = config_for(*args[4:])
     result = generate(*args, "--format", "butane")
     assert result.returncode == 0, result.stderr
 
@@ -307,56 +300,17 @@ def test_butane_template_says_the_same_as_the_ignition_config(
          "--node-setting: CLUO_AGENT_DRAIN_TIMEOUT: 'ten minutes': not a duration"),
         (["--artifact-url", URL, "--artifact-sha512", SHA, "--node-setting", "log-level=loud"],
          "--node-setting: CLUO_AGENT_LOG_LEVEL: 'loud': not one of debug"),
-        (["--artifact-url", URL, "--artifact-sha512", SHA, "--node-setting", "kubeconfig=/x"],
-         "--node-setting: 'kubeconfig' cannot be set: the kubeconfig is always written to"),
         (["--artifact-url", URL, "--artifact-sha512", SHA,
           "--node-setting", "log-level=info", "--node-setting", "LOG_LEVEL=debug"],
          "--node-setting: 'LOG_LEVEL' is given twice"),
     ],
 )
-def test_bad_input_exits_2_naming_it(
-    kubeconfig: Path, args: list[str], message: str
-) -> None:
-    result = generate(*args, "--kubeconfig", kubeconfig)
+def test_bad_input_exits_2_naming_it(args: list[str], message: str) -> None:
+    result = generate(*args)
 
     assert result.returncode == 2
     assert message in result.stderr
     assert result.stdout == ""
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("{not: [yaml", "is not YAML"),
-        ("kind: Pod\n", "is not a kubeconfig (kind: Config)"),
-        ("kind: Config\nclusters: []\n", "has no clusters"),
-        (KUBECONFIG.replace("certificate-authority-data: LS0tLS1CRUdJTg==",
-                            "certificate-authority: /etc/kubernetes/ca.crt"),
-         "refers to the file '/etc/kubernetes/ca.crt' (certificate-authority), which the node "
-         "does not have: embed it as certificate-authority-data"),
-    ],
-)
-def test_a_kubeconfig_the_node_cannot_use_is_refused(
-    tmp_path: Path, text: str, message: str
-) -> None:
-    path = tmp_path / "bad.kubeconfig"
-    path.write_text(text)
-
-    result = generate("--artifact-url", URL, "--artifact-sha512", SHA, "--kubeconfig", path)
-
-    assert result.returncode == 2
-    assert f"--kubeconfig: '{path}' " in result.stderr
-    assert message in result.stderr
-
-
-def test_kubeconfig_and_kubeconfig_url_are_exclusive(kubeconfig: Path) -> None:
-    both = generate("--artifact-url", URL, "--artifact-sha512", SHA, "--kubeconfig", kubeconfig,
-                    "--kubeconfig-url", "https://x/k")
-    neither = generate("--artifact-url", URL, "--artifact-sha512", SHA)
-
-    for result in (both, neither):
-        assert result.returncode == 2
-        assert "give exactly one of --kubeconfig and --kubeconfig-url" in result.stderr
 
 
 def test_node_setting_keys_are_the_agents_flags() -> None:
