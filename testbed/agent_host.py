@@ -1,7 +1,8 @@
 """Run the real cluo-agent (its console script) as a process against the test bed.
 
 ``HostDir`` is the agent's view of a host (``--host-root``): the boot id, os-release and
-update.conf files. ``AgentProcess`` starts ``cluo-agent`` with a kubeconfig, the private
+update.conf files. ``AgentProcess`` starts ``cluo-agent`` with a kubeconfig (its node's
+kubelet credential, as on a real node: ``ControlPlane.node_kubeconfig``), the private
 system bus and a host dir, and can stop it gracefully, kill it at any moment and start
 it again, as systemd's Restart=always would.
 """
