@@ -259,6 +259,23 @@ def test_a_write_the_server_may_have_received_is_never_sent_twice(
     assert kube_error("replacing node 'n1'", caught.value).kind == "unavailable"
 
 
+def test_a_write_that_could_not_be_written_on_a_reused_connection_goes_on_a_new_one(
+    server: ScriptedServer, client: KubeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pooled connection breaks while the request is being written (the server reset
+    # it as it idled): not all of it left, so the server cannot have acted on it.
+    client.request("GET", "/x")
+    ((pooled, _),) = client._idle
+
+    def broken_pipe(*args: Any, **kwargs: Any) -> None:
+        raise BrokenPipeError("broken pipe")
+
+    monkeypatch.setattr(pooled, "request", broken_pipe)
+    assert client.request("PUT", "/x", body={"a": 1}) == {"kind": "Thing"}
+    assert [seen.method for seen in server.seen] == ["GET", "PUT"]
+    assert server.seen[0].connection != server.seen[1].connection
+
+
 def test_every_connection_has_tcp_keepalive(server: ScriptedServer, client: KubeClient) -> None:
     client.request("GET", "/x")
     ((connection, _),) = client._idle
