@@ -12,6 +12,12 @@ status, drain progress) or for the decision's ``recheck_after``, whichever is fi
 A failed action stops the decision; the next one is made from a fresh observation after
 a backoff, so an API server or bus outage is ridden out without exiting.
 
+The watchdog is fed by this loop's progress (``notify.Heartbeat``): before each await
+the loop beats with how long the await may take, one watchdog interval for an idle wait
+(a long wait is cut into such steps), ``ACTION_BOUND`` for an action. A drain runs in a
+task of its own and the loop waits for it in those steps, enforcing its timeout; so a
+long drain keeps the watchdog fed, and a loop stuck in an await past its bound does not.
+
 Start-up ends with ``READY=1`` once update_engine answered and the API server answered
 about the node. When its answer is that no Node has this name (the kubelet has not
 registered yet, or registered under another name), that is an answer, not a start-up
@@ -35,7 +41,7 @@ from cluo.backoff import Backoff
 from cluo.errors import CluoError
 from cluo.kube.nodes import NodeApi, NodeEvent, NodeSnapshot
 from cluo.kube.objects import newer_or_same
-from cluo.kube.resources import WATCH_TIMEOUT_SECONDS
+from cluo.kube.resources import REQUEST_TIMEOUT, RETRY_AFTER_ATTEMPTS, WATCH_TIMEOUT_SECONDS
 from cluo.kube.watch import WatchLoop
 from cluo.protocol import label_value
 from cluo_host.agent_core import (
@@ -68,7 +74,7 @@ from cluo_host.drainer import Drainer
 from cluo_host.eviction import PodApi
 from cluo_host.host_facts import HostFacts
 from cluo_host.logind import Rebooter, RebootError, RebootRefused
-from cluo_host.notify import ServiceNotifier, watchdog_loop
+from cluo_host.notify import Heartbeat, ServiceNotifier, watchdog_loop
 from cluo_host.update_engine import (
     BusDisconnected,
     BusReconnected,
@@ -86,6 +92,11 @@ AGENT_ENV_FILE = "/etc/cluo/agent.env"  # the unit's EnvironmentFile= (units/clu
 NODE_NAME_HINT = (f"if the kubelet registered this host under another name, set "
                   f"{NODE_NAME_FLAG} or {NODE_NAME_VARIABLE} in {AGENT_ENV_FILE}")
 NO_NODE_MESSAGE = f"no Node of this name, waiting for it to be registered; {NODE_NAME_HINT}"
+# The longest one action's await takes when the timeouts under it work: a Kubernetes GET
+# sent again after Retry-After answers (cluo.kube.resources), longer than a write (never
+# sent again) or the D-Bus calls (10 s each). An action still running after this is hung:
+# the heartbeat is overdue and the watchdog no longer fed.
+ACTION_BOUND = (RETRY_AFTER_ATTEMPTS + 1) * sum(REQUEST_TIMEOUT) + REQUEST_TIMEOUT[1]
 
 
 class Agent:
@@ -111,7 +122,7 @@ class Agent:
         self._engine = engine_factory(self._on_engine_event)
         self._rebooter = rebooter
         self._notifier = notifier
-        self._watchdog_interval = watchdog_interval
+        self._heartbeat = Heartbeat(watchdog_interval) if watchdog_interval else None
         self._backoff = backoff or Backoff()
         self._name = settings.node_name
         self._wake = asyncio.Event()
@@ -143,8 +154,9 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> int:
         self._loop = asyncio.get_running_loop()
         watchdog: asyncio.Task[None] | None = None
-        if self._watchdog_interval:
-            watchdog = asyncio.create_task(watchdog_loop(self._notifier, self._watchdog_interval))
+        if self._heartbeat is not None:
+            self._beat(ACTION_BOUND)
+            watchdog = asyncio.create_task(watchdog_loop(self._notifier, self._heartbeat))
         try:
             if not await self._start(stop):
                 return 0
@@ -157,6 +169,7 @@ class Agent:
         finally:
             self._notifier.stopping("stopping")
             log.info("agent stopping", extra={"NODE": self._name})
+            self._beat(ACTION_BOUND)
             await self._shutdown()
             if watchdog is not None:
                 watchdog.cancel()
@@ -170,6 +183,7 @@ class Agent:
         failures = 0
         while not stop.is_set():
             try:
+                self._beat(ACTION_BOUND)
                 self._engine_status = await self._engine.connect(self._settings.bus_address)
                 break
             except CluoError as err:
@@ -195,6 +209,7 @@ class Agent:
         was_missing = False
         while not stop.is_set():
             self._wake.clear()  # from here on, a node from the watch wakes the wait below
+            self._beat(ACTION_BOUND)
             try:
                 if self._node is None:
                     self._set_node(await asyncio.to_thread(self._nodes.get, self._name))
@@ -248,17 +263,38 @@ class Agent:
             await self._engine.close()
 
     async def _sleep_or_stop(self, stop: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
+        await self._wait((stop,), seconds)
 
-    async def _wait_for_wake(self, stop: asyncio.Event, seconds: float) -> None:
-        """Wait ``seconds``, or less if stopped or woken (a node event, an engine event)."""
-        waiters = {asyncio.create_task(stop.wait()), asyncio.create_task(self._wake.wait())}
+    async def _wait_for_wake(self, stop: asyncio.Event, seconds: float | None) -> None:
+        """Wait ``seconds`` (None: no limit), or less if stopped or woken (a node event, an
+        engine event, drain progress)."""
+        await self._wait((stop, self._wake), seconds)
+
+    async def _wait(self, events: tuple[asyncio.Event, ...], seconds: float | None) -> None:
+        """Until one of ``events`` is set or ``seconds`` passed (None: no limit), beating
+        the heartbeat at least once a watchdog interval meanwhile."""
+        waiters = {asyncio.create_task(event.wait()) for event in events}
+        deadline = None if seconds is None else self._now() + seconds
         try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                left = None if deadline is None else deadline - self._now()
+                if left is not None and left <= 0:
+                    return
+                if self._heartbeat is not None:
+                    left = self._heartbeat.bounded(left)
+                    self._beat(left)
+                done, _pending = await asyncio.wait(waiters, timeout=left,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    return
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+    def _beat(self, within: float) -> None:
+        """The loop is here now and back within ``within`` seconds (module docstring)."""
+        if self._heartbeat is not None:
+            self._heartbeat.beat(self._now(), within)
 
     async def _label_host(self) -> None:
         keys = self._settings.keys
@@ -278,38 +314,29 @@ class Agent:
 
     async def _loop_until(self, stop: asyncio.Event) -> None:
         failures = 0
-        stop_waiter = asyncio.create_task(stop.wait())
-        try:
-            while not stop.is_set():
-                self._wake.clear()
-                decision = decide(self._observe(), self._now())
-                self.decisions += 1
-                self._report(decision)
-                error = await self._perform(decision.actions)
-                if error is not None:
-                    failures += 1
-                    recheck: float | None = self._backoff.delay(failures)
-                    log.warning(
-                        "action failed, deciding again after a pause",
-                        extra={"NODE": self._name, "PHASE": decision.phase, "ERROR": str(error),
-                               "ERROR_KIND": error.kind, "RETRY_IN": recheck},
-                    )
-                    self._notifier.status(f"{decision.status} (retrying: {error})")
-                else:
-                    failures = 0
-                    recheck = (None if decision.recheck_after is None
-                               else decision.recheck_after.total_seconds())
-                if recheck == 0:
-                    await asyncio.sleep(0)  # decide again at once, but let the loop run
-                    continue
-                wake_waiter = asyncio.create_task(self._wake.wait())
-                try:
-                    await asyncio.wait({wake_waiter, stop_waiter}, timeout=recheck,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    wake_waiter.cancel()
-        finally:
-            stop_waiter.cancel()
+        while not stop.is_set():
+            self._wake.clear()
+            decision = decide(self._observe(), self._now())
+            self.decisions += 1
+            self._report(decision)
+            error = await self._perform(decision.actions)
+            if error is not None:
+                failures += 1
+                recheck: float | None = self._backoff.delay(failures)
+                log.warning(
+                    "action failed, deciding again after a pause",
+                    extra={"NODE": self._name, "PHASE": decision.phase, "ERROR": str(error),
+                           "ERROR_KIND": error.kind, "RETRY_IN": recheck},
+                )
+                self._notifier.status(f"{decision.status} (retrying: {error})")
+            else:
+                failures = 0
+                recheck = (None if decision.recheck_after is None
+                           else decision.recheck_after.total_seconds())
+            if recheck == 0:
+                await asyncio.sleep(0)  # decide again at once, but let the loop run
+                continue
+            await self._wait_for_wake(stop, recheck)
 
     def _now(self) -> float:
         assert self._loop is not None
@@ -340,6 +367,7 @@ class Agent:
 
     async def _perform(self, actions: tuple[Action, ...]) -> CluoError | None:
         for action in actions:
+            self._beat(ACTION_BOUND)
             try:
                 await self._act(action)
             except CluoError as err:

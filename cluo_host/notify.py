@@ -131,15 +131,55 @@ def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = No
     return usec / 2 / 1_000_000
 
 
-async def watchdog_loop(notifier: ServiceNotifier, interval: float) -> None:
-    """Ping the watchdog every ``interval`` seconds until cancelled.
+class Heartbeat:
+    """The agent loop's proof of progress, which ``watchdog_loop`` pings on.
 
-    The ping comes from the event loop itself: if the loop is blocked, the pings stop and
-    systemd restarts the service, which is the point.
+    Before each await the loop beats with how long that await may take at most
+    (``beat(now, within)``): an idle wait bounded by the watchdog interval, an action
+    bounded by its own timeouts. The heartbeat holds until then plus one ``interval`` of
+    grace; past that the loop is overdue, wedged in an await that did not end when it
+    should, and the watchdog is no longer fed. Times are the caller's monotonic clock.
     """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._due: float | None = None  # None: no beat yet
+
+    def beat(self, now: float, within: float) -> None:
+        self._due = now + within + self.interval
+
+    def overdue(self, now: float) -> float | None:
+        """Seconds past the promised return (0 before the first beat: nothing is proven
+        yet), or None while the promise holds."""
+        if self._due is None:
+            return 0.0
+        return None if now <= self._due else now - self._due
+
+    def bounded(self, seconds: float | None) -> float:
+        """``seconds`` (None: no limit) cut to one interval: the longest idle wait between
+        two beats."""
+        return self.interval if seconds is None else min(seconds, self.interval)
+
+
+async def watchdog_loop(notifier: ServiceNotifier, heartbeat: Heartbeat) -> None:
+    """Every ``heartbeat.interval`` seconds, ping the watchdog if the heartbeat holds.
+
+    Only the loop's own beats feed it: a loop stuck in an await stops beating, and a
+    blocked event loop runs no pinger either; both stop the pings and systemd restarts
+    the service, which is the point. The stop is logged once, while the log still works.
+    """
+    loop = asyncio.get_running_loop()
+    stalled = False
     while True:
-        notifier.watchdog()
-        await asyncio.sleep(interval)
+        overdue = heartbeat.overdue(loop.time())
+        if overdue is None:
+            notifier.watchdog()
+            stalled = False
+        elif not stalled:
+            stalled = True
+            log.error("the agent's loop is overdue; not feeding the watchdog",
+                      extra={"OVERDUE_SECONDS": round(overdue, 3)})
+        await asyncio.sleep(heartbeat.interval)
 
 
 def _socket_address(value: str) -> str | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cluo_host.notify import Notifier, watchdog_interval, watchdog_loop
+from cluo_host.notify import Heartbeat, Notifier, watchdog_interval, watchdog_loop
+from tests.unit.virtual_time import elapsed, run
 
 # Upper bound for any single wait for a datagram.
 RECEIVE_TIMEOUT = 5.0
@@ -164,16 +165,25 @@ def test_watchdog_pings_stop_while_the_event_loop_is_blocked(notify_socket, noti
     blocked_for = 0.6
     recorder = Recorder(notify_socket)
     recorder.start()
+    heartbeat = Heartbeat(interval)
+
+    async def beating() -> None:  # a healthy agent loop: back within each wait
+        loop = asyncio.get_running_loop()
+        while True:
+            heartbeat.beat(loop.time(), interval)
+            await asyncio.sleep(interval)
 
     async def run_then_block_then_run() -> tuple[float, float]:
-        pinging = asyncio.create_task(watchdog_loop(notifier, interval))
+        tasks = [asyncio.create_task(beating()),
+                 asyncio.create_task(watchdog_loop(notifier, heartbeat))]
         await asyncio.sleep(0.4)  # the loop runs: pings flow
         blocked_at = time.monotonic()
         # A wedged coroutine: the loop cannot run the pinger. Blocking is the point here.
         time.sleep(blocked_for)  # noqa: ASYNC251
         unblocked_at = time.monotonic()
         await asyncio.sleep(0.4)  # the loop runs again
-        pinging.cancel()
+        for task in tasks:
+            task.cancel()
         return blocked_at, unblocked_at
 
     try:
@@ -192,3 +202,61 @@ def test_watchdog_pings_stop_while_the_event_loop_is_blocked(notify_socket, noti
     assert during == [], (blocked_at, unblocked_at, arrivals)
     assert len(after) >= 4, arrivals
     assert after[0] - unblocked_at < 0.1  # the overdue ping goes out as soon as it can
+
+
+class PingTimes:
+    """A notifier that records the fake time of each WATCHDOG=1."""
+
+    def __init__(self) -> None:
+        self.pings: list[float] = []
+
+    def ready(self, status: str | None = None) -> None: ...
+
+    def status(self, text: str) -> None: ...
+
+    def watchdog(self) -> None:
+        self.pings.append(elapsed())
+
+    def stopping(self, status: str | None = None) -> None: ...
+
+    def extend_timeout(self, seconds: float) -> None: ...
+
+
+def test_the_watchdog_is_fed_only_while_the_loop_keeps_its_promise(caplog):
+    """The loop beats "back within 5 s" every 5 s for a minute, then hangs in an await that
+    promised 20 s: pings go on for that promise and one interval of grace, then stop for
+    good, with one error line, although the event loop itself still runs."""
+    interval = 10.0
+    heartbeat = Heartbeat(interval)
+    notifier = PingTimes()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pinger = asyncio.create_task(watchdog_loop(notifier, heartbeat))
+        for _ in range(12):
+            heartbeat.beat(loop.time(), 5.0)
+            await asyncio.sleep(5.0)
+        heartbeat.beat(loop.time(), 20.0)  # at t=60: an action bounded by 20 s...
+        await asyncio.sleep(600)  # ...that never returns (the loop is not wedged)
+        pinger.cancel()
+
+    run(main())
+
+    assert notifier.pings == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]  # 60 + 20 + 10
+    [overdue] = [r for r in caplog.records if r.name == "cluo_host.notify"]
+    assert overdue.getMessage() == "the agent's loop is overdue; not feeding the watchdog"
+    assert overdue.OVERDUE_SECONDS == 10.0
+
+
+def test_no_ping_before_the_loop_first_beats():
+    heartbeat = Heartbeat(1.0)
+
+    assert heartbeat.overdue(0.0) is not None
+    heartbeat.beat(0.0, 3.0)
+    assert heartbeat.overdue(4.0) is None
+    assert heartbeat.overdue(4.5) == 0.5
+
+
+@pytest.mark.parametrize(("seconds", "bounded"), [(None, 15.0), (600.0, 15.0), (2.0, 2.0)])
+def test_an_idle_wait_lasts_one_interval_at_most(seconds, bounded):
+    assert Heartbeat(15.0).bounded(seconds) == bounded
