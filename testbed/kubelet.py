@@ -526,11 +526,14 @@ class KubeletEmulator:
         """Wait until every node of `names` shows Ready=True; the error names the others."""
         deadline = time.monotonic() + timeout
         wanted = set(names)
+        # One node (a boot) is read alone, not among all of this emulator's nodes.
+        selector = (
+            {"field_selector": f"metadata.name={names[0]}"} if len(names) == 1
+            else {"label_selector": f"{INSTANCE_LABEL}={self._instance}"}
+        )
         while True:
             self._check_kwok()
-            nodes = self._core.list_node(
-                label_selector=f"{INSTANCE_LABEL}={self._instance}"
-            ).items
+            nodes = self._core.list_node(**selector).items
             ready = {node.metadata.name for node in nodes if _ready_status(node) == "True"}
             pending = sorted(wanted - ready)
             if not pending:

@@ -185,6 +185,37 @@ def test_registers_a_ready_node_with_its_boot_id_and_renews_its_lease(
     )
 
 
+def test_reports_node_status_every_status_report_interval_while_up(
+    kube_admin: kubernetes.client.ApiClient, core: kubernetes.client.CoreV1Api, namespace: str
+) -> None:
+    emulator = KubeletEmulator(
+        kube_admin, heartbeat_interval=HEARTBEAT, status_report_interval=1.0
+    ).start()
+    try:
+        node = emulator.add_node(f"{namespace}-n1")
+        first = node_condition(core, node.name)
+        wait_for(
+            lambda: node_condition(core, node.name).last_heartbeat_time
+            > first.last_heartbeat_time,
+            TIMEOUT,
+            "a status report (Ready's lastHeartbeatTime moving on)",
+        )
+        later = node_condition(core, node.name)
+        assert later.status == "True"
+        assert later.last_transition_time == first.last_transition_time
+
+        node.shutdown()
+        wait_unknown(core, node.name)
+        frozen = node_condition(core, node.name).last_heartbeat_time
+        assert_stays(
+            lambda: node_condition(core, node.name).last_heartbeat_time == frozen,
+            3.0,
+            "no status report while the host is down",
+        )
+    finally:
+        emulator.stop(delete_nodes=True)
+
+
 def test_bound_pod_becomes_running_and_ready(
     kubelet: KubeletEmulator, core: kubernetes.client.CoreV1Api, namespace: str
 ) -> None:
