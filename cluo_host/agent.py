@@ -52,6 +52,7 @@ from cluo_host.agent_core import (
     Decision,
     DrainStatus,
     EmitEvent,
+    EventReason,
     ForceDrain,
     Observation,
     PatchNode,
@@ -404,11 +405,14 @@ class Agent:
                 await self._stop_drain()
             case ClearRebootAttempts():
                 self._attempts = ()
-            case Reboot(attempt=attempt):
-                self._attempts += (await self._reboot(attempt),)
+            case Reboot(attempt=attempt, accepted_message=accepted):
+                result = await self._reboot(attempt)
+                self._attempts += (result,)
                 # A recorded attempt is an action's result: decide again at once (report
                 # a refusal, schedule the retry) rather than after reboot_timeout.
                 self._wake.set()
+                if result.outcome is RebootOutcome.REQUESTED:
+                    await self._act(EmitEvent(EventReason.REBOOTING, accepted))
             case EmitEvent(reason=reason, message=message, type=event_type):
                 await asyncio.to_thread(
                     self._nodes.emit_event, name, reason.value, message, type=event_type.value,

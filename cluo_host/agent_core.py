@@ -295,9 +295,13 @@ class Reboot(Action):
     """Check logind inhibitors (``blocking_inhibitors``); if none, call Reboot(false).
 
     Record the result as a ``RebootAttempt``: REQUESTED, INHIBITED, REFUSED or FAILED.
+    Only once logind accepted (REQUESTED), post the ``Rebooting`` Event with
+    ``accepted_message`` (best effort, as ``EmitEvent``): an Event says what happened, so
+    an attempt that did not go through posts none here; the next decision reports it.
     """
 
     attempt: int  # 1 for the first attempt of the cycle in this process
+    accepted_message: str
 
 
 @dataclass(frozen=True)
@@ -721,15 +725,14 @@ def _reboot(state: Rebooting, obs: Observation, now: float) -> _Step:
                      f"rebooting: logind accepted attempt {state.attempt}")
     if state.next_try_at is None or now >= state.next_try_at:
         attempt = state.attempt + 1
+        accepted = f"drained; rebooting (attempt {attempt}, accepted by logind)"
         return _Step(
-            (
-                EmitEvent(EventReason.REBOOTING, f"drained; rebooting (attempt {attempt})"),
-                Reboot(attempt=attempt),
-            ),
+            (Reboot(attempt=attempt, accepted_message=accepted),),
             config.reboot_timeout,
             f"rebooting: attempt {attempt}",
         )
-    # Failed, next attempt not due yet: report this attempt once (the text names it).
+    # Failed, next attempt not due yet: report what happened to this attempt, once (the
+    # text names it), and when the next one comes.
     retry_in = config.reboot_backoff(state.attempt)
     report = _cap(f"reboot attempt {state.attempt} {state.failure}; "
                   f"retrying {retry_in:g}s after it failed")

@@ -191,6 +191,7 @@ class FakeNode:
         self.labels: dict[str, str] = {}
         self.unschedulable = cordoned
         self.version = 1
+        self.events: list[tuple[str, str]] = []  # (reason, message) of each Event posted
 
     def snapshot(self) -> NodeSnapshot:
         return NodeSnapshot.from_object({
@@ -234,6 +235,7 @@ class FakeNode:
                    type: str = "Normal", component: str = "cluo-agent",
                    instance: str | None = None) -> None:
         self.journal.add("event", reason)
+        self.events.append((reason, message))
 
 
 class FakeEngine:

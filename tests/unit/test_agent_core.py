@@ -165,7 +165,8 @@ class World:
                 assert self.unschedulable, "reboot of a node that is not cordoned"
                 assert node.boot_id_before_reboot == self.boot_id, "reboot without the boot id"
                 outcome = self.reboot_outcomes.pop(0) if self.reboot_outcomes else None
-                if outcome is None:
+                if outcome is None:  # logind accepted: the driver posts the Event, then down
+                    self.actions.append(EmitEvent(EventReason.REBOOTING, action.accepted_message))
                     self.reboot_host()
                     return False
                 self.attempts = (*self.attempts, RebootAttempt(self.now, outcome, "inhibited"))
@@ -535,7 +536,7 @@ def test_restart_with_same_boot_id_and_reboot_in_progress_is_not_taken_as_reboot
     decision = decide(observation, T0)
 
     assert isinstance(decision.state, Rebooting)
-    assert Reboot(attempt=1) in decision.actions
+    assert [a.attempt for a in decision.actions if isinstance(a, Reboot)] == [1]
     assert all(p.reboot_needed is None for p in writes(decision))
 
 
@@ -779,14 +780,20 @@ def test_reboot_refused_is_reported_and_retried_with_backoff() -> None:
             reasons.append(world.node.blocked_reason)
 
     assert [b - a for a, b in pairwise(tried_at)] == pytest.approx([10, 20, 40], abs=0.5)
-    assert [a for a in world.actions if isinstance(a, Reboot)] == [
-        Reboot(attempt=n) for n in (1, 2, 3, 4)
-    ]
+    assert [a.attempt for a in world.actions if isinstance(a, Reboot)] == [1, 2, 3, 4]
     assert reasons == [f"reboot attempt {n} inhibited: inhibited; retrying {s}s after it failed"
                        for n, s in ((1, 10), (2, 20), (3, 40))]
     failures = [e for e in world.events() if e.reason is EventReason.REBOOT_FAILED]
     assert len(failures) == 3
     assert all(e.type is EventType.WARNING for e in failures)
+    # What happened, in order: three refusals, then the one reboot that went through.
+    assert [(e.reason, e.message.split(";")[0]) for e in world.events()[-4:]] == [
+        *[(EventReason.REBOOT_FAILED, f"reboot attempt {n} inhibited: inhibited")
+          for n in (1, 2, 3)],
+        (EventReason.REBOOTING, "drained"),
+    ]
+    [rebooting] = [e for e in world.events() if e.reason is EventReason.REBOOTING]
+    assert rebooting.message == "drained; rebooting (attempt 4, accepted by logind)"
     world.run()
     assert world.node.blocked_reason == ""
 
@@ -828,7 +835,7 @@ def test_accepted_reboot_that_never_happens_counts_as_a_failure() -> None:
     [report] = writes(reported)
     assert report.blocked_reason is not None
     assert "accepted by logind but the host is still up after 300s" in report.blocked_reason
-    assert Reboot(attempt=2) in retried.actions
+    assert [a.attempt for a in retried.actions if isinstance(a, Reboot)] == [2]
 
 
 @pytest.mark.parametrize(
