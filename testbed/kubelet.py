@@ -45,6 +45,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -101,7 +102,7 @@ STATUS_REPORT_JITTER = 0.04  # as the kubelet's, on top of status_report_interva
 READY_POLL_INTERVAL = 0.05
 BOOT_TIMEOUT = 30.0  # for KWOK to report a booted node Ready
 REASSERT_DOWN_AFTER = 1.0  # seconds after a shutdown: a KWOK write in flight has landed
-KWOK_STOP_TIMEOUT = 10.0
+KWOK_KILL_TIMEOUT = 10.0  # for a SIGKILLed kwok to be reaped
 CONFLICT_RETRIES = 8
 LOG_TAIL_CHARS = 3000
 
@@ -279,7 +280,7 @@ class KubeletEmulator:
         self._leases = kubernetes.client.CoordinationV1Api(self._client)
         self._kubeconfig = kubeconfig_json(configuration)
         # KWOK renews every quarter of the lease duration, in whole seconds.
-        self._lease_duration_seconds = max(1, int(-(-4 * heartbeat_interval // 1)))
+        self._lease_duration_seconds = max(1, math.ceil(4 * heartbeat_interval))
         self._status_report_interval = status_report_interval
         self._grace_period_scale = grace_period_scale
         self._workers = workers
@@ -333,7 +334,7 @@ class KubeletEmulator:
         return self
 
     def stop(self, *, delete_nodes: bool = False, timeout: float = 10.0) -> None:
-        """Stop KWOK (SIGTERM, SIGKILL after `timeout` seconds).
+        """Stop KWOK (SIGTERM; SIGKILL if it has not exited after `timeout` seconds).
 
         With `delete_nodes`, also delete the Nodes and node Leases this emulator registered
         (pods bound to them stay: nothing garbage-collects pods in the test bed).
@@ -372,12 +373,12 @@ class KubeletEmulator:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(min(timeout, KWOK_STOP_TIMEOUT))
+            process.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("kwok did not stop on SIGTERM, killing it", extra={"PID": process.pid})
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
-            process.wait(KWOK_STOP_TIMEOUT)
+            process.wait(KWOK_KILL_TIMEOUT)
 
     def _check_kwok(self) -> None:
         """Raise KwokError (with its log) if the KWOK process is not running."""
@@ -386,9 +387,9 @@ class KubeletEmulator:
             raise RuntimeError("kubelet emulator is not running")
         code = process.poll()
         if code is not None:
-            raise KwokError(f"kwok exited with status {code}:\n{self.kwok_log_tail()}")
+            raise KwokError(f"kwok exited with status {code}:\n{self._kwok_log_tail()}")
 
-    def kwok_log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+    def _kwok_log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         if self._workdir is None:
             return ""
         try:
@@ -542,7 +543,7 @@ class KubeletEmulator:
                 raise TimeoutError(
                     f"kubelet emulator: {len(pending)} node(s) not Ready within {timeout:g}s "
                     f"waiting for them {what} (first: {pending[:5]}); kwok's log ends:\n"
-                    f"{self.kwok_log_tail()}"
+                    f"{self._kwok_log_tail()}"
                 )
             time.sleep(READY_POLL_INTERVAL)
 
