@@ -109,10 +109,14 @@ from datetime import timedelta
 
 from cluo.protocol import NodePatch, NodeProtocolState
 from cluo_host.drain_plan import DrainOptions, PodBlocker, describe_blockers
-from cluo_host.update_status import UpdateEngineStatus
+from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
 
 # An annotation value is free text, but a node is not a log: keep reasons short.
 MAX_REASON_CHARS = 1000
+# update_engine checks for updates periodically, each check with a new last_checked_time.
+# A check that changes nothing else moves the node's last-checked-time only when the one
+# recorded is this much older (seconds), so an idle node is written at most once an hour.
+LAST_CHECKED_REFRESH = 3600
 
 
 # --- configuration ----------------------------------------------------------------------
@@ -791,18 +795,42 @@ def _uncordon(state: Uncordoning) -> _Step:
 
 
 def _mirror_patch(obs: Observation) -> NodePatch | None:
-    """update_engine's status for the node's annotations, only the fields that changed."""
+    """update_engine's status for the node's annotations, only when something an operator
+    or the coordinator reads changed.
+
+    ``status`` and ``new-version`` when they differ, except for the seconds-long
+    ``CHECKING_FOR_UPDATE`` of a check (the node keeps the operation before it; what the
+    check found shows next). ``last-checked-time`` along with either, or on its own once
+    the recorded one is ``LAST_CHECKED_REFRESH`` older than update_engine's (or unreadable,
+    or ahead of it): a periodic check alone writes at most once an hour.
+    """
     engine = obs.engine
     if engine is None:
         return None
     node = obs.node
+    checking = engine.operation is UpdateOperation.CHECKING_FOR_UPDATE
+    status = (engine.current_operation
+              if node.status != engine.current_operation and not checking else None)
+    new_version = engine.new_version if node.new_version != engine.new_version else None
     last_checked = str(engine.last_checked_time)
+    refresh = (status is not None or new_version is not None
+               or _check_time_is_stale(node.last_checked_time, engine.last_checked_time))
     patch = NodePatch(
-        status=engine.current_operation if node.status != engine.current_operation else None,
-        new_version=engine.new_version if node.new_version != engine.new_version else None,
-        last_checked_time=last_checked if node.last_checked_time != last_checked else None,
+        status=status,
+        new_version=new_version,
+        last_checked_time=last_checked if refresh and node.last_checked_time != last_checked
+        else None,
     )
     return patch if patch != NodePatch() else None
+
+
+def _check_time_is_stale(recorded: str, checked: int) -> bool:
+    """Whether the node's ``last-checked-time`` must give way to update_engine's."""
+    try:
+        age = checked - int(recorded)
+    except ValueError:
+        return True
+    return not 0 <= age < LAST_CHECKED_REFRESH
 
 
 def _expected_observation(obs: Observation, actions: Iterable[Action], now: float) -> Observation:

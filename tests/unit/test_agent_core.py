@@ -382,7 +382,54 @@ def test_update_engine_status_is_mirrored_only_when_it_changed() -> None:
                                        last_checked_time="1700000000")]
     assert writes(second) == []
     world.engine = replace(IDLE, last_checked_time=1700000500)
-    assert writes(world.step()) == [NodePatch(last_checked_time="1700000500")]
+    assert writes(world.step()) == [], "a check that found nothing is not news"
+    world.engine = replace(IDLE, last_checked_time=1700003600)
+    assert writes(world.step()) == [NodePatch(last_checked_time="1700003600")]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "engine", "written"),
+    [
+        # A check that found nothing: last-checked-time once the recorded one is an hour old.
+        ("1700000000", replace(IDLE, last_checked_time=1700003599), []),
+        ("1700000000", replace(IDLE, last_checked_time=1700003600),
+         [NodePatch(last_checked_time="1700003600")]),
+        # The check itself is not shown: it lasts seconds, what it finds is shown next.
+        ("1700000000", replace(IDLE, last_checked_time=1700003600,
+                               current_operation="UPDATE_STATUS_CHECKING_FOR_UPDATE"),
+         [NodePatch(last_checked_time="1700003600")]),
+        ("1700000000", replace(IDLE, current_operation="UPDATE_STATUS_CHECKING_FOR_UPDATE"),
+         []),
+        # What a check found carries its time along.
+        ("1700000000", replace(NEED_REBOOT, last_checked_time=1700000300),
+         [NodePatch(status="UPDATE_STATUS_UPDATED_NEED_REBOOT", new_version="4152.2.0",
+                    last_checked_time="1700000300")]),
+        ("1700000000", replace(IDLE, last_checked_time=1700000300,
+                               current_operation="UPDATE_STATUS_DOWNLOADING"),
+         [NodePatch(status="UPDATE_STATUS_DOWNLOADING", last_checked_time="1700000300")]),
+        # A recorded time that cannot be right gives way at once.
+        ("", replace(IDLE, last_checked_time=1700000300),
+         [NodePatch(last_checked_time="1700000300")]),
+        ("soon", replace(IDLE, last_checked_time=1700000300),
+         [NodePatch(last_checked_time="1700000300")]),
+        ("1800000000", replace(IDLE, last_checked_time=1700000300),
+         [NodePatch(last_checked_time="1700000300")]),
+    ],
+    ids=["check-59-min", "check-60-min", "checking-60-min", "checking", "found-update",
+         "downloading", "none-recorded", "unreadable", "ahead"],
+)
+def test_update_engine_checks_write_only_what_changed_and_the_check_time_hourly(
+    recorded: str, engine: UpdateEngineStatus, written: list[NodePatch]
+) -> None:
+    world = World(engine=IDLE, coordinator=False)
+    world.run_until(Idle)
+    world.step()
+    world.annotations[KEYS.last_checked_time] = recorded
+    world.engine = engine
+
+    decision = world.step()
+
+    assert [p for p in writes(decision) if p.reboot_needed is None] == written
 
 
 def test_unknown_update_engine_operation_is_mirrored_raw_and_starts_nothing() -> None:
