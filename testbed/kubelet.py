@@ -303,7 +303,20 @@ class KubeletEmulator:
         binary = find_kwok()
         self._kubelet_version = kubernetes.client.VersionApi(self._client).get_code().git_version
         workdir = Path(tempfile.mkdtemp(prefix="cluo-kwok-"))
+        try:
+            self._kwok = self._spawn_kwok(binary, workdir)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         self._workdir = workdir
+        log.info(
+            "kubelet emulator started",
+            extra={"INSTANCE": self._instance, "KWOK_PID": self._kwok.pid, "WORKDIR": workdir},
+        )
+        return self
+
+    def _spawn_kwok(self, binary: Path, workdir: Path) -> subprocess.Popen[bytes]:
+        """Write kwok's kubeconfig and configuration into `workdir` and start it there."""
         kubeconfig = workdir / "kubeconfig"
         kubeconfig.touch(mode=0o600)
         kubeconfig.write_text(self._kubeconfig)
@@ -324,14 +337,9 @@ class KubeletEmulator:
             f"--manage-nodes-with-label-selector={KWOK_LABEL}={self._instance}",
         ]
         with (workdir / "kwok.log").open("ab") as logfile:
-            self._kwok = subprocess.Popen(
+            return subprocess.Popen(
                 argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
             )
-        log.info(
-            "kubelet emulator started",
-            extra={"INSTANCE": self._instance, "KWOK_PID": self._kwok.pid, "WORKDIR": workdir},
-        )
-        return self
 
     def stop(self, *, delete_nodes: bool = False, timeout: float = 10.0) -> None:
         """Stop KWOK (SIGTERM; SIGKILL if it has not exited after `timeout` seconds).
