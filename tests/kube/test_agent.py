@@ -59,8 +59,9 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 KEYS = Keys()
 NEED_REBOOT = (dbus.Int64(1_700_000_000), 1.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT",
                "4152.2.0", dbus.Int64(300_000_000))
-# update_engine checked again later, still needing the reboot.
-CHECKED_AGAIN = (dbus.Int64(1_700_000_500), 1.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT",
+# update_engine checked again later, still needing the reboot: more than an hour later, so
+# the agent records the new last-checked-time (agent_core.LAST_CHECKED_REFRESH).
+CHECKED_AGAIN = (dbus.Int64(1_700_004_000), 1.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT",
                  "4152.2.0", dbus.Int64(300_000_000))
 IDLE = (dbus.Int64(1_700_000_100), 0.0, "UPDATE_STATUS_IDLE", "0.0.0", dbus.Int64(0))
 TIMEOUT = 60
