@@ -53,6 +53,7 @@ from cluo_host.agent_core import (
     DrainStatus,
     EmitEvent,
     EventReason,
+    EventType,
     ForceDrain,
     Observation,
     PatchNode,
@@ -79,6 +80,7 @@ from cluo_host.notify import Heartbeat, ServiceNotifier, watchdog_loop
 from cluo_host.update_engine import (
     BusDisconnected,
     BusReconnected,
+    StatusIgnored,
     StatusUpdated,
     UpdateEngineEvent,
     UpdateStatusSource,
@@ -98,6 +100,12 @@ NO_NODE_MESSAGE = f"no Node of this name, waiting for it to be registered; {NODE
 # sent again) or the D-Bus calls (10 s each). An action still running after this is hung:
 # the heartbeat is overdue and the watchdog no longer fed.
 ACTION_BOUND = (RETRY_AFTER_ATTEMPTS + 1) * sum(REQUEST_TIMEOUT) + REQUEST_TIMEOUT[1]
+# A StatusUpdate the agent did not accept is shown on the node as a Warning Event, at most
+# once in this many seconds (a flood of spoofed signals is not a flood of Events).
+IGNORED_UPDATE_EVENT_INTERVAL = 300.0
+MANUAL_TRIGGERS = ("To ask for a reboot by hand, run `systemctl kill --kill-whom=main "
+                   "--signal=SIGUSR1 cluo-agent` as root on the host, or annotate the node "
+                   "reboot-needed=true (docs/agent.md)")
 
 
 class Agent:
@@ -132,6 +140,9 @@ class Agent:
         self._drainer: Drainer | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._attempts: tuple[RebootAttempt, ...] = ()
+        self._ignored: list[StatusIgnored] = []  # not shown on the node yet
+        self._requested_on_host = False  # by request_reboot(), until the node carries it
+        self._ignored_shown_at: float | None = None
         # The node watch, in a thread of its own: from now (its first event is the node as
         # it is), again from where it ended, from now again after an expiry or an error.
         self._node_watch = WatchLoop(
@@ -317,6 +328,7 @@ class Agent:
         failures = 0
         while not stop.is_set():
             self._wake.clear()
+            await self._show_ignored_updates()
             decision = decide(self._observe(), self._now())
             self.decisions += 1
             self._report(decision)
@@ -339,6 +351,24 @@ class Agent:
                 continue
             await self._wait_for_wake(stop, recheck)
 
+    async def _show_ignored_updates(self) -> None:
+        """The StatusUpdates update_engine's adapter did not accept since the last time, as
+        one Warning Event (at most one per IGNORED_UPDATE_EVENT_INTERVAL; the log has all)."""
+        ignored, self._ignored = self._ignored, []
+        now = self._now()
+        shown = self._ignored_shown_at
+        if not ignored or (shown is not None and now - shown < IGNORED_UPDATE_EVENT_INTERVAL):
+            return
+        self._ignored_shown_at = now
+        last = ignored[-1]
+        more = f" (and {len(ignored) - 1} more)" if len(ignored) > 1 else ""
+        message = (f"a StatusUpdate signal from {last.sender or 'an unknown sender'} was "
+                   f"ignored{more}: {last.reason}; only update_engine and root connections "
+                   f"still connected when identified are accepted. {MANUAL_TRIGGERS}")
+        self._beat(ACTION_BOUND)
+        await self._act(EmitEvent(EventReason.STATUS_UPDATE_IGNORED, message,
+                                  EventType.WARNING))
+
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
@@ -355,6 +385,7 @@ class Agent:
             drain=self._drainer.status if self._drainer is not None else None,
             reboot_attempts=self._attempts,
             config=self._settings.core,
+            requested_on_host=self._requested_on_host,
         )
 
     def _report(self, decision: Decision) -> None:
@@ -453,10 +484,25 @@ class Agent:
 
     # -- inputs ------------------------------------------------------------------------
 
+    def request_reboot(self) -> None:
+        """Root on the host asks for a reboot (main.py: SIGUSR1, ``MANUAL_TRIGGERS``): the
+        agent announces it as it would update_engine's. Kept in memory until the node
+        says reboot-needed=true (a restart before that loses it: the journal line below
+        says it arrived)."""
+        node = self._node
+        already = node is not None and node.state.reboot_needed
+        log.info("reboot requested on the host",
+                 extra={"NODE": self._name, "ALREADY_NEEDED": already})
+        if not already:
+            self._requested_on_host = True
+            self._wake.set()
+
     def _set_node(self, node: NodeSnapshot) -> None:
         current = self._node
         if current is None or newer_or_same(node.resource_version, current.resource_version):
             self._node = node
+            if node.state.reboot_needed:
+                self._requested_on_host = False  # handed over, or a reboot already on its way
             self._wake.set()
 
     def _on_drain_progress(self, status: DrainStatus) -> None:
@@ -470,6 +516,8 @@ class Agent:
                     "NEW_VERSION": status.new_version, "SENDER": sender,
                     "FROM_OWNER": from_owner})
                 self._engine_status = status
+            case StatusIgnored():
+                self._ignored.append(event)
             case BusDisconnected(reason=reason):
                 log.warning("system bus lost, reconnecting",
                             extra={"NODE": self._name, "ERROR": reason})

@@ -226,6 +226,9 @@ class Observation:
     engine: UpdateEngineStatus | None = None  # None until the first GetStatus
     drain: DrainStatus | None = None
     reboot_attempts: tuple[RebootAttempt, ...] = ()  # this process, this cycle, in order
+    # Root on the host asked this process for a reboot (SIGUSR1) that the node does not
+    # carry yet (the driver forgets the request once the node says reboot-needed=true).
+    requested_on_host: bool = False
     config: AgentConfig = field(default_factory=AgentConfig)
 
 
@@ -248,6 +251,7 @@ class EventReason(enum.Enum):
     REBOOTED = "Rebooted"
     GRANT_WITHDRAWN = "GrantWithdrawn"
     UNCORDONED = "Uncordoned"
+    STATUS_UPDATE_IGNORED = "StatusUpdateIgnored"  # posted by the driver, not decided
 
 
 @dataclass(frozen=True)
@@ -343,6 +347,7 @@ class RebootNeeded(State):
 
     new_version: str = ""
     by_admin: bool = False  # the reboot-needed annotation was set by hand
+    on_host: bool = False  # root on the host asked the agent (SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -486,6 +491,8 @@ def derive_state(obs: Observation) -> State:
     engine_needs_reboot = engine is not None and engine.reboot_needed
     if engine is not None and engine.reboot_needed and not node.reboot_needed:
         return RebootNeeded(new_version=engine.new_version)
+    if obs.requested_on_host and not node.reboot_needed:
+        return RebootNeeded(on_host=True)
     if node.reboot_needed and not obs.reboot_needed_label:
         return RebootNeeded(by_admin=not engine_needs_reboot)
     if node.reboot_needed and node.reboot_ok:
@@ -615,7 +622,9 @@ def _idle(state: Idle) -> _Step:
 
 
 def _announce(state: RebootNeeded) -> _Step:
-    if state.by_admin:
+    if state.on_host:
+        message = "reboot requested on the host (SIGUSR1 to cluo-agent)"
+    elif state.by_admin:
         message = "reboot requested through the reboot-needed annotation"
     else:
         message = f"update_engine installed version {state.new_version} and needs a reboot"

@@ -69,6 +69,8 @@ async def _run(settings: AgentSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # The manual reboot trigger only root on the host can pull (docs/agent.md).
+    loop.add_signal_handler(signal.SIGUSR1, agent.request_reboot)
     try:
         return await agent.run(stop)
     finally:

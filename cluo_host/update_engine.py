@@ -19,13 +19,19 @@ We accept it only
 
 - from the current unique-name owner of ``com.coreos.update1`` (followed through
   ``NameOwnerChanged``, so an update_engine restart is followed), or
-- from a connection whose unix user is root (``GetConnectionUnixUser`` == 0), which keeps
-  ``locksmithctl send-need-reboot`` working.
+- from a connection whose unix user is root (``GetConnectionUnixUser`` == 0) that is
+  still connected when asked: a root process with a bus connection of its own.
 
-Anything else is ignored and logged with its SENDER and UID. The check runs on the raw
-messages (``add_message_handler``), because dbus-fast's proxy signal handlers do not expose
-the sender. Messages are checked and delivered one at a time, in arrival order, so a status
-is never overtaken by an older one and owner changes apply to the signals after them.
+Anything else is ignored, logged with its SENDER and UID, and told to the callback
+(``StatusIgnored``) so the agent can show it on the node. That includes a root sender
+that disconnects right after emitting (``busctl emit``, ``locksmithctl
+send-need-reboot``): the bus daemon can say nothing about a connection that is gone, so
+its uid cannot be checked, and a signal whose sender is unknown is never accepted.
+
+The check runs on the raw messages (``add_message_handler``), because dbus-fast's proxy
+signal handlers do not expose the sender. Messages are checked and delivered one at a
+time, in arrival order, so a status is never overtaken by an older one and owner changes
+apply to the signals after them.
 
 Calls are plain ``Message`` objects rather than proxy-object calls, so there is no
 introspection at all (neither live nor embedded XML): proxy methods (``call_get_status``)
@@ -65,7 +71,7 @@ NAME_OWNER_CHANGED_SIGNAL = "NameOwnerChanged"
 
 ROOT_UID = 0
 
-# No sender in the rule: root-owned connections (locksmithctl) must reach us too.
+# No sender in the rule: root connections other than update_engine must reach us too.
 STATUS_UPDATE_MATCH = (
     f"type='signal',path='{UPDATE_ENGINE_PATH}',"
     f"interface='{UPDATE_ENGINE_INTERFACE}',member='{STATUS_UPDATE_SIGNAL}'"
@@ -94,13 +100,21 @@ class UpdateEngineError(CluoError):
 class StatusUpdated:
     """An accepted ``StatusUpdate`` signal.
 
-    ``from_owner`` is False when the sender was another root connection (e.g.
-    ``locksmithctl send-need-reboot``) rather than update_engine itself.
+    ``from_owner`` is False when the sender was another root connection rather than
+    update_engine itself.
     """
 
     status: UpdateEngineStatus
     sender: str
     from_owner: bool
+
+
+@dataclass(frozen=True)
+class StatusIgnored:
+    """A ``StatusUpdate`` that was not accepted; ``reason`` says why, for an operator."""
+
+    sender: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,13 @@ class BusReconnected:
     status: UpdateEngineStatus
 
 
-UpdateEngineEvent = StatusUpdated | BusDisconnected | BusReconnected
+UpdateEngineEvent = StatusUpdated | StatusIgnored | BusDisconnected | BusReconnected
+# Why a signal was ignored (StatusIgnored.reason), in words an operator can act on.
+UNIDENTIFIED_SENDER = ("its sender disconnected before it could be identified as root "
+                       "(a one-shot sender such as busctl emit or locksmithctl "
+                       "send-need-reboot)")
+NOT_ROOT_SENDER = "its sender is neither update_engine nor root"
+MALFORMED_STATUS = "it is malformed"
 EventCallback = Callable[[UpdateEngineEvent], None]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -294,6 +314,7 @@ class UpdateEngine:
                     "malformed status update ignored",
                     extra={"SENDER": message.sender, "ERROR": str(err)},
                 )
+                self._emit(StatusIgnored(message.sender or "", f"{MALFORMED_STATUS}: {err}"))
                 continue
             self._emit(StatusUpdated(status, message.sender or "", from_owner))
 
@@ -304,12 +325,14 @@ class UpdateEngine:
             return True
         uid = await self._unix_user(session, sender)
         if uid is None:
+            self._emit(StatusIgnored(sender, UNIDENTIFIED_SENDER))
             return None
         if uid != ROOT_UID:
             log.warning(
                 "status update ignored: sender is neither update_engine nor root",
                 extra={"SENDER": sender, "UID": uid, "OWNER": session.owner},
             )
+            self._emit(StatusIgnored(sender, f"{NOT_ROOT_SENDER} (uid {uid})"))
             return None
         log.info(
             "status update accepted from a root connection that is not update_engine",

@@ -29,9 +29,13 @@ from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 from cluo_host.update_engine import (
+    DBUS_NAME,
+    DBUS_PATH,
+    UNIDENTIFIED_SENDER,
     Backoff,
     BusDisconnected,
     BusReconnected,
+    StatusIgnored,
     StatusUpdated,
     UpdateEngine,
     UpdateEngineError,
@@ -46,6 +50,7 @@ from testbed.dbus_bus import (
     spawn_mock,
 )
 from testbed.dbus_templates import update_engine as update1
+from testbed.waiting import wait_for
 
 pytestmark = pytest.mark.dbus
 
@@ -388,16 +393,19 @@ def test_a_status_update_spoofed_by_an_unprivileged_user_is_ignored(
                 spoofer_name = await spoofer.emit()
                 # Delivery is in arrival order: the spoof is judged before this arrives.
                 update_engine.mock.SetStatus(*CHECKING)
+                ignored = await events.next()
                 changed = await events.next_status()
             finally:
                 await spoofer.leave()
             current = await engine.get_status()
         finally:
             await engine.close()
-        return spoofer_name, changed, current, events
+        return spoofer_name, ignored, changed, current, events
 
-    spoofer_name, changed, current, events = run(scenario())
+    spoofer_name, ignored, changed, current, events = run(scenario())
 
+    assert ignored == StatusIgnored(
+        spoofer_name, f"its sender is neither update_engine nor root (uid {NOBODY})")
     assert changed.status == typed(CHECKING)
     assert current == typed(CHECKING)
     assert events.queue.empty()
@@ -409,7 +417,8 @@ def test_a_status_update_spoofed_by_an_unprivileged_user_is_ignored(
 
 @needs_root
 def test_a_root_connection_that_is_not_update_engine_is_accepted(system_like_bus, mocks, tmp_path):
-    """What `locksmithctl send-need-reboot` does: it runs as root and emits the signal."""
+    """A root process with a bus connection of its own emits the signal and stays
+    connected until the agent has asked the bus who it is."""
     start_update_engine(mocks, tmp_path, DOWNLOADING)
 
     async def scenario():
@@ -429,6 +438,59 @@ def test_a_root_connection_that_is_not_update_engine_is_accepted(system_like_bus
     assert received.status == typed(NEED_REBOOT)
     assert received.sender == root_name
     assert not received.from_owner
+
+
+def unique_names(bus: dbus.bus.BusConnection) -> set[str]:
+    names = bus.call_blocking(DBUS_NAME, DBUS_PATH, DBUS_NAME, "ListNames", "", ())
+    return {str(name) for name in names if str(name).startswith(":")}
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("busctl") is None, reason="needs busctl")
+def test_a_one_shot_root_sender_is_ignored_and_said_so(system_like_bus, mocks, tmp_path, caplog):
+    """`busctl emit` as root (and `locksmithctl send-need-reboot` alike): connect, emit,
+    disconnect. The bus cannot say who a connection that is gone was, so the signal is not
+    accepted, and the adapter says so (the agent shows it on the node)."""
+    caplog.set_level(logging.INFO, logger=ADAPTER_LOGGER)
+    start_update_engine(mocks, tmp_path, DOWNLOADING)
+    address = system_like_bus.address
+    watcher = dbus.bus.BusConnection(address)
+
+    async def scenario():
+        events = Events()
+        engine = UpdateEngine(events)
+        try:
+            await engine.connect(address)
+            before = unique_names(watcher)
+            # The event loop is held (blocking calls) until busctl is gone from the bus, so
+            # the adapter reads the signal only after its sender disconnected: the race a
+            # one-shot sender always loses on a real host, made certain.
+            subprocess.run(  # noqa: ASYNC221
+                ["busctl", f"--address={address}", "emit", update1.MAIN_OBJ,
+                 update1.MAIN_IFACE, update1.STATUS_SIGNAL, update1.STATUS_SIGNATURE,
+                 *map(str, NEED_REBOOT)],
+                check=True, timeout=CALL_TIMEOUT)
+            wait_for(lambda: unique_names(watcher) <= before, CALL_TIMEOUT,
+                     "busctl's connection to be gone from the bus")
+            ignored = await events.next()
+            current = await engine.get_status()
+        finally:
+            await engine.close()
+        return ignored, current, events
+
+    try:
+        ignored, current, events = run(scenario())
+    finally:
+        watcher.close()
+
+    assert isinstance(ignored, StatusIgnored), ignored
+    assert ignored.reason == UNIDENTIFIED_SENDER
+    assert "disconnected before it could be identified as root" in ignored.reason
+    assert current == typed(DOWNLOADING)
+    assert events.queue.empty(), "nothing accepted"
+    (logged,) = [r for r in caplog.records
+                 if r.getMessage() == "status update ignored: sender could not be identified"]
+    assert ignored.sender == logged.SENDER
 
 
 def test_an_update_engine_restart_is_followed(system_like_bus, mocks, tmp_path):

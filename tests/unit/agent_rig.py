@@ -32,7 +32,7 @@ from cluo_host.eviction import (
     PodState,
 )
 from cluo_host.host_facts import HostFacts
-from cluo_host.update_engine import StatusUpdated, UpdateEngineEvent
+from cluo_host.update_engine import StatusIgnored, StatusUpdated, UpdateEngineEvent
 from cluo_host.update_status import UpdateEngineStatus
 from tests.unit.virtual_time import elapsed, run
 
@@ -251,6 +251,10 @@ class FakeEngine:
         self.status = status
         self._on_event(StatusUpdated(status, sender=":1.7", from_owner=True))
 
+    def ignore(self, sender: str, reason: str) -> None:
+        """A ``StatusUpdate`` the adapter did not accept (a sender not root, or gone)."""
+        self._on_event(StatusIgnored(sender, reason))
+
     async def connect(self, bus_address: str | None = None) -> UpdateEngineStatus:
         return self.status
 
@@ -311,6 +315,7 @@ class AgentRun:
     keys: Keys
     engine: FakeEngine | None = None
     killed: bool = False  # it did not stop within STOP_TIMEOUT of SIGTERM
+    agent: Agent | None = None
 
 
 def granted(keys: Keys) -> dict[str, str]:
@@ -347,6 +352,7 @@ def run_agent(pods_setup: Callable[[FakePods], object] = lambda pods: None, *, u
         agent = Agent(settings, host=HOST, nodes=node, pods=pods,
                       engine_factory=engine_factory, rebooter=rebooter,
                       notifier=JournaledNotifier(journal), watchdog_interval=watchdog_interval)
+        result.agent = agent
         script(result)
         stop = asyncio.Event()
         asyncio.get_running_loop().call_later(until, stop.set)
