@@ -91,8 +91,9 @@ SPECS: tuple[KeySpec, ...] = (
     KeySpec("last-checked-time", Kind.ANNOTATION, Writer.AGENT, "Unix seconds",
             "update_engine's last_checked_time, mirrored."),
     KeySpec("agent-made-unschedulable", Kind.ANNOTATION, Writer.AGENT, "true/false",
-            "The agent cordoned the node, so it may uncordon it. A node an admin "
-            "cordoned stays cordoned."),
+            "The agent cordoned the node, so it may uncordon it (after reboot-ok=false). "
+            "While a cordoned node carries it, the node counts against --max-concurrent "
+            "and keeps its slot. A node an admin cordoned stays cordoned."),
     KeySpec("boot-id-before-reboot", Kind.ANNOTATION, Writer.AGENT, "boot id",
             "/proc/sys/kernel/random/boot_id recorded just before the agent asked logind "
             "to reboot; a different boot id afterwards proves the reboot happened.",

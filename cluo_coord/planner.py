@@ -17,15 +17,19 @@ One reboot cycle, CLUO compatible (docs/protocol.md)::
     LabelAfterReboot     once the reboot is proven (see ``reboot_proven``)
       ... after-reboot hook annotations become "true"
     ResetRebootOk        reboot-ok=false, remove labels + hook annotations  (node CAS)
-    ReleaseSlot          the Lease is free; the next node gets it on the next plan
+      ... agent: uncordons the node if it cordoned it, clears agent-made-unschedulable
+    ReleaseSlot          once the node is schedulable again (rule 10), after a no-op
+                         ResetRebootOk (rule 4); the next node gets it on the next plan
 
 The rules that keep "never more than ``max_concurrent`` in flight" true whatever the
 cluster looks like (stale caches, restarts, partially applied plans, old coordinators):
 
 1. *In flight* means: named by a slot Lease, or ``reboot-ok=true``, or
-   ``reboot-in-progress=true``. A node that no slot names but that carries either
-   annotation (a stale view: an older coordinator, CLUO, a hand edit) counts too. The one
-   exception is ``release-slot=true``: the admin has taken that node out of the count.
+   ``reboot-in-progress=true``, or *cordoned by cluo* (``spec.unschedulable`` with the
+   agent's ``agent-made-unschedulable=true``). A node that no slot names but that shows
+   any of these (a stale view: an older coordinator, CLUO, a hand edit, an agent that has
+   not uncordoned yet) counts too. The one exception is ``release-slot=true``: the admin
+   has taken that node out of the count.
    New slots are taken only while fewer than ``max_concurrent`` nodes are in flight, and
    only slots ``0 .. max_concurrent-1`` are ever taken.
 2. Every write carries the resource version of the object as the planner saw it, and the
@@ -41,7 +45,7 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    checks the node's resource version. A slot is released only if the node really is in
    the reset state the planner saw. ``reboot-ok=false`` is never written while the node
    reports ``reboot-in-progress=true`` (the cycle waits for the agent), except for an
-   admin release (rule 7).
+   admin release (rule 7). The release itself waits for rule 10.
 5. Restarts need no memory: the Lease is the source of truth. A slot that names a node
    continues that node's cycle from whatever the node shows (a crash between AcquireSlot
    and GrantRebootOk resumes the same grant); a taken slot is never given to another node.
@@ -51,17 +55,26 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
 6. Pauses and windows only stop *new* slots. A node that holds a slot finishes its cycle.
 7. A holder that has not finished ``reboot_timeout`` after taking its slot keeps the slot
    (a bad update must not spread), is marked stuck on its Lease and gets one Warning
-   event. ``release-slot=true`` on the node releases it (reset first, as in rule 4); the
-   annotation is cleared once the node shows no reboot in progress, and until then the
+   event. ``release-slot=true`` on the node releases it at once (reset first, as in
+   rule 4, but without waiting for rule 10); the annotation is cleared once the node
+   shows no reboot in progress and is no longer cordoned by cluo, and until then the
    node is not counted (rule 1). A holder whose Node object is gone keeps its slot too;
    the admin deletes the slot Lease to free it.
 8. An abort (the agent cleared reboot-in-progress but still needs a reboot, with a
-   ``blocked-reason``) resets the grant and releases the slot; the node queues again behind
+   ``blocked-reason``) resets the grant and releases the slot, both once the agent has
+   uncordoned the node (rule 10: the grant stays out until then, so the node still shows
+   an abort and not a fresh slot); the node queues again behind
    nodes without a blocked-reason (``queue_key``). GrantRebootOk clears ``blocked-reason``
    so that a reason left from an earlier attempt never reads as an abort of this one.
 9. A node named by several slots (possible only after acting on a stale Lease view) keeps
    all of them until its cycle ends: wasting capacity is safe, freeing a slot it uses is
    not. Its *primary* slot, the one taken first, carries the grant and the boot id.
+10. A slot is released only once its holder is schedulable again: ``spec.unschedulable``
+    false, or cordoned without ``agent-made-unschedulable`` (an admin cordoned it before
+    cluo touched it; the agent never uncordons such a node). The agent uncordons only
+    after ``reboot-ok=false``, so a finished cycle is two plans: the reset, then (once the
+    agent has uncordoned) the release. With rule 1 this keeps "never more than
+    ``max_concurrent`` nodes unschedulable because of cluo" (admin releases excepted).
 
 The slot Lease records, besides ``spec.holderIdentity`` and ``spec.acquireTime``, the
 holder's ``status.nodeInfo.bootID`` at the time it took the slot, the release time and
@@ -98,8 +111,10 @@ class NodeView:
     ``boot_id`` is ``status.nodeInfo.bootID`` (empty when the kubelet did not report one).
     ``annotations`` are all of the Node's annotations (hook annotations are user-chosen).
     ``reboot_needed_since`` orders the queue; see ``reboot_needed_since`` for where the
-    driver takes it from. ``unschedulable`` is informational: an admin-cordoned node is
-    rebooted like any other and stays cordoned (the agent uncordons only what it cordoned).
+    driver takes it from. ``unschedulable`` is ``spec.unschedulable``: with the agent's
+    ``agent-made-unschedulable`` it means cordoned by cluo (rules 1 and 10). An
+    admin-cordoned node is rebooted like any other and stays cordoned (the agent
+    uncordons only what it cordoned).
     """
 
     name: str
@@ -435,12 +450,21 @@ def _untouched(state: NodeProtocolState) -> bool:
         or state.release_slot
         or state.before_reboot
         or state.after_reboot
+        or state.agent_made_unschedulable
     )
 
 
-def _counts_in_flight(state: NodeProtocolState) -> bool:
+def cordoned_by_cluo(view: NodeView) -> bool:
+    """The node is unschedulable because the agent cordoned it (rules 1 and 10)."""
+    return view.unschedulable and view.state.agent_made_unschedulable
+
+
+def _counts_in_flight(view: NodeView) -> bool:
     """Rule 1 for a node no slot names."""
-    return (state.reboot_ok or state.reboot_in_progress) and not state.release_slot
+    state = view.state
+    return (
+        state.reboot_ok or state.reboot_in_progress or cordoned_by_cluo(view)
+    ) and not state.release_slot
 
 
 def _is_candidate(view: NodeView) -> bool:
@@ -543,7 +567,7 @@ def plan(
         if name in held or _untouched(view.state):
             continue
         _tidy_unslotted(view, out)
-        if _counts_in_flight(view.state):
+        if _counts_in_flight(view):
             in_flight.add(name)
         elif _is_candidate(view):
             candidates.append(view)
@@ -612,7 +636,7 @@ def _advance_holder(
     state = view.state
 
     if state.release_slot:
-        out.reset_and_release(view, slots, clear_release_slot=not state.reboot_in_progress)
+        out.reset_and_release(view, slots, clear_release_slot=_release_slot_done(view))
         out.event(
             name, EventType.NORMAL, Reason.RELEASED_BY_ADMIN,
             f"An admin set {policy.keys.release_slot}=true: reboot slot {primary.index} "
@@ -627,12 +651,18 @@ def _advance_holder(
             _wait(name, primary, "the agent started another reboot during the after-reboot phase",
                   out)
         elif hooks_done(policy.after_reboot_annotations, view.annotations):
-            out.reset_and_release(view, slots, clear_release_slot=False)
-            out.event(
-                name, EventType.NORMAL, Reason.REBOOT_FINISHED,
-                f"After-reboot hooks done: {policy.keys.reboot_ok}=false, reboot slot "
-                f"{primary.index} released.",
-            )
+            if cordoned_by_cluo(view):
+                # Rule 10: the agent uncordons only after reboot-ok=false; the release
+                # follows once it has.
+                out.add(ResetRebootOk(name, view.resource_version, policy.hook_annotations))
+                _wait(name, primary, "waiting for the agent to uncordon the node", out)
+            else:
+                out.reset_and_release(view, slots, clear_release_slot=False)
+                out.event(
+                    name, EventType.NORMAL, Reason.REBOOT_FINISHED,
+                    f"After-reboot hooks done: {policy.keys.reboot_ok}=false, reboot slot "
+                    f"{primary.index} released.",
+                )
         else:
             _wait(name, primary, "waiting for the after-reboot hooks", out)
         return
@@ -647,6 +677,10 @@ def _advance_holder(
                 name, EventType.NORMAL, Reason.REBOOT_VERIFIED,
                 f"The node is back with boot id {view.boot_id}; running after-reboot hooks.",
             )
+        elif _aborted(state) and cordoned_by_cluo(view):
+            # Rule 10: the grant stays out (so the node still reads as an abort) until
+            # the agent has uncordoned it.
+            _wait(name, primary, "the agent gave up; waiting for it to uncordon the node", out)
         elif _aborted(state):
             out.reset_and_release(view, slots, clear_release_slot=False)
             out.event(
@@ -663,12 +697,16 @@ def _advance_holder(
     if state.reboot_in_progress:
         _wait(name, primary, "the agent reports a reboot in progress this slot did not grant",
               out)
+    elif not state.reboot_needed and cordoned_by_cluo(view):
+        _wait(name, primary, "waiting for the agent to uncordon the node", out)
     elif not state.reboot_needed:
         rebooted = bool(view.boot_id) and view.boot_id != primary.holder_boot_id
         out.reset_and_release(view, slots, clear_release_slot=False)
         out.event(
             name, EventType.NORMAL,
             Reason.REBOOT_FINISHED if rebooted else Reason.REBOOT_CANCELLED,
+            (f"The node rebooted and is schedulable again; reboot slot {primary.index} "
+             "released.") if rebooted else
             f"The node no longer needs a reboot; reboot slot {primary.index} released.",
         )
     elif not state.before_reboot:
@@ -687,6 +725,12 @@ def _advance_holder(
         )
     else:
         _wait(name, primary, "waiting for the before-reboot hooks", out)
+
+
+def _release_slot_done(view: NodeView) -> bool:
+    """An admin's release-slot has done its work: nothing of the cycle is left on the
+    node that would count it in flight again (rule 7)."""
+    return not view.state.reboot_in_progress and not cordoned_by_cluo(view)
 
 
 def _wait(holder: str, primary: SlotLease, doing: str, out: _Builder) -> None:
@@ -714,15 +758,16 @@ def _tidy_unslotted(view: NodeView, out: _Builder) -> None:
     leftover_labels = state.before_reboot or state.after_reboot
 
     if state.release_slot:
-        if state.reboot_ok or leftover_labels or not state.reboot_in_progress:
+        done = _release_slot_done(view)
+        if state.reboot_ok or leftover_labels or done:
             out.add(
                 ResetRebootOk(
                     view.name, view.resource_version, policy.hook_annotations,
-                    clear_release_slot=not state.reboot_in_progress,
+                    clear_release_slot=done,
                 )
             )
-        # Still in progress: keep release-slot (the node stays out of the count) until
-        # the agent clears reboot-in-progress.
+        # Still in progress or cordoned by cluo: keep release-slot (the node stays out of
+        # the count) until the agent has cleared reboot-in-progress and uncordoned it.
         return
 
     if state.reboot_ok:

@@ -2,8 +2,13 @@
 
 `FakeAgents` plays the agent on every Node of a label selector: when the coordinator sets
 reboot-ok=true on a node that needs a reboot, it marks reboot-in-progress (with the boot id
-before), powers the emulated host off and on again (a new bootID), waits until the Node
-reports it, then reports reboot-needed=false, reboot-in-progress=false, as the agent does.
+before, and agent-made-unschedulable unless the node was already cordoned), cordons the
+node, powers the emulated host off and on again (a new bootID), waits until the Node
+reports it, then reports reboot-needed=false, reboot-in-progress=false, as the agent does;
+once the coordinator has set reboot-ok=false it uncordons the node if it cordoned it
+(``uncordon_delay`` later: an agent is not instant) and clears its marks.
+``cordoned_spans`` says from when to when each node was cordoned by its stand-in (from
+before the cordon request to after the uncordon answer: the real span lies within).
 Each node's stand-in writes with that node's own credential (a client certificate of
 system:node:<name>, as the real agent uses its kubelet's), so the confinement of
 docs/security.md is exercised by the real authorizer and admission; the nodes are listed
@@ -37,7 +42,8 @@ class FakeAgents:
 
     def __init__(self, control_plane: ControlPlane, emulator: KubeletEmulator, selector: str,
                  *, keys: Keys | None = None,
-                 never_return: frozenset[str] = frozenset()) -> None:
+                 never_return: frozenset[str] = frozenset(),
+                 uncordon_delay: float = 0.0) -> None:
         self._emulator = emulator
         self._selector = selector
         self._keys = keys or Keys()
@@ -45,6 +51,9 @@ class FakeAgents:
         self._api = control_plane.admin_api_client()
         self._core = CoreV1Api(self._api)
         self._never_return = never_return
+        self._uncordon_delay = uncordon_delay
+        self.cordoned_spans: list[tuple[str, float, float | None]] = []  # node, from, to
+        self._spans_lock = threading.Lock()
         self._stop = threading.Event()
         self._busy: set[str] = set()
         self._workers: list[threading.Thread] = []
@@ -98,9 +107,17 @@ class FakeAgents:
 
     def _reboot_as_node(self, name: str, node: CoreV1Api) -> None:
         keys = self._keys
-        old_boot = node.read_node(name).status.node_info.boot_id
+        before = node.read_node(name)
+        old_boot = before.status.node_info.boot_id
+        we_cordon = not before.spec.unschedulable
+        mark = {keys.agent_made_unschedulable: "true"} if we_cordon else {}
         node.patch_node(name, {"metadata": {"annotations": {
-            keys.reboot_in_progress: "true", keys.boot_id_before_reboot: old_boot}}})
+            keys.reboot_in_progress: "true", keys.boot_id_before_reboot: old_boot, **mark}}})
+        if we_cordon:
+            with self._spans_lock:
+                span = len(self.cordoned_spans)
+                self.cordoned_spans.append((name, time.monotonic(), None))
+            node.patch_node(name, {"spec": {"unschedulable": True}})
         host = self._emulator.node(name)
         host.shutdown()
         if name in self._never_return:
@@ -111,3 +128,14 @@ class FakeAgents:
                  BOOT_TIMEOUT, f"{name} to report its new bootID")
         node.patch_node(name, {"metadata": {"annotations": {
             keys.reboot_needed: "false", keys.reboot_in_progress: "false"}}})
+        while (node.read_node(name).metadata.annotations or {}).get(keys.reboot_ok) == "true":
+            if self._stop.wait(POLL_INTERVAL):
+                return  # the test is over before the after-reboot phase
+        if we_cordon:
+            time.sleep(self._uncordon_delay)
+            node.patch_node(name, {"spec": {"unschedulable": False}})
+            with self._spans_lock:
+                self.cordoned_spans[span] = (name, self.cordoned_spans[span][1],
+                                             time.monotonic())
+        node.patch_node(name, {"metadata": {"annotations": {
+            keys.agent_made_unschedulable: None, keys.boot_id_before_reboot: None}}})

@@ -122,10 +122,11 @@ class Rig:
         self.coordinators.append(coord)
         return coord
 
-    def agents(self, *, never_return: frozenset[str] = frozenset()) -> FakeAgents:
+    def agents(self, *, never_return: frozenset[str] = frozenset(),
+               uncordon_delay: float = 0.0) -> FakeAgents:
         """The agents of this rig's nodes (each as its own node, as the agent is)."""
         return FakeAgents(self.control_plane, self.emulator, self.selector,
-                          never_return=never_return)
+                          never_return=never_return, uncordon_delay=uncordon_delay)
 
     def admin_command(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -228,6 +229,34 @@ def test_max_concurrent_two_is_reached_and_never_exceeded(
         wait_for(_all_done(rig, names), 60, "all five nodes to reboot and finish")
     assert not agents.errors
     assert recorder.max_in_flight() == 2
+
+
+def _overlapping(spans: list[tuple[str, float, float | None]]) -> list[tuple[str, str]]:
+    """Pairs of nodes whose cordoned spans overlap (an open span lasts for ever)."""
+    pairs = []
+    for i, (one, start, end) in enumerate(spans):
+        for other, other_start, other_end in spans[i + 1:]:
+            if start < (other_end or float("inf")) and other_start < (end or float("inf")):
+                pairs.append((one, other))
+    return pairs
+
+
+def test_slot_is_handed_on_only_after_the_node_is_uncordoned(
+    rig: Rig, recorder: InFlightRecorder
+) -> None:
+    first, by_admin, last = rig.add_nodes(3)
+    rig.core.patch_node(by_admin, {"spec": {"unschedulable": True}})  # before cluo touches it
+    rig.start()
+    with rig.agents(uncordon_delay=1.0) as agents:
+        wait_for(_all_done(rig, [first, by_admin, last]), 60, "all three nodes to finish")
+    assert not agents.errors
+    assert [span[0] for span in agents.cordoned_spans] == [first, last]
+    assert _overlapping(agents.cordoned_spans) == [], agents.cordoned_spans
+    assert recorder.max_in_flight() == 1
+    # The admin's cordon is the admin's: it stays, and it did not hold up the roll.
+    assert rig.node(by_admin).spec.unschedulable
+    assert not rig.node(first).spec.unschedulable
+    assert KEYS.agent_made_unschedulable not in rig.annotations(first)
 
 
 def test_crash_between_slot_and_grant_resumes_the_same_node(
@@ -541,6 +570,10 @@ def test_api_server_outage_while_a_node_reboots_then_the_roll_resumes(
             wait_for(lambda: rig.node(first).status.node_info.boot_id == new_boot, 30,
                      f"{first} to report its new bootID")
             rig.annotate(first, {KEYS.reboot_needed: "false", KEYS.reboot_in_progress: "false"})
+            wait_for(lambda: rig.annotations(first).get(KEYS.reboot_ok) == "false", 90,
+                     f"the coordinator to set reboot-ok=false on {first}")
+            rig.core.patch_node(first, {"spec": {"unschedulable": False}})  # as its agent would
+            rig.annotate(first, {KEYS.agent_made_unschedulable: None})
             wait_for(_all_done(rig, [first, second, third]), 90,
                      "the coordinator to hand on the slot and finish the roll after the outage")
         finally:

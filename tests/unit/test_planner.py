@@ -59,6 +59,8 @@ def node(
     coordinator: bool = False,
     rv: str = "100",
     extra: Mapping[str, str] | None = None,
+    cordoned: bool = False,
+    marked: bool = False,
 ) -> NodeView:
     annotations = {
         KEYS.reboot_needed: str(needed).lower(),
@@ -73,6 +75,8 @@ def node(
         annotations[KEYS.blocked_reason] = blocked
     if boot_before:
         annotations[KEYS.boot_id_before_reboot] = boot_before
+    if marked:
+        annotations[KEYS.agent_made_unschedulable] = TRUE
     annotations.update(extra or {})
     labels = {}
     if before_label:
@@ -87,6 +91,7 @@ def node(
         ready_since=ready_since if ready else None,
         boot_id=boot,
         annotations=annotations,
+        unschedulable=cordoned,
         runs_coordinator=coordinator,
         reboot_needed_since=since,
     )
@@ -411,6 +416,40 @@ def test_waits_for_after_reboot_hooks_then_resets_before_releasing() -> None:
     assert reasons(done) == [Reason.REBOOT_FINISHED]
 
 
+def test_slot_waits_until_the_agent_has_uncordoned_the_node() -> None:
+    leases = [slot(0, "a", rv="9")]
+    done = run([node("a", ok=True, after_label=True, boot="boot-2", cordoned=True, marked=True,
+                     extra={AFTER_HOOK: TRUE}), node("b", needed=True)], leases, base=HOOKS)
+    assert kinds(done) == ["ResetRebootOk"]
+    assert done.in_flight == ("a",)
+
+    reset = node("a", boot="boot-2", cordoned=True, marked=True)
+    waiting = run([reset, node("b", needed=True)], leases, base=HOOKS)
+    assert waiting.changes == ()
+    assert waiting.recheck_after == timedelta(minutes=55)  # the reboot timeout
+
+    uncordoned = node("a", boot="boot-2", marked=True)  # W6 done, W7 (the mark) not yet
+    released = run([uncordoned, node("b", needed=True)], leases, base=HOOKS)
+    assert kinds(released) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    assert reasons(released) == [Reason.REBOOT_FINISHED]
+
+
+def test_holder_cordoned_by_an_admin_is_released_with_its_reset() -> None:
+    # No agent-made-unschedulable: the agent will not uncordon it, so nothing to wait for.
+    done = run([node("a", ok=True, after_label=True, boot="boot-2", cordoned=True,
+                     extra={AFTER_HOOK: TRUE})], [slot(0, "a")], base=HOOKS)
+    assert kinds(done) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+
+
+def test_node_cordoned_by_cluo_without_a_slot_counts_in_flight() -> None:
+    result = run([node("a", boot="boot-2", cordoned=True, marked=True),
+                  node("b", needed=True)])
+    assert result.in_flight == ("a",)
+    assert acquired(result) == []
+    marked_only = run([node("a", marked=True), node("b", needed=True)])
+    assert acquired(marked_only) == [(0, "b")]
+
+
 @pytest.mark.parametrize("holds_slot", [True, False], ids=["slot-holder", "stale-grant"])
 def test_cycle_does_not_finish_while_the_agent_drains_again(holds_slot: bool) -> None:
     # A new update arrived during the after-reboot phase and the agent acted on the grant
@@ -460,6 +499,13 @@ def test_aborted_drain_resets_the_grant_and_releases_the_slot() -> None:
     event = of(result, EmitEvent)[0]
     assert (event.type, event.reason) == (EventType.WARNING, Reason.REBOOT_ABORTED)
     assert "PDB web allows 0 disruptions" in event.message
+
+
+def test_aborted_drain_keeps_the_grant_until_the_agent_has_uncordoned() -> None:
+    aborted = node("a", ok=True, needed=True, blocked="PDB web", cordoned=True, marked=True)
+    result = run([aborted, node("b", needed=True)], [slot(0, "a")])
+    assert result.changes == ()
+    assert result.in_flight == ("a",)
 
 
 def test_granted_node_that_has_not_started_yet_is_not_an_abort() -> None:
@@ -540,6 +586,15 @@ def test_admin_release_annotation_is_cleared_once_nothing_is_in_progress() -> No
     result = run([node("a", needed=True, release=True, blocked="gave up")])
     assert of(result, ResetRebootOk) == [ResetRebootOk("a", "100", (), clear_release_slot=True)]
     assert acquired(result) == []
+
+
+def test_admin_release_annotation_stays_until_the_agent_has_uncordoned() -> None:
+    # Cleared earlier, the node would count in flight again (cordoned by cluo) and hold
+    # up the roll it was released from.
+    result = run([node("a", needed=True, release=True, cordoned=True, marked=True),
+                  node("b", needed=True)])
+    assert of(result, ResetRebootOk) == []
+    assert acquired(result) == [(0, "b")]
 
 
 # --------------------------------------------------------------------------- stale views

@@ -8,8 +8,10 @@ plans applied only in part (a crash after any change), restarts (a plan from the
 alone, since the planner keeps no memory). Coordinator writes are compare-and-swap on the
 resource version the change carries; a conflict stops the plan, as in the driver.
 
-In flight: a slot Lease names the node, or it has reboot-ok=true, or reboot-in-progress=true
-(unless an admin released it with release-slot=true, which takes it out of the count).
+In flight: a slot Lease names the node, or it has reboot-ok=true, or reboot-in-progress=true,
+or it is cordoned by cluo (unless an admin released it with release-slot=true, which takes
+it out of the count). Cordoned by cluo: spec.unschedulable with the agent's
+agent-made-unschedulable=true; never more such nodes than allowed either.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class FakeNode:
     ready: bool = True
     ready_since: datetime | None = START
     up: bool = True
+    unschedulable: bool = False
     resource_version: int = 0
 
     def flag(self, key: str) -> bool:
@@ -128,6 +131,7 @@ class FakeCluster:
                     ready_since=node.ready_since if node.ready else None,
                     boot_id=node.boot_id,
                     annotations=dict(node.annotations),
+                    unschedulable=node.unschedulable,
                     runs_coordinator=node.runs_coordinator,
                     reboot_needed_since=reboot_needed_since(state),
                 )
@@ -157,6 +161,16 @@ class FakeCluster:
             and not node.flag(KEYS.release_slot)
         }
         return holders | flagged
+
+    def cordoned_by_cluo(self) -> set[str]:
+        """Unschedulable because an agent cordoned them, and not released by an admin."""
+        return {
+            node.name
+            for node in self.nodes.values()
+            if node.unschedulable
+            and node.flag(KEYS.agent_made_unschedulable)
+            and not node.flag(KEYS.release_slot)
+        }
 
     def holders(self) -> set[str]:
         return {lease.holder for lease in self.leases.values() if lease.holder}
@@ -271,11 +285,25 @@ class Agents:
         self.cluster.write_node(name, {KEYS.reboot_needed: FALSE}, {KEYS.reboot_needed: FALSE})
 
     def start(self, name: str) -> None:
+        """W2 (the mark unless an admin cordoned the node), W3 the cordon, and the drain's
+        end (the boot id), as the agent does."""
         node = self.cluster.nodes[name]
+        mark = {} if node.unschedulable else {KEYS.agent_made_unschedulable: TRUE}
         self.cluster.write_node(name, {
             KEYS.reboot_in_progress: TRUE,
             KEYS.blocked_reason: None,
-            KEYS.boot_id_before_reboot: node.boot_id,
+            **mark,
+        })
+        self.cluster.write_node(name, unschedulable=True)
+        self.cluster.write_node(name, {KEYS.boot_id_before_reboot: node.boot_id})
+
+    def uncordon(self, name: str) -> None:
+        """W6 (only what the agent cordoned), then W7."""
+        node = self.cluster.nodes[name]
+        if node.flag(KEYS.agent_made_unschedulable) and node.unschedulable:
+            self.cluster.write_node(name, unschedulable=False)
+        self.cluster.write_node(name, {
+            KEYS.agent_made_unschedulable: None, KEYS.boot_id_before_reboot: None,
         })
 
     def abort(self, name: str) -> None:
@@ -320,6 +348,8 @@ class Agents:
                 self.abort(name)
         elif self.rebooted(name):
             self.report_after_boot(name)
+        elif self.uncordon_due(name):
+            self.uncordon(name)
 
     # --- conditions, read from the current object as a real agent would
 
@@ -338,6 +368,20 @@ class Agents:
             node.up
             and node.flag(KEYS.reboot_in_progress)
             and node.annotations.get(KEYS.boot_id_before_reboot) == node.boot_id
+        )
+
+    def uncordon_due(self, name: str) -> bool:
+        """The agent's Uncordoning: the cycle is over (done, aborted or withdrawn)."""
+        node = self.cluster.nodes[name]
+        recorded = node.annotations.get(KEYS.boot_id_before_reboot, "")
+        waiting_for_after_reboot = (
+            bool(recorded) and recorded != node.boot_id and node.flag(KEYS.reboot_ok)
+        )
+        return (
+            node.up
+            and not node.flag(KEYS.reboot_in_progress)
+            and not waiting_for_after_reboot
+            and (bool(recorded) or node.flag(KEYS.agent_made_unschedulable))
         )
 
     def rebooted(self, name: str) -> bool:
@@ -370,6 +414,7 @@ HAPPENINGS = (
         "admin_pauses_node",
         "admin_releases_slot",
         "admin_pauses_everything",
+        "admin_cordons_node",
     ]
 )
 
@@ -484,6 +529,10 @@ class PlannerMachine(RuleBasedStateMachine):
     def admin_releases_slot(self, name: str, _: bool) -> None:
         self.cluster.write_node(name, {KEYS.release_slot: TRUE})
 
+    def admin_cordons_node(self, name: str, cordoned: bool) -> None:
+        if not self.cluster.nodes[name].flag(KEYS.agent_made_unschedulable):
+            self.cluster.write_node(name, unschedulable=cordoned)
+
     def admin_pauses_everything(self, _: str, paused: bool) -> None:
         self.policy = replace(self.policy, paused=paused)
 
@@ -519,6 +568,13 @@ class PlannerMachine(RuleBasedStateMachine):
         in_flight = self.cluster.in_flight()
         assert len(in_flight) <= self.policy.max_concurrent, (
             f"{sorted(in_flight)} in flight, max {self.policy.max_concurrent}"
+        )
+
+    @invariant()
+    def never_more_cordoned_by_cluo_than_allowed(self) -> None:
+        cordoned = self.cluster.cordoned_by_cluo()
+        assert len(cordoned) <= self.policy.max_concurrent, (
+            f"{sorted(cordoned)} cordoned by cluo, max {self.policy.max_concurrent}"
         )
 
     @invariant()
@@ -571,6 +627,7 @@ def settle(cluster: FakeCluster, agents: Agents, policy: Policy, now: datetime) 
                 cluster.write_node(name, ready=True, ready_since=now)
             agents.next_step(name, now)
         assert len(cluster.in_flight()) <= policy.max_concurrent
+        assert len(cluster.cordoned_by_cluo()) <= policy.max_concurrent
         if _settled(cluster):
             return
         now += timedelta(minutes=10)
@@ -587,6 +644,7 @@ def _settled(cluster: FakeCluster) -> bool:
         and not node.flag(KEYS.reboot_ok)
         and not node.flag(KEYS.reboot_in_progress)
         and not node.flag(KEYS.release_slot)
+        and not node.flag(KEYS.agent_made_unschedulable)
         and not node.labels.get(KEYS.before_reboot)
         and not node.labels.get(KEYS.after_reboot)
         for node in cluster.nodes.values()
@@ -637,8 +695,12 @@ def test_planner_walks_a_full_cycle_in_the_model() -> None:
     agents.report_after_boot("a")
     assert step() == ["LabelAfterReboot"]
     cluster.write_node("a", {AFTER_HOOK: TRUE})
-    assert step() == ["ResetRebootOk", "ReleaseSlot"]
+    assert step() == ["ResetRebootOk"]
     assert not cluster.nodes["a"].flag(KEYS.reboot_ok)
+    assert step() == []  # the slot waits until the agent has uncordoned the node
+    assert cluster.leases[0].holder == "a"
+    agents.uncordon("a")
+    assert step() == ["ResetRebootOk", "ReleaseSlot"]
     assert cluster.nodes["a"].labels == {KEYS.reboot_needed: FALSE}
     assert step() == ["AcquireSlot", "LabelBeforeReboot"]
     assert cluster.leases[0].holder == "b"
