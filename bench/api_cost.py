@@ -11,6 +11,9 @@ emulator writes as the admin, so here only the agent is that user).
 Idle: after start-up (the node labelled, update_engine's status mirrored) and a short
 settling pause, a window of ``IDLE_WINDOW`` seconds; the requests in it that are not
 watches are extrapolated to an hour (target: 0). Watch (re)opens are reported apart.
+Update checks: update_engine's periodic checks, ``CHECKS`` of them ``CHECK_EVERY`` seconds
+apart on its clock (an hour's worth, played back in seconds), each a CHECKING_FOR_UPDATE
+then an IDLE with a new last_checked_time; the agent's writes to its Node counted.
 Per reboot: from update_engine saying UPDATED_NEED_REBOOT until the agent closed the cycle
 (the test plays the coordinator's grant and the host's reboot, as tests/kube/test_agent.py
 does); the restarted agent's start-up requests are part of the cycle.
@@ -78,6 +81,10 @@ KEYS = Keys()
 NEED_REBOOT = (dbus.Int64(1_700_000_000), 1.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT",
                "4152.2.0", dbus.Int64(300_000_000))
 IDLE = (dbus.Int64(1_700_000_100), 0.0, "UPDATE_STATUS_IDLE", "0.0.0", dbus.Int64(0))
+CHECKS = 12
+CHECK_EVERY = 300  # seconds of update_engine's clock between two checks
+CHECK_PACE = 0.5  # real seconds between two signals of the playback
+CHECKS_TARGET = Target(Comparison.AT_MOST, 1.0)  # last-checked-time, once an hour
 
 
 def run(context: BenchContext) -> BenchResult:
@@ -111,10 +118,20 @@ def run(context: BenchContext) -> BenchResult:
         agent.start()
         rig.wait(lambda: rig.annotation("status") == "UPDATE_STATUS_IDLE"
                  and rig.label("group") == "stable", "the agent to start and mirror IDLE")
+        # update_engine has checked once (the mock starts as never checked): the checks
+        # below follow a check the node records.
+        rig.update_engine.mock.SetStatus(*IDLE)
+        rig.wait(lambda: rig.annotation("last-checked-time") == str(int(IDLE[0])),
+                 "the agent to mirror update_engine's last check")
         time.sleep(SETTLE)
         idle_from = datetime.now(UTC)
         time.sleep(window)
         idle_to = datetime.now(UTC)
+
+        checks_from = datetime.now(UTC)
+        rig.periodic_checks()
+        time.sleep(TAIL)
+        checks_to = datetime.now(UTC)
 
         cycle_from = datetime.now(UTC)
         rig.reboot_cycle()
@@ -126,6 +143,8 @@ def run(context: BenchContext) -> BenchResult:
         requests = [r for r in read_audit_log(plane.audit_log) if r.user == agent_user]
     idle = _between(requests, idle_from, idle_to)
     cycle = _between(requests, cycle_from, cycle_to)
+    check_writes = [r for r in _between(requests, checks_from, checks_to)
+                    if r.verb in ("patch", "update") and r.resource == "nodes"]
     idle_other = [r for r in idle if not r.is_watch]
     idle_watches = [r for r in idle if r.is_watch]
     seconds = (idle_to - idle_from).total_seconds()
@@ -146,6 +165,9 @@ def run(context: BenchContext) -> BenchResult:
                         IDLE_TARGET, detail=f"{len(idle_other)} in {seconds:.0f} s"),
             Measurement("idle agent: watch requests in the window", len(idle_watches), "",
                         detail=f"window {seconds:.0f} s"),
+            Measurement(f"node writes for {CHECKS} update checks (an hour of them)",
+                        len(check_writes), "req", CHECKS_TARGET,
+                        detail=f"one every {CHECK_EVERY} s of update_engine's clock"),
             Measurement("requests per completed node reboot", len(cycle), "req",
                         detail=f"{CYCLE_PODS} pods on the node"),
             Measurement("of them evictions", sum(r.resource == "pods/eviction" for r in cycle),
@@ -159,7 +181,10 @@ def run(context: BenchContext) -> BenchResult:
             "Requests counted at the API server from its audit log (level Metadata), user = "
             f"{agent_user}: apiserver_request_total in 1.34 has no label naming the client. "
             f"Idle: a {seconds:.0f} s window after start-up; non-watch requests extrapolated to "
-            "an hour. Per reboot: from UPDATED_NEED_REBOOT to the agent closing the cycle "
+            f"an hour. Update checks: {CHECKS} periodic checks of update_engine "
+            f"(CHECKING_FOR_UPDATE, then IDLE with a last_checked_time {CHECK_EVERY} s "
+            "later each), played back in seconds, node PATCH/PUT requests counted. "
+            "Per reboot: from UPDATED_NEED_REBOOT to the agent closing the cycle "
             "(grant, cordon, drain, Reboot() via logind, the host's reboot emulated: agent "
             f"killed, new boot id, agent restarted, report, uncordon), {CYCLE_PODS} pods."
         ),
@@ -174,6 +199,7 @@ def check(result: BenchResult) -> None:
     requests, attributed to the agent by its user agent; the idle rate."""
     check_well_formed(result, NAME)
     result.measurement("idle agent: requests per hour beyond the watch")
+    result.measurement(f"node writes for {CHECKS} update checks (an hour of them)")
     cycle = result.measurement("requests per completed node reboot").value
     expect(cycle > 0, f"{NAME}: no request counted in the reboot cycle")
     evictions = result.measurement("of them evictions").value
@@ -241,6 +267,18 @@ class _Rig:
 
     def reboots(self) -> int:
         return len(self.logind.calls("Reboot"))
+
+    def periodic_checks(self) -> None:
+        """update_engine's checks that find nothing: CHECKS of them, CHECK_EVERY apart."""
+        checked = int(IDLE[0])
+        for _ in range(CHECKS):
+            self.update_engine.mock.SetStatus(dbus.Int64(checked), 0.0,
+                                              "UPDATE_STATUS_CHECKING_FOR_UPDATE", "0.0.0",
+                                              dbus.Int64(0))
+            time.sleep(CHECK_PACE)
+            checked += CHECK_EVERY
+            self.update_engine.mock.SetStatus(dbus.Int64(checked), *IDLE[1:])
+            time.sleep(CHECK_PACE)
 
     def reboot_cycle(self) -> None:
         self.update_engine.mock.SetStatus(*NEED_REBOOT)
