@@ -54,9 +54,12 @@ class Call:
 @dataclass
 class Journal:
     calls: list[Call] = field(default_factory=list)
+    # Seconds since the start: fake time by default; a real clock when the fakes are
+    # called from threads of a real event loop (tests/dbus).
+    clock: Callable[[], float] = elapsed
 
     def add(self, call: str, detail: str = "") -> None:
-        self.calls.append(Call(round(elapsed(), 6), call, detail))
+        self.calls.append(Call(round(self.clock(), 6), call, detail))
 
     def of(self, *calls: str) -> list[Call]:
         return [c for c in self.calls if c.call in calls]
