@@ -140,7 +140,8 @@ class Agent:
         self._drainer: Drainer | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._attempts: tuple[RebootAttempt, ...] = ()
-        self._ignored: list[StatusIgnored] = []  # not shown on the node yet
+        # StatusUpdates not accepted and not shown on the node yet: the latest, how many.
+        self._ignored: tuple[StatusIgnored | None, int] = (None, 0)
         self._requested_on_host = False  # by request_reboot(), until the node carries it
         self._ignored_shown_at: float | None = None
         # The node watch, in a thread of its own: from now (its first event is the node as
@@ -354,14 +355,13 @@ class Agent:
     async def _show_ignored_updates(self) -> None:
         """The StatusUpdates update_engine's adapter did not accept since the last time, as
         one Warning Event (at most one per IGNORED_UPDATE_EVENT_INTERVAL; the log has all)."""
-        ignored, self._ignored = self._ignored, []
+        (last, count), self._ignored = self._ignored, (None, 0)
         now = self._now()
         shown = self._ignored_shown_at
-        if not ignored or (shown is not None and now - shown < IGNORED_UPDATE_EVENT_INTERVAL):
+        if last is None or (shown is not None and now - shown < IGNORED_UPDATE_EVENT_INTERVAL):
             return
         self._ignored_shown_at = now
-        last = ignored[-1]
-        more = f" (and {len(ignored) - 1} more)" if len(ignored) > 1 else ""
+        more = f" (and {count - 1} more)" if count > 1 else ""
         message = (f"a StatusUpdate signal from {last.sender or 'an unknown sender'} was "
                    f"ignored{more}: {last.reason}; only update_engine and root connections "
                    f"still connected when identified are accepted. {MANUAL_TRIGGERS}")
@@ -517,7 +517,7 @@ class Agent:
                     "FROM_OWNER": from_owner})
                 self._engine_status = status
             case StatusIgnored():
-                self._ignored.append(event)
+                self._ignored = (event, self._ignored[1] + 1)
             case BusDisconnected(reason=reason):
                 log.warning("system bus lost, reconnecting",
                             extra={"NODE": self._name, "ERROR": reason})
