@@ -29,7 +29,8 @@ the next ``derive_state`` simply sees them.
 The cycle and its writes, one write per decision, in this order:
 
     Idle
-      │ update_engine says UPDATED_NEED_REBOOT, or an admin set reboot-needed=true
+      │ update_engine says UPDATED_NEED_REBOOT, an admin set reboot-needed=true, or root
+      │ on the host sent the agent SIGUSR1 (Observation.requested_on_host)
     RebootNeeded ── W1 reboot-needed=true (annotation + label)
     WaitingForGrant
       │ the coordinator sets reboot-ok=true
