@@ -432,6 +432,30 @@ def test_update_engine_checks_write_only_what_changed_and_the_check_time_hourly(
     assert [p for p in writes(decision) if p.reboot_needed is None] == written
 
 
+@pytest.mark.parametrize(
+    ("node_fields", "state", "announced"),
+    [
+        ({}, RebootNeeded(on_host=True), True),
+        ({"reboot_needed": True}, WaitingForGrant(), False),  # already needed: nothing new
+        (RECORDED, Draining(started_at=None, deadline=None), False),  # a cycle is on
+    ],
+    ids=["idle", "already-needed", "in-progress"],
+)
+def test_a_reboot_requested_on_the_host_is_announced_only_when_none_is_needed(
+    node_fields: dict[str, bool], state: State, announced: bool
+) -> None:
+    observation = replace(obs(**node_fields), requested_on_host=True,
+                          unschedulable=bool(node_fields))
+
+    decision = decide(observation, T0)
+
+    assert decision.state == state
+    assert (NodePatch(reboot_needed=True) in writes(decision)) is announced
+    if announced:
+        [event] = [a for a in decision.actions if isinstance(a, EmitEvent)]
+        assert event.message.startswith("reboot requested on the host (SIGUSR1")
+
+
 def test_unknown_update_engine_operation_is_mirrored_raw_and_starts_nothing() -> None:
     world = World(engine=replace(IDLE, current_operation="UPDATE_STATUS_SOMETHING_NEW"),
                   coordinator=False)
