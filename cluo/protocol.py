@@ -35,6 +35,7 @@ SLOT_LEASE_LABEL = "cluo.flatcar-linux.net/reboot-slot"
 # Slot Lease annotations (written by the coordinator only). spec.leaseDurationSeconds
 # stays unset: a slot never expires on its own.
 SLOT_HOLDER_BOOT_ID = "cluo.flatcar-linux.net/holder-boot-id"  # holder's bootID at grant
+SLOT_HOLDER_UID = "cluo.flatcar-linux.net/holder-uid"  # holder Node's metadata.uid at grant
 SLOT_RELEASED_AT = "cluo.flatcar-linux.net/released-at"  # RFC 3339, set on release
 SLOT_STUCK = "cluo.flatcar-linux.net/stuck"  # "true": the holder missed reboot_timeout
 # The global pause: "true" on the coordinator's leader Lease (`cluo-coord pause`).

@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cluo.errors import KubeError
 from cluo.kube.client import KubeClient
 from cluo.kube.nodes import KubeNodes, NodeSnapshot, node_patch
 from cluo.kube.objects import Obj, name_of, newer_or_same, version_of
-from cluo.kube.resources import NODES_PATH, leases_path
+from cluo.kube.resources import NODES_PATH, leases_path, node_path
 from cluo.kube.watch import ObjectStore, Reflector
 from cluo.protocol import (
     LEADER_LEASE_NAME,
@@ -52,6 +53,7 @@ def node_view(obj: Mapping[str, Any], keys: Keys, coordinator_node: str = "") ->
         name=node.name,
         state=node.state,
         resource_version=node.resource_version,
+        uid=node.uid,
         ready=node.ready,
         ready_since=node.ready_since,
         boot_id=node.boot_id,
@@ -307,6 +309,7 @@ class ClusterWriter:
     """Node writes with compare-and-swap, and uncached Lease reads."""
 
     def __init__(self, api: KubeClient, namespace: str, keys: Keys) -> None:
+        self._api = api
         self._nodes = KubeNodes(api, keys)
         self._slots = KubeSlots(api, namespace)
 
@@ -324,3 +327,13 @@ class ClusterWriter:
     def read_lease(self, name: str) -> Obj | None:
         """One Lease, read from the API server (not the cache); None if missing."""
         return self._slots.read(name)
+
+    def node_exists(self, name: str) -> bool:
+        """Whether the API server (not the cache) has a Node of that name."""
+        try:
+            self._api.call(f"reading node {name!r}", "GET", node_path(name))
+        except KubeError as err:
+            if err.kind == "not_found":
+                return False
+            raise
+        return True

@@ -40,7 +40,7 @@ DEFAULT_NAMESPACE = "cluo-system"
 DEFAULT_METRICS_ADDRESS = ":8080"
 METRICS_OFF = "off"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-ADMIN_COMMANDS = ("release", "pause", "resume")
+ADMIN_COMMANDS = ("release", "slots", "pause", "resume")
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -63,13 +63,15 @@ class CoordSettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    """``cluo-coord release NODE`` / ``pause`` / ``resume``, with an admin's kubeconfig."""
+    """``cluo-coord release NODE`` / ``slots [--free SLOT|NODE]`` / ``pause`` /
+    ``resume``, with an admin's kubeconfig."""
 
     command: str  # one of ADMIN_COMMANDS
     kubeconfig: str
     namespace: str
     keys: Keys
     node: str = ""  # release only
+    free: str = ""  # slots only: a slot Lease's name or a holder's node name
 
 
 # --- parsers of the coordinator's own value types ---------------------------------------
@@ -190,6 +192,7 @@ LOADER = SettingsLoader(
     "the flag wins, an empty variable counts as unset.",
     epilog="admin commands, with an admin's kubeconfig (each has --help):\n"
     "  cluo-coord release NODE   free the slot of a node that did not come back\n"
+    "  cluo-coord slots          list the reboot slots; --free SLOT|NODE frees one\n"
     "  cluo-coord pause          grant no new reboot slots\n"
     "  cluo-coord resume         grant reboot slots again",
     settings=(
@@ -265,9 +268,15 @@ def _node(value: str) -> str:
 
 
 RELEASED_NODE = Setting("node", _node, "the node whose reboot slot to release")
+FREE_SLOT = Setting("--free", verbatim, "free this slot: a slot Lease's name "
+                    "(cluo-reboot-slot-0) or the name of the node that holds it "
+                    "(default: only list)")
 _ADMIN_DESCRIPTIONS = {
     "release": "Free the reboot slot of a node that did not come back (sets release-slot=true "
-    "on it; the coordinator frees the slot).",
+    "on it; the coordinator frees the slot). If the Node is gone, its slots are freed "
+    "directly.",
+    "slots": "List the reboot slots (holder, since when, stuck), or free one with --free: "
+    "as release does for its holder.",
     "pause": "Grant no new reboot slots (an annotation on the leader Lease) until resume.",
     "resume": "Grant reboot slots again after a pause.",
 }
@@ -281,6 +290,7 @@ def admin_loader(command: str) -> SettingsLoader:
         description=_ADMIN_DESCRIPTIONS[command],
         settings=(
             *((RELEASED_NODE,) if command == "release" else ()),
+            *((FREE_SLOT,) if command == "slots" else ()),
             ADMIN_KUBECONFIG, NAMESPACE, ANNOTATION_PREFIX,
         ),
     )
@@ -297,4 +307,5 @@ def load_admin_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Admi
         namespace=values[NAMESPACE],
         keys=values[ANNOTATION_PREFIX],
         node=values[RELEASED_NODE] if command == "release" else "",
+        free=values[FREE_SLOT] if command == "slots" else "",
     )

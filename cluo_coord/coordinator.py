@@ -107,15 +107,22 @@ class NodeWriter(Protocol):
 
     def read_lease(self, name: str) -> Obj | None: ...
 
+    def node_exists(self, name: str) -> bool:
+        """Uncached: before a slot whose holder is gone is freed (planner rule 11)."""
+
 
 class SlotStore(Protocol):
-    """The slot Leases, every write a compare-and-swap (``KubeSlots``)."""
+    """The slot Leases, every write a compare-and-swap (``KubeSlots``), and Events
+    about them (posting one never raises)."""
 
     def acquire(self, change: AcquireSlot) -> SlotLease: ...
 
     def release(self, change: ReleaseSlot) -> SlotLease: ...
 
     def mark_stuck(self, change: MarkStuck) -> SlotLease: ...
+
+    def emit_event(self, index: int, reason: str, message: str, *, type: str,
+                   component: str) -> None: ...
 
 
 class EventSink(Protocol):
@@ -400,8 +407,14 @@ class Coordinator:
         """Apply one change; returns whether it wrote to the API server."""
         keys = self._policy.keys
         if isinstance(change, EmitEvent):
-            self._nodes.emit_event(change.node, change.reason.value, change.message,
-                                   type=change.type.value, component=COMPONENT)
+            if change.slot is None:
+                self._nodes.emit_event(change.node, change.reason.value, change.message,
+                                       type=change.type.value, component=COMPONENT)
+            else:
+                self._slots.emit_event(change.slot, change.reason.value, change.message,
+                                       type=change.type.value, component=COMPONENT)
+            self._metrics.events.labels(type=change.type.value,
+                                        reason=change.reason.value).inc()
             log.info("event posted", extra={"NODE": change.node, "REASON": change.reason.value})
             return False
         if isinstance(change, GrantRebootOk):
@@ -433,10 +446,17 @@ class Coordinator:
             log.info("reboot slot taken", extra={"NODE": change.node, "SLOT": change.slot})
             return True
         if isinstance(change, ReleaseSlot):
+            if change.holder_gone:
+                self._check_node_gone(change)
             slot = self._slots.release(change)
             self._cache.put_slot(slot)
             self._released_at[change.slot] = self._monotonic()
-            log.info("reboot slot released", extra={"NODE": change.node, "SLOT": change.slot})
+            if change.holder_gone:
+                log.warning("reboot slot freed: its holder's Node is gone", extra={
+                    "NODE": change.node, "SLOT": change.slot})
+            else:
+                log.info("reboot slot released", extra={
+                    "NODE": change.node, "SLOT": change.slot})
             return True
         if isinstance(change, MarkStuck):
             slot = self._slots.mark_stuck(change)
@@ -445,6 +465,15 @@ class Coordinator:
                 "NODE": change.node, "SLOT": change.slot})
             return True
         raise TypeError(f"unknown change {change!r}")  # pragma: no cover
+
+    def _check_node_gone(self, change: ReleaseSlot) -> None:
+        """Rule 11: a slot is freed for a gone holder only if the API server has no such
+        Node (one outside --node-selector is not gone, the cache just does not show it)."""
+        if self._writer.node_exists(change.node):
+            raise KubeError(
+                f"freeing reboot slot {change.slot} of node {change.node!r}",
+                "the node exists but is not in the coordinator's view (outside "
+                "--node-selector?): the slot is kept", kind="blocked")
 
     def _check_slot_unchanged(self, change: GrantRebootOk) -> None:
         """Rule 3: reboot-ok=true only while the slot Lease is as the planner saw it."""

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from cluo.errors import KubeError
 from cluo.kube.client import KubeClient
-from cluo.kube.objects import api_time, micro_time
-from cluo.kube.resources import leases_path
+from cluo.kube.objects import api_time, micro_time, seconds_time
+from cluo.kube.resources import events_path, leases_path
 from cluo.protocol import (
     SLOT_HOLDER_BOOT_ID,
+    SLOT_HOLDER_UID,
     SLOT_LEASE_LABEL,
     SLOT_LEASE_PREFIX,
     SLOT_RELEASED_AT,
@@ -30,6 +32,8 @@ from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
 log = logging.getLogger(__name__)
 
 HOLDER_BOOT_ID = SLOT_HOLDER_BOOT_ID
+HOLDER_UID = SLOT_HOLDER_UID
+EVENT_MESSAGE_LIMIT = 1024  # as cluo.kube.nodes posts them
 RELEASED_AT = SLOT_RELEASED_AT
 STUCK = SLOT_STUCK
 
@@ -54,6 +58,7 @@ def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
         holder_boot_id=str(annotations.get(HOLDER_BOOT_ID) or ""),
         released_at=api_time(annotations.get(RELEASED_AT)),
         stuck=annotations.get(STUCK) == "true",
+        holder_uid=str(annotations.get(HOLDER_UID) or ""),
     )
 
 
@@ -81,7 +86,8 @@ class KubeSlots:
         name = slot_lease_name(change.slot)
         action = f"taking reboot slot {name!r} for node {change.node!r}"
         annotations: dict[str, str | None] = {
-            HOLDER_BOOT_ID: change.holder_boot_id, RELEASED_AT: None, STUCK: None
+            HOLDER_BOOT_ID: change.holder_boot_id, HOLDER_UID: change.holder_uid or None,
+            RELEASED_AT: None, STUCK: None,
         }
         spec = {
             "holderIdentity": change.node,
@@ -104,7 +110,8 @@ class KubeSlots:
         current = self._read(name, action)
         annotations = {
             **((current.get("metadata") or {}).get("annotations") or {}),
-            RELEASED_AT: micro_time(change.at), HOLDER_BOOT_ID: None, STUCK: None,
+            RELEASED_AT: micro_time(change.at), HOLDER_BOOT_ID: None, HOLDER_UID: None,
+            STUCK: None,
         }
         transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0)
         body = self._lease(name, change.expected_resource_version, annotations, {},
@@ -129,6 +136,34 @@ class KubeSlots:
         except KubeError as err:
             if err.kind != "not_found":
                 raise
+
+    def emit_event(self, index: int, reason: str, message: str, *, type: str,
+                   component: str) -> None:
+        """Record a core/v1 Event about slot Lease ``index``, in its namespace (``kubectl
+        -n NAMESPACE describe lease cluo-reboot-slot-N`` lists it). For what happened to a
+        holder whose Node is gone. Never raises: a failure is logged."""
+        name = slot_lease_name(index)
+        now = seconds_time(datetime.now(UTC))
+        try:
+            lease = self.read(name) or {}
+            involved = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "name": name,
+                        "namespace": self._namespace,
+                        "uid": str((lease.get("metadata") or {}).get("uid") or "")}
+            self._api.call(f"recording event for reboot slot {name!r}", "POST",
+                           events_path(self._namespace), body={
+                               "apiVersion": "v1", "kind": "Event",
+                               "metadata": {"generateName": f"{name}.",
+                                            "namespace": self._namespace},
+                               "involvedObject": involved, "reason": reason,
+                               "message": message[:EVENT_MESSAGE_LIMIT], "type": type,
+                               "source": {"component": component},
+                               "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+                               "reportingComponent": component,
+                               "reportingInstance": component,
+                           })
+        except KubeError as err:
+            log.warning("could not record an event", extra={
+                "SLOT": index, "REASON": reason, "ERROR": str(err), "ERROR_KIND": err.kind})
 
     def read(self, name: str) -> dict[str, Any] | None:
         """The Lease ``name`` of this namespace as the API server has it; None if missing."""

@@ -5,7 +5,10 @@ kubeconfig (``--kubeconfig``, else ``$CLUO_COORD_KUBECONFIG``, else ``$KUBECONFI
 ``~/.kube/config``):
 
 - ``cluo-coord release NODE``: set ``release-slot=true`` on the node, so the coordinator
-  frees the reboot slot of a node that did not come back;
+  frees the reboot slot of a node that did not come back; if the Node is gone, free the
+  slots that name it directly (a compare-and-swap on each slot Lease);
+- ``cluo-coord slots``: list the reboot slots (holder, since when, stuck);
+  ``--free SLOT|NODE`` frees one (by its Lease's name or its holder) as ``release`` does;
 - ``cluo-coord pause`` / ``cluo-coord resume``: set or clear the global pause (the
   annotation ``cluo.flatcar-linux.net/paused`` on the leader Lease).
 
@@ -27,11 +30,11 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from cluo.errors import CluoError, ConfigError
+from cluo.errors import CluoError, ConfigError, KubeError
 from cluo.kube.client import KubeClient
 from cluo.kube.config import in_cluster_client, kubeconfig_client
 from cluo.kube.nodes import KubeNodes
-from cluo.protocol import PAUSED_ANNOTATION
+from cluo.protocol import PAUSED_ANNOTATION, Keys, slot_lease_name
 from cluo.settings import CommandLineExit
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
@@ -39,6 +42,7 @@ from cluo_coord.coordinator import Coordinator, Leadership
 from cluo_coord.leader import LeaderElector, set_paused
 from cluo_coord.leases import KubeSlots
 from cluo_coord.metrics import CoordMetrics, HealthServer
+from cluo_coord.planner import ReleaseSlot, SlotLease
 
 log = logging.getLogger("cluo_coord")
 
@@ -176,9 +180,12 @@ def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
     keys = options.keys
     try:
         if args[0] == "release":
-            KubeNodes(api, keys).patch_metadata(options.node, {keys.release_slot: "true"})
-            print(f"node {options.node}: {keys.release_slot}=true; the coordinator frees its "
-                  "reboot slot")
+            release(api, options.namespace, keys, options.node)
+        elif args[0] == "slots":
+            if options.free:
+                free_slot(api, options.namespace, keys, options.free)
+            else:
+                print_slots(KubeSlots(api, options.namespace).list()[0])
         else:
             set_paused(api, options.namespace, args[0] == "pause", PAUSED_ANNOTATION)
             print("paused: no new reboot slots are granted" if args[0] == "pause"
@@ -189,3 +196,55 @@ def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
     finally:
         api.close()
     return 0
+
+
+def release(api: KubeClient, namespace: str, keys: Keys, node: str) -> None:
+    """Release the slot of ``node``: through the coordinator (``release-slot=true``, which
+    resets ``reboot-ok`` first) while the Node exists, directly once it is gone."""
+    try:
+        KubeNodes(api, keys).patch_metadata(node, {keys.release_slot: "true"})
+    except KubeError as err:
+        if err.kind != "not_found":
+            raise
+    else:
+        print(f"node {node}: {keys.release_slot}=true; the coordinator frees its reboot slot")
+        return
+    slots = KubeSlots(api, namespace)
+    held = [slot for slot in slots.list()[0] if slot.holder == node]
+    if not held:
+        raise CluoError(f"node {node!r} does not exist and holds no reboot slot",
+                        kind="not_found")
+    for slot in held:
+        assert slot.resource_version is not None  # read from the API server
+        slots.release(ReleaseSlot(slot.index, node, slot.resource_version, datetime.now(UTC)))
+        print(f"node {node} is gone: reboot slot {slot_lease_name(slot.index)} freed")
+
+
+def free_slot(api: KubeClient, namespace: str, keys: Keys, target: str) -> None:
+    """``slots --free``: ``target`` is a slot Lease's name or its holder's node name."""
+    listed = KubeSlots(api, namespace).list()[0]
+    named = [slot for slot in listed if slot_lease_name(slot.index) == target]
+    if named and not named[0].holder:
+        print(f"reboot slot {target} is free already")
+        return
+    holders = {slot.holder for slot in named} or {
+        slot.holder for slot in listed if slot.holder == target}
+    if not holders:
+        raise CluoError(f"no reboot slot is named {target!r} or held by a node of that name",
+                        kind="not_found")
+    for holder in sorted(h for h in holders if h):
+        release(api, namespace, keys, holder)
+
+
+def print_slots(slots: Sequence[SlotLease]) -> None:
+    """One line per slot Lease: name, holder, acquire time, stuck."""
+    rows = [("SLOT", "HOLDER", "SINCE", "STUCK")]
+    for slot in slots:
+        since = slot.acquired_at.isoformat(timespec="seconds") if slot.acquired_at else "-"
+        rows.append((slot_lease_name(slot.index), slot.holder or "-",
+                     since if slot.holder else "-",
+                     ("yes" if slot.stuck else "no") if slot.holder else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())

@@ -51,6 +51,9 @@ class CoordMetrics:
         self.reconcile_errors = Counter(
             "cluo_reconcile_errors", "Failed reconcile steps, by error kind.", ["kind"],
             registry=r)
+        self.events = Counter(
+            "cluo_events", "Events posted by this process, by type and reason.",
+            ["type", "reason"], registry=r)
         self.is_leader = Gauge(
             "cluo_is_leader", "1 while this process holds the leader Lease.", registry=r)
 

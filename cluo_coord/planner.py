@@ -58,8 +58,7 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    event. ``release-slot=true`` on the node releases it at once (reset first, as in
    rule 4, but without waiting for rule 10); the annotation is cleared once the node
    shows no reboot in progress and is no longer cordoned by cluo, and until then the
-   node is not counted (rule 1). A holder whose Node object is gone keeps its slot too;
-   the admin deletes the slot Lease to free it.
+   node is not counted (rule 1).
 8. An abort (the agent cleared reboot-in-progress but still needs a reboot, with a
    ``blocked-reason``) resets the grant and releases the slot, both once the agent has
    uncordoned the node (rule 10: the grant stays out until then, so the node still shows
@@ -75,10 +74,18 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     after ``reboot-ok=false``, so a finished cycle is two plans: the reset, then (once the
     agent has uncordoned) the release. With rule 1 this keeps "never more than
     ``max_concurrent`` nodes unschedulable because of cluo" (admin releases excepted).
+11. A holder whose Node object is gone (deleted: nothing of it can be unschedulable or
+    rebooting any more) frees its slots at once: the one release without a reset before
+    it (rule 4), and the driver writes it only after an uncached read found no such Node
+    (a Node outside ``--node-selector`` is not gone). A Warning Event on the slot Lease
+    says so. A Node re-created under the same name (another ``metadata.uid`` than the
+    one the slot recorded) is a new node that has not been proven back: its slot is
+    released (reset first, rule 4) once the new node is Ready (for ``min_ready``), not
+    cordoned by cluo and not rebooting, again with a Warning Event.
 
 The slot Lease records, besides ``spec.holderIdentity`` and ``spec.acquireTime``, the
-holder's ``status.nodeInfo.bootID`` at the time it took the slot, the release time and
-the stuck mark; see ``SlotLease`` for the proposed Lease annotations.
+holder's ``status.nodeInfo.bootID`` and ``metadata.uid`` at the time it took the slot,
+the release time and the stuck mark; see ``SlotLease`` for the Lease annotations.
 """
 
 from __future__ import annotations
@@ -120,6 +127,7 @@ class NodeView:
     name: str
     state: NodeProtocolState
     resource_version: str
+    uid: str = ""  # metadata.uid: a re-created Node has another one
     ready: bool = False
     ready_since: datetime | None = None
     boot_id: str = ""
@@ -143,6 +151,9 @@ class SlotLease:
     - ``released_at``: annotation ``cluo.flatcar-linux.net/released-at`` (RFC 3339), set
       when the slot is released; ``delay_between_reboots`` counts from it.
     - ``stuck``: annotation ``cluo.flatcar-linux.net/stuck: "true"``, set by MarkStuck.
+    - ``holder_uid``: annotation ``cluo.flatcar-linux.net/holder-uid``, the holder Node's
+      ``metadata.uid`` when it took the slot (empty on slots taken by older coordinators:
+      then a re-created Node is not told apart).
 
     ``spec.leaseDurationSeconds`` stays unset: a slot never expires on its own.
     """
@@ -154,6 +165,7 @@ class SlotLease:
     holder_boot_id: str = ""
     released_at: datetime | None = None
     stuck: bool = False
+    holder_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,6 +222,8 @@ class Reason(enum.StrEnum):
     REBOOT_ABORTED = "RebootAborted"
     REBOOT_TIMED_OUT = "RebootTimedOut"
     RELEASED_BY_ADMIN = "RebootSlotReleasedByAdmin"
+    HOLDER_GONE = "RebootSlotHolderGone"
+    HOLDER_REPLACED = "RebootSlotHolderReplaced"
 
 
 @dataclass(frozen=True)
@@ -277,7 +291,8 @@ class ResetRebootOk:
 class AcquireSlot:
     """Make the slot Lease name ``node`` (create it when ``expected_resource_version`` is None).
 
-    Records ``holder_boot_id`` and ``at`` (acquireTime); clears released-at and stuck.
+    Records ``holder_boot_id``, ``holder_uid`` and ``at`` (acquireTime); clears
+    released-at and stuck.
     """
 
     slot: int
@@ -285,16 +300,22 @@ class AcquireSlot:
     expected_resource_version: str | None
     holder_boot_id: str
     at: datetime
+    holder_uid: str = ""
 
 
 @dataclass(frozen=True)
 class ReleaseSlot:
-    """Free the slot Lease (holder none, released-at ``at``, stuck mark and boot id gone)."""
+    """Free the slot Lease (holder none, released-at ``at``, stuck mark and boot id gone).
+
+    ``holder_gone``: the holder's Node is gone (rule 11); the driver first checks, uncached,
+    that no such Node exists.
+    """
 
     slot: int
     node: str
     expected_resource_version: str
     at: datetime
+    holder_gone: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,13 +329,15 @@ class MarkStuck:
 
 @dataclass(frozen=True)
 class EmitEvent:
-    """Post a Kubernetes Event about the Node. Not a CAS write; it follows the change it
-    reports, so the driver posts it only when that change was applied."""
+    """Post a Kubernetes Event about the Node (or, with ``slot``, about that slot Lease:
+    for a Node that is gone). Not a CAS write; it follows the change it reports, so the
+    driver posts it only when that change was applied."""
 
     node: str
     type: EventType
     reason: Reason
     message: str
+    slot: int | None = None
 
 
 NodeWrite = LabelBeforeReboot | GrantRebootOk | LabelAfterReboot | ResetRebootOk
@@ -404,10 +427,18 @@ def reboot_proven(
     before = {boot for boot in (boot_id_at_grant, state.boot_id_before_reboot) if boot}
     if view.boot_id in before or (not before and not accept_unknown_boot):
         return False, None
-    if policy.min_ready > timedelta(0):
+    return _ready_for(view, policy.min_ready, now)
+
+
+def _ready_for(view: NodeView, min_ready: timedelta, now: datetime
+               ) -> tuple[bool, datetime | None]:
+    """Whether the node has been Ready for ``min_ready``; if not, when it will have been."""
+    if not view.ready:
+        return False, None
+    if min_ready > timedelta(0):
         if view.ready_since is None:
             return False, None
-        back_at = view.ready_since + policy.min_ready
+        back_at = view.ready_since + min_ready
         if now < back_at:
             return False, back_at
     return True, None
@@ -631,7 +662,7 @@ def _advance_holder(
     primary = slots[0]
     policy = out.policy
     if view is None:
-        _wait(name, primary, "its Node object is gone", out)
+        _free_slots_of_gone_node(name, slots, out)
         return
     state = view.state
 
@@ -642,6 +673,10 @@ def _advance_holder(
             f"An admin set {policy.keys.release_slot}=true: reboot slot {primary.index} "
             "released; the node no longer counts against the limit.",
         )
+        return
+
+    if primary.holder_uid and view.uid and view.uid != primary.holder_uid:
+        _release_replaced_node(view, slots, out)
         return
 
     if state.after_reboot:
@@ -699,6 +734,8 @@ def _advance_holder(
               out)
     elif not state.reboot_needed and cordoned_by_cluo(view):
         _wait(name, primary, "waiting for the agent to uncordon the node", out)
+    elif not state.reboot_needed and not view.ready:
+        _wait(name, primary, "the node no longer needs a reboot but is not Ready", out)
     elif not state.reboot_needed:
         rebooted = bool(view.boot_id) and view.boot_id != primary.holder_boot_id
         out.reset_and_release(view, slots, clear_release_slot=False)
@@ -725,6 +762,37 @@ def _advance_holder(
         )
     else:
         _wait(name, primary, "waiting for the before-reboot hooks", out)
+
+
+def _free_slots_of_gone_node(name: str, slots: list[SlotLease], out: _Builder) -> None:
+    """Rule 11: the holder's Node is deleted; its slots go to the next nodes."""
+    for lease in slots:
+        out.add(ReleaseSlot(lease.index, name, _lease_rv(lease), out.now, holder_gone=True))
+    out.add(EmitEvent(
+        name, EventType.WARNING, Reason.HOLDER_GONE,
+        f"Node {name} was deleted while it held reboot slot {slots[0].index}: the slot is "
+        "free for the next node.",
+        slot=slots[0].index,
+    ))
+
+
+def _release_replaced_node(view: NodeView, slots: list[SlotLease], out: _Builder) -> None:
+    """Rule 11: the Node was re-created; release once the new one is back."""
+    primary = slots[0]
+    state = view.state
+    ready, ready_at = _ready_for(view, out.policy.min_ready, out.now)
+    if not ready or state.reboot_in_progress or cordoned_by_cluo(view):
+        out.wake_at(ready_at)
+        _wait(view.name, primary, "the Node was re-created and the new one is not back yet",
+              out)
+        return
+    out.reset_and_release(view, slots, clear_release_slot=False)
+    out.event(
+        view.name, EventType.WARNING, Reason.HOLDER_REPLACED,
+        f"The Node was deleted and re-created (uid {primary.holder_uid} -> {view.uid}) "
+        f"while it held reboot slot {primary.index}; the new node is Ready, so the slot is "
+        "released. It queues like any other node if it needs a reboot.",
+    )
 
 
 def _release_slot_done(view: NodeView) -> bool:
@@ -831,7 +899,8 @@ def _take_free_slots(
             rested.append(lease)
     for view, lease in zip(queue, rested[:room], strict=False):
         out.add(
-            AcquireSlot(lease.index, view.name, lease.resource_version, view.boot_id, now),
+            AcquireSlot(lease.index, view.name, lease.resource_version, view.boot_id, now,
+                        view.uid),
             LabelBeforeReboot(view.name, view.resource_version, policy.before_reboot_annotations),
         )
         out.event(

@@ -328,6 +328,71 @@ def test_node_that_never_returns_keeps_its_slot_until_released(
     assert coord.metric("cluo_stuck_nodes") == 0
 
 
+def test_node_deleted_while_holding_a_slot_frees_it_and_the_roll_goes_on(
+    rig: Rig, recorder: InFlightRecorder
+) -> None:
+    lost, nxt = rig.add_nodes(2)
+    coord = rig.start()
+    with rig.agents(never_return=frozenset({lost})) as agents:
+        wait_for(lambda: rig.annotations(lost).get(KEYS.reboot_in_progress) == "true"
+                 and agents.settled(), 30, "the first node to be granted and go down")
+        assert_stays(lambda: list(rig.slot_holders().values()) == [lost], 1.0,
+                     "the slot to stay with the node that went down")
+        rig.core.delete_node(lost)  # an autoscaler gives up on it
+        wait_for(lambda: rig.done(nxt), 30, "the next node to reboot after the deletion")
+    assert not agents.errors
+    events = rig.core.list_namespaced_event(
+        NAMESPACE, field_selector="involvedObject.name=cluo-reboot-slot-0").items
+    (gone,) = [e for e in events if e.reason == "RebootSlotHolderGone"]
+    assert gone.type == "Warning" and lost in gone.message
+    assert gone.involved_object.kind == "Lease"
+    assert coord.metric(
+        'cluo_events_total{reason="RebootSlotHolderGone",type="Warning"}') == 1
+    freed = [e for e in coord.entries()
+             if e["msg"] == "reboot slot freed: its holder's Node is gone"]
+    assert [e["node"] for e in freed] == [lost]
+    assert recorder.max_in_flight() == 1
+    assert recorder.grant_order() == [lost, nxt]
+
+
+def test_admin_lists_slots_and_frees_them_whether_or_not_the_node_exists(
+    rig: Rig, recorder: InFlightRecorder
+) -> None:
+    gone, lost, last = rig.add_nodes(3)
+    coord = rig.start(name="before")
+    with rig.agents(never_return=frozenset({gone, lost})) as agents:
+        wait_for(lambda: rig.annotations(gone).get(KEYS.reboot_in_progress) == "true"
+                 and agents.settled(), 30, "the first node to be granted and go down")
+        listed = rig.admin_command("slots")
+        assert listed.returncode == 0, listed.stderr
+        header, row = listed.stdout.splitlines()
+        assert header.split() == ["SLOT", "HOLDER", "SINCE", "STUCK"]
+        assert row.split()[:2] == ["cluo-reboot-slot-0", gone] and row.split()[3] == "no"
+
+        # No coordinator to notice: the admin frees the slot of a Node that is gone.
+        coord.stop()
+        rig.core.delete_node(gone)
+        result = rig.admin_command("release", gone)
+        assert result.returncode == 0, result.stderr
+        assert not rig.slot_holders()
+        again = rig.admin_command("release", gone)
+        assert again.returncode == 1 and "holds no reboot slot" in again.stderr
+
+        rig.start(name="after")
+        wait_for(lambda: rig.annotations(lost).get(KEYS.reboot_in_progress) == "true"
+                 and agents.settled(), 30, "the second node to be granted and go down")
+        # The Node exists: freed through the coordinator (release-slot=true).
+        result = rig.admin_command("slots", "--free", "cluo-reboot-slot-0")
+        assert result.returncode == 0, result.stderr
+        assert rig.annotations(lost).get(KEYS.release_slot) == "true"
+        wait_for(lambda: rig.done(last), 30,
+                 "the last node to reboot after the admin freed the slot")
+        unknown = rig.admin_command("slots", "--free", "no-such-node")
+        assert unknown.returncode == 1 and "no reboot slot" in unknown.stderr
+    assert not agents.errors
+    assert recorder.max_in_flight() == 1
+
+
 def test_hooks_gate_the_grant_and_the_release(rig: Rig, recorder: InFlightRecorder) -> None:
     names = rig.add_nodes(2)
     violations: list[str] = []

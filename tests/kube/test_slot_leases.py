@@ -58,12 +58,13 @@ def test_stale_resource_version_cannot_take_release_or_mark(
     kube_client: KubeClient,
 ) -> None:
     slots = KubeSlots(coord_api(), "cluo-system")
-    created = slots.acquire(AcquireSlot(8, "node-a", None, "boot-a", T0))
+    created = slots.acquire(AcquireSlot(8, "node-a", None, "boot-a", T0, "uid-a"))
     assert created.resource_version is not None
+    assert created.holder_uid == "uid-a"
     released = slots.release(ReleaseSlot(8, "node-a", created.resource_version, T0))
     assert released.holder is None
     assert released.released_at == T0
-    assert released.holder_boot_id == ""
+    assert (released.holder_boot_id, released.holder_uid) == ("", "")
     stale = created.resource_version
     for write in (
         lambda: slots.acquire(AcquireSlot(8, "node-b", stale, "boot-b", T0)),
@@ -74,9 +75,11 @@ def test_stale_resource_version_cannot_take_release_or_mark(
             write()
         assert refused.value.kind == "conflict"
     assert released.resource_version is not None
-    retaken = slots.acquire(AcquireSlot(8, "node-b", released.resource_version, "boot-b", T0))
+    retaken = slots.acquire(AcquireSlot(8, "node-b", released.resource_version, "boot-b", T0,
+                                        "uid-b"))
     assert (retaken.holder, retaken.holder_boot_id, retaken.released_at) == ("node-b", "boot-b",
                                                                              None)
+    assert retaken.holder_uid == "uid-b"
     assert retaken.resource_version is not None
     stuck = slots.mark_stuck(MarkStuck(8, "node-b", retaken.resource_version))
     assert stuck.stuck and stuck.holder == "node-b"

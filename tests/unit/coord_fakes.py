@@ -182,14 +182,16 @@ class FakeNode:
     labels: dict[str, str] = field(default_factory=dict)
     version: int = 0
     boot_id: str = ""
+    ready: bool = True
 
 
 def view_of(name: str, node: FakeNode) -> NodeView:
-    """The planner's view of a node: Ready for a day, its boot id as the kubelet reports it."""
+    """The planner's view of a node: Ready for a day (unless it is not), its boot id as the
+    kubelet reports it."""
     state = NodeProtocolState.from_metadata(KEYS, node.annotations, node.labels)
-    return NodeView(name, state, str(node.version), ready=True,
-                    ready_since=T0 - timedelta(days=1), boot_id=node.boot_id,
-                    annotations=dict(node.annotations))
+    return NodeView(name, state, str(node.version), ready=node.ready,
+                    ready_since=T0 - timedelta(days=1) if node.ready else None,
+                    boot_id=node.boot_id, annotations=dict(node.annotations))
 
 
 class Cluster:
@@ -208,6 +210,7 @@ class Cluster:
         self.expires_in: float | None = None  # given once by the next snapshot
         # reboot-ok=true written while no slot Lease named the node (planner rule 3)
         self.unbacked_grants: list[str] = []
+        self.hidden_nodes: set[str] = set()  # exist, but outside the coordinator's selector
         self._failures: dict[str, list[Exception]] = {}
         self._after: dict[str, list[Callable[[], object]]] = {}
 
@@ -217,6 +220,11 @@ class Cluster:
 
     def add_node(self, name: str, **annotations: str) -> None:
         self.nodes[name] = FakeNode(dict(annotations), {}, 0, f"boot-{name}")
+        self.nodes[name].version = int(self.next_version())
+
+    def set_ready(self, name: str, ready: bool) -> None:
+        """The kubelet reports the node (Not)Ready."""
+        self.nodes[name].ready = ready
         self.nodes[name].version = int(self.next_version())
 
     def annotate(self, name: str, **annotations: str | None) -> None:
@@ -371,6 +379,12 @@ class FakeWriter:
         index = int(name.rsplit("-", 1)[1])
         return c.lease_object(index)
 
+    def node_exists(self, name: str) -> bool:
+        c = self.cluster
+        c.check("node_exists", name)
+        c.done("node_exists", name)
+        return name in c.nodes or name in c.hidden_nodes
+
 
 def describe(patch: MetadataPatch) -> str:
     """``key=value`` for every key the patch sets (deletions left out), sorted."""
@@ -393,6 +407,10 @@ class FakeSlots:
         return self._write("release", change.node, change.slot, change.expected_resource_version,
                            lambda version: SlotLease(change.slot, None, version,
                                                      released_at=change.at))
+
+    def emit_event(self, index: int, reason: str, message: str, *, type: str,
+                   component: str) -> None:
+        self.cluster.journal.add("slot_event", detail=f"{index} {reason}")
 
     def mark_stuck(self, change: MarkStuck) -> SlotLease:
         return self._write("mark_stuck", change.node, change.slot,

@@ -175,3 +175,33 @@ def test_an_error_with_retry_after_backs_off_at_least_that_long() -> None:
     b = RECONCILE_BACKOFF.initial
     assert 2 * b < 5.0
     assert journal.times("patch_node")[:3] == pytest.approx([0, 5.0, 10.0])
+
+
+# -- rule 11: a slot is freed for a gone holder only if the Node really is gone ---------
+
+
+def test_the_slot_of_a_deleted_node_is_freed_after_an_uncached_read_and_reported() -> None:
+    rig = CoordRig()
+    rig.cluster.hold(0, "gone", acquired_at=T0 - timedelta(minutes=5))
+    rig.cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+    journal = rig.run(until=5)
+    (checked,) = journal.of("node_exists")
+    (release,) = journal.of("release")
+    (reported,) = journal.of("slot_event")
+    assert journal.index(checked) < journal.index(release) < journal.index(reported)
+    assert reported.detail == "0 RebootSlotHolderGone"
+    assert rig.cluster.slots[0].holder == "b"  # the roll goes on
+    metrics = rig.coordinator._metrics
+    assert metrics.events.labels(type="Warning", reason="RebootSlotHolderGone")._value.get() == 1
+
+
+def test_a_holder_outside_the_node_selector_is_not_gone_and_keeps_its_slot() -> None:
+    rig = CoordRig()
+    rig.cluster.hold(0, "elsewhere", acquired_at=T0 - timedelta(minutes=5))
+    rig.cluster.hidden_nodes.add("elsewhere")
+    rig.cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+    journal = rig.run(until=30)
+    assert len(journal.of("node_exists")) > 1  # tried again, with backoff
+    assert not journal.of("release")
+    assert not journal.of("slot_event")
+    assert rig.cluster.slots[0].holder == "elsewhere"

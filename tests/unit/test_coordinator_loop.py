@@ -114,12 +114,15 @@ def test_a_change_to_a_slot_holder_is_planned_even_when_it_looks_idle() -> None:
 
 
 def test_a_holder_between_two_ignored_states_is_still_planned() -> None:
-    # The slot names a node that is absent (deleted while it rebooted): the plan changes
-    # nothing. Absent and present without flags are both states the planner ignores for
-    # an unslotted node; only the slot makes the node's return worth a plan.
+    # The slot names a node that is NotReady with no flags (re-registered while it
+    # rebooted): the plan changes nothing. NotReady and Ready without flags are both
+    # states the planner ignores for an unslotted node; only the slot makes the node's
+    # readiness worth a plan.
     rig = CoordRig()
+    rig.cluster.add_node("a")
+    rig.cluster.set_ready("a", False)
     rig.cluster.hold(0, "a", acquired_at=T0 - timedelta(minutes=5))
-    rig.event_at(10, lambda cluster: cluster.add_node("a"))
+    rig.event_at(10, lambda cluster: cluster.set_ready("a", True))
     journal = rig.run(until=30)
     assert journal.times("plan")[:2] == [0, 10]
     assert journal.times("release") == [10]

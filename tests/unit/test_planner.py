@@ -61,6 +61,7 @@ def node(
     extra: Mapping[str, str] | None = None,
     cordoned: bool = False,
     marked: bool = False,
+    uid: str = "uid-1",
 ) -> NodeView:
     annotations = {
         KEYS.reboot_needed: str(needed).lower(),
@@ -87,6 +88,7 @@ def node(
         name=name,
         state=NodeProtocolState.from_metadata(KEYS, annotations, labels),
         resource_version=rv,
+        uid=uid,
         ready=ready,
         ready_since=ready_since if ready else None,
         boot_id=boot,
@@ -106,12 +108,13 @@ def slot(
     rv: str = "7",
     released_at: datetime | None = None,
     stuck: bool = False,
+    uid: str = "uid-1",
 ) -> SlotLease:
     if holder is None:
         return SlotLease(index, resource_version=rv, released_at=released_at)
     return SlotLease(
         index, holder, resource_version=rv, acquired_at=acquired, holder_boot_id=boot,
-        stuck=stuck,
+        stuck=stuck, holder_uid=uid,
     )
 
 
@@ -149,11 +152,11 @@ def test_grants_one_node_at_a_time_by_default() -> None:
     assert result.queue == ("a", "b", "c")
 
 
-def test_first_grant_creates_the_slot_lease_and_records_the_boot_id() -> None:
-    result = run([node("a", needed=True, boot="boot-A")])
+def test_first_grant_creates_the_slot_lease_and_records_the_boot_id_and_uid() -> None:
+    result = run([node("a", needed=True, boot="boot-A", uid="uid-A")])
     assert of(result, AcquireSlot) == [
         AcquireSlot(slot=0, node="a", expected_resource_version=None, holder_boot_id="boot-A",
-                    at=NOW)
+                    at=NOW, holder_uid="uid-A")
     ]
 
 
@@ -555,12 +558,59 @@ def test_stuck_node_that_comes_back_finishes_normally() -> None:
     assert [c.node for c in of(result, LabelAfterReboot)] == ["a"]
 
 
-def test_holder_whose_node_is_gone_keeps_its_slot() -> None:
-    result = run([node("b", needed=True)], [slot(0, "gone", acquired=NOW - timedelta(hours=2))])
+def test_holder_whose_node_is_gone_frees_its_slot_for_the_next_node() -> None:
+    result = run([node("b", needed=True)], [slot(0, "gone", rv="9")])
+    assert of(result, ReleaseSlot) == [ReleaseSlot(0, "gone", "9", NOW, holder_gone=True)]
+    assert of(result, ResetRebootOk) == []  # nothing to reset: the one exception to rule 4
+    (event,) = of(result, EmitEvent)
+    assert (event.type, event.reason, event.slot) == (EventType.WARNING, Reason.HOLDER_GONE, 0)
+    assert "gone" in event.message
+    assert acquired(result) == []  # released this plan, handed on the next
+    after = run([node("b", needed=True)], [slot(0, rv="10")])
+    assert acquired(after) == [(0, "b")]
+
+
+def test_gone_holder_of_two_slots_frees_both() -> None:
+    result = run([], [slot(0, "gone", rv="9"), slot(1, "gone", rv="11")], max_concurrent=2)
+    assert [(c.slot, c.holder_gone) for c in of(result, ReleaseSlot)] == [(0, True), (1, True)]
+    assert len(of(result, EmitEvent)) == 1
+
+
+def test_recreated_node_is_not_released_as_back_while_not_ready() -> None:
+    fresh = node("a", ready=False, uid="uid-2")  # registered again: no annotations
+    result = run([fresh, node("b", needed=True)], [slot(0, "a", uid="uid-1")], base=HOOKS)
     assert of(result, ReleaseSlot) == []
-    assert acquired(result) == []
-    assert of(result, MarkStuck) == [MarkStuck(0, "gone", "7")]
-    assert result.in_flight == ("gone",)
+    assert of(result, ResetRebootOk) == []
+    assert result.in_flight == ("a",)
+
+    ready = run([node("a", uid="uid-2", ready_since=NOW - timedelta(seconds=10))],
+                [slot(0, "a", uid="uid-1", rv="9")], base=HOOKS, min_ready=timedelta(minutes=1))
+    assert of(ready, ReleaseSlot) == []
+    assert ready.recheck_after == timedelta(seconds=50)
+
+    back = run([node("a", uid="uid-2")], [slot(0, "a", uid="uid-1", rv="9")], base=HOOKS)
+    assert back.changes[:2] == (
+        ResetRebootOk("a", "100", (BEFORE_HOOK, AFTER_HOOK)),
+        ReleaseSlot(0, "a", "9", NOW),
+    )
+    (event,) = of(back, EmitEvent)
+    assert (event.type, event.reason) == (EventType.WARNING, Reason.HOLDER_REPLACED)
+    assert "uid-1 -> uid-2" in event.message
+
+
+def test_recreated_node_that_looks_rebooted_is_not_released_as_back() -> None:
+    # New boot id, Ready, agent done: would prove a reboot -- but it is another node.
+    fresh = node("a", ok=True, boot="boot-2", boot_before="boot-1", uid="uid-2", ready=False)
+    result = run([fresh], [slot(0, "a", uid="uid-1")])
+    assert of(result, LabelAfterReboot) == []
+    assert of(result, ReleaseSlot) == []
+
+
+def test_slot_without_a_recorded_uid_is_not_released_while_the_node_is_not_ready() -> None:
+    # A slot an older coordinator took: a re-created Node is not told apart, but it is
+    # still not released as back while NotReady.
+    result = run([node("a", boot="boot-2", ready=False)], [slot(0, "a", uid="")])
+    assert of(result, ReleaseSlot) == []
 
 
 def test_admin_release_frees_stuck_slot() -> None:

@@ -73,6 +73,7 @@ class FakeNode:
     up: bool = True
     unschedulable: bool = False
     resource_version: int = 0
+    uid: str = ""
 
     def flag(self, key: str) -> bool:
         return self.annotations.get(key) == TRUE
@@ -91,6 +92,7 @@ class FakeLease:
     holder_boot_id: str = ""
     released_at: datetime | None = None
     stuck: bool = False
+    holder_uid: str = ""
 
 
 class FakeCluster:
@@ -99,12 +101,10 @@ class FakeCluster:
     def __init__(self, names: list[str], coordinator_on: str | None) -> None:
         self.revision = 0
         self.boots = 0
-        self.nodes = {
-            name: FakeNode(name, self.new_boot_id(), runs_coordinator=name == coordinator_on)
-            for name in names
-        }
-        for node in self.nodes.values():
-            node.resource_version = self.bump()
+        self.coordinator_on = coordinator_on
+        self.nodes: dict[str, FakeNode] = {}
+        for name in names:
+            self.register(name)
         self.leases: dict[int, FakeLease] = {}
         self.events: list[EmitEvent] = []
 
@@ -115,6 +115,15 @@ class FakeCluster:
     def new_boot_id(self) -> str:
         self.boots += 1
         return f"boot-{self.boots}"
+
+    def register(self, name: str, *, ready: bool = True) -> None:
+        """A Node object is created (again): a new uid, no annotations."""
+        boot_id = self.new_boot_id()
+        self.nodes[name] = FakeNode(
+            name, boot_id, runs_coordinator=name == self.coordinator_on, ready=ready,
+            ready_since=START if ready else None, resource_version=self.bump(),
+            uid=f"uid-{boot_id}",
+        )
 
     # ------------------------------------------------------------------ reading
 
@@ -127,6 +136,7 @@ class FakeCluster:
                     name=node.name,
                     state=state,
                     resource_version=str(node.resource_version),
+                    uid=node.uid,
                     ready=node.ready,
                     ready_since=node.ready_since if node.ready else None,
                     boot_id=node.boot_id,
@@ -148,6 +158,7 @@ class FakeCluster:
                 holder_boot_id=lease.holder_boot_id,
                 released_at=lease.released_at,
                 stuck=lease.stuck,
+                holder_uid=lease.holder_uid,
             )
             for lease in self.leases.values()
         )
@@ -211,6 +222,7 @@ class FakeCluster:
                 lease.holder = change.node
                 lease.acquired_at = change.at
                 lease.holder_boot_id = change.holder_boot_id
+                lease.holder_uid = change.holder_uid
                 lease.released_at = None
                 lease.stuck = False
                 lease.resource_version = self.bump()
@@ -218,12 +230,16 @@ class FakeCluster:
                 lease = self.leases.get(index)
                 if lease is None or str(lease.resource_version) != change.expected_resource_version:
                     raise Conflict(f"lease {index}")
+                if isinstance(change, ReleaseSlot) and change.holder_gone and (
+                        change.node in self.nodes):
+                    raise Conflict(f"node {change.node} is not gone")  # the uncached read
                 if isinstance(change, MarkStuck):
                     lease.stuck = True
                 else:
                     lease.holder = None
                     lease.acquired_at = None
                     lease.holder_boot_id = ""
+                    lease.holder_uid = ""
                     lease.released_at = change.at
                     lease.stuck = False
                 lease.resource_version = self.bump()
@@ -415,6 +431,7 @@ HAPPENINGS = (
         "admin_releases_slot",
         "admin_pauses_everything",
         "admin_cordons_node",
+        "node_is_deleted_or_replaced",
     ]
 )
 
@@ -480,7 +497,21 @@ class PlannerMachine(RuleBasedStateMachine):
                               min_size=1, max_size=4))
     def things_happen_on_nodes(self, happenings: list[tuple[str, int, bool]]) -> None:
         for what, i, flag in happenings:
-            getattr(self, what)(self.name(i), flag)
+            name = self.name(i)
+            if name not in self.cluster.nodes:
+                if what == "agent_requests_reboot":  # stands for: it registers again
+                    self.cluster.register(name, ready=flag)
+                continue
+            getattr(self, what)(name, flag)
+
+    def node_is_deleted_or_replaced(self, name: str, replaced: bool) -> None:
+        """An autoscaler or an instance group: the Node object goes, maybe a new one
+        comes under the same name (NotReady at first)."""
+        del self.cluster.nodes[name]
+        self.cluster.bump()
+        self.legacy.discard(name)
+        if replaced:
+            self.cluster.register(name, ready=False)
 
     def agent_requests_reboot(self, name: str, _: bool) -> None:
         if self.cluster.nodes[name].up:
