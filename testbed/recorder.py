@@ -2,6 +2,16 @@
 
 Both live in the same etcd, so ordering their events by resourceVersion gives one
 history; "never more nodes in flight than allowed" is checked over every state in it.
+
+Each kind is listed, then watched from the list's resourceVersion, and watched again from
+the last resourceVersion seen (bookmarks included) when a watch ends or fails: as long as
+the API server can resume from there, no change is missed. When it cannot (410 Gone: the
+API server was restarted, or the version left its watch cache), the kind is listed again
+and the list replaces the recorder's view of that kind. Changes between the last version
+seen and that list may have been missed: that stretch is a `Gap`, and every `Moment`
+inside it names the kind in ``blind``. The summaries (`max_in_flight`, `grant_order`,
+`grant_spans`) refuse a history with a gap (`RecorderBlind`) unless the caller accepts
+the gaps, and then they read only the moments where nothing was blind.
 """
 
 from __future__ import annotations
@@ -9,14 +19,26 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import kubernetes.client
 from kubernetes.client import CoordinationV1Api, CoreV1Api
+from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
 from cluo.protocol import SLOT_LEASE_LABEL, Keys
+
+KINDS = ("node", "lease")
+WATCH_SECONDS = 1  # each watch's timeoutSeconds: how soon a stop is noticed
+REQUEST_TIMEOUT = 5.0
+RETRY_FIRST = 0.2  # after a failed list or watch, doubled up to RETRY_MAX
+RETRY_MAX = 2.0
+GONE = 410
+
+
+class RecorderBlind(AssertionError):
+    """A check over a history with gaps, which could pass only because it saw too little."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +49,50 @@ class Moment:
     in_flight: frozenset[str]  # nodes with reboot-ok or reboot-in-progress, or holding a slot
     granted: frozenset[str]  # nodes with reboot-ok=true
     holders: frozenset[str]  # slot Lease holders
+    blind: frozenset[str] = frozenset()  # kinds whose view may be stale here (inside a gap)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A stretch of one kind's history the recorder may have missed changes in.
+
+    From resourceVersion ``after`` (the last one seen) to ``relisted`` (the list that
+    replaced the view; None if no list succeeded before the recorder stopped); in time,
+    from ``since`` (the first failure that led to it) to ``until``.
+    """
+
+    kind: str
+    after: int
+    since: float
+    error: str
+    relisted: int | None = None
+    until: float | None = None
+
+    def seconds(self, now: float | None = None) -> float:
+        """How long the recorder was blind to this kind (up to ``now`` if it still is)."""
+        end = self.until if self.until is not None else (
+            time.monotonic() if now is None else now)
+        return end - self.since
+
+    def covers(self, version: int) -> bool:
+        return self.after < version and (self.relisted is None or version < self.relisted)
+
+
+class _Event(NamedTuple):
+    version: int
+    at: float
+    kind: str
+    name: str | None  # None: a list, whose state is the whole view of the kind
+    state: Any
+
+
+@dataclass
+class _Broken:
+    """A watch that failed, while it is being resumed or the kind listed again."""
+
+    since: float
+    error: str
+    delay: float = field(default=RETRY_FIRST)
 
 
 class InFlightRecorder:
@@ -34,8 +100,8 @@ class InFlightRecorder:
 
     A node counts as in flight while it has reboot-ok=true or reboot-in-progress=true,
     unless an admin released its slot (release-slot=true), and while it holds a slot
-    Lease. A list or watch that fails is kept in ``errors``: a gap in the history would
-    make a check over it vacuous.
+    Lease. Every failed list or watch is kept in ``errors``; the ones that cost the
+    history a stretch are in ``gaps`` (``lost_sight``, ``blind_seconds``).
     """
 
     def __init__(self, admin: kubernetes.client.ApiClient, selector: str, namespace: str,
@@ -46,12 +112,14 @@ class InFlightRecorder:
         self._namespace = namespace
         self._keys = keys
         self._lock = threading.Lock()
-        self._events: list[tuple[int, float, str, str, Any]] = []  # (rv, t, kind, name, state)
+        self._events: list[_Event] = []
+        self._gaps: list[Gap] = []
         self._stop = threading.Event()
-        self._ready = threading.Barrier(3, timeout=30)
+        self._ready = threading.Barrier(len(KINDS) + 1, timeout=30)
         self.errors: list[str] = []
+        self.relists = 0  # lists after the first, of either kind
         self._threads = [threading.Thread(target=self._run, args=(kind,), daemon=True,
-                                          name=f"recorder-{kind}") for kind in ("node", "lease")]
+                                          name=f"recorder-{kind}") for kind in KINDS]
 
     def start(self) -> InFlightRecorder:
         for thread in self._threads:
@@ -66,6 +134,23 @@ class InFlightRecorder:
         if any(thread.is_alive() for thread in self._threads):
             raise RuntimeError("the recorder's watch threads did not stop within 10 s")
 
+    # -- what it lost ----------------------------------------------------------------------
+
+    @property
+    def gaps(self) -> list[Gap]:
+        with self._lock:
+            return list(self._gaps)
+
+    @property
+    def lost_sight(self) -> bool:
+        return bool(self.gaps)
+
+    def blind_seconds(self) -> float:
+        """The total time some kind was blind (gaps of the two kinds may overlap)."""
+        return sum(gap.seconds() for gap in self.gaps)
+
+    # -- watching --------------------------------------------------------------------------
+
     def _list_call(self, kind: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
         if kind == "node":
             return self._core.list_node, (), {"label_selector": self._selector}
@@ -74,79 +159,151 @@ class InFlightRecorder:
 
     def _run(self, kind: str) -> None:
         call, args, kwargs = self._list_call(kind)
-        try:
-            listed = call(*args, **kwargs)
-            for obj in listed.items:
-                self._record(kind, obj)
-            version = listed.metadata.resource_version
-        except Exception as err:
-            self.errors.append(f"listing {kind}s: {err!r}")
-            version = None
+        broken: _Broken | None = None
+        version = self._list(kind, call, args, kwargs)
+        if version is None:
+            broken = _Broken(time.monotonic(), self.errors[-1])
+            self._open_gap(kind, 0, broken)
         self._ready.wait()
-        while version is not None and not self._stop.is_set():
+        while not self._stop.is_set():
+            if version is None:
+                version = self._list(kind, call, args, kwargs)
+                if version is None:
+                    assert broken is not None
+                    broken.delay = self._pause(broken.delay)
+                    continue
+                self._close_gap(kind, version)
+                broken = None
             watch = Watch()
             try:
-                for event in watch.stream(call, *args, **kwargs, resource_version=version,
-                                          timeout_seconds=1, _request_timeout=5):
-                    obj = event["object"]
-                    version = obj.metadata.resource_version
-                    self._record(kind, obj, deleted=event["type"] == "DELETED")
+                for event in watch.stream(call, *args, **kwargs, resource_version=str(version),
+                                          allow_watch_bookmarks=True,
+                                          timeout_seconds=WATCH_SECONDS,
+                                          _request_timeout=REQUEST_TIMEOUT):
+                    if event["type"] != "BOOKMARK":
+                        self._record(kind, event["object"], deleted=event["type"] == "DELETED")
+                    version = int(watch.resource_version or version)
+                    broken = None
                     if self._stop.is_set():
                         watch.stop()
-            except Exception as err:
-                self.errors.append(f"watching {kind}s: {err!r}")
-                return
+                broken = None  # the server ended the watch: resume from `version`
+            except ApiException as err:
+                broken = self._failed(kind, err, broken)
+                if err.status == GONE:
+                    self._open_gap(kind, version, broken)
+                    version = None  # list again, at once
+                else:
+                    broken.delay = self._pause(broken.delay)
+            except Exception as err:  # the connection: resume from `version` once it is back
+                broken = self._failed(kind, err, broken)
+                broken.delay = self._pause(broken.delay)
+
+    def _list(self, kind: str, call: Callable[..., Any], args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> int | None:
+        """List ``kind`` into one event that replaces its view; its version, None if failed."""
+        try:
+            listed = call(*args, **kwargs, _request_timeout=REQUEST_TIMEOUT)
+        except Exception as err:
+            self.errors.append(f"listing {kind}s: {err!r}")
+            return None
+        version = int(listed.metadata.resource_version)
+        view = {obj.metadata.name: self._state(kind, obj) for obj in listed.items}
+        with self._lock:
+            self._events.append(_Event(version, time.monotonic(), kind, None, view))
+        return version
+
+    def _failed(self, kind: str, err: Exception, broken: _Broken | None) -> _Broken:
+        self.errors.append(f"watching {kind}s: {err!r}")
+        return broken or _Broken(time.monotonic(), f"watching {kind}s: {err!r}")
+
+    def _pause(self, delay: float) -> float:
+        self._stop.wait(delay)
+        return min(delay * 2, RETRY_MAX)
+
+    def _open_gap(self, kind: str, after: int, broken: _Broken) -> None:
+        with self._lock:
+            self._gaps.append(Gap(kind, after, broken.since, broken.error))
+
+    def _close_gap(self, kind: str, relisted: int) -> None:
+        with self._lock:
+            self.relists += 1
+            for i, gap in enumerate(self._gaps):
+                if gap.kind == kind and gap.relisted is None:
+                    self._gaps[i] = Gap(gap.kind, gap.after, gap.since, gap.error, relisted,
+                                        time.monotonic())
+
+    def _state(self, kind: str, obj: Any, *, deleted: bool = False) -> Any:
+        if kind == "lease":
+            return None if deleted else obj.spec.holder_identity
+        annotations = obj.metadata.annotations or {}
+        keys = self._keys
+        granted = not deleted and annotations.get(keys.reboot_ok) == "true"
+        released = annotations.get(keys.release_slot) == "true"
+        return (not deleted and not released and (
+            granted or annotations.get(keys.reboot_in_progress) == "true"), granted)
 
     def _record(self, kind: str, obj: Any, *, deleted: bool = False) -> None:
-        name = obj.metadata.name
-        state: Any
-        if kind == "node":
-            annotations = obj.metadata.annotations or {}
-            keys = self._keys
-            granted = not deleted and annotations.get(keys.reboot_ok) == "true"
-            released = annotations.get(keys.release_slot) == "true"
-            state = (not deleted and not released and (
-                granted or annotations.get(keys.reboot_in_progress) == "true"), granted)
-        else:
-            state = None if deleted else obj.spec.holder_identity
+        state = self._state(kind, obj, deleted=deleted)
         with self._lock:
-            self._events.append((int(obj.metadata.resource_version), time.monotonic(), kind,
-                                 name, state))
+            self._events.append(_Event(int(obj.metadata.resource_version), time.monotonic(),
+                                       kind, obj.metadata.name, state))
+
+    # -- the history -----------------------------------------------------------------------
 
     def history(self) -> list[Moment]:
+        """Every state in resourceVersion order, each naming the kinds blind there."""
         with self._lock:
-            events = sorted(self._events, key=lambda e: e[0])
+            events = sorted(self._events, key=lambda e: e.version)
+            gaps = list(self._gaps)
         flying: dict[str, bool] = {}
         granted: dict[str, bool] = {}
         holders: dict[str, str | None] = {}
         moments = []
-        for _, at, kind, name, state in events:
+        for version, at, kind, name, state in events:
             if kind == "node":
-                flying[name], granted[name] = state
+                if name is None:
+                    flying = {n: s[0] for n, s in state.items()}
+                    granted = {n: s[1] for n, s in state.items()}
+                else:
+                    flying[name], granted[name] = state
+            elif name is None:
+                holders = dict(state)
             else:
                 holders[name] = state
             holding = frozenset(h for h in holders.values() if h)
+            blind = frozenset(gap.kind for gap in gaps if gap.covers(version))
             moments.append(Moment(at, frozenset(n for n, f in flying.items() if f) | holding,
-                                  frozenset(n for n, g in granted.items() if g), holding))
+                                  frozenset(n for n, g in granted.items() if g), holding,
+                                  blind))
         return moments
 
-    def max_in_flight(self) -> int:
-        return max((len(m.in_flight) for m in self.history()), default=0)
+    def _sighted(self, allow_gaps: bool) -> list[Moment]:
+        gaps = self.gaps
+        if gaps and not allow_gaps:
+            raise RecorderBlind(
+                f"the recorder lost sight {len(gaps)} time(s), {self.blind_seconds():.1f} s "
+                f"in all: {gaps}; a check over its history could pass only for lack of sight")
+        return [moment for moment in self.history() if not moment.blind]
 
-    def grant_order(self) -> list[str]:
+    def max_in_flight(self, *, allow_gaps: bool = False) -> int:
+        """The most nodes in flight at once (with ``allow_gaps``: outside the gaps)."""
+        return max((len(m.in_flight) for m in self._sighted(allow_gaps)), default=0)
+
+    def grant_order(self, *, allow_gaps: bool = False) -> list[str]:
         """Nodes in the order reboot-ok became true (a node may appear more than once)."""
         order: list[str] = []
         previous: frozenset[str] = frozenset()
-        for moment in self.history():
+        for moment in self._sighted(allow_gaps):
             order.extend(sorted(moment.granted - previous))
             previous = moment.granted
         return order
 
-    def grant_spans(self) -> dict[str, list[tuple[float, float | None]]]:
+    def grant_spans(self, *, allow_gaps: bool = False
+                    ) -> dict[str, list[tuple[float, float | None]]]:
         """Per node, each (reboot-ok became true, became false again or None) span."""
         spans: dict[str, list[tuple[float, float | None]]] = {}
         previous: frozenset[str] = frozenset()
-        for moment in self.history():
+        for moment in self._sighted(allow_gaps):
             for name in moment.granted - previous:
                 spans.setdefault(name, []).append((moment.at, None))
             for name in previous - moment.granted:
