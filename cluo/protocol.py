@@ -84,7 +84,9 @@ SPECS: tuple[KeySpec, ...] = (
             "The grant. true: the node may drain and reboot. Set back to false (never "
             "deleted) once the after-reboot phase is over."),
     KeySpec("reboot-paused", Kind.ANNOTATION, Writer.ADMIN, "true/false",
-            "true: the coordinator grants this node nothing."),
+            "true: the coordinator grants this node nothing, and cancels a grant it gave "
+            "before the reboot began: reboot-ok=false, labels and hook annotations removed, "
+            "the slot freed once the agent has stopped and uncordoned the node."),
     KeySpec("status", Kind.ANNOTATION, Writer.AGENT, "UPDATE_STATUS_*",
             "update_engine's current_operation, mirrored."),
     KeySpec("new-version", Kind.ANNOTATION, Writer.AGENT, "OS version",

@@ -45,14 +45,15 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    checks the node's resource version. A slot is released only if the node really is in
    the reset state the planner saw. ``reboot-ok=false`` is never written while the node
    reports ``reboot-in-progress=true`` (the cycle waits for the agent), except for an
-   admin release (rule 7). The release itself waits for rule 10.
+   admin release (rule 7) or pause (rule 12). The release itself waits for rule 10.
 5. Restarts need no memory: the Lease is the source of truth. A slot that names a node
    continues that node's cycle from whatever the node shows (a crash between AcquireSlot
    and GrantRebootOk resumes the same grant); a taken slot is never given to another node.
    A crash between the reset and the release of an *abort* is the one case where the node
    shows nothing that tells it apart from a fresh slot: that node retries at once, still
    holding its slot, instead of going to the back of the queue (safe, just less fair).
-6. Pauses and windows only stop *new* slots. A node that holds a slot finishes its cycle.
+6. The global pause and the windows only stop *new* slots: a node that holds a slot
+   finishes its cycle. A node's own ``reboot-paused`` also cancels its grant (rule 12).
 7. A holder that has not finished ``reboot_timeout`` after taking its slot keeps the slot
    (a bad update must not spread), is marked stuck on its Lease and gets one Warning
    event. ``release-slot=true`` on the node releases it at once (reset first, as in
@@ -82,6 +83,14 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     one the slot recorded) is a new node that has not been proven back: its slot is
     released (reset first, rule 4) once the new node is Ready (for ``min_ready``), not
     cordoned by cluo and not rebooting, again with a Warning Event.
+12. A holder paused (``reboot-paused=true``) before its reboot has its grant cancelled,
+    CLUO's ``cleanupState``: ``reboot-ok=false`` with its labels and hook annotations
+    removed (even while the agent drains: the agent then stops the drain and hands the
+    grant back), and the slot released once the agent no longer reports a reboot in
+    progress and has uncordoned the node (rule 10). "Before its reboot": the agent has
+    recorded no ``boot-id-before-reboot`` (it does so when the drain is done, right
+    before asking logind) and the node still runs the boot it took the slot in. Past
+    that point the cycle finishes, after-reboot hooks included.
 
 The slot Lease records, besides ``spec.holderIdentity`` and ``spec.acquireTime``, the
 holder's ``status.nodeInfo.bootID`` and ``metadata.uid`` at the time it took the slot,
@@ -543,9 +552,11 @@ class _Builder:
         self.changes.append(EmitEvent(node, type_, reason, message))
 
     def reset_and_release(
-        self, view: NodeView, slots: list[SlotLease], *, clear_release_slot: bool
+        self, view: NodeView, slots: list[SlotLease], type_: EventType, reason: Reason,
+        message: str, *, clear_release_slot: bool = False,
     ) -> None:
-        """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release."""
+        """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release;
+        then the Event that reports it."""
         self.add(
             ResetRebootOk(
                 view.name,
@@ -556,6 +567,7 @@ class _Builder:
         )
         for lease in slots:
             self.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now))
+        self.event(view.name, type_, reason, message)
 
     def recheck_after(self) -> timedelta | None:
         if not self.wake_times:
@@ -667,16 +679,20 @@ def _advance_holder(
     state = view.state
 
     if state.release_slot:
-        out.reset_and_release(view, slots, clear_release_slot=_release_slot_done(view))
-        out.event(
-            name, EventType.NORMAL, Reason.RELEASED_BY_ADMIN,
+        out.reset_and_release(
+            view, slots, EventType.NORMAL, Reason.RELEASED_BY_ADMIN,
             f"An admin set {policy.keys.release_slot}=true: reboot slot {primary.index} "
             "released; the node no longer counts against the limit.",
+            clear_release_slot=_release_slot_done(view),
         )
         return
 
     if primary.holder_uid and view.uid and view.uid != primary.holder_uid:
         _release_replaced_node(view, slots, out)
+        return
+
+    if state.reboot_paused and _before_its_reboot(view, primary):
+        _cancel_paused(view, slots, out)
         return
 
     if state.after_reboot:
@@ -692,9 +708,8 @@ def _advance_holder(
                 out.add(ResetRebootOk(name, view.resource_version, policy.hook_annotations))
                 _wait(name, primary, "waiting for the agent to uncordon the node", out)
             else:
-                out.reset_and_release(view, slots, clear_release_slot=False)
-                out.event(
-                    name, EventType.NORMAL, Reason.REBOOT_FINISHED,
+                out.reset_and_release(
+                    view, slots, EventType.NORMAL, Reason.REBOOT_FINISHED,
                     f"After-reboot hooks done: {policy.keys.reboot_ok}=false, reboot slot "
                     f"{primary.index} released.",
                 )
@@ -717,9 +732,8 @@ def _advance_holder(
             # the agent has uncordoned it.
             _wait(name, primary, "the agent gave up; waiting for it to uncordon the node", out)
         elif _aborted(state):
-            out.reset_and_release(view, slots, clear_release_slot=False)
-            out.event(
-                name, EventType.WARNING, Reason.REBOOT_ABORTED,
+            out.reset_and_release(
+                view, slots, EventType.WARNING, Reason.REBOOT_ABORTED,
                 f"The agent gave up: {state.blocked_reason.strip()}. Reboot slot "
                 f"{primary.index} released for the next node; this node queues again.",
             )
@@ -738,9 +752,8 @@ def _advance_holder(
         _wait(name, primary, "the node no longer needs a reboot but is not Ready", out)
     elif not state.reboot_needed:
         rebooted = bool(view.boot_id) and view.boot_id != primary.holder_boot_id
-        out.reset_and_release(view, slots, clear_release_slot=False)
-        out.event(
-            name, EventType.NORMAL,
+        out.reset_and_release(
+            view, slots, EventType.NORMAL,
             Reason.REBOOT_FINISHED if rebooted else Reason.REBOOT_CANCELLED,
             (f"The node rebooted and is schedulable again; reboot slot {primary.index} "
              "released.") if rebooted else
@@ -786,12 +799,46 @@ def _release_replaced_node(view: NodeView, slots: list[SlotLease], out: _Builder
         _wait(view.name, primary, "the Node was re-created and the new one is not back yet",
               out)
         return
-    out.reset_and_release(view, slots, clear_release_slot=False)
-    out.event(
-        view.name, EventType.WARNING, Reason.HOLDER_REPLACED,
+    out.reset_and_release(
+        view, slots, EventType.WARNING, Reason.HOLDER_REPLACED,
         f"The Node was deleted and re-created (uid {primary.holder_uid} -> {view.uid}) "
         f"while it held reboot slot {primary.index}; the new node is Ready, so the slot is "
         "released. It queues like any other node if it needs a reboot.",
+    )
+
+
+def _before_its_reboot(view: NodeView, primary: SlotLease) -> bool:
+    """Rule 12: the holder's reboot has not begun, so its grant may still be cancelled."""
+    state = view.state
+    return (
+        state.reboot_needed
+        and not state.after_reboot
+        and not state.boot_id_before_reboot
+        and (not primary.holder_boot_id or view.boot_id == primary.holder_boot_id)
+    )
+
+
+def _cancel_paused(view: NodeView, slots: list[SlotLease], out: _Builder) -> None:
+    """Rule 12: withdraw the grant of a paused holder; release once the agent let go."""
+    primary = slots[0]
+    state = view.state
+    keys = out.policy.keys
+    if state.reboot_in_progress or cordoned_by_cluo(view):
+        if state.reboot_ok or state.before_reboot:
+            out.add(ResetRebootOk(view.name, view.resource_version, out.policy.hook_annotations))
+            out.event(
+                view.name, EventType.NORMAL, Reason.REBOOT_CANCELLED,
+                f"{keys.reboot_paused}=true: grant withdrawn ({keys.reboot_ok}=false); "
+                f"reboot slot {primary.index} is released once the agent has stopped and "
+                "uncordoned the node.",
+            )
+        _wait(view.name, primary, "paused: waiting for the agent to stop and uncordon the node",
+              out)
+        return
+    out.reset_and_release(
+        view, slots, EventType.NORMAL, Reason.REBOOT_CANCELLED,
+        f"{keys.reboot_paused}=true: grant cancelled ({keys.reboot_ok}=false, before-reboot "
+        f"label and hook annotations removed), reboot slot {primary.index} released.",
     )
 
 

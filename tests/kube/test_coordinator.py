@@ -454,6 +454,44 @@ def test_paused_node_is_skipped_and_global_pause_holds_new_slots(
     assert rig.annotations(paused).get(KEYS.reboot_needed) == "true"
 
 
+def test_node_paused_after_its_grant_has_the_grant_cancelled(rig: Rig) -> None:
+    # No agents: the test plays the one agent step it needs, on the second node.
+    first, second = rig.add_nodes(2)
+    rig.start("--before-reboot-annotations", BEFORE_HOOK)
+    wait_for(lambda: rig.node(first).metadata.labels.get(KEYS.before_reboot) == "true", 20,
+             "the first node to take the slot and get the before-reboot label")
+    rig.annotate(first, {BEFORE_HOOK: "true"})
+    wait_for(lambda: rig.annotations(first).get(KEYS.reboot_ok) == "true", 20,
+             "the first node's grant")
+    rig.annotate(first, {KEYS.reboot_paused: "true"})  # paused before its agent started
+    wait_for(lambda: rig.slot_holders() == {"cluo-reboot-slot-0": second}, 20,
+             "the slot to go to the second node")
+    assert rig.annotations(first).get(KEYS.reboot_ok) == "false"
+    assert rig.events(first, "RebootCancelled")
+
+    # The second node is paused while its (played) agent drains it: the grant is withdrawn
+    # at once, the slot stays until the agent stopped and uncordoned the node.
+    rig.annotate(second, {BEFORE_HOOK: "true"})
+    wait_for(lambda: rig.annotations(second).get(KEYS.reboot_ok) == "true", 20,
+             "the second node's grant")
+    rig.annotate(second, {KEYS.reboot_in_progress: "true",
+                          KEYS.agent_made_unschedulable: "true"})
+    rig.core.patch_node(second, {"spec": {"unschedulable": True}})
+    rig.annotate(second, {KEYS.reboot_paused: "true"})
+    wait_for(lambda: rig.annotations(second).get(KEYS.reboot_ok) == "false", 20,
+             "the second node's grant to be withdrawn")
+    labels = rig.node(second).metadata.labels or {}
+    assert KEYS.before_reboot not in labels and BEFORE_HOOK not in rig.annotations(second)
+    assert_stays(lambda: rig.slot_holders() == {"cluo-reboot-slot-0": second}, 1.0,
+                 "the slot to stay while the agent still drains the cordoned node")
+    rig.annotate(second, {KEYS.reboot_in_progress: "false"})
+    rig.core.patch_node(second, {"spec": {"unschedulable": False}})
+    rig.annotate(second, {KEYS.agent_made_unschedulable: None})
+    wait_for(lambda: not rig.slot_holders(), 20, "the slot to be released")
+    for name in (first, second):
+        assert rig.annotations(name).get(KEYS.reboot_needed) == "true"  # queues when unpaused
+
+
 def test_closed_window_grants_nothing_and_open_window_grants(
     rig: Rig, recorder: InFlightRecorder
 ) -> None:

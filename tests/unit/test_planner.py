@@ -356,10 +356,66 @@ def test_in_flight_node_finishes_when_window_closes() -> None:
     assert [c.node for c in of(after, LabelAfterReboot)] == ["a"]
 
 
-def test_paused_holder_and_global_pause_still_finish_the_cycle() -> None:
-    result = run([node("a", needed=True, paused=True, before_label=True)], [slot(0, "a")],
-                 paused=True)
+def test_global_pause_lets_a_holder_finish_its_cycle() -> None:
+    result = run([node("a", needed=True, before_label=True)], [slot(0, "a")], paused=True)
     assert [c.node for c in of(result, GrantRebootOk)] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        node("a", needed=True, paused=True, before_label=True,
+             extra={BEFORE_HOOK: TRUE}),
+        node("a", needed=True, paused=True, ok=True),
+    ],
+    ids=["before-reboot-hooks", "granted-not-started"],
+)
+def test_paused_holder_has_its_grant_cancelled_and_the_slot_released(view: NodeView) -> None:
+    result = run([view, node("b", needed=True)], [slot(0, "a", rv="9")], base=HOOKS)
+    assert result.changes[:2] == (
+        ResetRebootOk("a", "100", (BEFORE_HOOK, AFTER_HOOK)),
+        ReleaseSlot(0, "a", "9", NOW),
+    )
+    patch = of(result, ResetRebootOk)[0].patch(KEYS)
+    assert patch.labels[KEYS.before_reboot] is None and patch.annotations[BEFORE_HOOK] is None
+    assert reasons(result) == [Reason.REBOOT_CANCELLED]
+    assert of(result, GrantRebootOk) == []
+
+
+def test_paused_holder_that_drains_is_withdrawn_and_keeps_its_slot_until_uncordoned() -> None:
+    draining = node("a", needed=True, paused=True, ok=True, in_progress=True, cordoned=True,
+                    marked=True)
+    result = run([draining, node("b", needed=True)], [slot(0, "a")])
+    assert kinds(result) == ["ResetRebootOk", "EmitEvent"]
+    assert result.in_flight == ("a",)
+    withdrawn = node("a", needed=True, paused=True, in_progress=True, cordoned=True,
+                     marked=True)
+    assert run([withdrawn], [slot(0, "a")]).changes == ()
+    stopped = node("a", needed=True, paused=True, blocked="withdrawn", cordoned=True,
+                   marked=True)
+    assert run([stopped], [slot(0, "a")]).changes == ()
+    uncordoned = node("a", needed=True, paused=True)
+    released = run([uncordoned], [slot(0, "a")])
+    assert kinds(released) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    assert reasons(released) == [Reason.REBOOT_CANCELLED]
+
+
+@pytest.mark.parametrize(
+    ("view", "why"),
+    [
+        (node("a", needed=True, paused=True, ok=True, in_progress=True, boot_before="boot-1",
+              cordoned=True, marked=True), "drained; the agent is asking logind to reboot"),
+        (node("a", needed=True, paused=True, ok=True, in_progress=True, boot="boot-2"),
+         "rebooted; the agent has not reported yet"),
+        (node("a", paused=True, ok=True, boot="boot-2"), "rebooted and reported"),
+        (node("a", paused=True, ok=True, after_label=True, boot="boot-2"), "after-reboot hooks"),
+    ],
+)
+def test_paused_holder_whose_reboot_has_begun_finishes_its_cycle(view: NodeView, why: str
+                                                                  ) -> None:
+    result = run([view], [slot(0, "a", boot="boot-1")])
+    assert Reason.REBOOT_CANCELLED not in reasons(result), why
+    assert of(result, ReleaseSlot) == [] or Reason.REBOOT_FINISHED in reasons(result), why
 
 
 def test_request_withdrawn_before_the_grant_releases_the_slot() -> None:
