@@ -212,6 +212,7 @@ class ControlPlane:
     pki: Pki
     etcd_port: int
     apiserver_port: int
+    etcd_peer_port: int = 0  # chosen at etcd's first start, kept across its restarts
     # Appended to kube-apiserver's command line (e.g. the bench's audit log flags).
     extra_apiserver_args: tuple[str, ...] = ()
     _processes: dict[str, _Process] = field(default_factory=dict)
@@ -269,7 +270,7 @@ class ControlPlane:
         return process
 
     def _start_etcd(self) -> None:
-        peer_port = free_port()
+        peer_port = self.etcd_peer_port = self.etcd_peer_port or free_port()
         process = self._spawn("etcd", [
             str(self.binaries / "etcd"),
             "--data-dir", str(self.workdir / "etcd"),
@@ -330,6 +331,20 @@ class ControlPlane:
         process = self._processes.get("kube-apiserver")
         if process:
             process.stop(sig=signal.SIGKILL)
+
+    def stop_etcd(self) -> None:
+        """Kill etcd only (SIGKILL, as a crash), for outage tests: the API server stays up
+        and fails its requests until `start_etcd`."""
+        process = self._processes.get("etcd")
+        if process:
+            process.stop(sig=signal.SIGKILL)
+
+    def start_etcd(self) -> None:
+        """Start etcd again on the same ports and data dir (the cluster state survives it)
+        and wait until it is healthy and the API server reads through it again."""
+        self._start_etcd()
+        self._wait_https(self._processes["kube-apiserver"], "/readyz",
+                         "kube-apiserver ready after etcd's restart")
 
     def _start_controller_manager(self) -> None:
         self._spawn("kube-controller-manager", [
