@@ -2,7 +2,8 @@
 
 The rig of tests/kube/test_coordinator.py (the real ``cluo-coord`` as a process with its
 ServiceAccount, KWOK-emulated nodes, ``FakeAgents`` standing in for the agents) with
-faults that test file does not cover: etcd killed and restarted under a running roll.
+faults that test file does not cover: etcd killed and restarted under a running roll; the
+elected leader of two replicas killed with SIGKILL mid-roll.
 Each test keeps its own `InFlightRecorder`, because the recorder must ride the fault out
 (re-listing, reporting any gap) instead of failing the test at its end.
 """
@@ -13,8 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 import urllib3
+from kubernetes.client import CoordinationV1Api
 from kubernetes.client.exceptions import ApiException
 
+from cluo.protocol import LEADER_LEASE_NAME
 from testbed.controlplane import ControlPlane
 from testbed.recorder import InFlightRecorder
 from testbed.waiting import assert_stays, wait_for
@@ -96,3 +99,31 @@ def test_etcd_restart_mid_roll_then_the_roll_completes_one_at_a_time(
     for name in names:
         assert rig.node(name).status.node_info.boot_id != boots[name], f"{name} rebooted"
     assert coord.metric("cluo_grants_total") == 3
+
+
+def test_leader_killed_mid_roll_the_standby_takes_over_and_finishes(
+    rig: Rig, recorder: InFlightRecorder
+) -> None:
+    names = rig.add_nodes(3)
+    coords = [rig.start(leader_elect=True, name=f"replica{i}") for i in range(2)]
+    wait_for(lambda: sorted(c.metric("cluo_is_leader") or 0 for c in coords) == [0, 1], 20,
+             "one replica to lead and the other to stand by")
+    leader, standby = sorted(coords, key=lambda c: c.metric("cluo_is_leader") or 0,
+                             reverse=True)
+    with rig.agents() as agents:
+        # Mid-roll: the second node granted, its reboot under way, the first one done.
+        wait_for(lambda: rig.annotations(names[1]).get(KEYS.reboot_ok) == "true", 40,
+                 "the leader to grant the second node")
+        assert not standby.leading()
+        leader.process.kill()  # SIGKILL: no step-down, its Lease must expire
+        leader.process.wait(5)
+        rig.coordinators.remove(leader)  # its exit by -9 is this test's doing
+        wait_for(standby.leading, 30, "the standby to take over once the leader Lease expired")
+        wait_for(lambda: all(rig.done(name) for name in names), 60,
+                 "the standby to finish the roll")
+    assert not agents.errors, agents.errors
+    lease = CoordinationV1Api(rig.admin).read_namespaced_lease(LEADER_LEASE_NAME, NAMESPACE)
+    assert lease.spec.holder_identity == standby.identity
+    assert recorder.max_in_flight() == 1
+    assert recorder.grant_order() == names  # each node granted once: no double reboot
+    assert standby.metric("cluo_grants_total") == 1  # the last node; the leader did two
