@@ -54,12 +54,15 @@ from cluo_coord.planner import (
     LabelAfterReboot,
     LabelBeforeReboot,
     MarkStuck,
+    NodeView,
     Plan,
     Policy,
+    Reason,
     ReleaseSlot,
     ResetRebootOk,
     SlotLease,
     ignored_while_unslotted,
+    malformed_values,
     plan,
 )
 
@@ -234,6 +237,8 @@ class Coordinator:
         self._baseline: ClusterSnapshot | None = None
         self.plans = 0  # plans made so far (tests and profiles read it)
         self._released_at: dict[int, float] = {}  # slot -> monotonic time of its release
+        self._malformed: dict[str, frozenset[str]] = {}  # node -> the problems reported
+        self._malformed_seen = False  # every node's values were looked at since acting
 
     # -- health --------------------------------------------------------------------
 
@@ -263,12 +268,14 @@ class Coordinator:
             if not acting:  # just synced or just elected: plan from what is there now
                 acting = self._plan_due = True
                 self._baseline = None
+                self._malformed_seen = False  # and look at every node's values
             forced = self._plan_due or self._deadline_passed()
             if not forced and not self._wake.is_set():
                 self._wait(stop, self._sleep_for())
                 continue
             self._wake.clear()
             snapshot = self._cache.snapshot()
+            self._report_malformed(snapshot)
             if not forced and self._same_plan(snapshot):
                 self._baseline = snapshot
                 continue
@@ -340,6 +347,39 @@ class Coordinator:
             and ignored_while_unslotted(after)
             for name, before, after in snapshot.node_changes
         )
+
+    def _report_malformed(self, snapshot: ClusterSnapshot) -> None:
+        """A Warning Event on the node, a log line and a metric for each malformed value,
+        once per change: a value reported stays quiet until it changes again or is fixed
+        (this process remembers what it reported; a new leader reports it once more).
+        Only the nodes that changed since the last snapshot are looked at."""
+        views: list[NodeView]
+        if snapshot.node_changes is None or not self._malformed_seen:  # look at all
+            self._malformed_seen = True
+            views = list(snapshot.nodes)
+            present = {view.name for view in views}
+            for name in [name for name in self._malformed if name not in present]:
+                del self._malformed[name]
+        else:
+            views = []
+            for name, _, after in snapshot.node_changes:
+                if after is None:
+                    self._malformed.pop(name, None)
+                else:
+                    views.append(after)
+        for view in views:
+            found = frozenset(malformed_values(view, self._policy.keys))
+            for problem in sorted(found - self._malformed.get(view.name, frozenset())):
+                log.warning("malformed value", extra={"NODE": view.name, "PROBLEM": problem})
+                self._nodes.emit_event(view.name, Reason.MALFORMED_VALUE.value, problem,
+                                       type="Warning", component=COMPONENT)
+                self._metrics.events.labels(type="Warning",
+                                            reason=Reason.MALFORMED_VALUE.value).inc()
+            if found:
+                self._malformed[view.name] = found
+            else:
+                self._malformed.pop(view.name, None)
+        self._metrics.nodes_with_malformed_values.set(len(self._malformed))
 
     def _schedule(self, deadline: Deadline | None) -> None:
         """No plan until an event, or until ``deadline`` when given."""

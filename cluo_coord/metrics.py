@@ -54,6 +54,10 @@ class CoordMetrics:
         self.events = Counter(
             "cluo_events", "Events posted by this process, by type and reason.",
             ["type", "reason"], registry=r)
+        self.nodes_with_malformed_values = Gauge(
+            "cluo_nodes_with_malformed_values",
+            "Nodes with a value of a cluo key that does not follow the protocol (each is "
+            "reported by a MalformedValue Event).", registry=r)
         self.is_leader = Gauge(
             "cluo_is_leader", "1 while this process holds the leader Lease.", registry=r)
 

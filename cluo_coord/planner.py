@@ -233,6 +233,7 @@ class Reason(enum.StrEnum):
     RELEASED_BY_ADMIN = "RebootSlotReleasedByAdmin"
     HOLDER_GONE = "RebootSlotHolderGone"
     HOLDER_REPLACED = "RebootSlotHolderReplaced"
+    MALFORMED_VALUE = "MalformedValue"
 
 
 @dataclass(frozen=True)
@@ -385,14 +386,32 @@ def reboot_needed_since(state: NodeProtocolState) -> datetime | None:
     raw = state.last_checked_time.strip()
     try:
         seconds = int(raw)
-    except ValueError:
+        return datetime.fromtimestamp(seconds, tz=UTC) if seconds > 0 else None
+    except (ValueError, OverflowError, OSError):  # not a number, or no time a datetime holds
         return None
-    if seconds <= 0:
-        return None
-    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 _NEVER = datetime.min.replace(tzinfo=UTC)  # stands in for an unknown waiting time
+
+SKIPPED_UNTIL_FIXED = "It reads as false; this node gets no new reboot slot until it is fixed."
+QUEUED_LAST = "The node queues after the nodes whose waiting time is known."
+
+
+def malformed_values(view: NodeView, keys: Keys) -> tuple[str, ...]:
+    """Each value of this node that does not follow the protocol, naming the key and the
+    value, and what the planner does about it (the text of a log line and an Event).
+
+    A malformed boolean reads as false and keeps the node from taking a slot
+    (``_is_candidate``); a malformed ``last-checked-time`` only orders it last
+    (``reboot_needed_since``). Hook annotations are not checked: anything but "true"
+    means "not done yet".
+    """
+    found = [f"{complaint}. {SKIPPED_UNTIL_FIXED}" for complaint in view.state.complaints]
+    raw = view.state.last_checked_time.strip()
+    if raw and raw != "0" and reboot_needed_since(view.state) is None:
+        found.append(f"{keys.last_checked_time} must be Unix seconds, not {raw!r}. "
+                     f"{QUEUED_LAST}")
+    return tuple(found)
 
 
 def queue_key(view: NodeView) -> tuple[bool, bool, bool, datetime, str]:

@@ -492,6 +492,25 @@ def test_node_paused_after_its_grant_has_the_grant_cancelled(rig: Rig) -> None:
         assert rig.annotations(name).get(KEYS.reboot_needed) == "true"  # queues when unpaused
 
 
+def test_malformed_value_is_reported_once_by_an_event_naming_key_and_value(rig: Rig) -> None:
+    odd, fine = rig.add_nodes(2)
+    rig.annotate(odd, {KEYS.reboot_paused: "True"})  # meant as a pause, but not "true"
+    coord = rig.start()
+    with rig.agents() as agents:
+        wait_for(lambda: rig.done(fine), 30, "the well-formed node to reboot and finish")
+        wait_for(lambda: rig.events(odd, "MalformedValue"), 10, "a MalformedValue Event")
+        rig.annotate(odd, {KEYS.status: "UPDATE_STATUS_IDLE"})  # another change: no report
+        assert_stays(lambda: KEYS.reboot_ok not in rig.annotations(odd), 1.0,
+                     "the node with the malformed value to get no grant")
+    assert not agents.errors
+    (event,) = rig.events(odd, "MalformedValue")
+    assert event.type == "Warning"
+    assert f"{KEYS.reboot_paused} must be 'true' or 'false', not 'True'" in event.message
+    assert coord.metric("cluo_nodes_with_malformed_values") == 1
+    logged = [e for e in coord.entries() if e["msg"] == "malformed value"]
+    assert [e["node"] for e in logged] == [odd]
+
+
 def test_closed_window_grants_nothing_and_open_window_grants(
     rig: Rig, recorder: InFlightRecorder
 ) -> None:

@@ -139,3 +139,25 @@ def test_a_standby_sleeps_through_events() -> None:
     # One turn per tick and per event at most.
     assert standby.asked <= 20 / IDLE_TICK + len(wakes) + 2
     assert not journal.of("plan", "snapshot")
+
+
+def test_a_malformed_value_is_reported_once_per_change() -> None:
+    rig = CoordRig()
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: "true", KEYS.reboot_paused: "True"})
+    rig.cluster.add_node("b")
+    rig.event_at(5, lambda cluster: cluster.annotate("b", **{KEYS.status: "anything"}))
+    rig.event_at(10, lambda cluster: cluster.annotate("a", **{KEYS.reboot_paused: "yes"}))
+    rig.event_at(15, lambda cluster: cluster.annotate("a", **{KEYS.last_checked_time: "1"}))
+    rig.event_at(20, lambda cluster: cluster.annotate("a", **{KEYS.reboot_paused: "true"}))
+    rig.event_at(25, lambda cluster: cluster.annotate("a", **{KEYS.reboot_paused: "yes"}))
+    metrics = rig.coordinator._metrics
+    seen: list[float] = []
+    rig.at(12, lambda: seen.append(metrics.nodes_with_malformed_values._value.get()))
+    rig.at(22, lambda: seen.append(metrics.nodes_with_malformed_values._value.get()))
+    journal = rig.run(until=30)
+    reported = [e for e in journal.of("event") if e.detail == "MalformedValue"]
+    # 'True' at the start, 'yes' at 10, fixed at 20, 'yes' again at 25: three reports,
+    # none for the other changes of the same node or of others.
+    assert [(e.node, round(e.t)) for e in reported] == [("a", 0), ("a", 10), ("a", 25)]
+    assert seen == [1, 0]
+    assert metrics.events.labels(type="Warning", reason="MalformedValue")._value.get() == 3

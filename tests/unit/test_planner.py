@@ -11,6 +11,8 @@ import pytest
 
 from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState
 from cluo_coord.planner import (
+    QUEUED_LAST,
+    SKIPPED_UNTIL_FIXED,
     AcquireSlot,
     EmitEvent,
     EventType,
@@ -25,6 +27,7 @@ from cluo_coord.planner import (
     ReleaseSlot,
     ResetRebootOk,
     SlotLease,
+    malformed_values,
     plan,
     queue_key,
     reboot_needed_since,
@@ -293,9 +296,34 @@ def test_queue_order(nodes: list[NodeView], order: list[str]) -> None:
 def test_reboot_needed_since_reads_last_checked_time() -> None:
     state = NodeProtocolState.from_metadata(KEYS, {KEYS.last_checked_time: "1704110400"}, {})
     assert reboot_needed_since(state) == NOW
-    for raw in ("", "0", "soon"):
+    for raw in ("", "0", "soon", "-5", "99999999999999999999"):
         state = NodeProtocolState.from_metadata(KEYS, {KEYS.last_checked_time: raw}, {})
         assert reboot_needed_since(state) is None
+
+
+# --------------------------------------------------------------------------- malformed values
+
+
+def test_malformed_boolean_is_named_with_its_value_and_the_node_gets_no_slot() -> None:
+    view = node("a", needed=True, extra={KEYS.reboot_paused: "True"})
+    (problem,) = malformed_values(view, KEYS)
+    assert f"{KEYS.reboot_paused} must be 'true' or 'false', not 'True'" in problem
+    assert problem.endswith(SKIPPED_UNTIL_FIXED)
+    assert acquired(run([view])) == []
+
+
+def test_malformed_last_checked_time_is_named_and_only_orders_the_node_last() -> None:
+    odd = node("a", needed=True, extra={KEYS.last_checked_time: "soon"})
+    (problem,) = malformed_values(odd, KEYS)
+    assert f"{KEYS.last_checked_time} must be Unix seconds, not 'soon'" in problem
+    assert problem.endswith(QUEUED_LAST)
+    assert acquired(run([odd])) == [(0, "a")]
+
+
+@pytest.mark.parametrize("raw", ["", "0", "1704110400"])
+def test_well_formed_values_are_not_reported(raw: str) -> None:
+    view = node("a", needed=True, paused=True, extra={KEYS.last_checked_time: raw})
+    assert malformed_values(view, KEYS) == ()
 
 
 # --------------------------------------------------------------------------- before reboot
