@@ -40,8 +40,9 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    ``reboot-ok=true`` only while that Lease is unchanged (an uncached read, or a no-op
    update with that resourceVersion, right before the node write). So reboot-ok=true is
    only ever written while the Lease names the node.
-4. Every ``ReleaseSlot`` follows a ``ResetRebootOk`` of the holder in the same plan, even
-   when the view says there is nothing to reset: the node write is then a no-op that still
+4. Every ``ReleaseSlot`` follows a ``ResetRebootOk`` of the holder in the same plan (but
+   the release of a holder whose Node is gone, rule 11), even when the view says there
+   is nothing to reset: the node write is then a no-op that still
    checks the node's resource version. A slot is released only if the node really is in
    the reset state the planner saw. ``reboot-ok=false`` is never written while the node
    reports ``reboot-in-progress=true`` (the cycle waits for the agent), except for an
