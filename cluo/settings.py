@@ -18,7 +18,14 @@ and cluo-coord:
   ``CLUO_AGENT_DRAIN_TIMEOUT: 'ten minutes': not a duration (examples: 30s, 10m, 1h30m)``;
 - argparse's own endings are not errors of ours and exit nothing here: ``--help`` and a
   bad or unknown flag raise `CommandLineExit` (status 0 with the help, status 2 with the
-  usage and argparse's message), which the entry point prints and returns as its status.
+  usage and argparse's message), which the entry point prints and returns as its status;
+- another program's spelling of a setting (FLUO's ``-reboot-window-start``, CLUO's
+  ``UPDATE_AGENT_NODE``: an `Alias`) is read as the setting itself, at its level (a flag
+  beside the flag, a variable beside the program's variable), with the setting's parser,
+  errors naming the spelling given; two spellings of one setting at one level that
+  disagree are an error, and each alias read is reported (`Values.aliases_used`) so the
+  program can log the cluo spelling once. Another program's flag or variable that cluo
+  does not take (a `Refusal`) stops the start with its reason: none is ignored.
 
 Value parsers (`parse_duration`, `parse_boolean`, `positive_int`, ...) raise ``ValueError``
 with a reason that does not repeat the value; the loader puts the source and the value
@@ -28,6 +35,7 @@ in front of it.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import textwrap
@@ -192,6 +200,73 @@ class _Help(argparse.Action):
         raise CommandLineExit(EXIT_HELP, parser.format_help())
 
 
+@dataclass(frozen=True)
+class Alias:
+    """Another program's spelling of ``setting``: a flag (``-node``) or an environment
+    variable (``UPDATE_AGENT_NODE``), read as the setting itself."""
+
+    spelling: str
+    setting: Setting[Any]
+
+    @property
+    def is_flag(self) -> bool:
+        return self.spelling.startswith("-")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Another program's flag or variable that has no equivalent here, and why: given,
+    it stops the start, so that a setting the user relied on is never silently lost."""
+
+    spelling: str
+    reason: str
+
+    @property
+    def is_flag(self) -> bool:
+        return self.spelling.startswith("-")
+
+
+@dataclass(frozen=True)
+class AliasUse:
+    """An alias that was read: what the user wrote and the spelling cluo would use."""
+
+    given: str
+    cluo: str
+
+
+# The logging flags that klog (FLUO) and glog (CLUO) add to a Go program's command line.
+KLOG_FLAGS = ("v", "vmodule", "logtostderr", "alsologtostderr", "stderrthreshold", "log_dir",
+              "log_file", "log_file_max_size", "log_backtrace_at", "add_dir_header",
+              "skip_headers", "skip_log_headers", "one_output")
+
+
+def go_spellings(name: str, env_prefix: str) -> tuple[str, ...]:
+    """How a Go program takes its flag ``name``: ``-name`` or ``--name`` (Go's flag
+    package reads both), and from the variable coreos/pkg flagutil's ``SetFlagsFromEnv``
+    gives it: ``env_prefix`` + ``_`` + the name in upper case with ``_`` for ``-``."""
+    return f"-{name}", f"--{name}", f"{env_prefix}_{name.upper().replace('-', '_')}"
+
+
+def go_aliases(setting: Setting[Any], name: str, env_prefix: str) -> tuple[Alias, ...]:
+    """The `go_spellings` of a Go program's flag ``name`` as aliases of ``setting``
+    (without the one that is the setting's own flag)."""
+    return tuple(Alias(spelling, setting) for spelling in go_spellings(name, env_prefix)
+                 if spelling != setting.flag)
+
+
+def go_refusals(names: Sequence[str], env_prefix: str, reason: str) -> tuple[Refusal, ...]:
+    """The `go_spellings` of a Go program's flags ``names``, each refused for ``reason``."""
+    return tuple(Refusal(spelling, reason) for name in names
+                 for spelling in go_spellings(name, env_prefix))
+
+
+def log_aliases_used(log: logging.Logger, used: Sequence[AliasUse]) -> None:
+    """One info line per alias read, naming the cluo spelling to write instead."""
+    for use in used:
+        log.info("setting read from another program's spelling",
+                 extra={"GIVEN": use.given, "CLUO_SPELLING": use.cluo})
+
+
 class Values:
     """The loaded settings: ``values[SETTING]`` is the parsed value, with its source."""
 
@@ -200,6 +275,12 @@ class Values:
         self._raw: dict[str, str] = {}
         self._source: dict[str, str] = {}
         self._defaulted: set[str] = set()
+        self._aliases_used: list[AliasUse] = []
+
+    @property
+    def aliases_used(self) -> tuple[AliasUse, ...]:
+        """The aliases read, in the order of the settings."""
+        return tuple(self._aliases_used)
 
     def __getitem__(self, setting: Setting[T]) -> T:
         return cast(T, self._parsed[setting.flag])
@@ -233,6 +314,25 @@ class Values:
         except ValueError as err:
             raise self.error(setting, str(err)) from None
 
+    def _set_one_of(self, setting: Setting[Any], given: Sequence[tuple[str, str]],
+                    aliases: Mapping[str, str]) -> None:
+        """Set ``setting`` from one level's ``given`` (text, source) pairs, cluo's own
+        spelling first; they must agree once parsed. ``aliases`` maps the sources that are
+        aliases to cluo's spelling."""
+        parsed = []
+        for raw, source in given:
+            self._set(setting, raw.strip(), source, defaulted=False)
+            parsed.append((self[setting], raw.strip(), source))
+        first_value, first_raw, first_source = parsed[0]
+        for value, raw, source in parsed[1:]:
+            if value != first_value:
+                raise ConfigError(
+                    f"{first_source} {first_raw!r} and {source} {raw!r} disagree: both set "
+                    f"{setting.flag}; give one of them")
+        self._set(setting, first_raw, first_source, defaulted=False)
+        self._aliases_used.extend(AliasUse(source, aliases[source])
+                                  for _, _, source in parsed if source in aliases)
+
 
 @dataclass(frozen=True)
 class SettingsLoader:
@@ -247,6 +347,8 @@ class SettingsLoader:
     settings: tuple[Setting[Any], ...]
     description: str = ""
     epilog: str = ""
+    aliases: tuple[Alias, ...] = ()
+    refused: tuple[Refusal, ...] = ()
 
     def variable(self, setting: Setting[Any]) -> str | None:
         """The environment twin of ``setting``, if it has one."""
@@ -273,22 +375,45 @@ class SettingsLoader:
                                     metavar="BOOL", help=setting.help)
             else:
                 parser.add_argument(setting.flag, dest=setting.dest, help=setting.help)
+        for alias in self.aliases:
+            if alias.is_flag:
+                switch = alias.setting.switch
+                parser.add_argument(alias.spelling, dest=_other_dest(alias.spelling),
+                                    nargs="?" if switch else None,
+                                    const="true" if switch else None, help=argparse.SUPPRESS)
+        for refusal in self.refused:
+            if refusal.is_flag:  # taken with or without a value, to be refused by name
+                parser.add_argument(refusal.spelling, dest=_other_dest(refusal.spelling),
+                                    nargs="?", const="", help=argparse.SUPPRESS)
         return parser
 
     def load(self, argv: Sequence[str], environ: Mapping[str, str]) -> Values:
         """Every setting, parsed; `ConfigError` for the first bad one in declaration order.
 
-        Raises `CommandLineExit` for ``--help`` and for a bad command line."""
+        Raises `CommandLineExit` for ``--help`` and for a bad command line, `ConfigError`
+        first of all for a refused flag or variable."""
         given = vars(self.parser().parse_args(list(argv)))
+        self._refuse(given, environ)
         values = Values()
         for setting in self.settings:
-            flag_value = given.get(setting.dest)
-            if flag_value is not None:
-                source = setting.dest.upper() if setting.positional else setting.flag
-                values._set(setting, flag_value.strip(), source, defaulted=False)
+            aliases = [alias for alias in self.aliases if alias.setting is setting]
+            own_flag = setting.dest.upper() if setting.positional else setting.flag
+            flags = [(given[setting.dest], own_flag)] if given.get(setting.dest) is not None else []
+            flags += [(given[_other_dest(alias.spelling)], alias.spelling) for alias in aliases
+                      if alias.is_flag and given.get(_other_dest(alias.spelling)) is not None]
+            if flags:
+                values._set_one_of(setting, flags, {a.spelling: setting.flag for a in aliases})
                 continue
-            for name in (self.variable(setting), *setting.also_from):
-                if name is not None and environ.get(name, "").strip():
+            own_variable = self.variable(setting)
+            names = [own_variable, *(alias.spelling for alias in aliases if not alias.is_flag)]
+            variables = [(environ[name], name) for name in names
+                         if name is not None and environ.get(name, "").strip()]
+            if variables:
+                values._set_one_of(setting, variables,
+                                   {a.spelling: own_variable or setting.flag for a in aliases})
+                continue
+            for name in setting.also_from:
+                if environ.get(name, "").strip():
                     values._set(setting, environ[name].strip(), name, defaulted=False)
                     break
             else:
@@ -296,6 +421,23 @@ class SettingsLoader:
                 source = setting.default_source or f"the default of {setting.flag}"
                 values._set(setting, default.strip(), source, defaulted=True)
         return values
+
+    def _refuse(self, given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
+        """`ConfigError` for the first refused flag given, else the first refused variable
+        set (an empty one is not set, as with every variable)."""
+        for refusal in self.refused:
+            if refusal.is_flag and given.get(_other_dest(refusal.spelling)) is not None:
+                raise ConfigError(f"{refusal.spelling}: not supported: {refusal.reason}")
+        for refusal in self.refused:
+            value = environ.get(refusal.spelling, "")
+            if not refusal.is_flag and value.strip():
+                raise ConfigError(f"{refusal.spelling}={value.strip()!r}: not supported: "
+                                  f"{refusal.reason}")
+
+
+def _other_dest(spelling: str) -> str:
+    """The argparse destination of an alias's or refusal's flag: apart from every setting's."""
+    return "other:" + spelling
 
 
 def _fill(text: str) -> str | None:

@@ -8,6 +8,10 @@ with cluo-agent; this module only declares the flags and builds `CoordSettings` 
 
 The Deployment's downward API gives ``POD_NAMESPACE``, ``POD_NAME`` and ``NODE_NAME``;
 they are read after the twins of ``--namespace``, ``--identity`` and ``--node-name``.
+
+FLUO's and CLUO's update-operator spellings (Go flags, ``-reboot-window-start``, and
+their ``UPDATE_OPERATOR_*`` variables) are aliases of the same settings; their flags
+without an equivalent are refused by name (`ALIASES`, `REFUSED`; docs/migration.md).
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ from pathlib import Path
 from cluo.errors import ConfigError
 from cluo.protocol import DEFAULT_PREFIX, Keys, parse_hook_annotations
 from cluo.settings import (
+    KLOG_FLAGS,
+    AliasUse,
     Setting,
     SettingsLoader,
     Values,
     boolean,
     choice,
+    go_aliases,
+    go_refusals,
     optional_text,
     parse_duration,
     positive_int,
@@ -36,6 +44,7 @@ from cluo_coord.planner import Policy
 from cluo_coord.windows import RebootWindows, Window, WindowError, parse_windows, parse_zone
 
 ENV_PREFIX = "CLUO_COORD_"
+FLUO_ENV_PREFIX = "UPDATE_OPERATOR"  # FLUO's and CLUO's update-operator
 DEFAULT_NAMESPACE = "cluo-system"
 DEFAULT_METRICS_ADDRESS = ":8080"
 METRICS_OFF = "off"
@@ -59,6 +68,7 @@ class CoordSettings:
     identity: str
     resync_period: float = 600.0
     log_level: str = "info"
+    aliases_used: tuple[AliasUse, ...] = ()  # FLUO/CLUO spellings read, to log once
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,8 @@ def _window_list(value: str) -> tuple[Window, ...]:
 # --- the coordinator's flags ------------------------------------------------------------
 
 KUBECONFIG = Setting("--kubeconfig", optional_text,
-                     "kubeconfig file (default: in-cluster ServiceAccount)")
+                     "kubeconfig file (default: $KUBECONFIG, else in-cluster ServiceAccount)",
+                     also_from=("KUBECONFIG",))
 NAMESPACE = Setting(
     "--namespace", _namespace,
     f"namespace of the slot Leases (default: $POD_NAMESPACE or {DEFAULT_NAMESPACE})",
@@ -184,12 +195,36 @@ RESYNC_PERIOD = Setting("--resync-period", _resync_period,
 LOG_LEVEL = Setting("--log-level", choice(*LOG_LEVELS),
                     "debug, info, warning or error (default: info)", default="info")
 
+# FLUO's and CLUO's update-operator: its flags with a cluo equivalent, then the others.
+ALIASES = (
+    *go_aliases(KUBECONFIG, "kubeconfig", FLUO_ENV_PREFIX),
+    *go_aliases(BEFORE_REBOOT_ANNOTATIONS, "before-reboot-annotations", FLUO_ENV_PREFIX),
+    *go_aliases(AFTER_REBOOT_ANNOTATIONS, "after-reboot-annotations", FLUO_ENV_PREFIX),
+    *go_aliases(REBOOT_WINDOW_START, "reboot-window-start", FLUO_ENV_PREFIX),
+    *go_aliases(REBOOT_WINDOW_LENGTH, "reboot-window-length", FLUO_ENV_PREFIX),
+)
+REFUSED = (
+    *go_refusals(("version",), FLUO_ENV_PREFIX, "cluo-coord has no version flag; the "
+                 "image tag and the user agent cluo-coord/<version> name the version"),
+    *go_refusals(("auto-label-container-linux",), FLUO_ENV_PREFIX, "CLUO's node labelling "
+                 "has no equivalent: cluo manages the nodes of --node-selector, all by default"),
+    *go_refusals(("manage-agent", "agent-image-repo"), FLUO_ENV_PREFIX, "CLUO's managed "
+                 "agent DaemonSet has no equivalent: cluo-agent is a host service, "
+                 "installed by Ignition (docs/install.md)"),
+    *go_refusals(("analytics",), FLUO_ENV_PREFIX, "CLUO's deprecated analytics flag has "
+                 "no equivalent (it sent nothing): remove it"),
+    *go_refusals(KLOG_FLAGS, FLUO_ENV_PREFIX, "a klog logging flag of FLUO and CLUO has no "
+                 "equivalent: cluo-coord writes JSON lines to stdout at --log-level"),
+)
+
 LOADER = SettingsLoader(
     prog="cluo-coord",
     env_prefix=ENV_PREFIX,
     description="Grant reboot slots to Flatcar nodes, a few at a time. Every flag can "
     "also be set as CLUO_COORD_<FLAG> in the environment (CLUO_COORD_MAX_CONCURRENT=2); "
-    "the flag wins, an empty variable counts as unset.",
+    "the flag wins, an empty variable counts as unset. FLUO's and CLUO's update-operator "
+    "flags and UPDATE_OPERATOR_* variables are read where cluo has them, refused where "
+    "it does not (docs/migration.md).",
     epilog="admin commands, with an admin's kubeconfig (each has --help):\n"
     "  cluo-coord release NODE   free the slot of a node that did not come back\n"
     "  cluo-coord slots          list the reboot slots; --free SLOT|NODE frees one\n"
@@ -201,6 +236,8 @@ LOADER = SettingsLoader(
         TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, PAUSE, NODE_SELECTOR,
         NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
     ),
+    aliases=ALIASES,
+    refused=REFUSED,
 )
 
 
@@ -238,6 +275,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSetti
         identity=values[IDENTITY],
         resync_period=values[RESYNC_PERIOD],
         log_level=values[LOG_LEVEL],
+        aliases_used=values.aliases_used,
     )
 
 

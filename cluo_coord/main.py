@@ -35,7 +35,7 @@ from cluo.kube.client import KubeClient
 from cluo.kube.config import in_cluster_client, kubeconfig_client
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import PAUSED_ANNOTATION, Keys, slot_lease_name
-from cluo.settings import CommandLineExit
+from cluo.settings import CommandLineExit, log_aliases_used
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cluo-coord: {err}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    log_aliases_used(log, settings.aliases_used)
     try:
         api = (
             kubeconfig_client(settings.kubeconfig, "cluo-coord")

@@ -6,6 +6,10 @@ environment variables, so every flag has an environment twin: ``--drain-timeout`
 is not set, one boolean and one duration syntax, errors naming where a bad value came
 from) are cluo.settings', shared with cluo-coord; this module only declares the flags
 and builds `AgentSettings` from them.
+
+FLUO's and CLUO's update-agent spellings (Go flags, ``-node``, and their
+``UPDATE_AGENT_*`` variables) are aliases of the same settings; their flags without an
+equivalent are refused by name (`ALIASES`, `REFUSED`; docs/migration.md).
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from pathlib import Path
 from cluo.errors import ConfigError
 from cluo.protocol import DEFAULT_PREFIX, Keys
 from cluo.settings import (
+    KLOG_FLAGS,
+    AliasUse,
     Setting,
     SettingsLoader,
     boolean,
     choice,
+    go_aliases,
+    go_refusals,
     optional_text,
     positive_duration,
     positive_int,
@@ -31,6 +39,7 @@ from cluo_host.agent_core import AgentConfig, DrainTimeoutPolicy
 from cluo_host.drainer import DrainTuning
 
 ENV_PREFIX = "CLUO_AGENT_"
+FLUO_ENV_PREFIX = "UPDATE_AGENT"  # FLUO's and CLUO's update-agent
 NODE_NAME_FLAG = "--node-name"
 NODE_NAME_VARIABLE = ENV_PREFIX + "NODE_NAME"
 NODE_NAME_FROM_HOSTNAME = "hostname"
@@ -56,6 +65,7 @@ class AgentSettings:
     log_target: str  # auto, journal, stderr
     startup_retry_max: float = 30.0
     extra: Mapping[str, str] = field(default_factory=dict)
+    aliases_used: tuple[AliasUse, ...] = ()  # FLUO/CLUO spellings read, to log once
 
 
 def _node_name(value: str) -> str:
@@ -121,19 +131,37 @@ LOG_TARGET = Setting(
     "journal; stderr",
     default="auto")
 
+# FLUO's and CLUO's update-agent: its flags with a cluo equivalent, then the others.
+# -grace-period (whole seconds) bounded the drain: it is --drain-timeout, whose plain
+# numbers are seconds; -force-drain (FLUO) also deleted pods that no controller manages.
+ALIASES = (
+    *go_aliases(NODE_NAME, "node", FLUO_ENV_PREFIX),
+    *go_aliases(DRAIN_TIMEOUT, "grace-period", FLUO_ENV_PREFIX),
+    *go_aliases(DRAIN_PODS_WITHOUT_CONTROLLER, "force-drain", FLUO_ENV_PREFIX),
+)
+REFUSED = (
+    *go_refusals(("version",), FLUO_ENV_PREFIX, "cluo-agent has no version flag; its "
+                 "user agent cluo-agent/<version> names the version"),
+    *go_refusals(KLOG_FLAGS, FLUO_ENV_PREFIX, "a klog logging flag of FLUO and CLUO has no "
+                 "equivalent: cluo-agent logs to the journal at --log-level (--log-target)"),
+)
+
 LOADER = SettingsLoader(
     prog="cluo-agent",
     env_prefix=ENV_PREFIX,
     description="Drain and reboot this node when update_engine needs a reboot and "
     "cluo-coord grants it. Every flag can also be set as CLUO_AGENT_<FLAG> in the "
     "environment (e.g. CLUO_AGENT_DRAIN_TIMEOUT=15m); the flag wins, an empty variable "
-    "counts as unset.",
+    "counts as unset. FLUO's and CLUO's update-agent flags and UPDATE_AGENT_* variables "
+    "are read where cluo has them, refused where it does not (docs/migration.md).",
     settings=(
         NODE_NAME, KUBECONFIG, ANNOTATION_PREFIX, DRAIN_TIMEOUT, DRAIN_TIMEOUT_POLICY,
         DRAIN_PODS_WITHOUT_CONTROLLER, EVICTION_CONCURRENCY, REBOOT_RETRY_BASE,
         REBOOT_RETRY_MAX, REBOOT_TIMEOUT, SYSTEM_BUS_ADDRESS, HOST_ROOT, LOG_LEVEL,
         LOG_TARGET,
     ),
+    aliases=ALIASES,
+    refused=REFUSED,
 )
 
 
@@ -168,4 +196,5 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         host_root=values[HOST_ROOT],
         log_level=values[LOG_LEVEL],
         log_target=values[LOG_TARGET],
+        aliases_used=values.aliases_used,
     )

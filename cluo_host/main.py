@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from cluo.errors import CluoError
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
-from cluo.settings import CommandLineExit
+from cluo.settings import CommandLineExit, log_aliases_used
 from cluo_host.agent import Agent
 from cluo_host.config import AgentSettings, load_settings
 from cluo_host.eviction import KubePods
@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_journal = {"auto": None, "journal": True, "stderr": False}[settings.log_target]
     setup_logging("cluo-agent", getattr(logging, settings.log_level.upper()),
                   use_journal=use_journal)
+    log_aliases_used(log, settings.aliases_used)
     try:
         return asyncio.run(_run(settings))
     except CluoError as err:

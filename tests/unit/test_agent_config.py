@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cluo.errors import ConfigError
 from cluo.protocol import CLUO_PREFIX, FLUO_PREFIX
+from cluo.settings import AliasUse
 from cluo_host.agent_core import DrainTimeoutPolicy
 from cluo_host.config import DEFAULT_KUBECONFIG, load_settings
+from tests.fixtures import fluo_examples
 
 NODE = ["--node-name", "n1"]
 
@@ -207,3 +210,63 @@ def test_retry_max_below_retry_base_is_a_config_error_naming_both() -> None:
     with pytest.raises(ConfigError, match="the default of --reboot-retry-max '10m' is below "
                        "CLUO_AGENT_REBOOT_RETRY_BASE '20m'"):
         settings_of(NODE, {"CLUO_AGENT_REBOOT_RETRY_BASE": "20m"})
+
+
+# -- FLUO's and CLUO's update-agent spellings --------------------------------------------------
+
+
+def test_fluos_example_daemonset_environment_names_the_node() -> None:
+    example = fluo_examples.FLUO_AGENT_DAEMONSET
+    settings = settings_of(list(example.argv), example.environ)
+    assert (settings.node_name, settings.node_name_source) == ("worker-1", "UPDATE_AGENT_NODE")
+    assert settings.aliases_used == (AliasUse("UPDATE_AGENT_NODE", "CLUO_AGENT_NODE_NAME"),)
+    assert settings == replace(settings_of([], {"CLUO_AGENT_NODE_NAME": "worker-1"}),
+                               node_name_source="UPDATE_AGENT_NODE",
+                               aliases_used=settings.aliases_used)
+
+
+# (argv, environment, how to read the result, expected, cluo's spelling)
+AGENT_ALIASES = [
+    (["-node", "worker-1"], {}, lambda s: s.node_name, "worker-1", "--node-name"),
+    (["--node=worker-1"], {}, lambda s: s.node_name, "worker-1", "--node-name"),
+    ([*NODE, "-grace-period", "900"], {}, lambda s: s.core.drain_timeout, 900.0,
+     "--drain-timeout"),
+    (NODE, {"UPDATE_AGENT_GRACE_PERIOD": "300"}, lambda s: s.core.drain_timeout, 300.0,
+     "CLUO_AGENT_DRAIN_TIMEOUT"),
+    ([*NODE, "-force-drain"], {}, lambda s: s.core.drain_pods_without_controller, True,
+     "--drain-pods-without-controller"),
+    ([*NODE, "-force-drain=false"], {}, lambda s: s.core.drain_pods_without_controller, False,
+     "--drain-pods-without-controller"),
+    (NODE, {"UPDATE_AGENT_FORCE_DRAIN": "true"},
+     lambda s: s.core.drain_pods_without_controller, True,
+     "CLUO_AGENT_DRAIN_PODS_WITHOUT_CONTROLLER"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "read", "expected", "cluo"), AGENT_ALIASES)
+def test_each_update_agent_spelling_is_read_and_reported(  # type: ignore[no-untyped-def]
+    argv, env, read, expected, cluo
+) -> None:
+    settings = settings_of(argv, env)
+    assert read(settings) == expected
+    assert [use.cluo for use in settings.aliases_used] == [cluo]
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    (["-node", "Worker_1"], {}, "-node: 'Worker_1': not a valid Kubernetes node name"),
+    ([*NODE, "-grace-period", "0"], {}, "-grace-period: '0': must be a positive duration"),
+    (NODE, {"UPDATE_AGENT_FORCE_DRAIN": "T"}, "UPDATE_AGENT_FORCE_DRAIN: 'T': not a boolean"),
+    (["-node", "n1", "--node-name", "n2"], {}, "--node-name 'n2' and -node 'n1' disagree"),
+    ([], {"CLUO_AGENT_NODE_NAME": "n1", "UPDATE_AGENT_NODE": "n2"},
+     "CLUO_AGENT_NODE_NAME 'n1' and UPDATE_AGENT_NODE 'n2' disagree"),
+    ([*NODE, "-version"], {}, "-version: not supported: cluo-agent has no version flag"),
+    ([*NODE, "-v", "4"], {}, "-v: not supported: a klog logging flag"),
+    (NODE, {"UPDATE_AGENT_ALSOLOGTOSTDERR": "true"},
+     "UPDATE_AGENT_ALSOLOGTOSTDERR='true': not supported"),
+])
+def test_update_agent_values_and_flags_cluo_cannot_take_are_refused_naming_them(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_of(argv, env)
+    assert str(caught.value).startswith(message)

@@ -6,6 +6,7 @@ status and where the text goes are what a user (or systemd, or a Deployment) see
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,36 @@ def test_a_bad_value_exits_2_naming_its_source_and_the_value(
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# (script, arguments, what stderr must name): FLUO's and CLUO's flags that cluo does not take
+REFUSED_FLAGS = [
+    ("cluo-coord", ["-auto-label-container-linux"], "-auto-label-container-linux"),
+    ("cluo-coord", ["-reboot-window-start=14:00", "-v=4"], "-v"),
+    ("cluo-agent", ["-node", "n1", "-version"], "-version"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "named"), REFUSED_FLAGS,
+                         ids=[" ".join([s, *a]) for s, a, _ in REFUSED_FLAGS])
+def test_a_fluo_flag_without_a_cluo_equivalent_exits_2_naming_it(
+    script: str, args: list[str], named: str
+) -> None:
+    result = run(script, args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"{script}: {named}: not supported: ")
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_fluos_window_flags_start_the_coordinator_and_log_cluos_spelling() -> None:
+    # Outside a pod and without a kubeconfig it stops at the client, after the settings.
+    result = run("cluo-coord", ["-reboot-window-start", "Thu 23:00", "-reboot-window-length=1h30m",
+                                "--metrics-address", "off"],
+                 {"KUBECONFIG": "", "KUBERNETES_SERVICE_HOST": ""})
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(line["given"], line["cluo_spelling"]) for line in lines if "given" in line] == [
+        ("-reboot-window-start", "--reboot-window-start"),
+        ("-reboot-window-length", "--reboot-window-length")]
+    assert lines[-1]["msg"] == "cannot configure the kubernetes client"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,6 +11,7 @@ from cluo.errors import ConfigError
 from cluo.protocol import FLUO_PREFIX
 from cluo_coord.config import load_admin_settings, load_settings
 from cluo_coord.main import main
+from tests.fixtures import fluo_examples
 
 
 def test_defaults_match_cluo_and_the_deployment() -> None:
@@ -106,6 +108,25 @@ def test_cluo_window_and_several_windows_combine_in_the_time_zone() -> None:
         (["--metrics-address", "8080"], {}, "--metrics-address"),
         (["--namespace", "Bad_NS"], {}, "Bad_NS"),
         (["--log-level", "loud"], {}, "--log-level"),
+        # FLUO's and CLUO's update-operator spellings: errors name the spelling given.
+        # FLUO took a lone start or length as no window at all; cluo refuses it.
+        (["-reboot-window-start", "Thu 23:00"], {},
+         "-reboot-window-start 'Thu 23:00': --reboot-window-start and --reboot-window-length "
+         "go together"),
+        # Go durations below a second, and FLUO's zero-length window (never open).
+        (["-reboot-window-start", "14:00", "-reboot-window-length", "1h500ms"], {},
+         "-reboot-window-start '14:00', -reboot-window-length '1h500ms': reboot window length"),
+        ([], {"UPDATE_OPERATOR_REBOOT_WINDOW_START": "14:00",
+              "UPDATE_OPERATOR_REBOOT_WINDOW_LENGTH": "0s"},
+         "UPDATE_OPERATOR_REBOOT_WINDOW_START '14:00', UPDATE_OPERATOR_REBOOT_WINDOW_LENGTH '0s'"),
+        (["-reboot-window-start", "9:5", "-reboot-window-length", "1h"], {}, "'9:5' is not HH:MM"),
+        (["-before-reboot-annotations", "bad key!"], {}, "-before-reboot-annotations: 'bad key!'"),
+        (["--reboot-window-start", "Thu 23:00", "-reboot-window-start", "Fri 23:00"], {},
+         "--reboot-window-start 'Thu 23:00' and -reboot-window-start 'Fri 23:00' disagree"),
+        ([], {"CLUO_COORD_REBOOT_WINDOW_LENGTH": "1h",
+              "UPDATE_OPERATOR_REBOOT_WINDOW_LENGTH": "2h"},
+         "CLUO_COORD_REBOOT_WINDOW_LENGTH '1h' and UPDATE_OPERATOR_REBOOT_WINDOW_LENGTH '2h' "
+         "disagree"),
     ],
 )
 def test_bad_values_name_the_flag_variable_and_value(
@@ -191,3 +212,88 @@ def test_admin_settings_read_flags_then_variables_then_kubeconfig() -> None:
     pause = load_admin_settings(["pause", "--kubeconfig", "/k", "--annotation-prefix",
                                  FLUO_PREFIX], environ)
     assert (pause.kubeconfig, pause.keys.prefix, pause.node) == ("/k", FLUO_PREFIX, "")
+
+
+# -- FLUO's and CLUO's update-operator spellings ---------------------------------------------
+
+
+@pytest.mark.parametrize(("invocation", "cluo"), [
+    (fluo_examples.FLUO_OPERATOR_DOCUMENTED_FLAGS,
+     fluo_examples.CLUO_SPELLING_OF_THE_DOCUMENTED_FLAGS),
+    (fluo_examples.CLUO_OPERATOR_WINDOW_VARIABLES,
+     fluo_examples.CLUO_SPELLING_OF_THE_WINDOW_VARIABLES),
+], ids=["FLUO's documented flags", "CLUO's window variables"])
+def test_fluo_and_cluo_examples_give_the_settings_of_cluos_spelling(
+    invocation: fluo_examples.Invocation, cluo: fluo_examples.Invocation,
+) -> None:
+    expected = load_settings(list(cluo.argv), cluo.environ)
+    settings = load_settings(list(invocation.argv), invocation.environ)
+    assert settings.aliases_used  # the one difference: what to log
+    assert replace(settings, aliases_used=()) == expected
+    policy = settings.policy
+    # Thursday 23:00 for 1h30m, in UTC: FLUO's own reading of its doc's example.
+    assert policy.windows.is_open(datetime(2026, 11, 27, 0, 29, tzinfo=UTC))
+    assert not policy.windows.is_open(datetime(2026, 11, 27, 0, 30, tzinfo=UTC))
+    if invocation is fluo_examples.FLUO_OPERATOR_DOCUMENTED_FLAGS:
+        assert policy.before_reboot_annotations == ("anno1", "anno2")
+        assert policy.after_reboot_annotations == ("anno3", "anno4")
+
+
+def test_fluos_example_deployment_starts_with_its_namespace() -> None:
+    example = fluo_examples.FLUO_OPERATOR_DEPLOYMENT
+    settings = load_settings(list(example.argv), example.environ)
+    assert settings.namespace == "reboot-coordinator"
+    assert settings.kubeconfig is None  # in-cluster, as FLUO's
+    assert settings.policy.windows.always_open
+    assert settings.aliases_used == ()
+
+
+@pytest.mark.parametrize(("argv", "environ", "setting"), [
+    (["-kubeconfig", "/k"], {}, "--kubeconfig"),
+    (["-kubeconfig=/k"], {}, "--kubeconfig"),
+    ([], {"UPDATE_OPERATOR_KUBECONFIG": "/k"}, "CLUO_COORD_KUBECONFIG"),
+    (["-before-reboot-annotations", "a.example.com/x"], {}, "--before-reboot-annotations"),
+    ([], {"UPDATE_OPERATOR_AFTER_REBOOT_ANNOTATIONS": "a.example.com/x"},
+     "CLUO_COORD_AFTER_REBOOT_ANNOTATIONS"),
+])
+def test_each_update_operator_spelling_is_read_and_reported(
+    argv: list[str], environ: dict[str, str], setting: str
+) -> None:
+    settings = load_settings(argv, environ)
+    assert [use.cluo for use in settings.aliases_used] == [setting]
+    assert settings.kubeconfig == ("/k" if "kubeconfig" in setting.lower() else None)
+
+
+def test_kubeconfig_falls_back_to_kubeconfig_as_fluo_did() -> None:
+    assert load_settings([], {"KUBECONFIG": "/home/k"}).kubeconfig == "/home/k"
+    assert load_settings([], {"KUBECONFIG": "/home/k",
+                              "UPDATE_OPERATOR_KUBECONFIG": "/k"}).kubeconfig == "/k"
+    assert load_settings(["--kubeconfig", "/f"], {"KUBECONFIG": "/home/k"}).kubeconfig == "/f"
+
+
+@pytest.mark.parametrize(("argv", "environ", "named", "why"), [
+    (["-auto-label-container-linux"], {}, "-auto-label-container-linux", "labelling"),
+    (["-manage-agent=false"], {}, "-manage-agent", "host service"),
+    (["--agent-image-repo", "quay.io/x"], {}, "--agent-image-repo", "host service"),
+    (["-analytics=false"], {}, "-analytics", "analytics"),
+    (["-version"], {}, "-version", "no version flag"),
+    (["-v=4"], {}, "-v", "--log-level"),
+    (["-logtostderr"], {}, "-logtostderr", "--log-level"),
+    ([], {"UPDATE_OPERATOR_V": "4"}, "UPDATE_OPERATOR_V='4'", "--log-level"),
+    ([], {"UPDATE_OPERATOR_MANAGE_AGENT": "true"}, "UPDATE_OPERATOR_MANAGE_AGENT='true'",
+     "Ignition"),
+])
+def test_update_operator_flags_without_an_equivalent_are_refused_naming_them(
+    argv: list[str], environ: dict[str, str], named: str, why: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(argv, environ)
+    assert str(err.value).startswith(f"{named}: not supported: ")
+    assert why in str(err.value)
+
+
+def test_a_refused_update_operator_flag_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["-reboot-window-start", "14:00", "-auto-label-container-linux"]) == 2
+    assert "cluo-coord: -auto-label-container-linux: not supported" in capsys.readouterr().err

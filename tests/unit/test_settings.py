@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 
 import pytest
 
@@ -10,12 +11,19 @@ from cluo.errors import ConfigError
 from cluo.settings import (
     EXIT_HELP,
     EXIT_USAGE,
+    Alias,
+    AliasUse,
     CommandLineExit,
+    Refusal,
     Setting,
     SettingsLoader,
     Values,
     boolean,
     choice,
+    go_aliases,
+    go_refusals,
+    go_spellings,
+    log_aliases_used,
     parse_boolean,
     parse_duration,
     positive_duration,
@@ -35,6 +43,20 @@ TOY = SettingsLoader(prog="toy", env_prefix="TOY_", description="A toy program."
 
 def load(argv: list[str], env: dict[str, str] | None = None) -> Values:
     return TOY.load(argv, env or {})
+
+
+# TOY that also takes a Go program's spellings (prefix GOTOY): -label for --name, -timeout
+# for --timeout, -color for --colour, -verbose for --loud; it refuses -version and -log_dir.
+GO = SettingsLoader(
+    prog="toy", env_prefix="TOY_", settings=(NAME, TIMEOUT, COLOUR, COUNT, LOUD),
+    aliases=(*go_aliases(NAME, "label", "GOTOY"), *go_aliases(TIMEOUT, "timeout", "GOTOY"),
+             *go_aliases(COLOUR, "color", "GOTOY"), *go_aliases(LOUD, "verbose", "GOTOY")),
+    refused=go_refusals(("version", "log_dir"), "GOTOY", "no such thing here"),
+)
+
+
+def load_go(argv: list[str], env: dict[str, str] | None = None) -> Values:
+    return GO.load(argv, env or {})
 
 
 # -- where a value comes from ----------------------------------------------------------------
@@ -57,6 +79,17 @@ PRECEDENCE = [
     # Surrounding whitespace is not part of the value.
     (["--name", " padded "], {}, "padded", "--name"),
     ([], {"TOY_NAME": "\tpadded\n"}, "padded", "TOY_NAME"),
+    # An alias is read at its setting's level: a flag beside the flag (in either Go
+    # spelling), a variable beside the program's variable, before the further ones.
+    (["-label", "flag"], {"TOY_NAME": "t", "GOTOY_LABEL": "g"}, "flag", "-label"),
+    (["--label=flag"], {}, "flag", "--label"),
+    ([], {"GOTOY_LABEL": "g", "FALLBACK_NAME": "f"}, "g", "GOTOY_LABEL"),
+    (["--name", "flag"], {"GOTOY_LABEL": "g"}, "flag", "--name"),
+    # Both spellings at one level, agreeing: cluo's spelling is the source.
+    (["-label", "x", "--name", " x "], {}, "x", "--name"),
+    ([], {"TOY_NAME": "t", "GOTOY_LABEL": "t"}, "t", "TOY_NAME"),
+    # An empty alias variable is not set, like any other.
+    ([], {"GOTOY_LABEL": " ", "FALLBACK_NAME": "f"}, "f", "FALLBACK_NAME"),
 ]
 
 
@@ -64,7 +97,7 @@ PRECEDENCE = [
 def test_flag_beats_own_variable_beats_further_variables_beats_default(
     argv: list[str], env: dict[str, str], value: str, source: str
 ) -> None:
-    values = load(argv, env)
+    values = load_go(argv, env)  # GO is TOY with aliases: TOY's rules are GO's
     assert values[NAME] == value
     assert values.source(NAME) == source
     assert values.from_default(NAME) == (source == "the default of --name")
@@ -182,12 +215,37 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("argv", "env", "message"), ERRORS)
+# The same for another program's spellings (GO's aliases and refusals).
+ALIAS_ERRORS = [
+    # An alias's bad value, named by the spelling given.
+    (["-timeout", "soon"], {}, "-timeout: 'soon': not a duration"),
+    ([], {"GOTOY_TIMEOUT": "0s"}, "GOTOY_TIMEOUT: '0s': must be a positive duration"),
+    ([], {"GOTOY_COLOR": "blue"}, "GOTOY_COLOR: 'blue': not one of red, green"),
+    (["-verbose=maybe"], {}, "-verbose: 'maybe': not a boolean"),
+    # Two spellings of one setting at one level that disagree.
+    (["--timeout", "90s", "-timeout", "5s"], {},
+     "--timeout '90s' and -timeout '5s' disagree: both set --timeout; give one of them"),
+    ([], {"TOY_COLOUR": "red", "GOTOY_COLOR": "green"},
+     "TOY_COLOUR 'red' and GOTOY_COLOR 'green' disagree"),
+    (["--timeout", "90s", "-timeout", "91"], {}, "--timeout '90s' and -timeout '91' disagree"),
+    (["-timeout", "90s", "--timeout=5s"], {}, "--timeout '5s' and -timeout '90s' disagree"),
+    # A refused flag or variable, with or without a value, before any value is read.
+    (["-version"], {}, "-version: not supported: no such thing here"),
+    (["--version"], {}, "--version: not supported: no such thing here"),
+    (["-log_dir", "/var/log"], {}, "-log_dir: not supported"),
+    (["-log_dir=/var/log"], {}, "-log_dir: not supported"),
+    (["-timeout", "soon", "-version"], {}, "-version: not supported"),
+    ([], {"GOTOY_LOG_DIR": "/var/log", "TOY_COUNT": "zero"},
+     "GOTOY_LOG_DIR='/var/log': not supported: no such thing here"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), ERRORS + ALIAS_ERRORS)
 def test_a_bad_value_is_a_config_error_naming_its_source_and_the_value(
     argv: list[str], env: dict[str, str], message: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        load(argv, env)
+        load_go(argv, env)  # GO is TOY with aliases: TOY's errors are GO's
     assert str(caught.value).startswith(message)
 
 
@@ -247,3 +305,65 @@ def test_a_bad_command_line_ends_the_run_with_status_2_naming_the_flag(
     stdout, stderr = io.StringIO(), io.StringIO()
     assert done.value.show(stdout, stderr) == 2
     assert (stdout.getvalue(), stderr.getvalue()) == ("", done.value.output)
+
+
+# -- another program's spellings: aliases and refusals ---------------------------------------
+
+def test_go_spells_a_flag_with_one_or_two_dashes_and_its_variable_in_upper_case() -> None:
+    assert go_spellings("reboot-window-start", "UPDATE_OPERATOR") == (
+        "-reboot-window-start", "--reboot-window-start", "UPDATE_OPERATOR_REBOOT_WINDOW_START")
+    assert go_spellings("log_dir", "UPDATE_AGENT")[2] == "UPDATE_AGENT_LOG_DIR"
+    # The spelling that is the setting's own flag is no alias of it.
+    assert [a.spelling for a in go_aliases(TIMEOUT, "timeout", "GOTOY")] == [
+        "-timeout", "GOTOY_TIMEOUT"]
+
+
+def test_spellings_that_agree_once_parsed_agree() -> None:
+    values = load_go(["--timeout", "90s", "-timeout", "90"], {"GOTOY_TIMEOUT": "5s"})
+    assert (values[TIMEOUT], values.source(TIMEOUT)) == (90.0, "--timeout")
+    assert values.aliases_used == (AliasUse("-timeout", "--timeout"),)
+
+
+def test_an_alias_of_a_switch_is_a_switch() -> None:
+    assert load_go(["-verbose"])[LOUD] is True
+    assert load_go(["-verbose=false"])[LOUD] is False
+    assert load_go([], {"GOTOY_VERBOSE": "true"})[LOUD] is True
+
+
+def test_each_alias_read_is_reported_with_cluos_spelling() -> None:
+    values = load_go(["-timeout", "90s", "--verbose"], {"GOTOY_COLOR": "green"})
+    assert values.aliases_used == (
+        AliasUse("-timeout", "--timeout"), AliasUse("GOTOY_COLOR", "TOY_COLOUR"),
+        AliasUse("--verbose", "--loud"))
+    assert load_go(["--timeout", "90s"], {"GOTOY_TIMEOUT": "5s"}).aliases_used == ()
+
+
+def test_the_aliases_read_are_logged_once_each_naming_cluos_spelling(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = logging.getLogger("toy")
+    with caplog.at_level(logging.INFO, logger="toy"):
+        log_aliases_used(log, load_go(["-timeout", "90s"], {"GOTOY_COLOR": "green"})
+                         .aliases_used)
+    assert [(r.levelno, vars(r)["GIVEN"], vars(r)["CLUO_SPELLING"]) for r in caplog.records] == [
+        (logging.INFO, "-timeout", "--timeout"), (logging.INFO, "GOTOY_COLOR", "TOY_COLOUR")]
+
+
+
+
+def test_an_empty_refused_variable_is_not_set() -> None:
+    assert load_go([], {"GOTOY_VERSION": ""})[TIMEOUT] == 600.0
+
+
+def test_aliases_and_refusals_stay_out_of_the_help() -> None:
+    with pytest.raises(CommandLineExit) as done:
+        load_go(["--help"])
+    words = done.value.output.replace("[", " ").replace("]", " ").split()
+    assert "--timeout" in words
+    for hidden in ("-timeout", "-verbose", "--verbose", "-color", "-version", "-log_dir"):
+        assert hidden not in words
+
+
+def test_an_alias_or_refusal_is_known_by_its_kind() -> None:
+    assert Alias("-node", NAME).is_flag and not Alias("UPDATE_AGENT_NODE", NAME).is_flag
+    assert Refusal("--v", "").is_flag and not Refusal("UPDATE_AGENT_V", "").is_flag
