@@ -361,7 +361,7 @@ class SettingsLoader:
         return tuple(s.flag for s in self.settings if not s.positional)
 
     def parser(self) -> argparse.ArgumentParser:
-        parser = _Parser(prog=self.prog, description=_fill(self.description),
+        parser = _Parser(prog=self.prog, description=_fill(self.description), allow_abbrev=False,
                          epilog=_fill(self.epilog), add_help=False,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("-h", "--help", action=_Help, nargs=0,

@@ -292,6 +292,7 @@ def test_help_ends_the_run_with_status_0_and_the_help_for_stdout(flag: str) -> N
     (["--bogus"], "--bogus"),
     (["--name", "x", "stray"], "stray"),
     (["--timeout"], "--timeout"),
+    (["--nam", "x"], "--nam"),  # an abbreviation is not the flag: a typo is named, not guessed
 ])
 def test_a_bad_command_line_ends_the_run_with_status_2_naming_the_flag(
     argv: list[str], named: str
