@@ -10,7 +10,9 @@ Each test keeps its own `InFlightRecorder`, because the recorder must ride the f
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import urllib3
@@ -32,6 +34,9 @@ coord_kubeconfig = coordinator_tests.coord_kubeconfig  # fixtures, shared with t
 rig = coordinator_tests.rig
 
 ETCD_DOWN_SECONDS = 10.0
+FIRST_WINDOW_SECONDS = 6
+NOT_READY = "False"
+WINDOW_MARGIN = timedelta(seconds=1)  # the coordinator's and the test's reads of the clock
 
 
 @pytest.fixture
@@ -41,12 +46,16 @@ def recorder(rig: Rig) -> Iterator[InFlightRecorder]:
     rec.stop()
 
 
-def _finish_reboot_as_its_agent(rig: Rig, name: str) -> None:
-    """The node that went down comes back; play its agent's part to the end of its cycle."""
-    new_boot = rig.emulator.node(name).boot()
+def _boot_back(rig: Rig, name: str, boot_id: str | None = None) -> None:
+    """The node that went down boots (Ready, a new bootID) and its agent reports it back."""
+    new_boot = rig.emulator.node(name).boot(boot_id)
     wait_for(lambda: rig.node(name).status.node_info.boot_id == new_boot, 30,
              f"{name} to report its new bootID")
     rig.annotate(name, {KEYS.reboot_needed: "false", KEYS.reboot_in_progress: "false"})
+
+
+def _agent_finishes(rig: Rig, name: str) -> None:
+    """The rest of the agent's part: once reboot-ok=false, uncordon and clear its marks."""
     wait_for(lambda: rig.annotations(name).get(KEYS.reboot_ok) == "false", 60,
              f"the coordinator to set reboot-ok=false on {name}")
     rig.core.patch_node(name, {"spec": {"unschedulable": False}})
@@ -87,7 +96,8 @@ def test_etcd_restart_mid_roll_then_the_roll_completes_one_at_a_time(
             control_plane.start_etcd()
         assert rig.slot_holders() == {"cluo-reboot-slot-0": middle}, "the slot survived"
 
-        _finish_reboot_as_its_agent(rig, middle)
+        _boot_back(rig, middle)
+        _agent_finishes(rig, middle)
         wait_for(lambda: all(rig.done(name) for name in names), 60,
                  "the roll to finish after etcd's restart")
     assert not agents.errors, agents.errors
@@ -127,3 +137,72 @@ def test_leader_killed_mid_roll_the_standby_takes_over_and_finishes(
     assert recorder.max_in_flight() == 1
     assert recorder.grant_order() == names  # each node granted once: no double reboot
     assert standby.metric("cluo_grants_total") == 1  # the last node; the leader did two
+
+
+def test_node_back_but_not_ready_keeps_its_slot_until_ready(
+    rig: Rig, recorder: InFlightRecorder
+) -> None:
+    slow, nxt = rig.add_nodes(2)
+    rig.start()
+    with rig.agents(never_return=frozenset({slow})) as agents:
+        wait_for(lambda: rig.annotations(slow).get(KEYS.reboot_in_progress) == "true"
+                 and agents.settled(), 30, "the first node to be granted and go down")
+        # Its host boots but its kubelet posts NotReady (the emulator is silent for a host
+        # that is down, so this status stays); the agent, up, reports the reboot done.
+        new_boot = str(uuid.uuid4())
+        rig.core.patch_node_status(slow, {"status": {
+            "nodeInfo": {"bootID": new_boot},
+            "conditions": [{"type": "Ready", "status": NOT_READY, "reason": "KubeletNotReady",
+                            "message": "container runtime network not ready"}]}})
+        rig.annotate(slow, {KEYS.reboot_needed: "false", KEYS.reboot_in_progress: "false"})
+        assert not _ready(rig, slow)
+        assert_stays(lambda: rig.slot_holders() == {"cluo-reboot-slot-0": slow}
+                     and rig.annotations(slow).get(KEYS.reboot_ok) == "true"
+                     and KEYS.reboot_ok not in rig.annotations(nxt), 4.0,
+                     "the slot to stay with the node back but NotReady, nothing granted")
+        _boot_back(rig, slow, new_boot)  # now Ready
+        _agent_finishes(rig, slow)
+        wait_for(lambda: rig.done(nxt), 40, "the next node to reboot once the first is Ready")
+    assert not agents.errors, agents.errors
+    assert recorder.max_in_flight() == 1
+    assert recorder.grant_order() == [slow, nxt]
+
+
+def _ready(rig: Rig, name: str) -> bool:
+    conditions = rig.node(name).status.conditions or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def test_window_closing_mid_roll_grants_nothing_until_it_reopens(
+    rig: Rig, recorder: InFlightRecorder
+) -> None:
+    names = rig.add_nodes(4)
+    # The first window closes a few seconds after the coordinator starts; the next one
+    # opens on the first minute boundary at least 5 s later (windows start on a minute).
+    now = datetime.now(UTC)
+    minute = now.replace(second=0, microsecond=0)
+    closes = now + timedelta(seconds=FIRST_WINDOW_SECONDS)
+    reopens = (closes + timedelta(seconds=65)).replace(second=0, microsecond=0)
+    windows = (f"{minute:%H:%M} {(closes - minute).total_seconds():.0f}s, "
+               f"{reopens:%H:%M} 1h")
+    rig.start("--reboot-windows", windows, "--time-zone", "UTC")
+    # Agents that take 2 s to uncordon: the window closes before the last node's turn.
+    with rig.agents(uncordon_delay=2.0) as agents:
+        wait_for(lambda: datetime.now(UTC) >= closes + WINDOW_MARGIN, 30,
+                 "the first window to close")
+        granted = _granted_or_done(rig, names)
+        assert granted and granted != set(names), (
+            f"the roll must be under way when the window closes (granted: {granted})")
+        assert_stays(lambda: _granted_or_done(rig, names) == granted,
+                     (reopens - WINDOW_MARGIN - datetime.now(UTC)).total_seconds(),
+                     "no new grant while every window is closed")
+        wait_for(lambda: all(rig.done(name) for name in names), 60,
+                 "the roll to finish in the window that reopened")
+    assert not agents.errors, agents.errors
+    assert recorder.max_in_flight() == 1
+    assert recorder.grant_order() == names
+
+
+def _granted_or_done(rig: Rig, names: list[str]) -> set[str]:
+    """The nodes granted so far (reboot-ok is set, true or already false again)."""
+    return {name for name in names if KEYS.reboot_ok in rig.annotations(name)}
