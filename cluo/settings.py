@@ -364,7 +364,7 @@ class SettingsLoader:
         parser = _Parser(prog=self.prog, description=_fill(self.description), allow_abbrev=False,
                          epilog=_fill(self.epilog), add_help=False,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("-h", "--help", action=_Help, nargs=0,
+        parser.add_argument("-h", "-help", "--help", action=_Help, nargs=0,
                             help="show this help and exit")
         for setting in self.settings:
             if setting.positional:

@@ -273,7 +273,7 @@ def test_errors_across_settings_name_each_source() -> None:
 # -- argparse's own endings -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("flag", ["--help", "-h", "-help"])  # -help: Go's spelling
 def test_help_ends_the_run_with_status_0_and_the_help_for_stdout(flag: str) -> None:
     with pytest.raises(CommandLineExit) as done:
         load(["--timeout", "soon", flag], {"TOY_COUNT": "bad"})  # no value is read
