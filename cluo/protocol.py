@@ -15,7 +15,10 @@ import enum
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TypeVar
+
+from cluo.kube.objects import api_time, seconds_time
 
 CLUO_PREFIX = "container-linux-update.v1.coreos.com/"
 FLUO_PREFIX = "flatcar-linux-update.v1.flatcar-linux.net/"
@@ -107,6 +110,16 @@ SPECS: tuple[KeySpec, ...] = (
             "reboot-in-progress=false it hands the grant back: the coordinator sets "
             "reboot-ok=false and frees the slot. The coordinator clears it when it grants "
             "reboot-ok=true.", cluo_extension=True),
+    KeySpec("drain-failures", Kind.ANNOTATION, Writer.COORDINATOR, "count",
+            "Grants in a row that the agent handed back with a blocked-reason (its drain "
+            "timed out). From the first one the node takes no slot before drain-retry-at "
+            "and queues behind nodes with fewer; at --max-drain-attempts it is out of the "
+            "roll until an admin clears it (cluo-coord retry NODE, or removing this "
+            "annotation). Removed when a reboot of the node is done.", cluo_extension=True),
+    KeySpec("drain-retry-at", Kind.ANNOTATION, Writer.COORDINATOR, "RFC 3339 time",
+            "The earliest time the node whose drain failed may take a reboot slot again "
+            "(--drain-backoff, doubling per failure up to --drain-backoff-max); absent "
+            "once the node is out of the roll.", cluo_extension=True),
     KeySpec("release-slot", Kind.ANNOTATION, Writer.ADMIN, "true",
             "An admin releases the reboot slot of a node that did not come back; the "
             "coordinator clears it when done.", cluo_extension=True),
@@ -182,6 +195,14 @@ class Keys:
     @property
     def blocked_reason(self) -> str:
         return self.prefix + "blocked-reason"
+
+    @property
+    def drain_failures(self) -> str:
+        return self.prefix + "drain-failures"
+
+    @property
+    def drain_retry_at(self) -> str:
+        return self.prefix + "drain-retry-at"
 
     @property
     def release_slot(self) -> str:
@@ -268,6 +289,8 @@ class NodeProtocolState:
     last_checked_time: str = ""
     boot_id_before_reboot: str = ""
     blocked_reason: str = ""
+    drain_failures: int = 0
+    drain_retry_at: datetime | None = None
     complaints: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
@@ -287,6 +310,16 @@ class NodeProtocolState:
                 complaints.append(complaint)
             return value
 
+        failures = annotations.get(keys.drain_failures, "0")
+        counted = re.fullmatch(r"[0-9]{1,9}", failures) is not None
+        if not counted:
+            complaints.append(
+                f"{keys.drain_failures} must be a count (0, 1, 2, ...), not {failures!r}")
+        retry = annotations.get(keys.drain_retry_at)
+        drain_retry_at = api_time(retry)
+        if retry is not None and drain_retry_at is None:
+            complaints.append(f"{keys.drain_retry_at} must be an RFC 3339 time, not {retry!r}")
+
         return cls(
             reboot_needed=flag(annotations, keys.reboot_needed),
             reboot_in_progress=flag(annotations, keys.reboot_in_progress),
@@ -302,6 +335,8 @@ class NodeProtocolState:
             last_checked_time=annotations.get(keys.last_checked_time, ""),
             boot_id_before_reboot=annotations.get(keys.boot_id_before_reboot, ""),
             blocked_reason=annotations.get(keys.blocked_reason, ""),
+            drain_failures=int(failures) if counted else 0,
+            drain_retry_at=drain_retry_at,
             complaints=tuple(complaints),
         )
 
@@ -431,13 +466,38 @@ def after_reboot_patch(keys: Keys, clear_annotations: Iterable[str]) -> Metadata
                          annotations=_deleting(clear_annotations))
 
 
+@dataclass(frozen=True)
+class DrainBackoff:
+    """What the coordinator records on a node whose drain failed: the failed attempts in
+    a row, and when it may take a slot again (None: not before an admin clears it)."""
+
+    failures: int
+    retry_at: datetime | None
+
+
+NO_DRAIN_FAILURES = DrainBackoff(0, None)  # both annotations removed
+
+
+def drain_backoff_annotations(keys: Keys, backoff: DrainBackoff) -> dict[str, str | None]:
+    """The ``drain-failures`` and ``drain-retry-at`` annotations for ``backoff``;
+    ``NO_DRAIN_FAILURES`` removes both."""
+    return {
+        keys.drain_failures: str(backoff.failures) if backoff.failures else None,
+        keys.drain_retry_at: None if backoff.retry_at is None else seconds_time(backoff.retry_at),
+    }
+
+
 def reset_patch(keys: Keys, clear_annotations: Iterable[str], *,
-                clear_release_slot: bool = False) -> MetadataPatch:
+                clear_release_slot: bool = False,
+                drain_backoff: DrainBackoff | None = None) -> MetadataPatch:
     """reboot-ok=false, both phase labels and every hook annotation removed; with
-    ``clear_release_slot`` the admin's ``release-slot`` annotation too."""
+    ``clear_release_slot`` the admin's ``release-slot`` annotation too; with
+    ``drain_backoff`` the drain failures recorded (or cleared) in the same write."""
     annotations = _deleting(clear_annotations)
     annotations[keys.reboot_ok] = FALSE
     if clear_release_slot:
         annotations[keys.release_slot] = None
+    if drain_backoff is not None:
+        annotations.update(drain_backoff_annotations(keys, drain_backoff))
     return MetadataPatch(labels={keys.before_reboot: None, keys.after_reboot: None},
                          annotations=annotations)

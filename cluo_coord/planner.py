@@ -50,9 +50,9 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
 5. Restarts need no memory: the Lease is the source of truth. A slot that names a node
    continues that node's cycle from whatever the node shows (a crash between AcquireSlot
    and GrantRebootOk resumes the same grant); a taken slot is never given to another node.
-   A crash between the reset and the release of an *abort* is the one case where the node
-   shows nothing that tells it apart from a fresh slot: that node retries at once, still
-   holding its slot, instead of going to the back of the queue (safe, just less fair).
+   A crash between the reset and the release of an *abort* leaves a node that shows
+   only the drain failure the reset recorded (rule 13): its slot is released then, and
+   the node waits out its backoff like any other.
 6. The global pause and the windows only stop *new* slots: a node that holds a slot
    finishes its cycle. A node's own ``reboot-paused`` also cancels its grant (rule 12).
 7. A holder that has not finished ``reboot_timeout`` after taking its slot keeps the slot
@@ -64,9 +64,9 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
 8. An abort (the agent cleared reboot-in-progress but still needs a reboot, with a
    ``blocked-reason``) resets the grant and releases the slot, both once the agent has
    uncordoned the node (rule 10: the grant stays out until then, so the node still shows
-   an abort and not a fresh slot); the node queues again behind
-   nodes without a blocked-reason (``queue_key``). GrantRebootOk clears ``blocked-reason``
-   so that a reason left from an earlier attempt never reads as an abort of this one.
+   an abort and not a fresh slot); the reset records the failed drain (rule 13).
+   GrantRebootOk clears ``blocked-reason`` so that a reason left from an earlier attempt
+   never reads as an abort of this one.
 9. A node named by several slots (possible only after acting on a stale Lease view) keeps
    all of them until its cycle ends: wasting capacity is safe, freeing a slot it uses is
    not. Its *primary* slot, the one taken first, carries the grant and the boot id.
@@ -92,6 +92,17 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     recorded no ``boot-id-before-reboot`` (it does so when the drain is done, right
     before asking logind) and the node still runs the boot it took the slot in. Past
     that point the cycle finishes, after-reboot hooks included.
+13. A failed drain backs off, per node, in the cluster. The reset of an abort (rule 8)
+    is planned from a view that shows the agent's ``blocked-reason`` (the agent keeps it
+    until ``reboot-ok=false``, so nothing races), and the same node write records
+    ``drain-failures=n`` (failed drains in a row) and ``drain-retry-at`` (``now`` plus
+    ``drain_backoff``, doubling per failure, capped at ``drain_backoff_max``). A node
+    with ``drain-failures`` takes no new slot before ``drain-retry-at``, and after it
+    queues behind every node with fewer failures (``queue_key``), so waiting nodes go
+    first by rule. At ``max_drain_attempts`` no retry time is written and the node takes
+    no slot until an admin removes ``drain-failures`` (``cluo-coord retry``). A reboot
+    done, or no longer needed, removes both annotations. Being on the Node, the backoff
+    survives restarts and leader changes.
 
 The slot Lease records, besides ``spec.holderIdentity`` and ``spec.acquireTime``, the
 holder's ``status.nodeInfo.bootID`` and ``metadata.uid`` at the time it took the slot,
@@ -105,7 +116,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from cluo.backoff import Backoff
+from cluo.kube.objects import seconds_time
 from cluo.protocol import (
+    NO_DRAIN_FAILURES,
+    DrainBackoff,
     Keys,
     MetadataPatch,
     NodeProtocolState,
@@ -187,6 +202,9 @@ class Policy:
     ``min_ready`` is how long a rebooted node must have been Ready before it counts as back.
     ``delay_between_reboots`` is how long a released slot rests before it is taken again.
     ``paused`` is the global pause. ``windows`` gate new slots (default: always open).
+    ``drain_backoff`` is how long a node whose drain failed waits before it may take a
+    slot again, doubling per failure in a row up to ``drain_backoff_max``; after
+    ``max_drain_attempts`` failures in a row it is out of the roll (rule 13).
     """
 
     max_concurrent: int = 1
@@ -198,10 +216,20 @@ class Policy:
     paused: bool = False
     windows: RebootWindows = field(default_factory=RebootWindows)
     keys: Keys = field(default_factory=Keys)
+    drain_backoff: timedelta = timedelta(minutes=10)
+    drain_backoff_max: timedelta = timedelta(hours=2)
+    max_drain_attempts: int = 5
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, not {self.max_concurrent}")
+        if self.max_drain_attempts < 1:
+            raise ValueError(
+                f"max_drain_attempts must be at least 1, not {self.max_drain_attempts}")
+        if not timedelta(0) < self.drain_backoff <= self.drain_backoff_max:
+            raise ValueError(
+                f"drain backoff must be positive and at most its maximum, not "
+                f"{self.drain_backoff} (maximum {self.drain_backoff_max})")
         if self.reboot_timeout <= timedelta(0):
             raise ValueError(f"reboot_timeout must be positive, not {self.reboot_timeout}")
         for name in ("min_ready", "delay_between_reboots"):
@@ -229,12 +257,12 @@ class Reason(enum.StrEnum):
     REBOOT_VERIFIED = "RebootVerified"
     REBOOT_FINISHED = "RebootFinished"
     REBOOT_CANCELLED = "RebootCancelled"
-    REBOOT_ABORTED = "RebootAborted"
     REBOOT_TIMED_OUT = "RebootTimedOut"
     RELEASED_BY_ADMIN = "RebootSlotReleasedByAdmin"
     HOLDER_GONE = "RebootSlotHolderGone"
     HOLDER_REPLACED = "RebootSlotHolderReplaced"
     MALFORMED_VALUE = "MalformedValue"
+    DRAIN_BLOCKED = "DrainBlocked"
 
 
 @dataclass(frozen=True)
@@ -285,17 +313,21 @@ class LabelAfterReboot:
 class ResetRebootOk:
     """reboot-ok=false; remove both phase labels and every hook annotation.
 
-    With ``clear_release_slot`` the admin's ``release-slot`` annotation goes too.
+    With ``clear_release_slot`` the admin's ``release-slot`` annotation goes too; with
+    ``drain_backoff`` the node's drain failures are recorded (or cleared) in the same
+    write (rule 13).
     """
 
     node: str
     expected_resource_version: str
     clear_annotations: tuple[str, ...] = ()
     clear_release_slot: bool = False
+    drain_backoff: DrainBackoff | None = None
 
     def patch(self, keys: Keys) -> MetadataPatch:
         return reset_patch(keys, self.clear_annotations,
-                           clear_release_slot=self.clear_release_slot)
+                           clear_release_slot=self.clear_release_slot,
+                           drain_backoff=self.drain_backoff)
 
 
 @dataclass(frozen=True)
@@ -363,13 +395,17 @@ class Plan:
     ``recheck_after`` is None when only an event (a watch) can change the plan.
     ``in_flight`` lists the nodes counted against ``max_concurrent`` (sorted by name),
     ``queue`` the nodes waiting for a slot in the order they get one (those that get one
-    in this plan included); both are for status and metrics.
+    in this plan included); ``drain_backoff`` the nodes that would queue but wait out a
+    drain backoff, ``out_of_roll`` those that failed ``max_drain_attempts`` drains (rule
+    13); all are for status and metrics.
     """
 
     changes: tuple[Change, ...]
     recheck_after: timedelta | None
     in_flight: tuple[str, ...] = ()
     queue: tuple[str, ...] = ()
+    drain_backoff: tuple[str, ...] = ()
+    out_of_roll: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -415,18 +451,20 @@ def malformed_values(view: NodeView, keys: Keys) -> tuple[str, ...]:
     return tuple(found)
 
 
-def queue_key(view: NodeView) -> tuple[bool, bool, bool, datetime, str]:
+def queue_key(view: NodeView) -> tuple[bool, int, bool, bool, datetime, str]:
     """The grant order: deterministic, documented, tested.
 
     1. the node running the coordinator goes last (its reboot moves the coordinator);
-    2. nodes whose agent reported a ``blocked-reason`` (an aborted attempt) go behind the
-       others, so one node with a stuck drain does not hold up the rest;
-    3. longest waiting first, by ``reboot_needed_since`` (unknown ones after known ones);
-    4. node name breaks ties.
+    2. nodes with fewer failed drains in a row (``drain-failures``, rule 13) go first, so
+       one node whose drain cannot finish does not hold up the rest;
+    3. then nodes whose agent still shows a ``blocked-reason`` go behind the others;
+    4. longest waiting first, by ``reboot_needed_since`` (unknown ones after known ones);
+    5. node name breaks ties.
     """
     since = view.reboot_needed_since
     return (
         view.runs_coordinator,
+        view.state.drain_failures,
         bool(view.state.blocked_reason.strip()),
         since is None,
         since if since is not None else _NEVER,
@@ -511,7 +549,47 @@ def _untouched(state: NodeProtocolState) -> bool:
         or state.before_reboot
         or state.after_reboot
         or state.agent_made_unschedulable
+        or has_drain_failures(state)
     )
+
+
+def has_drain_failures(state: NodeProtocolState) -> bool:
+    """The node carries a drain failure record (rule 13), even a partial one."""
+    return state.drain_failures > 0 or state.drain_retry_at is not None
+
+
+def drain_backoff_until(state: NodeProtocolState, policy: Policy, now: datetime
+                        ) -> tuple[bool, datetime | None]:
+    """Rule 13 for a node that would take a slot: whether a failed drain keeps it out
+    now, and until when (None: until an admin clears it, or not at all)."""
+    if state.drain_failures >= policy.max_drain_attempts:
+        return True, None
+    if state.drain_failures and state.drain_retry_at is not None and now < state.drain_retry_at:
+        return True, state.drain_retry_at
+    return False, None
+
+
+def _failed_drain(view: NodeView, policy: Policy, now: datetime) -> tuple[DrainBackoff, str]:
+    """Rule 13: the backoff to record for a drain that just failed, and what to say."""
+    state = view.state
+    failures = state.drain_failures + 1
+    reason = state.blocked_reason.strip()
+    if failures >= policy.max_drain_attempts:
+        return DrainBackoff(failures, None), (
+            f"Drain attempt {failures} of {policy.max_drain_attempts} failed: {reason}. The "
+            f"node is out of the roll until an admin clears it: cluo-coord retry {view.name} "
+            f"(or kubectl annotate node {view.name} {policy.keys.drain_failures}-).")
+    backoff = Backoff(initial=policy.drain_backoff.total_seconds(),
+                      maximum=policy.drain_backoff_max.total_seconds())
+    retry_at = now + timedelta(seconds=backoff.delay(failures))
+    return DrainBackoff(failures, retry_at), (
+        f"Drain attempt {failures} of {policy.max_drain_attempts} failed: {reason}. Next "
+        f"attempt not before {seconds_time(retry_at)}; other nodes go first.")
+
+
+def _clear_drain_failures(view: NodeView) -> DrainBackoff | None:
+    """A reboot done (or no longer needed) ends the node's drain failure record."""
+    return NO_DRAIN_FAILURES if has_drain_failures(view.state) else None
 
 
 def cordoned_by_cluo(view: NodeView) -> bool:
@@ -574,6 +652,7 @@ class _Builder:
     def reset_and_release(
         self, view: NodeView, slots: list[SlotLease], type_: EventType, reason: Reason,
         message: str, *, clear_release_slot: bool = False,
+        drain_backoff: DrainBackoff | None = None,
     ) -> None:
         """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release;
         then the Event that reports it."""
@@ -583,6 +662,7 @@ class _Builder:
                 view.resource_version,
                 self.policy.hook_annotations,
                 clear_release_slot=clear_release_slot,
+                drain_backoff=drain_backoff,
             )
         )
         for lease in slots:
@@ -625,6 +705,8 @@ def plan(
     # cycle at all (``_untouched``): nothing to tidy, not in flight, not queued.
     in_flight = set(held)
     candidates: list[NodeView] = []
+    backing_off: list[str] = []
+    out_of_roll: list[str] = []
     for name in sorted(views):
         view = views[name]
         if name in held or _untouched(view.state):
@@ -633,7 +715,14 @@ def plan(
         if _counts_in_flight(view):
             in_flight.add(name)
         elif _is_candidate(view):
-            candidates.append(view)
+            waits, until = drain_backoff_until(view.state, policy, now)
+            if not waits:
+                candidates.append(view)
+            elif until is None:
+                out_of_roll.append(name)
+            else:
+                backing_off.append(name)
+                out.wake_at(until)
     queue = sorted(candidates, key=queue_key)
     _take_free_slots(queue, slots, len(in_flight), out)
 
@@ -642,6 +731,8 @@ def plan(
         recheck_after=out.recheck_after(),
         in_flight=tuple(sorted(in_flight)),
         queue=tuple(view.name for view in queue),
+        drain_backoff=tuple(backing_off),
+        out_of_roll=tuple(out_of_roll),
     )
 
 
@@ -732,6 +823,7 @@ def _advance_holder(
                     view, slots, EventType.NORMAL, Reason.REBOOT_FINISHED,
                     f"After-reboot hooks done: {policy.keys.reboot_ok}=false, reboot slot "
                     f"{primary.index} released.",
+                    drain_backoff=_clear_drain_failures(view),
                 )
         else:
             _wait(name, primary, "waiting for the after-reboot hooks", out)
@@ -752,10 +844,11 @@ def _advance_holder(
             # the agent has uncordoned it.
             _wait(name, primary, "the agent gave up; waiting for it to uncordon the node", out)
         elif _aborted(state):
+            backoff, message = _failed_drain(view, policy, out.now)
             out.reset_and_release(
-                view, slots, EventType.WARNING, Reason.REBOOT_ABORTED,
-                f"The agent gave up: {state.blocked_reason.strip()}. Reboot slot "
-                f"{primary.index} released for the next node; this node queues again.",
+                view, slots, EventType.WARNING, Reason.DRAIN_BLOCKED,
+                f"{message} Reboot slot {primary.index} released for the next node.",
+                drain_backoff=backoff,
             )
         else:
             out.wake_at(back_at)
@@ -778,6 +871,15 @@ def _advance_holder(
             (f"The node rebooted and is schedulable again; reboot slot {primary.index} "
              "released.") if rebooted else
             f"The node no longer needs a reboot; reboot slot {primary.index} released.",
+            drain_backoff=_clear_drain_failures(view),
+        )
+    elif not state.before_reboot and drain_backoff_until(state, policy, out.now)[0]:
+        # Rule 5's abort case, now told apart: the reset recorded a drain failure and the
+        # release did not happen. The slot goes to the next node; this one waits.
+        out.reset_and_release(
+            view, slots, EventType.NORMAL, Reason.DRAIN_BLOCKED,
+            f"The node's last drain failed ({policy.keys.drain_failures}="
+            f"{state.drain_failures}); reboot slot {primary.index} released for the next node.",
         )
     elif not state.before_reboot:
         out.add(LabelBeforeReboot(name, view.resource_version, policy.before_reboot_annotations))
@@ -924,12 +1026,11 @@ def _tidy_unslotted(view: NodeView, out: _Builder) -> None:
                 LabelAfterReboot(view.name, view.resource_version, policy.after_reboot_annotations)
             )
         elif _aborted(state):
-            out.add(ResetRebootOk(view.name, view.resource_version, policy.hook_annotations))
-            out.event(
-                view.name, EventType.WARNING, Reason.REBOOT_ABORTED,
-                f"The agent gave up: {state.blocked_reason.strip()}. Grant withdrawn; "
-                "the node queues again.",
-            )
+            backoff, message = _failed_drain(view, policy, out.now)
+            out.add(ResetRebootOk(view.name, view.resource_version, policy.hook_annotations,
+                                  drain_backoff=backoff))
+            out.event(view.name, EventType.WARNING, Reason.DRAIN_BLOCKED,
+                      f"{message} Grant withdrawn.")
         else:
             out.wake_at(back_at)
         return
@@ -938,6 +1039,10 @@ def _tidy_unslotted(view: NodeView, out: _Builder) -> None:
         # A before/after-reboot label without a grant or a slot: left over from an
         # interrupted cycle or another coordinator. Remove it; the node queues normally.
         out.add(ResetRebootOk(view.name, view.resource_version, policy.hook_annotations))
+    elif not state.reboot_needed and not state.reboot_in_progress and has_drain_failures(state):
+        # Rule 13: the node no longer needs the reboot its drains failed for.
+        out.add(ResetRebootOk(view.name, view.resource_version, policy.hook_annotations,
+                              drain_backoff=NO_DRAIN_FAILURES))
 
 
 def _take_free_slots(

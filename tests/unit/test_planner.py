@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState
+from cluo.protocol import FALSE, NO_DRAIN_FAILURES, TRUE, DrainBackoff, Keys, NodeProtocolState
 from cluo_coord.planner import (
     QUEUED_LAST,
     SKIPPED_UNTIL_FIXED,
@@ -65,6 +65,8 @@ def node(
     cordoned: bool = False,
     marked: bool = False,
     uid: str = "uid-1",
+    failures: int = 0,
+    retry_at: datetime | None = None,
 ) -> NodeView:
     annotations = {
         KEYS.reboot_needed: str(needed).lower(),
@@ -81,6 +83,10 @@ def node(
         annotations[KEYS.boot_id_before_reboot] = boot_before
     if marked:
         annotations[KEYS.agent_made_unschedulable] = TRUE
+    if failures:
+        annotations[KEYS.drain_failures] = str(failures)
+    if retry_at is not None:
+        annotations[KEYS.drain_retry_at] = retry_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     annotations.update(extra or {})
     labels = {}
     if before_label:
@@ -584,8 +590,123 @@ def test_aborted_drain_resets_the_grant_and_releases_the_slot() -> None:
     )
     assert kinds(result) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
     event = of(result, EmitEvent)[0]
-    assert (event.type, event.reason) == (EventType.WARNING, Reason.REBOOT_ABORTED)
+    assert (event.type, event.reason) == (EventType.WARNING, Reason.DRAIN_BLOCKED)
     assert "PDB web allows 0 disruptions" in event.message
+
+
+# --------------------------------------------------------------------------- drain backoff
+
+BACKOFF = Policy(drain_backoff=timedelta(minutes=10), drain_backoff_max=timedelta(minutes=30),
+                 max_drain_attempts=4)
+
+
+@pytest.mark.parametrize(
+    ("failures_before", "retry_in"),
+    [(0, timedelta(minutes=10)), (1, timedelta(minutes=20)), (2, timedelta(minutes=30))],
+)
+def test_failed_drain_records_the_attempt_and_a_growing_capped_backoff(
+    failures_before: int, retry_in: timedelta
+) -> None:
+    aborted = node("a", ok=True, needed=True, blocked="PDB web allows 0 disruptions",
+                   failures=failures_before)
+    result = run([aborted], [slot(0, "a")], base=BACKOFF)
+    (reset,) = of(result, ResetRebootOk)
+    assert reset.drain_backoff == DrainBackoff(failures_before + 1, NOW + retry_in)
+    assert reset.patch(KEYS).annotations[KEYS.drain_failures] == str(failures_before + 1)
+    assert reset.patch(KEYS).annotations[KEYS.drain_retry_at] == (
+        (NOW + retry_in).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    (event,) = of(result, EmitEvent)
+    assert (event.type, event.reason) == (EventType.WARNING, Reason.DRAIN_BLOCKED)
+    assert f"Drain attempt {failures_before + 1} of 4 failed" in event.message
+    assert "PDB web allows 0 disruptions" in event.message
+    assert (NOW + retry_in).strftime("%Y-%m-%dT%H:%M:%SZ") in event.message
+
+
+def test_last_failed_drain_takes_the_node_out_of_the_roll_naming_the_way_back() -> None:
+    aborted = node("a", ok=True, needed=True, blocked="bare pod default/debug", failures=3)
+    result = run([aborted], [slot(0, "a")], base=BACKOFF)
+    (reset,) = of(result, ResetRebootOk)
+    assert reset.drain_backoff == DrainBackoff(4, None)
+    assert reset.patch(KEYS).annotations[KEYS.drain_retry_at] is None
+    (event,) = of(result, EmitEvent)
+    assert "Drain attempt 4 of 4 failed" in event.message
+    assert "cluo-coord retry a" in event.message
+
+
+def test_waiting_node_is_granted_ahead_of_a_node_in_drain_backoff() -> None:
+    result = run(
+        [node("a", needed=True, since=NOW - timedelta(days=9), failures=1,
+              retry_at=NOW + timedelta(minutes=5)),
+         node("b", needed=True, since=NOW)],
+        base=BACKOFF,
+    )
+    assert acquired(result) == [(0, "b")]
+    assert result.queue == ("b",)
+    assert result.drain_backoff == ("a",)
+
+
+def test_node_in_drain_backoff_alone_waits_until_its_retry_time() -> None:
+    retry_at = NOW + timedelta(minutes=5)
+    result = run([node("a", needed=True, failures=1, retry_at=retry_at)], base=BACKOFF)
+    assert acquired(result) == []
+    assert result.recheck_after == timedelta(minutes=5)
+    later = run([node("a", needed=True, failures=1, retry_at=retry_at)], base=BACKOFF,
+                now=retry_at)
+    assert acquired(later) == [(0, "a")]
+    assert later.drain_backoff == ()
+
+
+def test_after_its_backoff_a_node_queues_behind_nodes_with_fewer_failed_drains() -> None:
+    past = NOW - timedelta(minutes=1)
+    result = run(
+        [node("a", needed=True, since=NOW - timedelta(days=9), failures=2, retry_at=past),
+         node("b", needed=True, since=NOW - timedelta(days=1), failures=1, retry_at=past),
+         node("c", needed=True, since=NOW)],
+        base=BACKOFF,
+    )
+    assert result.queue == ("c", "b", "a")
+
+
+def test_node_out_of_the_roll_gets_no_slot_and_no_wake_up() -> None:
+    result = run([node("a", needed=True, failures=4), node("b")], base=BACKOFF)
+    assert result.changes == ()
+    assert result.recheck_after is None
+    assert result.out_of_roll == ("a",)
+    assert result.queue == ()
+
+
+def test_a_finished_reboot_clears_the_drain_failures() -> None:
+    result = run([node("a", boot="boot-2", failures=2, retry_at=NOW - timedelta(hours=1))],
+                 [slot(0, "a", boot="boot-1")], base=BACKOFF)
+    (reset,) = of(result, ResetRebootOk)
+    assert reset.drain_backoff == NO_DRAIN_FAILURES
+    assert reset.patch(KEYS).annotations[KEYS.drain_failures] is None
+    assert reset.patch(KEYS).annotations[KEYS.drain_retry_at] is None
+    assert reasons(result) == [Reason.REBOOT_FINISHED]
+
+
+def test_drain_failures_of_a_node_that_no_longer_needs_a_reboot_are_cleared() -> None:
+    result = run([node("a", failures=4)], base=BACKOFF)
+    (reset,) = of(result, ResetRebootOk)
+    assert reset.drain_backoff == NO_DRAIN_FAILURES
+
+
+def test_restart_between_the_reset_of_a_failed_drain_and_its_release_frees_the_slot() -> None:
+    # The reset recorded the failure; the slot still names the node: it goes on to the
+    # next node instead of granting the node in backoff again.
+    in_backoff = node("a", needed=True, failures=1, retry_at=NOW + timedelta(minutes=10))
+    result = run([in_backoff, node("b", needed=True)], [slot(0, "a")], base=BACKOFF)
+    assert kinds(result) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    assert of(result, LabelBeforeReboot) == []
+
+
+def test_malformed_drain_failures_are_reported_and_keep_the_node_out() -> None:
+    view = node("a", needed=True, extra={KEYS.drain_failures: "two",
+                                         KEYS.drain_retry_at: "soon"})
+    assert acquired(run([view])) == []
+    problems = malformed_values(view, KEYS)
+    assert any("drain-failures must be a count" in p and "'two'" in p for p in problems)
+    assert any("drain-retry-at must be an RFC 3339 time" in p for p in problems)
 
 
 def test_aborted_drain_keeps_the_grant_until_the_agent_has_uncordoned() -> None:
