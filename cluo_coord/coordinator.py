@@ -3,8 +3,9 @@
 The loop plans on every watch event, when a deadline passes, and at once after it
 applied changes (so the next node gets its slot right after a release); otherwise it does
 not plan at all. The deadlines are the planner's ``Plan.recheck_after`` (a reboot
-timeout, ``min_ready``, a window opening, ``delay_between_reboots``: every rule that
-depends on time alone says when) and the cache's ``ClusterSnapshot.expires_in``. The loop
+timeout, ``min_ready``, a window opening, ``delay_between_reboots``, the end of a drain
+backoff: every rule that depends on time alone says when) and the cache's
+``ClusterSnapshot.expires_in``. The loop
 still ticks every ``IDLE_TICK`` for /healthz; a tick also checks the deadline against the
 (injected) wall clock, so a clock step forward is noticed within a tick. It honours the
 planner's safety rules (see cluo_coord.planner):
@@ -425,6 +426,8 @@ class Coordinator:
             len(current.in_flight),
             snapshot.slots,
         )
+        self._metrics.observe_drain_backoff(len(current.drain_backoff),
+                                            len(current.out_of_roll))
         released = {s.index: s.released_at for s in snapshot.slots if s.released_at}
         writes = 0
         for change in current.changes:

@@ -58,6 +58,14 @@ class CoordMetrics:
             "cluo_nodes_with_malformed_values",
             "Nodes with a value of a cluo key that does not follow the protocol (each is "
             "reported by a MalformedValue Event).", registry=r)
+        self.nodes_in_drain_backoff = Gauge(
+            "cluo_nodes_in_drain_backoff",
+            "Nodes that need a reboot but wait until their drain-retry-at: their last drain "
+            "failed (each failure is reported by a DrainBlocked Event).", registry=r)
+        self.nodes_out_of_roll = Gauge(
+            "cluo_nodes_out_of_roll",
+            "Nodes whose drain failed --max-drain-attempts times in a row: they get no "
+            "reboot slot until an admin clears them (cluo-coord retry NODE).", registry=r)
         self.is_leader = Gauge(
             "cluo_is_leader", "1 while this process holds the leader Lease.", registry=r)
 
@@ -75,6 +83,10 @@ class CoordMetrics:
             self.slot_holder_info.labels(slot=str(slot.index), node=slot.holder).set(since)
             stuck += slot.stuck
         self.stuck_nodes.set(stuck)
+
+    def observe_drain_backoff(self, in_backoff: int, out_of_roll: int) -> None:
+        self.nodes_in_drain_backoff.set(in_backoff)
+        self.nodes_out_of_roll.set(out_of_roll)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

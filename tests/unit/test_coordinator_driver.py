@@ -14,7 +14,7 @@ import pytest
 
 from cluo.errors import KubeError
 from cluo.protocol import TRUE
-from cluo_coord.coordinator import RECONCILE_BACKOFF
+from cluo_coord.coordinator import DEADLINE_SLACK, RECONCILE_BACKOFF
 from cluo_coord.planner import Policy
 from tests.unit.coord_fakes import (
     KEYS,
@@ -22,6 +22,7 @@ from tests.unit.coord_fakes import (
     Cluster,
     CoordRig,
     Switch,
+    annotations_of,
     conflict,
     patched,
     unavailable,
@@ -205,3 +206,62 @@ def test_a_holder_outside_the_node_selector_is_not_gone_and_keeps_its_slot() -> 
     assert not journal.of("release")
     assert not journal.of("slot_event")
     assert rig.cluster.slots[0].holder == "elsewhere"
+
+
+# -- rule 13: a failed drain backs off, and the driver wakes when the backoff is over --
+
+
+def aborted_holder(rig: CoordRig) -> None:
+    """Node a holds slot 0 and its agent handed the grant back: the drain timed out."""
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE, KEYS.reboot_ok: TRUE,
+                                 KEYS.blocked_reason: "drain timed out after 5s"})
+    rig.cluster.hold(0, "a", acquired_at=T0 - timedelta(minutes=5))
+
+
+def agent_clears_blocked_reason(cluster: Cluster) -> None:
+    cluster.annotate("a", **{KEYS.blocked_reason: None})
+
+
+DRAIN_BACKOFF = Policy(drain_backoff=timedelta(seconds=60), max_drain_attempts=3)
+
+
+def test_a_failed_drain_is_recorded_with_its_reset_and_the_waiting_node_goes_next() -> None:
+    rig = CoordRig(DRAIN_BACKOFF)
+    aborted_holder(rig)
+    rig.cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+    rig.event_at(1, agent_clears_blocked_reason)
+    journal = rig.run(until=30)
+    (reset,) = patched(journal.entries, KEYS.drain_failures)
+    assert f"{KEYS.reboot_ok}=false" in reset.detail
+    assert f"{KEYS.drain_retry_at}=2026-03-02T09:01:00Z" in reset.detail
+    assert annotations_of(rig.cluster, "a")[KEYS.drain_failures] == "1"
+    assert rig.cluster.slots[0].holder == "b"
+    (blocked,) = [e for e in journal.of("event") if e.detail == "DrainBlocked"]
+    assert blocked.node == "a"
+    metrics = rig.coordinator._metrics
+    assert metrics.events.labels(type="Warning", reason="DrainBlocked")._value.get() == 1
+    assert metrics.nodes_in_drain_backoff._value.get() == 1
+
+
+def test_the_driver_plans_again_when_the_drain_backoff_is_over() -> None:
+    rig = CoordRig(DRAIN_BACKOFF)
+    aborted_holder(rig)
+    rig.event_at(1, agent_clears_blocked_reason)
+    journal = rig.run(until=90)
+    # No event after t=1: only the backoff's deadline can bring the node back.
+    assert journal.times("acquire") == pytest.approx([60 + DEADLINE_SLACK], abs=0.1)
+    assert rig.coordinator._metrics.nodes_in_drain_backoff._value.get() == 0
+
+
+def test_a_node_out_of_the_roll_is_counted_and_gets_no_slot() -> None:
+    rig = CoordRig(DRAIN_BACKOFF)
+    aborted_holder(rig)
+    rig.cluster.annotate("a", **{KEYS.drain_failures: "2"})
+    rig.event_at(1, agent_clears_blocked_reason)
+    journal = rig.run(until=600)
+    assert annotations_of(rig.cluster, "a")[KEYS.drain_failures] == "3"
+    assert KEYS.drain_retry_at not in annotations_of(rig.cluster, "a")
+    assert not journal.of("acquire")
+    metrics = rig.coordinator._metrics
+    assert metrics.nodes_out_of_roll._value.get() == 1
+    assert metrics.nodes_in_drain_backoff._value.get() == 0
