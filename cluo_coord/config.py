@@ -49,7 +49,7 @@ DEFAULT_NAMESPACE = "cluo-system"
 DEFAULT_METRICS_ADDRESS = ":8080"
 METRICS_OFF = "off"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-ADMIN_COMMANDS = ("release", "slots", "pause", "resume")
+ADMIN_COMMANDS = ("release", "slots", "retry", "pause", "resume")
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -73,14 +73,14 @@ class CoordSettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    """``cluo-coord release NODE`` / ``slots [--free SLOT|NODE]`` / ``pause`` /
-    ``resume``, with an admin's kubeconfig."""
+    """``cluo-coord release NODE`` / ``slots [--free SLOT|NODE]`` / ``retry NODE`` /
+    ``pause`` / ``resume``, with an admin's kubeconfig."""
 
     command: str  # one of ADMIN_COMMANDS
     kubeconfig: str
     namespace: str
     keys: Keys
-    node: str = ""  # release only
+    node: str = ""  # release and retry only
     free: str = ""  # slots only: a slot Lease's name or a holder's node name
 
 
@@ -173,6 +173,16 @@ MIN_READY = Setting("--min-ready", _any_duration,
                     "how long a rebooted node must be Ready (default: 0s)", default="0s")
 DELAY_BETWEEN_REBOOTS = Setting("--delay-between-reboots", _any_duration,
                                 "rest of a released slot (default: 0s)", default="0s")
+DRAIN_BACKOFF = Setting(
+    "--drain-backoff", _positive_duration,
+    "a node whose drain failed waits this long before its next slot, doubling per "
+    "failure in a row (default: 10m)", default="10m")
+DRAIN_BACKOFF_MAX = Setting("--drain-backoff-max", _positive_duration,
+                            "the longest drain backoff (default: 2h)", default="2h")
+MAX_DRAIN_ATTEMPTS = Setting(
+    "--max-drain-attempts", positive_int,
+    "after this many failed drains in a row a node gets no slot until "
+    "'cluo-coord retry NODE' (default: 5)", default="5")
 PAUSE = boolean("--pause", "true: grant no new slots (default: false)")
 NODE_SELECTOR = Setting("--node-selector", verbatim,
                         "label selector of the nodes to manage (default: all)")
@@ -228,12 +238,14 @@ LOADER = SettingsLoader(
     epilog="admin commands, with an admin's kubeconfig (each has --help):\n"
     "  cluo-coord release NODE   free the slot of a node that did not come back\n"
     "  cluo-coord slots          list the reboot slots; --free SLOT|NODE frees one\n"
+    "  cluo-coord retry NODE     put a node whose drains failed back in the roll\n"
     "  cluo-coord pause          grant no new reboot slots\n"
     "  cluo-coord resume         grant reboot slots again",
     settings=(
         KUBECONFIG, NAMESPACE, MAX_CONCURRENT, ANNOTATION_PREFIX, BEFORE_REBOOT_ANNOTATIONS,
         AFTER_REBOOT_ANNOTATIONS, REBOOT_WINDOW_START, REBOOT_WINDOW_LENGTH, REBOOT_WINDOWS,
-        TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, PAUSE, NODE_SELECTOR,
+        TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, DRAIN_BACKOFF,
+        DRAIN_BACKOFF_MAX, MAX_DRAIN_ATTEMPTS, PAUSE, NODE_SELECTOR,
         NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
     ),
     aliases=ALIASES,
@@ -256,11 +268,17 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSetti
             paused=values[PAUSE],
             windows=_windows(values),
             keys=values[ANNOTATION_PREFIX],
+            drain_backoff=values[DRAIN_BACKOFF],
+            drain_backoff_max=values[DRAIN_BACKOFF_MAX],
+            max_drain_attempts=values[MAX_DRAIN_ATTEMPTS],
         )
     except WindowError as err:
         raise ConfigError(f"{values.describe(REBOOT_WINDOW_START)}, "
                           f"{values.describe(REBOOT_WINDOW_LENGTH)}: {err}") from None
-    except ValueError as err:  # the parsers should make it unreachable
+    except ValueError as err:  # the parsers make it unreachable, but for the backoff pair
+        if values[DRAIN_BACKOFF] > values[DRAIN_BACKOFF_MAX]:
+            raise ConfigError(f"{values.describe(DRAIN_BACKOFF)}: longer than "
+                              f"{values.describe(DRAIN_BACKOFF_MAX)}") from None
         raise ConfigError(f"coordinator settings: {err}") from None
     host, port = values[METRICS_ADDRESS]
     return CoordSettings(
@@ -306,6 +324,7 @@ def _node(value: str) -> str:
 
 
 RELEASED_NODE = Setting("node", _node, "the node whose reboot slot to release")
+RETRIED_NODE = Setting("node", _node, "the node to put back in the roll")
 FREE_SLOT = Setting("--free", verbatim, "free this slot: a slot Lease's name "
                     "(cluo-reboot-slot-0) or the name of the node that holds it "
                     "(default: only list)")
@@ -315,6 +334,8 @@ _ADMIN_DESCRIPTIONS = {
     "directly.",
     "slots": "List the reboot slots (holder, since when, stuck), or free one with --free: "
     "as release does for its holder.",
+    "retry": "Put a node whose drains failed back in the roll: removes its drain-failures "
+    "and drain-retry-at annotations, so it queues again at once.",
     "pause": "Grant no new reboot slots (an annotation on the leader Lease) until resume.",
     "resume": "Grant reboot slots again after a pause.",
 }
@@ -328,6 +349,7 @@ def admin_loader(command: str) -> SettingsLoader:
         description=_ADMIN_DESCRIPTIONS[command],
         settings=(
             *((RELEASED_NODE,) if command == "release" else ()),
+            *((RETRIED_NODE,) if command == "retry" else ()),
             *((FREE_SLOT,) if command == "slots" else ()),
             ADMIN_KUBECONFIG, NAMESPACE, ANNOTATION_PREFIX,
         ),
@@ -344,6 +366,7 @@ def load_admin_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Admi
         kubeconfig=values[ADMIN_KUBECONFIG],
         namespace=values[NAMESPACE],
         keys=values[ANNOTATION_PREFIX],
-        node=values[RELEASED_NODE] if command == "release" else "",
+        node=(values[RELEASED_NODE] if command == "release"
+              else values[RETRIED_NODE] if command == "retry" else ""),
         free=values[FREE_SLOT] if command == "slots" else "",
     )

@@ -9,6 +9,8 @@ kubeconfig (``--kubeconfig``, else ``$CLUO_COORD_KUBECONFIG``, else ``$KUBECONFI
   slots that name it directly (a compare-and-swap on each slot Lease);
 - ``cluo-coord slots``: list the reboot slots (holder, since when, stuck);
   ``--free SLOT|NODE`` frees one (by its Lease's name or its holder) as ``release`` does;
+- ``cluo-coord retry NODE``: remove the node's ``drain-failures`` and ``drain-retry-at``,
+  so a node whose drains failed (in backoff or out of the roll) queues again at once;
 - ``cluo-coord pause`` / ``cluo-coord resume``: set or clear the global pause (the
   annotation ``cluo.flatcar-linux.net/paused`` on the leader Lease).
 
@@ -34,7 +36,13 @@ from cluo.errors import CluoError, ConfigError, KubeError
 from cluo.kube.client import KubeClient
 from cluo.kube.config import in_cluster_client, kubeconfig_client
 from cluo.kube.nodes import KubeNodes
-from cluo.protocol import PAUSED_ANNOTATION, Keys, slot_lease_name
+from cluo.protocol import (
+    NO_DRAIN_FAILURES,
+    PAUSED_ANNOTATION,
+    Keys,
+    drain_backoff_annotations,
+    slot_lease_name,
+)
 from cluo.settings import CommandLineExit, log_aliases_used
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
@@ -169,7 +177,8 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
 
 
 def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
-    """``release NODE``, ``pause``, ``resume`` with an admin's kubeconfig."""
+    """``release NODE``, ``slots``, ``retry NODE``, ``pause``, ``resume`` with an admin's
+    kubeconfig."""
     try:
         options = load_admin_settings(args, environ)
         api = kubeconfig_client(options.kubeconfig, "cluo-coord")
@@ -182,6 +191,11 @@ def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         if args[0] == "release":
             release(api, options.namespace, keys, options.node)
+        elif args[0] == "retry":
+            KubeNodes(api, keys).patch_metadata(
+                options.node, drain_backoff_annotations(keys, NO_DRAIN_FAILURES))
+            print(f"node {options.node}: {keys.drain_failures} and {keys.drain_retry_at} "
+                  "removed; it queues for a reboot slot again")
         elif args[0] == "slots":
             if options.free:
                 free_slot(api, options.namespace, keys, options.free)

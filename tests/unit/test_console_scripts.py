@@ -23,6 +23,7 @@ HELPS = [
     ("cluo-coord", [], "usage: cluo-coord", "--max-concurrent"),
     ("cluo-coord", ["release"], "usage: cluo-coord release", "NODE"),
     ("cluo-coord", ["slots"], "usage: cluo-coord slots", "--free"),
+    ("cluo-coord", ["retry"], "usage: cluo-coord retry", "NODE"),
     ("cluo-coord", ["pause"], "usage: cluo-coord pause", "--kubeconfig"),
     ("cluo-coord", ["resume"], "usage: cluo-coord resume", "--namespace"),
 ]
@@ -36,6 +37,7 @@ BAD_FLAGS = [
     ("cluo-coord", ["release", "n1", "--bogus"], "--bogus"),
     ("cluo-coord", ["release"], "NODE"),
     ("cluo-coord", ["slots", "--bogus"], "--bogus"),
+    ("cluo-coord", ["retry"], "NODE"),
     ("cluo-coord", ["pause", "--bogus"], "--bogus"),
     ("cluo-coord", ["resume", "--bogus"], "--bogus"),
 ]
@@ -77,7 +79,7 @@ def test_help_prints_the_usage_and_exits_0(
 
 def test_the_coordinators_help_names_the_admin_commands() -> None:
     result = run("cluo-coord", ["--help"])
-    for command in ("release NODE", "slots", "pause", "resume"):
+    for command in ("release NODE", "slots", "retry NODE", "pause", "resume"):
         assert f"cluo-coord {command}" in " ".join(result.stdout.split())
 
 

@@ -30,7 +30,20 @@ def test_defaults_match_cluo_and_the_deployment() -> None:
     assert policy.delay_between_reboots == timedelta(0)
     assert policy.paused is False
     assert policy.windows.always_open
+    assert policy.drain_backoff == timedelta(minutes=10)
+    assert policy.drain_backoff_max == timedelta(hours=2)
+    assert policy.max_drain_attempts == 5
     assert settings.resync_period == 600
+
+
+def test_drain_backoff_flags_are_read_and_a_base_over_its_maximum_is_refused() -> None:
+    policy = load_settings(["--drain-backoff", "30s", "--drain-backoff-max", "5m",
+                            "--max-drain-attempts", "2"], {}).policy
+    assert (policy.drain_backoff, policy.drain_backoff_max, policy.max_drain_attempts) == (
+        timedelta(seconds=30), timedelta(minutes=5), 2)
+    with pytest.raises(ConfigError, match="--drain-backoff '3h': longer than "
+                                          "the default of --drain-backoff-max '2h'"):
+        load_settings(["--drain-backoff", "3h"], {})
 
 
 def test_namespace_defaults_to_cluo_system_without_pod_namespace() -> None:
@@ -193,7 +206,7 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.err == ""
 
 
-@pytest.mark.parametrize("command", ["release", "pause", "resume"])
+@pytest.mark.parametrize("command", ["release", "retry", "pause", "resume"])
 def test_admin_help_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: cluo-coord {command}")
@@ -212,6 +225,8 @@ def test_admin_settings_read_flags_then_variables_then_kubeconfig() -> None:
     pause = load_admin_settings(["pause", "--kubeconfig", "/k", "--annotation-prefix",
                                  FLUO_PREFIX], environ)
     assert (pause.kubeconfig, pause.keys.prefix, pause.node) == ("/k", FLUO_PREFIX, "")
+    retry = load_admin_settings(["retry", "n2"], environ)
+    assert (retry.command, retry.node) == ("retry", "n2")
 
 
 # -- FLUO's and CLUO's update-operator spellings ---------------------------------------------
