@@ -3,7 +3,8 @@
 The templates live in testbed/dbus_templates/. On the private bus started by dbusmock's
 `dbusmock_system` fixture (which exports DBUS_SYSTEM_BUS_ADDRESS), `spawn_mock` runs one in
 its own process; `mock_command` gives the argv to run one as a service of its own, e.g. as
-ExecStart= of a systemd unit on a real system bus.
+ExecStart= of a systemd unit on a real system bus. `SystemBusDaemon` is a private system
+bus of its own that a test can restart at the same address.
 """
 
 import asyncio
@@ -74,6 +75,62 @@ class MockService:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self.stop()
+
+
+class SystemBusDaemon:
+    """A private system bus's dbus-daemon at a fixed socket in `folder`, which can be
+    stopped and started again at the same address, as a restarted system bus is.
+
+    The policy lets anyone own any name and send anything, as dbusmock's private bus does.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.socket = folder / "system_bus_socket"
+        self._config = folder / "system-bus.conf"
+        self._config.write_text(
+            '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"'
+            ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+            f"<busconfig><type>system</type><keep_umask/><listen>unix:path={self.socket}</listen>"
+            '<policy context="default"><allow send_destination="*" eavesdrop="true"/>'
+            '<allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n'
+        )
+        self._daemon: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def address(self) -> str:
+        return f"unix:path={self.socket}"
+
+    def start(self) -> None:
+        """Start dbus-daemon and return once it listens (it prints its pid then)."""
+        self._daemon = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={self._config}", "--print-pid=1"],
+            stdout=subprocess.PIPE,
+        )
+        assert self._daemon.stdout is not None
+        pid = self._daemon.stdout.readline().strip()
+        self._daemon.stdout.close()
+        if not pid or int(pid) != self._daemon.pid or not self.socket.exists():
+            raise RuntimeError(f"dbus-daemon did not start on {self.socket}")
+        self.starts += 1
+
+    def stop(self) -> None:
+        """SIGTERM (then SIGKILL): every connection to the bus is cut."""
+        if self._daemon is not None and self._daemon.poll() is None:
+            self._daemon.terminate()
+            try:
+                self._daemon.wait(CALL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._daemon.kill()
+                self._daemon.wait(CALL_TIMEOUT)
+        self.socket.unlink(missing_ok=True)
+
+    def __enter__(self) -> "SystemBusDaemon":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
