@@ -160,9 +160,10 @@ class InFlightRecorder:
     def _run(self, kind: str) -> None:
         call, args, kwargs = self._list_call(kind)
         broken: _Broken | None = None
+        failed_at = time.monotonic()
         version = self._list(kind, call, args, kwargs)
         if version is None:
-            broken = _Broken(time.monotonic(), self.errors[-1])
+            broken = _Broken(failed_at, f"listing {kind}s failed")
             self._open_gap(kind, 0, broken)
         self._ready.wait()
         while not self._stop.is_set():
