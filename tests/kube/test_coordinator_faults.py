@@ -3,7 +3,8 @@
 The rig of tests/kube/test_coordinator.py (the real ``cluo-coord`` as a process with its
 ServiceAccount, KWOK-emulated nodes, ``FakeAgents`` standing in for the agents) with
 faults that test file does not cover: etcd killed and restarted under a running roll; the
-elected leader of two replicas killed with SIGKILL mid-roll.
+elected leader of two replicas killed with SIGKILL mid-roll; a node that comes back from
+its reboot NotReady; a reboot window that closes mid-roll.
 Each test keeps its own `InFlightRecorder`, because the recorder must ride the fault out
 (re-listing, reporting any gap) instead of failing the test at its end.
 """
@@ -102,10 +103,10 @@ def test_etcd_restart_mid_roll_then_the_roll_completes_one_at_a_time(
                  "the roll to finish after etcd's restart")
     assert not agents.errors, agents.errors
     assert coord.process.poll() is None, f"cluo-coord exited:\n{coord.log_tail()}"
-    for gap in recorder.gaps:  # a gap may only be where nothing could change: etcd was down
-        assert gap.relisted is not None, gap
-    assert recorder.max_in_flight(allow_gaps=True) == 1
-    assert recorder.grant_order(allow_gaps=True) == names  # each granted once, in order
+    # The API server's watches ride etcd's restart out (they resume from their versions),
+    # so the recorder has no gap to excuse: it saw every state.
+    assert recorder.max_in_flight() == 1
+    assert recorder.grant_order() == names  # each granted once, in order
     for name in names:
         assert rig.node(name).status.node_info.boot_id != boots[name], f"{name} rebooted"
     assert coord.metric("cluo_grants_total") == 3
