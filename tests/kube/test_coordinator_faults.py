@@ -5,8 +5,8 @@ ServiceAccount, KWOK-emulated nodes, ``FakeAgents`` standing in for the agents) 
 faults that test file does not cover: etcd killed and restarted under a running roll; the
 elected leader of two replicas killed with SIGKILL mid-roll; a node that comes back from
 its reboot NotReady; a reboot window that closes mid-roll.
-Each test keeps its own `InFlightRecorder`, because the recorder must ride the fault out
-(re-listing, reporting any gap) instead of failing the test at its end.
+Each test keeps its own `InFlightRecorder`: there a watch that failed and resumed is no
+failure (the fault may cause one), while a gap still makes its summaries refuse.
 """
 
 from __future__ import annotations
