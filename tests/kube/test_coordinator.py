@@ -355,6 +355,46 @@ def test_node_deleted_while_holding_a_slot_frees_it_and_the_roll_goes_on(
     assert recorder.grant_order() == [lost, nxt]
 
 
+def test_node_recreated_under_its_name_keeps_the_slot_until_the_new_node_is_ready(
+    rig: Rig, recorder: InFlightRecorder
+) -> None:
+    lost, nxt = rig.add_nodes(2)
+    first = rig.start()
+    with rig.agents(never_return=frozenset({lost})) as agents:
+        wait_for(lambda: rig.annotations(lost).get(KEYS.reboot_in_progress) == "true"
+                 and agents.settled(), 30, "the first node to be granted and go down")
+        old_uid = rig.node(lost).metadata.uid
+        # An instance group replaces the machine while no coordinator runs, so the next
+        # one meets a Node of the holder's name with a new uid, not a deletion.
+        first.stop()
+        rig.core.delete_node(lost)
+        rig.core.create_node({"metadata": {"name": lost,
+                                           "labels": {SELECTOR_LABEL: rig.test_id}}})
+        _post_ready(rig, lost, "False")
+        assert rig.node(lost).metadata.uid != old_uid
+        rig.start()
+        assert_stays(lambda: list(rig.slot_holders().values()) == [lost]
+                     and rig.annotations(nxt).get(KEYS.reboot_ok) != "true", 3.0,
+                     "the slot to stay with the re-created node while it is NotReady")
+        _post_ready(rig, lost, "True")
+        wait_for(lambda: rig.done(nxt), 30, "the next node to reboot once the new node is Ready")
+    assert not agents.errors
+    (replaced,) = rig.events(lost, "RebootSlotHolderReplaced")
+    assert replaced.type == "Warning" and old_uid in replaced.message
+    assert recorder.grant_order() == [lost, nxt]
+    assert recorder.max_in_flight() == 1
+    rig.core.delete_node(lost)  # not the emulator's: it would outlive the test
+
+
+def _post_ready(rig: Rig, name: str, status: str) -> None:
+    """Post the node's Ready condition as its kubelet would (the emulator does not serve it)."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rig.core.patch_node_status(name, {"status": {"conditions": [{
+        "type": "Ready", "status": status, "reason": "KubeletReady" if status == "True"
+        else "KubeletNotReady", "message": "posted by the test", "lastHeartbeatTime": now,
+        "lastTransitionTime": now}]}})
+
+
 def test_admin_lists_slots_and_frees_them_whether_or_not_the_node_exists(
     rig: Rig, recorder: InFlightRecorder
 ) -> None:
