@@ -430,7 +430,8 @@ def reboot_needed_since(state: NodeProtocolState) -> datetime | None:
 
 _NEVER = datetime.min.replace(tzinfo=UTC)  # stands in for an unknown waiting time
 
-SKIPPED_UNTIL_FIXED = "It reads as false; this node gets no new reboot slot until it is fixed."
+SKIPPED_UNTIL_FIXED = ("It reads as if unset (a boolean as false); this node gets no new "
+                       "reboot slot until it is fixed.")
 QUEUED_LAST = "The node queues after the nodes whose waiting time is known."
 
 
@@ -438,7 +439,8 @@ def malformed_values(view: NodeView, keys: Keys) -> tuple[str, ...]:
     """Each value of this node that does not follow the protocol, naming the key and the
     value, and what the planner does about it (the text of a log line and an Event).
 
-    A malformed boolean reads as false and keeps the node from taking a slot
+    A malformed boolean reads as false, a malformed ``drain-failures`` or
+    ``drain-retry-at`` as unset; either keeps the node from taking a slot
     (``_is_candidate``); a malformed ``last-checked-time`` only orders it last
     (``reboot_needed_since``). Hook annotations are not checked: anything but "true"
     means "not done yet".

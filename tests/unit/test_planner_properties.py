@@ -11,11 +11,14 @@ resource version the change carries; a conflict stops the plan, as in the driver
 In flight: a slot Lease names the node, or it has reboot-ok=true, or reboot-in-progress=true,
 or it is cordoned by cluo (unless an admin released it with release-slot=true, which takes
 it out of the count). Cordoned by cluo: spec.unschedulable with the agent's
-agent-made-unschedulable=true; never more such nodes than allowed either.
+agent-made-unschedulable=true; never more such nodes than allowed either. A node whose
+drain failed is never granted while it backs off or is out of the roll (rule 13), and
+once an admin puts the nodes out of the roll back, every reboot gets done.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -44,6 +47,7 @@ from cluo_coord.planner import (
     ReleaseSlot,
     ResetRebootOk,
     SlotLease,
+    drain_backoff_until,
     ignored_while_unslotted,
     plan,
     reboot_needed_since,
@@ -107,6 +111,10 @@ class FakeCluster:
             self.register(name)
         self.leases: dict[int, FakeLease] = {}
         self.events: list[EmitEvent] = []
+        # Sees each node a grant is about to be written to (its state before the grant),
+        # and the time of the plan being applied.
+        self.on_grant: Callable[[FakeNode], None] = lambda node: None
+        self.planned_at = START
 
     def bump(self) -> int:
         self.revision += 1
@@ -254,6 +262,7 @@ class FakeCluster:
                         or str(lease.resource_version) != change.expected_lease_resource_version
                     ):
                         raise Conflict(f"lease {change.slot} (grant precondition)")
+                    self.on_grant(node)
                 patch = change.patch(KEYS)
                 self.write_node(change.node, dict(patch.annotations), dict(patch.labels))
             case _:  # pragma: no cover - every Change is handled above
@@ -323,9 +332,12 @@ class Agents:
         })
 
     def abort(self, name: str) -> None:
+        """The agent gives up before its reboot (a drain timeout, a withdrawn grant): no
+        boot id stays recorded, as none is before the drain is done."""
         self.cluster.write_node(name, {
             KEYS.reboot_in_progress: FALSE,
             KEYS.blocked_reason: "PDB web allows 0 disruptions",
+            KEYS.boot_id_before_reboot: None,
         })
 
     def go_down(self, name: str, *, not_ready: bool) -> None:
@@ -343,7 +355,8 @@ class Agents:
     def report_after_boot(self, name: str) -> None:
         self.cluster.write_node(
             name,
-            {KEYS.reboot_needed: FALSE, KEYS.reboot_in_progress: FALSE},
+            {KEYS.reboot_needed: FALSE, KEYS.reboot_in_progress: FALSE,
+             KEYS.blocked_reason: None},
             {KEYS.reboot_needed: FALSE},
         )
 
@@ -370,12 +383,15 @@ class Agents:
     # --- conditions, read from the current object as a real agent would
 
     def may_start(self, name: str) -> bool:
+        """A grant the agent has not handed back (its GrantReturned: a blocked-reason
+        with reboot-ok=true) and has not started yet."""
         node = self.cluster.nodes[name]
         return (
             node.up
             and node.flag(KEYS.reboot_ok)
             and node.flag(KEYS.reboot_needed)
             and not node.flag(KEYS.reboot_in_progress)
+            and not node.annotations.get(KEYS.blocked_reason)
         )
 
     def draining(self, name: str) -> bool:
@@ -420,6 +436,7 @@ HAPPENINGS = (
     + [
         "agent_withdraws_request_before_a_grant",
         "agent_aborts_drain",
+        "agent_aborts_drain",
         "agent_reports_drain_blocked_but_keeps_trying",
         "host_reboots",
         "host_loses_power",
@@ -454,6 +471,7 @@ class PlannerMachine(RuleBasedStateMachine):
         windowed=st.booleans(),
         coordinator_on=st.integers(min_value=0, max_value=5),
         legacy=st.sampled_from([0, 0, 0, 1, 2]),
+        drain_attempts=st.sampled_from([1, 2, 5]),
     )
     def setup(
         self,
@@ -465,6 +483,7 @@ class PlannerMachine(RuleBasedStateMachine):
         windowed: bool,
         coordinator_on: int,
         legacy: int,
+        drain_attempts: int,
     ) -> None:
         self.names = [f"node-{i}" for i in range(count)]
         on = self.names[coordinator_on] if coordinator_on < count else None
@@ -484,9 +503,19 @@ class PlannerMachine(RuleBasedStateMachine):
             min_ready=timedelta(seconds=min_ready),
             delay_between_reboots=timedelta(seconds=delay),
             windows=parse_windows("00:00 16h, 18:00 4h") if windowed else parse_windows(""),
+            drain_backoff=timedelta(minutes=10),
+            drain_backoff_max=timedelta(minutes=20),
+            max_drain_attempts=drain_attempts,
         )
         self.now = START
         self.history = []
+        self.cluster.on_grant = self.never_granted_while_its_drain_backs_off
+
+    def never_granted_while_its_drain_backs_off(self, node: FakeNode) -> None:
+        now = self.cluster.planned_at
+        waits, until = drain_backoff_until(node.state, self.policy, now)
+        assert not waits, (f"{node.name} granted at {now} while its drain backs off "
+                           f"(until {until or 'an admin clears it'})")
 
     def name(self, index: int) -> str:
         return self.names[index % len(self.names)]
@@ -577,6 +606,7 @@ class PlannerMachine(RuleBasedStateMachine):
     def coordinator_reconciles(self, limit: int | None) -> None:
         """A fresh plan (after a restart too: the planner has no memory), maybe cut short."""
         result = plan(self.cluster.node_views(), self.cluster.lease_views(), self.now, self.policy)
+        self.cluster.planned_at = self.now
         self.cluster.apply_plan(result, limit)
 
     @precondition(lambda self: len(self.history) > 1)
@@ -590,6 +620,7 @@ class PlannerMachine(RuleBasedStateMachine):
     ) -> None:
         nodes, _ = self.history[-1 - min(node_age, len(self.history) - 1)]
         _, leases = self.history[-1 - min(lease_age, len(self.history) - 1)]
+        self.cluster.planned_at = self.now
         self.cluster.apply_plan(plan(nodes, leases, self.now, self.policy), limit)
 
     # ------------------------------------------------------------------ invariants
@@ -650,6 +681,10 @@ def settle(cluster: FakeCluster, agents: Agents, policy: Policy, now: datetime) 
     for name in cluster.nodes:
         cluster.write_node(name, {KEYS.reboot_paused: None})
     for _ in range(400):
+        for name, node in cluster.nodes.items():  # the admin's cluo-coord retry
+            if node.state.drain_failures >= policy.max_drain_attempts:
+                cluster.write_node(name, {KEYS.drain_failures: None, KEYS.drain_retry_at: None})
+        cluster.planned_at = now
         cluster.apply_plan(plan(cluster.node_views(), cluster.lease_views(), now, policy))
         for name, node in cluster.nodes.items():
             if not node.up:
@@ -678,6 +713,8 @@ def _settled(cluster: FakeCluster) -> bool:
         and not node.flag(KEYS.agent_made_unschedulable)
         and not node.labels.get(KEYS.before_reboot)
         and not node.labels.get(KEYS.after_reboot)
+        and KEYS.drain_failures not in node.annotations
+        and KEYS.drain_retry_at not in node.annotations
         for node in cluster.nodes.values()
     )
 
