@@ -128,6 +128,11 @@ class Rig:
         return FakeAgents(self.control_plane, self.emulator, self.selector,
                           never_return=never_return, uncordon_delay=uncordon_delay)
 
+    def wait_until_down(self, name: str, agents: FakeAgents) -> None:
+        """Until ``name`` was granted and went down (its agent never brings it back)."""
+        wait_for(lambda: self.annotations(name).get(KEYS.reboot_in_progress) == "true"
+                 and agents.settled(), 30, f"{name} to be granted and go down")
+
     def admin_command(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(COORD), *args, "--kubeconfig", str(self.control_plane.admin_kubeconfig)],
@@ -334,8 +339,7 @@ def test_node_deleted_while_holding_a_slot_frees_it_and_the_roll_goes_on(
     lost, nxt = rig.add_nodes(2)
     coord = rig.start()
     with rig.agents(never_return=frozenset({lost})) as agents:
-        wait_for(lambda: rig.annotations(lost).get(KEYS.reboot_in_progress) == "true"
-                 and agents.settled(), 30, "the first node to be granted and go down")
+        rig.wait_until_down(lost, agents)
         assert_stays(lambda: list(rig.slot_holders().values()) == [lost], 1.0,
                      "the slot to stay with the node that went down")
         rig.core.delete_node(lost)  # an autoscaler gives up on it
@@ -361,8 +365,7 @@ def test_node_recreated_under_its_name_keeps_the_slot_until_the_new_node_is_read
     lost, nxt = rig.add_nodes(2)
     first = rig.start()
     with rig.agents(never_return=frozenset({lost})) as agents:
-        wait_for(lambda: rig.annotations(lost).get(KEYS.reboot_in_progress) == "true"
-                 and agents.settled(), 30, "the first node to be granted and go down")
+        rig.wait_until_down(lost, agents)
         old_uid = rig.node(lost).metadata.uid
         # An instance group replaces the machine while no coordinator runs, so the next
         # one meets a Node of the holder's name with a new uid, not a deletion.
@@ -401,8 +404,7 @@ def test_admin_lists_slots_and_frees_them_whether_or_not_the_node_exists(
     gone, lost, last = rig.add_nodes(3)
     coord = rig.start(name="before")
     with rig.agents(never_return=frozenset({gone, lost})) as agents:
-        wait_for(lambda: rig.annotations(gone).get(KEYS.reboot_in_progress) == "true"
-                 and agents.settled(), 30, "the first node to be granted and go down")
+        rig.wait_until_down(gone, agents)
         listed = rig.admin_command("slots")
         assert listed.returncode == 0, listed.stderr
         header, row = listed.stdout.splitlines()
@@ -705,8 +707,7 @@ def test_api_server_outage_while_a_node_reboots_then_the_roll_resumes(
     # the first node, which is down until this test boots it.
     before = InFlightRecorder(rig.admin, rig.selector, NAMESPACE, KEYS).start()
     with rig.agents(never_return=frozenset({first})) as agents:
-        wait_for(lambda: rig.annotations(first).get(KEYS.reboot_in_progress) == "true"
-                 and agents.settled(), 30, "the first node to be granted and go down")
+        rig.wait_until_down(first, agents)
         before.stop()
         assert not before.errors, before.errors
         assert before.history()[-1].in_flight == {first}
