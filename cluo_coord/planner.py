@@ -397,7 +397,9 @@ class Plan:
     ``queue`` the nodes waiting for a slot in the order they get one (those that get one
     in this plan included); ``drain_backoff`` the nodes that would queue but wait out a
     drain backoff, ``out_of_roll`` those that failed ``max_drain_attempts`` drains (rule
-    13); all are for status and metrics.
+    13); ``holds`` says, one sentence each, what keeps the queue from a free slot right
+    now (the global pause, a closed window, ...; empty when nothing does). All of these
+    are for status and metrics.
     """
 
     changes: tuple[Change, ...]
@@ -406,6 +408,7 @@ class Plan:
     queue: tuple[str, ...] = ()
     drain_backoff: tuple[str, ...] = ()
     out_of_roll: tuple[str, ...] = ()
+    holds: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -640,6 +643,7 @@ class _Builder:
         self.policy = policy
         self.changes: list[Change] = []
         self.wake_times: list[datetime] = []
+        self.holds: list[str] = []
 
     def add(self, *changes: Change) -> None:
         self.changes.extend(changes)
@@ -650,6 +654,10 @@ class _Builder:
 
     def event(self, node: str, type_: EventType, reason: Reason, message: str) -> None:
         self.changes.append(EmitEvent(node, type_, reason, message))
+
+    def hold(self, reason: str) -> None:
+        """Record what keeps queued nodes from a free slot (``Plan.holds``)."""
+        self.holds.append(reason)
 
     def reset_and_release(
         self, view: NodeView, slots: list[SlotLease], type_: EventType, reason: Reason,
@@ -735,6 +743,7 @@ def plan(
         queue=tuple(view.name for view in queue),
         drain_backoff=tuple(backing_off),
         out_of_roll=tuple(out_of_roll),
+        holds=tuple(out.holds),
     )
 
 
@@ -1056,9 +1065,13 @@ def _take_free_slots(
     """Give free slots to the head of the queue (rules 1 and 6)."""
     policy = out.policy
     now = out.now
-    if not queue or policy.paused:
+    if not queue:
+        return
+    if policy.paused:
+        out.hold("paused: the roll is paused, no new reboot slots are granted")
         return
     if not policy.windows.is_open(now):
+        out.hold("window: outside every reboot window")
         out.wake_at(policy.windows.next_change(now))
         return
     room = policy.max_concurrent - in_flight

@@ -236,6 +236,7 @@ def test_global_pause_grants_nothing() -> None:
     result = run([node("a", needed=True)], paused=True)
     assert result.changes == ()
     assert result.recheck_after is None
+    assert result.holds == ("paused: the roll is paused, no new reboot slots are granted",)
 
 
 def test_closed_window_grants_nothing() -> None:
@@ -243,11 +244,14 @@ def test_closed_window_grants_nothing() -> None:
     result = run([node("a", needed=True)], windows=windows)
     assert acquired(result) == []
     assert result.recheck_after == timedelta(hours=2)  # opens at 14:00, it is 12:00
+    assert result.holds == ("window: outside every reboot window",)
 
 
 def test_open_window_grants() -> None:
     windows = parse_windows("Mon 11:00 2h")
-    assert acquired(run([node("a", needed=True)], windows=windows)) == [(0, "a")]
+    result = run([node("a", needed=True)], windows=windows)
+    assert acquired(result) == [(0, "a")]
+    assert result.holds == ()
 
 
 def test_delay_between_reboots_rests_a_released_slot() -> None:
