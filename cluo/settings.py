@@ -140,7 +140,8 @@ class Setting(Generic[T]):
     twin, in order. ``default_source`` is how errors name a bad default ("the hostname").
     A ``switch`` is a boolean flag that may be given alone, meaning true (so it would take
     a positional argument that follows it as its value: programs with positional arguments
-    declare none).
+    declare none). A ``repeated`` flag may be given more than once: its parser gets the
+    values one a line, as its variable is written.
     """
 
     flag: str
@@ -150,6 +151,7 @@ class Setting(Generic[T]):
     also_from: tuple[str, ...] = ()
     default_source: str | None = None
     switch: bool = False
+    repeated: bool = False
 
     @property
     def positional(self) -> bool:
@@ -374,7 +376,8 @@ class SettingsLoader:
                 parser.add_argument(setting.flag, dest=setting.dest, nargs="?", const="true",
                                     metavar="BOOL", help=setting.help)
             else:
-                parser.add_argument(setting.flag, dest=setting.dest, help=setting.help)
+                parser.add_argument(setting.flag, dest=setting.dest, help=setting.help,
+                                    action="append" if setting.repeated else "store")
         for alias in self.aliases:
             if alias.is_flag:
                 switch = alias.setting.switch
@@ -392,7 +395,8 @@ class SettingsLoader:
 
         Raises `CommandLineExit` for ``--help`` and for a bad command line, `ConfigError`
         first of all for a refused flag or variable."""
-        given = vars(self.parser().parse_args(list(argv)))
+        given = {dest: "\n".join(value) if isinstance(value, list) else value
+                 for dest, value in vars(self.parser().parse_args(list(argv))).items()}
         self._refuse(given, environ)
         values = Values()
         for setting in self.settings:

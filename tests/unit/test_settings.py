@@ -368,3 +368,11 @@ def test_aliases_and_refusals_stay_out_of_the_help() -> None:
 def test_an_alias_or_refusal_is_known_by_its_kind() -> None:
     assert Alias("-node", NAME).is_flag and not Alias("UPDATE_AGENT_NODE", NAME).is_flag
     assert Refusal("--v", "").is_flag and not Refusal("UPDATE_AGENT_V", "").is_flag
+
+
+def test_a_repeated_flag_gives_its_parser_every_value_one_a_line() -> None:
+    tags = Setting("--tag", lambda text: tuple(text.splitlines()), "tags", repeated=True)
+    toy = SettingsLoader(prog="toy", env_prefix="TOY_", settings=(tags,))
+    assert toy.load(["--tag", "a b", "--tag=c"], {"TOY_TAG": "x"})[tags] == ("a b", "c")
+    assert toy.load([], {"TOY_TAG": "x\ny"})[tags] == ("x", "y")
+    assert toy.load([], {})[tags] == ()
