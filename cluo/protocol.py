@@ -41,8 +41,23 @@ SLOT_HOLDER_BOOT_ID = "cluo.flatcar-linux.net/holder-boot-id"  # holder's bootID
 SLOT_HOLDER_UID = "cluo.flatcar-linux.net/holder-uid"  # holder Node's metadata.uid at grant
 SLOT_RELEASED_AT = "cluo.flatcar-linux.net/released-at"  # RFC 3339, set on release
 SLOT_STUCK = "cluo.flatcar-linux.net/stuck"  # "true": the holder missed reboot_timeout
+# The health gate's baseline (cluo_coord.health): the controllers and budgets of the
+# holder's evicted pods, recorded at the grant as compact JSON, removed on release.
+SLOT_WORKLOADS = "cluo.flatcar-linux.net/workloads"
 # The global pause: "true" on the coordinator's leader Lease (`cluo-coord pause`).
 PAUSED_ANNOTATION = "cluo.flatcar-linux.net/paused"
+# The announced OS version (the holder's new-version when it took the slot), on the slot
+# Lease: a node that comes back on an older one failed its reboot proof.
+SLOT_ANNOUNCED_VERSION = "cluo.flatcar-linux.net/announced-version"
+# Who paused the roll ("admin" or "brake"), why, and since when (RFC 3339), beside the
+# pause on the leader Lease; and the nodes that failed their reboot proof (a JSON list of
+# {"node", "why", "at"}) that the brake counts. Written by cluo-coord only.
+PAUSED_BY_ANNOTATION = "cluo.flatcar-linux.net/paused-by"
+PAUSED_REASON_ANNOTATION = "cluo.flatcar-linux.net/paused-reason"
+PAUSED_AT_ANNOTATION = "cluo.flatcar-linux.net/paused-at"
+FAILED_REBOOTS_ANNOTATION = "cluo.flatcar-linux.net/failed-reboots"
+# The status the leading coordinator publishes (a ConfigMap in its namespace).
+STATUS_CONFIGMAP_NAME = "cluo-status"
 
 _PREFIX_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]*[a-z0-9])?/$")
 _LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -110,6 +125,12 @@ SPECS: tuple[KeySpec, ...] = (
             "reboot-in-progress=false it hands the grant back: the coordinator sets "
             "reboot-ok=false and frees the slot. The coordinator clears it when it grants "
             "reboot-ok=true.", cluo_extension=True),
+    KeySpec("reboot-reason", Kind.ANNOTATION, Writer.AGENT, "text, absent when none",
+            "What asked for the reboot the agent announced with reboot-needed=true: "
+            "update_engine and its new version, /run/reboot-required (with the packages "
+            "/run/reboot-required.pkgs lists), a request on the host (SIGUSR1) or an "
+            "admin's reboot-needed=true. Removed when reboot-needed goes back to false.",
+            cluo_extension=True),
     KeySpec("drain-failures", Kind.ANNOTATION, Writer.COORDINATOR, "count",
             "Grants in a row that the agent handed back with a blocked-reason (its drain "
             "timed out). From the first one the node takes no slot before drain-retry-at "
@@ -195,6 +216,10 @@ class Keys:
     @property
     def blocked_reason(self) -> str:
         return self.prefix + "blocked-reason"
+
+    @property
+    def reboot_reason(self) -> str:
+        return self.prefix + "reboot-reason"
 
     @property
     def drain_failures(self) -> str:
@@ -289,6 +314,7 @@ class NodeProtocolState:
     last_checked_time: str = ""
     boot_id_before_reboot: str = ""
     blocked_reason: str = ""
+    reboot_reason: str = ""
     drain_failures: int = 0
     drain_retry_at: datetime | None = None
     complaints: tuple[str, ...] = field(default=(), compare=False)
@@ -335,6 +361,7 @@ class NodeProtocolState:
             last_checked_time=annotations.get(keys.last_checked_time, ""),
             boot_id_before_reboot=annotations.get(keys.boot_id_before_reboot, ""),
             blocked_reason=annotations.get(keys.blocked_reason, ""),
+            reboot_reason=annotations.get(keys.reboot_reason, ""),
             drain_failures=int(failures) if counted else 0,
             drain_retry_at=drain_retry_at,
             complaints=tuple(complaints),
@@ -388,6 +415,7 @@ class NodePatch:
     agent_made_unschedulable: bool | None = None
     boot_id_before_reboot: str | None = None
     blocked_reason: str | None = None
+    reboot_reason: str | None = None
     status: str | None = None
     new_version: str | None = None
     last_checked_time: str | None = None
@@ -409,6 +437,8 @@ class NodePatch:
             annotations[keys.boot_id_before_reboot] = self.boot_id_before_reboot or None
         if self.blocked_reason is not None:
             annotations[keys.blocked_reason] = self.blocked_reason or None
+        if self.reboot_reason is not None:
+            annotations[keys.reboot_reason] = self.reboot_reason or None
         if self.status is not None:
             annotations[keys.status] = self.status
         if self.new_version is not None:
@@ -428,6 +458,7 @@ class NodePatch:
             ),
             boot_id_before_reboot=_keep(self.boot_id_before_reboot, node.boot_id_before_reboot),
             blocked_reason=_keep(self.blocked_reason, node.blocked_reason),
+            reboot_reason=_keep(self.reboot_reason, node.reboot_reason),
             status=_keep(self.status, node.status),
             new_version=_keep(self.new_version, node.new_version),
             last_checked_time=_keep(self.last_checked_time, node.last_checked_time),

@@ -77,6 +77,8 @@ from cluo_host.eviction import PodApi
 from cluo_host.host_facts import HostFacts
 from cluo_host.logind import Rebooter, RebootError, RebootRefused
 from cluo_host.notify import Heartbeat, ServiceNotifier, watchdog_loop
+from cluo_host.reboot_required import RELATIVE_PATH as REBOOT_REQUIRED_PATH
+from cluo_host.reboot_required import RebootRequired, RebootRequiredWatch
 from cluo_host.update_engine import (
     BusDisconnected,
     BusReconnected,
@@ -143,6 +145,10 @@ class Agent:
         # StatusUpdates not accepted and not shown on the node yet: the latest, how many.
         self._ignored: tuple[StatusIgnored | None, int] = (None, 0)
         self._requested_on_host = False  # by request_reboot(), until the node carries it
+        # /run/reboot-required below the host root: its description while it exists.
+        self._reboot_required: str | None = None
+        self._reboot_required_watch = RebootRequiredWatch(
+            settings.host_root / REBOOT_REQUIRED_PATH, self._on_reboot_required)
         self._ignored_shown_at: float | None = None
         # The node watch, in a thread of its own: from now (its first event is the node as
         # it is), again from where it ended, from now again after an expiry or an error.
@@ -209,7 +215,24 @@ class Agent:
         if stop.is_set() or not await self._find_node(stop):
             return False
         self._start_watch()
+        self._watch_reboot_required()
         return True
+
+    def _watch_reboot_required(self) -> None:
+        """Start the inotify watch of /run/reboot-required; without it (turned off, or
+        the kernel refused) the other triggers still work, and the journal says so."""
+        watch = self._reboot_required_watch
+        if not self._settings.reboot_required_trigger:
+            log.info("not watching for a reboot-required file (--reboot-required-trigger"
+                     "=false)", extra={"NODE": self._name, "PATH": str(watch.path)})
+            return
+        try:
+            self._on_reboot_required(watch.start())
+        except CluoError as err:
+            log.warning("cannot watch for a reboot-required file; update_engine and the "
+                        "other triggers still work",
+                        extra={"NODE": self._name, "PATH": str(watch.path), "ERROR": str(err),
+                               "ERROR_KIND": err.kind})
 
     async def _find_node(self, stop: asyncio.Event) -> bool:
         """Read the node and label it, retrying until it works. False if stopped first.
@@ -270,6 +293,7 @@ class Agent:
         self._node_watch.start()  # once; later calls do nothing
 
     async def _shutdown(self) -> None:
+        self._reboot_required_watch.close()
         await self._stop_drain()
         await asyncio.to_thread(self._node_watch.stop, 5.0)
         with contextlib.suppress(Exception):
@@ -386,6 +410,7 @@ class Agent:
             reboot_attempts=self._attempts,
             config=self._settings.core,
             requested_on_host=self._requested_on_host,
+            reboot_required=self._reboot_required,
         )
 
     def _report(self, decision: Decision) -> None:
@@ -496,6 +521,18 @@ class Agent:
         if not already:
             self._requested_on_host = True
             self._wake.set()
+
+    def _on_reboot_required(self, found: RebootRequired | None) -> None:
+        described = found.describe() if found is not None else None
+        if described == self._reboot_required:
+            return
+        if described is None:
+            log.info("the reboot-required file is gone", extra={"NODE": self._name})
+        else:
+            log.info("a reboot-required file asks for a reboot",
+                     extra={"NODE": self._name, "REASON": described})
+        self._reboot_required = described
+        self._wake.set()
 
     def _set_node(self, node: NodeSnapshot) -> None:
         current = self._node

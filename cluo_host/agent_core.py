@@ -29,9 +29,10 @@ the next ``derive_state`` simply sees them.
 The cycle and its writes, one write per decision, in this order:
 
     Idle
-      │ update_engine says UPDATED_NEED_REBOOT, an admin set reboot-needed=true, or root
-      │ on the host sent the agent SIGUSR1 (Observation.requested_on_host)
-    RebootNeeded ── W1 reboot-needed=true (annotation + label)
+      │ update_engine says UPDATED_NEED_REBOOT, /run/reboot-required exists
+      │ (Observation.reboot_required), an admin set reboot-needed=true, or root on the
+      │ host sent the agent SIGUSR1 (Observation.requested_on_host)
+    RebootNeeded ── W1 reboot-needed=true (annotation + label), reboot-reason
     WaitingForGrant
       │ the coordinator sets reboot-ok=true
     Granted ─────── W2 reboot-in-progress=true, agent-made-unschedulable=true unless
@@ -41,7 +42,8 @@ The cycle and its writes, one write per decision, in this order:
     Rebooting ───── check logind inhibitors, Reboot(false); a refusal is reported
       │                (Event + blocked-reason) and retried with exponential backoff
       │ the host reboots: the boot id differs from boot-id-before-reboot
-    Rebooted ────── W5 reboot-needed=false (annotation + label), reboot-in-progress=false
+    Rebooted ────── W5 reboot-needed=false (annotation + label), reboot-in-progress=false,
+      │                reboot-reason removed
     WaitingForAfterReboot
       │ the coordinator sets reboot-ok=false (after-reboot hooks done)
     Uncordoning ─── W6 spec.unschedulable=false, only if agent-made-unschedulable=true
@@ -230,6 +232,8 @@ class Observation:
     # Root on the host asked this process for a reboot (SIGUSR1) that the node does not
     # carry yet (the driver forgets the request once the node says reboot-needed=true).
     requested_on_host: bool = False
+    # /run/reboot-required exists: its description (with the .pkgs list), None if absent.
+    reboot_required: str | None = None
     config: AgentConfig = field(default_factory=AgentConfig)
 
 
@@ -340,6 +344,7 @@ class Idle(State):
 
     stale_blocked_reason: str = ""  # left from an abandoned cycle: clear it
     stale_label: bool = False  # reboot-needed label says true, annotation false
+    stale_reboot_reason: bool = False  # reboot-reason left after reboot-needed=false
 
 
 @dataclass(frozen=True)
@@ -349,6 +354,7 @@ class RebootNeeded(State):
     new_version: str = ""
     by_admin: bool = False  # the reboot-needed annotation was set by hand
     on_host: bool = False  # root on the host asked the agent (SIGUSR1)
+    required_file: str = ""  # /run/reboot-required exists: its description
 
 
 @dataclass(frozen=True)
@@ -492,6 +498,8 @@ def derive_state(obs: Observation) -> State:
     engine_needs_reboot = engine is not None and engine.reboot_needed
     if engine is not None and engine.reboot_needed and not node.reboot_needed:
         return RebootNeeded(new_version=engine.new_version)
+    if obs.reboot_required is not None and not node.reboot_needed:
+        return RebootNeeded(required_file=obs.reboot_required)
     if obs.requested_on_host and not node.reboot_needed:
         return RebootNeeded(on_host=True)
     if node.reboot_needed and not obs.reboot_needed_label:
@@ -500,7 +508,8 @@ def derive_state(obs: Observation) -> State:
         return Granted(already_cordoned=obs.unschedulable)
     if node.reboot_needed:
         return WaitingForGrant(stale_blocked_reason=node.blocked_reason)
-    return Idle(stale_blocked_reason=node.blocked_reason, stale_label=obs.reboot_needed_label)
+    return Idle(stale_blocked_reason=node.blocked_reason, stale_label=obs.reboot_needed_label,
+                stale_reboot_reason=bool(node.reboot_reason))
 
 
 def _draining(obs: Observation) -> Draining:
@@ -617,21 +626,28 @@ def _idle(state: Idle) -> _Step:
     patch = NodePatch(
         blocked_reason="" if state.stale_blocked_reason else None,
         reboot_needed=False if state.stale_label else None,
+        reboot_reason="" if state.stale_reboot_reason else None,
     )
     actions: tuple[Action, ...] = (PatchNode(patch),) if patch != NodePatch() else ()
     return _Step(actions, 0.0 if actions else None, "idle")
 
 
 def _announce(state: RebootNeeded) -> _Step:
-    if state.on_host:
+    if state.required_file:
+        message = f"{state.required_file} asks for a reboot"
+        reason = state.required_file
+    elif state.on_host:
         message = "reboot requested on the host (SIGUSR1 to cluo-agent)"
+        reason = "requested on the host (SIGUSR1)"
     elif state.by_admin:
         message = "reboot requested through the reboot-needed annotation"
+        reason = "reboot-needed=true set on the node"
     else:
         message = f"update_engine installed version {state.new_version} and needs a reboot"
+        reason = f"update_engine: version {state.new_version}"
     return _Step(
         (
-            PatchNode(NodePatch(reboot_needed=True)),
+            PatchNode(NodePatch(reboot_needed=True, reboot_reason=_cap(reason))),
             EmitEvent(EventReason.REBOOT_NEEDED, f"{message}; waiting for a reboot slot"),
         ),
         0.0,
@@ -764,7 +780,8 @@ def _reboot(state: Rebooting, obs: Observation, now: float) -> _Step:
 
 
 def _report_reboot(state: Rebooted) -> _Step:
-    patch = NodePatch(reboot_needed=False, reboot_in_progress=False, blocked_reason="")
+    patch = NodePatch(reboot_needed=False, reboot_in_progress=False, blocked_reason="",
+                      reboot_reason="")
     message = (f"rebooted (boot id {state.boot_id_before} -> {state.boot_id}); "
                f"waiting for the after-reboot hooks")
     return _Step((PatchNode(patch), EmitEvent(EventReason.REBOOTED, message)), 0.0,

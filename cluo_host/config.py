@@ -64,6 +64,7 @@ class AgentSettings:
     log_level: str
     log_target: str  # auto, journal, stderr
     startup_retry_max: float = 30.0
+    reboot_required_trigger: bool = True  # watch host_root/run/reboot-required
     extra: Mapping[str, str] = field(default_factory=dict)
     aliases_used: tuple[AliasUse, ...] = ()  # FLUO/CLUO spellings read, to log once
 
@@ -123,6 +124,11 @@ SYSTEM_BUS_ADDRESS = Setting(
     also_from=("DBUS_SYSTEM_BUS_ADDRESS",))
 HOST_ROOT = Setting("--host-root", Path,
                     "where the host's /etc, /usr and /proc are (default: /)", default="/")
+REBOOT_REQUIRED_TRIGGER = boolean(
+    "--reboot-required-trigger",
+    "treat /run/reboot-required (below --host-root) as a request for a reboot, as "
+    "update_engine's NEED_REBOOT (default: true; --reboot-required-trigger=false turns it off)",
+    default=True)
 LOG_LEVEL = Setting("--log-level", choice(*LOG_LEVELS),
                     "debug, info (default), warning or error", default="info")
 LOG_TARGET = Setting(
@@ -157,8 +163,8 @@ LOADER = SettingsLoader(
     settings=(
         NODE_NAME, KUBECONFIG, ANNOTATION_PREFIX, DRAIN_TIMEOUT, DRAIN_TIMEOUT_POLICY,
         DRAIN_PODS_WITHOUT_CONTROLLER, EVICTION_CONCURRENCY, REBOOT_RETRY_BASE,
-        REBOOT_RETRY_MAX, REBOOT_TIMEOUT, SYSTEM_BUS_ADDRESS, HOST_ROOT, LOG_LEVEL,
-        LOG_TARGET,
+        REBOOT_RETRY_MAX, REBOOT_TIMEOUT, SYSTEM_BUS_ADDRESS, HOST_ROOT,
+        REBOOT_REQUIRED_TRIGGER, LOG_LEVEL, LOG_TARGET,
     ),
     aliases=ALIASES,
     refused=REFUSED,
@@ -194,6 +200,7 @@ def load_settings(argv: Sequence[str], env: Mapping[str, str]) -> AgentSettings:
         drain=DrainTuning(concurrency=values[EVICTION_CONCURRENCY]),
         bus_address=values[SYSTEM_BUS_ADDRESS],
         host_root=values[HOST_ROOT],
+        reboot_required_trigger=values[REBOOT_REQUIRED_TRIGGER],
         log_level=values[LOG_LEVEL],
         log_target=values[LOG_TARGET],
         aliases_used=values.aliases_used,

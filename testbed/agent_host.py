@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ AGENT = Path(sys.executable).with_name("cluo-agent")
 
 @dataclass
 class HostDir:
-    """A host as the agent reads it: boot id, /etc/os-release, update.conf."""
+    """A host as the agent reads it: boot id, /etc/os-release, update.conf, /run."""
 
     root: Path
     group: str = "stable"
@@ -36,13 +37,19 @@ class HostDir:
         (self.root / "etc/flatcar").mkdir(parents=True, exist_ok=True)
         (self.root / "usr/share/flatcar").mkdir(parents=True, exist_ok=True)
         (self.root / "proc/sys/kernel/random").mkdir(parents=True, exist_ok=True)
+        (self.root / "run").mkdir(parents=True, exist_ok=True)
         (self.root / "etc/os-release").write_text(flatcar.OS_RELEASE)
         (self.root / "usr/share/flatcar/update.conf").write_text("GROUP=alpha\n")
         (self.root / "etc/flatcar/update.conf").write_text(f'GROUP="{self.group}"\n')
         self._write_boot_id()
 
     def reboot(self) -> str:
-        """The host came back from a reboot: a new boot id."""
+        """The host came back from a reboot: a new boot id, an empty /run (a tmpfs)."""
+        for entry in (self.root / "run").iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         self.boot_id = str(uuid.uuid4())
         self._write_boot_id()
         return self.boot_id

@@ -369,7 +369,8 @@ def test_admin_set_reboot_needed_annotation_gets_its_label_and_a_cycle() -> None
     first_event = world.events()[0]
     assert first_event.reason is EventReason.REBOOT_NEEDED
     assert "reboot-needed annotation" in first_event.message
-    assert PatchNode(NodePatch(reboot_needed=True)) in world.actions
+    assert PatchNode(NodePatch(reboot_needed=True,
+                               reboot_reason="reboot-needed=true set on the node")) in world.actions
 
 
 def test_update_engine_status_is_mirrored_only_when_it_changed() -> None:
@@ -432,28 +433,43 @@ def test_update_engine_checks_write_only_what_changed_and_the_check_time_hourly(
     assert [p for p in writes(decision) if p.reboot_needed is None] == written
 
 
+REQUIRED = "/run/reboot-required (packages: containerd, kubernetes)"
+# The two triggers on the host: what the observation says, the state it reads as, the
+# reason recorded on the node and the start of the RebootNeeded Event.
+HOST_TRIGGERS = {
+    "sigusr1": ({"requested_on_host": True}, RebootNeeded(on_host=True),
+                "requested on the host (SIGUSR1)", "reboot requested on the host (SIGUSR1"),
+    "reboot-required": ({"reboot_required": REQUIRED}, RebootNeeded(required_file=REQUIRED),
+                        REQUIRED, f"{REQUIRED} asks for a reboot"),
+}
+
+
+@pytest.mark.parametrize("trigger", sorted(HOST_TRIGGERS))
 @pytest.mark.parametrize(
-    ("node_fields", "state", "announced"),
+    ("node_fields", "state"),
     [
-        ({}, RebootNeeded(on_host=True), True),
-        ({"reboot_needed": True}, WaitingForGrant(), False),  # already needed: nothing new
-        (RECORDED, Draining(started_at=None, deadline=None), False),  # a cycle is on
+        ({}, None),  # idle: the trigger's own RebootNeeded
+        ({"reboot_needed": True}, WaitingForGrant()),  # already needed: nothing new
+        (RECORDED, Draining(started_at=None, deadline=None)),  # a cycle is on
     ],
     ids=["idle", "already-needed", "in-progress"],
 )
-def test_a_reboot_requested_on_the_host_is_announced_only_when_none_is_needed(
-    node_fields: dict[str, bool], state: State, announced: bool
+def test_a_reboot_asked_for_on_the_host_is_announced_only_when_none_is_needed(
+    trigger: str, node_fields: dict[str, bool], state: State | None
 ) -> None:
-    observation = replace(obs(**node_fields), requested_on_host=True,
-                          unschedulable=bool(node_fields))
+    observed, needed, reason, message = HOST_TRIGGERS[trigger]
+    observation = replace(obs(**node_fields), unschedulable=bool(node_fields),
+                          **observed)  # type: ignore[arg-type]
 
     decision = decide(observation, T0)
 
-    assert decision.state == state
-    assert (NodePatch(reboot_needed=True) in writes(decision)) is announced
-    if announced:
+    assert decision.state == (state or needed)
+    announcement = NodePatch(reboot_needed=True, reboot_reason=reason)
+    assert (announcement in writes(decision)) is (state is None)
+    if state is None:
         [event] = [a for a in decision.actions if isinstance(a, EmitEvent)]
-        assert event.message.startswith("reboot requested on the host (SIGUSR1")
+        assert event.reason is EventReason.REBOOT_NEEDED
+        assert event.message.startswith(message)
 
 
 def test_unknown_update_engine_operation_is_mirrored_raw_and_starts_nothing() -> None:
@@ -621,7 +637,7 @@ def test_new_boot_id_proves_the_reboot_and_reports_it() -> None:
 
     assert isinstance(decision.state, Rebooted)
     assert writes(decision) == [NodePatch(reboot_needed=False, reboot_in_progress=False,
-                                          blocked_reason="")]
+                                          blocked_reason="", reboot_reason="")]
     assert isinstance(decision.next_state, WaitingForAfterReboot)
 
 
@@ -1032,3 +1048,23 @@ def test_any_crash_point_ends_with_one_reboot_and_uncordon_iff_agent_cordoned(
     node = world.node
     assert not (node.reboot_needed or node.reboot_in_progress or node.agent_made_unschedulable)
     assert node.boot_id_before_reboot == "" and node.blocked_reason == ""
+
+
+def test_update_engine_reason_goes_first_when_both_ask() -> None:
+    observation = replace(obs(), engine=NEED_REBOOT, reboot_required=REQUIRED)
+
+    decision = decide(observation, T0)
+
+    assert isinstance(decision.state, RebootNeeded)
+    [patch] = [p for p in writes(decision) if p.reboot_needed]
+    assert patch.reboot_reason is not None
+    assert patch.reboot_reason.startswith("update_engine: version ")
+
+
+def test_a_reason_left_after_reboot_needed_false_is_removed() -> None:
+    observation = replace(obs(), node=replace(obs().node, reboot_reason="left over"))
+
+    decision = decide(observation, T0)
+
+    assert isinstance(decision.state, Idle)
+    assert writes(decision) == [NodePatch(reboot_reason="")]
