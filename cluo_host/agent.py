@@ -75,6 +75,8 @@ from cluo_host.config import (
 from cluo_host.drainer import Drainer
 from cluo_host.eviction import PodApi
 from cluo_host.host_facts import HostFacts
+from cluo_host.login_message import RELATIVE_PATH as LOGIN_MESSAGE_PATH
+from cluo_host.login_message import CoordinatorConf, login_state
 from cluo_host.logind import Rebooter, RebootError, RebootRefused
 from cluo_host.notify import Heartbeat, ServiceNotifier, watchdog_loop
 from cluo_host.reboot_required import RELATIVE_PATH as REBOOT_REQUIRED_PATH
@@ -149,6 +151,8 @@ class Agent:
         self._reboot_required: str | None = None
         self._reboot_required_watch = RebootRequiredWatch(
             settings.host_root / REBOOT_REQUIRED_PATH, self._on_reboot_required)
+        # Flatcar's login message reads the agent's state from this file.
+        self._login_message = CoordinatorConf(settings.host_root / LOGIN_MESSAGE_PATH)
         self._ignored_shown_at: float | None = None
         # The node watch, in a thread of its own: from now (its first event is the node as
         # it is), again from where it ended, from now again after an expiry or an error.
@@ -176,6 +180,7 @@ class Agent:
         if self._heartbeat is not None:
             self._beat(ACTION_BOUND)
             watchdog = asyncio.create_task(watchdog_loop(self._notifier, self._heartbeat))
+        self._login_message.take()
         try:
             if not await self._start(stop):
                 return 0
@@ -194,6 +199,7 @@ class Agent:
                 watchdog.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog
+            self._login_message.close()
 
     async def _start(self, stop: asyncio.Event) -> bool:
         """Connect to update_engine, read the node (waiting for it while no Node has its
@@ -414,6 +420,7 @@ class Agent:
         )
 
     def _report(self, decision: Decision) -> None:
+        self._login_message.show(login_state(decision.state))
         if decision.phase != self._last_phase:
             log.info("phase changed", extra={"NODE": self._name, "PHASE": decision.phase,
                                              "PREVIOUS_PHASE": self._last_phase or "none"})

@@ -1,10 +1,14 @@
 """``/run/reboot-required`` as a trigger of the real cluo-agent process (docs/agent.md
-"What asks for a reboot"), on the real control plane and the private system bus, as
+"What asks for a reboot"), and the agent's other file in ``/run``, the one Flatcar's
+login message reads; on the real control plane and the private system bus, as
 tests/kube/test_agent.py runs it. The host's ``/run`` is the host dir's (``--host-root``),
 emptied by the rig's reboot as the tmpfs is on a real host.
 """
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +72,31 @@ def test_the_trigger_can_be_turned_off(rig: Rig) -> None:
     assert_stays(lambda: rig.annotation("reboot-needed") != "true", 2.0,
                  "no reboot asked for: the trigger is off")
     assert "not watching for a reboot-required file" in rig.agent.log()
+
+
+def profile_sees_a_coordinator(conf: Path) -> bool:
+    """The check of Flatcar's login profile: a coordinator holds the file's lock."""
+    free = subprocess.run(["flock", "--nonblock", "--exclusive", str(conf), "true"],
+                          check=False, timeout=10)
+    return free.returncode != 0
+
+
+def login_state(conf: Path) -> str:
+    return dict(line.split("=", 1) for line in conf.read_text().splitlines()).get("STATE", "")
+
+
+def test_the_login_message_file_follows_the_cycle_while_the_agent_runs(rig: Rig) -> None:
+    conf = rig.host.root / "run/update-engine/coordinator.conf"
+    rig.wait(lambda: conf.exists() and login_state(conf) == "running",
+             "the agent to say it runs in /run/update-engine/coordinator.conf")
+    assert conf.read_text().startswith("NAME=cluo-agent\nSTRATEGY=cluo\n")
+    assert profile_sees_a_coordinator(conf)
+
+    (rig.host.root / "run" / "reboot-required").touch()
+    rig.wait(lambda: login_state(conf) == "reboot-planned", "STATE=reboot-planned")
+    rig.set_annotation("reboot-ok", "true")
+    rig.wait(lambda: rig.reboots() == 1, "logind Reboot(false) after the drain")
+    assert login_state(conf) == "rebooting"
+
+    rig.agent.terminate()
+    assert not profile_sees_a_coordinator(conf), "the lock went with the agent"
