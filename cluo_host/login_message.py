@@ -71,6 +71,8 @@ class CoordinatorConf:
         try:
             self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Readable by the login shell of any user, whatever the agent's umask (0077).
+            os.fchmod(fd, 0o644)
         except OSError as err:
             log.warning("cannot write the login message's coordinator file",
                         extra={"PATH": str(self.path), "ERROR": str(err)})

@@ -245,6 +245,13 @@ def test_merged_agent_runs_hardened_and_reaches_the_bus_and_its_kubeconfig(
     verbose = host.journal("cluo-agent.service", output="verbose")
     assert "ServiceUnknown" in verbose or "com.coreos.update1" in verbose, verbose[-3000:]
     assert "Permission denied" not in verbose and "Operation not permitted" not in verbose
+    # The one file it writes, for Flatcar's login message: locked while it runs (the
+    # profile's own check fails to take the lock), readable by any user.
+    conf = "/run/update-engine/coordinator.conf"
+    assert host.run("stat", "-c", "%a", conf).stdout.strip() == "644"
+    assert "NAME=cluo-agent" in host.run("cat", conf).stdout
+    assert host.run("flock", "--nonblock", "--exclusive", conf, "true",
+                    check=False).returncode != 0
     # Type=notify + watchdog: it is alive and not READY (update_engine never answered).
     state = host.run("systemctl", "show", "-p", "ActiveState,SubState,NRestarts",
                      "cluo-agent.service").stdout
