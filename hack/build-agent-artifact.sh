@@ -4,6 +4,9 @@
 #
 #   OUT_DIR/cluo-agent-VERSION-x86-64.raw          the extension image
 #   OUT_DIR/cluo-agent-VERSION-x86-64.raw.sha512   its sha512 (`sha512sum` format)
+#   OUT_DIR/SHA256SUMS                             `sha256sum` of every
+#                   cluo-agent-*-x86-64.raw in OUT_DIR: Flatcar's sysext-bakery layout,
+#                   the manifest systemd-sysupdate's url-file source reads
 #   OUT_DIR/cluo-agent-VERSION-x86-64/             the tree it was packed from
 #
 # Image layout (only /usr merges; Ignition writes the unit into /etc/systemd/system):
@@ -108,6 +111,7 @@ mksquashfs "$tree" "$image.tmp" -all-root -noappend -quiet -no-progress \
     -comp zstd >/dev/null  # SOURCE_DATE_EPOCH sets every time stamp
 mv "$image.tmp" "$image"
 (cd "$out" && sha512sum "$name.raw" >"$name.raw.sha512")
+(cd "$out" && sha256sum cluo-agent-*-"$arch".raw >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
 
 echo "built $image ($(du -h "$image" | cut -f1), $(($(date +%s) - started))s)" >&2
 echo "$image"

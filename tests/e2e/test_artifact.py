@@ -3,6 +3,7 @@ and the image merged and run inside a real systemd host."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -129,6 +130,11 @@ def ignition_validate(path: Path) -> subprocess.CompletedProcess[str]:
 
 def test_image_is_a_flatcar_sysext_with_a_bundle_that_runs(artifact: Artifact) -> None:
     assert re.fullmatch(r"cluo-agent-[0-9.]+-x86-64\.raw", artifact.image.name)
+    # sysext-bakery's manifest, as systemd-sysupdate reads it: "<sha256> *<file>" or
+    # "<sha256>  <file>", one line per image of the folder.
+    sums = (artifact.image.parent / "SHA256SUMS").read_text().splitlines()
+    digest = hashlib.sha256(artifact.image.read_bytes()).hexdigest()
+    assert f"{digest}  {artifact.image.name}" in sums
     listing = subprocess.run(
         ["unsquashfs", "-lls", str(artifact.image)], capture_output=True, text=True,
         check=True, timeout=60,
