@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cluo.errors import KubeError
@@ -33,11 +33,11 @@ from cluo.kube.resources import NODES_PATH, leases_path, node_path
 from cluo.kube.watch import ObjectStore, Reflector
 from cluo.protocol import (
     LEADER_LEASE_NAME,
-    PAUSED_ANNOTATION,
     SLOT_LEASE_LABEL,
     Keys,
     MetadataPatch,
 )
+from cluo_coord.brake import RollState
 from cluo_coord.leases import KubeSlots, slot_from_object
 from cluo_coord.planner import NodeView, SlotLease, reboot_needed_since
 
@@ -61,6 +61,7 @@ def node_view(obj: Mapping[str, Any], keys: Keys, coordinator_node: str = "") ->
         unschedulable=node.unschedulable,
         runs_coordinator=bool(coordinator_node) and node.name == coordinator_node,
         reboot_needed_since=reboot_needed_since(node.state),
+        os_version=node.labels.get(keys.version, ""),
     )
 
 
@@ -184,13 +185,16 @@ class ClusterSnapshot:
     differently with no watch event (a slot Lease this coordinator wrote stops overriding
     the watched one, see ``WRITTEN_SLOT_TTL``); None when only an event can change it.
     ``node_changes``: the node views that changed since the previous snapshot (name,
-    before, after), None when unknown (after a fresh list)."""
+    before, after), None when unknown (after a fresh list). ``roll``: the pause, who
+    paused and why, and the brake's record, as the leader Lease carries them
+    (``paused_by_admin`` is ``roll.paused``, whoever paused)."""
 
     nodes: tuple[NodeView, ...]
     slots: tuple[SlotLease, ...]
     paused_by_admin: bool
     expires_in: float | None = None
     node_changes: tuple[NodeChange, ...] | None = None
+    roll: RollState = field(default_factory=RollState)
 
 
 class ClusterCache:
@@ -216,7 +220,7 @@ class ClusterCache:
         self._written: dict[int, tuple[SlotLease, float]] = {}
 
         self._on_change = on_change
-        self._paused_seen: bool | None = None
+        self._roll_seen: RollState | None = None
         self._reflectors = (
             Reflector("nodes", api, NODES_PATH, self._nodes, lambda _: on_change(),
                       resync_period=resync_period, label_selector=node_selector),
@@ -225,13 +229,14 @@ class ClusterCache:
         )
 
     def _lease_changed(self, obj: Obj | None) -> None:
-        """Wake the driver, except for leader Lease renewals that leave the pause alone."""
+        """Wake the driver, except for leader Lease renewals that leave the roll state
+        (the pause, the brake's record) alone."""
         metadata = (obj or {}).get("metadata") or {}
         if metadata.get("name") == LEADER_LEASE_NAME:
-            paused = (metadata.get("annotations") or {}).get(PAUSED_ANNOTATION) == "true"
-            if paused == self._paused_seen:
+            roll = RollState.from_annotations(metadata.get("annotations"))
+            if roll == self._roll_seen:
                 return
-            self._paused_seen = paused
+            self._roll_seen = roll
         self._on_change()
 
     @property
@@ -254,6 +259,10 @@ class ClusterCache:
     def put_node(self, obj: Obj) -> None:
         self._nodes.put(obj)
 
+    def put_lease(self, obj: Obj) -> None:
+        """A Lease as this coordinator just wrote it (the leader Lease's roll state)."""
+        self._leases.put(obj)
+
     def put_slot(self, slot: SlotLease) -> None:
         """A slot Lease as this coordinator just wrote it (until the watch catches up)."""
         with self._written_lock:
@@ -266,11 +275,11 @@ class ClusterCache:
                  if complete else self._views.update(changed))
         node_changes = None if complete else self._views.changes
         slots: list[SlotLease] = []
-        paused = False
+        roll = RollState()
         for obj in self._leases.values():
             metadata = obj.get("metadata") or {}
             if metadata.get("name") == LEADER_LEASE_NAME:
-                paused = (metadata.get("annotations") or {}).get(PAUSED_ANNOTATION) == "true"
+                roll = RollState.from_annotations(metadata.get("annotations"))
                 continue
             if SLOT_LEASE_LABEL not in (metadata.get("labels") or {}):
                 continue
@@ -281,9 +290,10 @@ class ClusterCache:
         return ClusterSnapshot(
             views,
             tuple(sorted(slots, key=lambda s: s.index)),
-            paused,
+            roll.paused,
             expires_in,
             node_changes,
+            roll,
         )
 
     def _with_written(self, watched: list[SlotLease]) -> tuple[list[SlotLease], float | None]:

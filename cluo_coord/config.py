@@ -27,6 +27,7 @@ from cluo.errors import ConfigError
 from cluo.protocol import DEFAULT_PREFIX, Keys, parse_hook_annotations
 from cluo.settings import (
     KLOG_FLAGS,
+    Alias,
     AliasUse,
     Setting,
     SettingsLoader,
@@ -49,7 +50,9 @@ DEFAULT_NAMESPACE = "cluo-system"
 DEFAULT_METRICS_ADDRESS = ":8080"
 METRICS_OFF = "off"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-ADMIN_COMMANDS = ("release", "slots", "retry", "pause", "resume")
+ADMIN_COMMANDS = ("release", "slots", "retry", "pause", "resume", "status")
+OUTPUTS = ("text", "json")
+DEFAULT_MAX_FAILED_REBOOTS = "2"
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -82,6 +85,7 @@ class AdminSettings:
     keys: Keys
     node: str = ""  # release and retry only
     free: str = ""  # slots only: a slot Lease's name or a holder's node name
+    output: str = "text"  # status only: text or json
 
 
 # --- parsers of the coordinator's own value types ---------------------------------------
@@ -105,6 +109,16 @@ def _duration(check: Callable[[float], str | None]) -> Callable[[str], timedelta
 
 _any_duration = _duration(lambda _: None)
 _positive_duration = _duration(lambda s: None if s > 0 else "must be a positive duration")
+
+
+def _count_or_zero(value: str) -> int:
+    """A positive whole number, or 0 (off)."""
+    if value.strip() == "0":
+        return 0
+    try:
+        return positive_int(value)
+    except ValueError as err:
+        raise ValueError(f"{err} (or 0: never)") from None
 
 
 def _resync_period(value: str) -> float:
@@ -183,6 +197,12 @@ MAX_DRAIN_ATTEMPTS = Setting(
     "--max-drain-attempts", positive_int,
     "after this many failed drains in a row a node gets no slot until "
     "'cluo-coord retry NODE' (default: 5)", default="5")
+MAX_FAILED_REBOOTS = Setting(
+    "--max-failed-reboots", _count_or_zero,
+    "the brake: pause the whole roll once this many nodes failed the reboot proof (not "
+    "back within --reboot-timeout, back NotReady, or back on an older version than "
+    "announced) until 'cluo-coord resume'; 0: never (default: "
+    f"{DEFAULT_MAX_FAILED_REBOOTS})", default=DEFAULT_MAX_FAILED_REBOOTS)
 PAUSE = boolean("--pause", "true: grant no new slots (default: false)")
 NODE_SELECTOR = Setting("--node-selector", verbatim,
                         "label selector of the nodes to manage (default: all)")
@@ -240,12 +260,13 @@ LOADER = SettingsLoader(
     "  cluo-coord slots          list the reboot slots; --free SLOT|NODE frees one\n"
     "  cluo-coord retry NODE     put a node whose drains failed back in the roll\n"
     "  cluo-coord pause          grant no new reboot slots\n"
-    "  cluo-coord resume         grant reboot slots again",
+    "  cluo-coord resume         grant reboot slots again, clear the failed reboots\n"
+    "  cluo-coord status         the roll: paused or why held, slots, queue, failures",
     settings=(
         KUBECONFIG, NAMESPACE, MAX_CONCURRENT, ANNOTATION_PREFIX, BEFORE_REBOOT_ANNOTATIONS,
         AFTER_REBOOT_ANNOTATIONS, REBOOT_WINDOW_START, REBOOT_WINDOW_LENGTH, REBOOT_WINDOWS,
         TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, DRAIN_BACKOFF,
-        DRAIN_BACKOFF_MAX, MAX_DRAIN_ATTEMPTS, PAUSE, NODE_SELECTOR,
+        DRAIN_BACKOFF_MAX, MAX_DRAIN_ATTEMPTS, MAX_FAILED_REBOOTS, PAUSE, NODE_SELECTOR,
         NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
     ),
     aliases=ALIASES,
@@ -271,6 +292,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSetti
             drain_backoff=values[DRAIN_BACKOFF],
             drain_backoff_max=values[DRAIN_BACKOFF_MAX],
             max_drain_attempts=values[MAX_DRAIN_ATTEMPTS],
+            max_failed_reboots=values[MAX_FAILED_REBOOTS],
         )
     except WindowError as err:
         raise ConfigError(f"{values.describe(REBOOT_WINDOW_START)}, "
@@ -336,9 +358,21 @@ _ADMIN_DESCRIPTIONS = {
     "as release does for its holder.",
     "retry": "Put a node whose drains failed back in the roll: removes its drain-failures "
     "and drain-retry-at annotations, so it queues again at once.",
-    "pause": "Grant no new reboot slots (an annotation on the leader Lease) until resume.",
-    "resume": "Grant reboot slots again after a pause.",
+    "pause": "Grant no new reboot slots (an annotation on the leader Lease, with who "
+    "paused and since when) until resume.",
+    "resume": "Grant reboot slots again after a pause, an admin's or the brake's "
+    "(--max-failed-reboots). Also clears the brake's record of the nodes that failed the "
+    "reboot proof, so the brake counts from zero again.",
+    "status": "Show the roll: running, paused (by whom, why, since when) or held (by "
+    "what), who holds each reboot slot and for how long, the queue in order, the nodes in "
+    "drain backoff or out of the roll, and the nodes that failed the reboot proof. Reads "
+    "the status the leading coordinator publishes (ConfigMap cluo-status) and, live, the "
+    "slot Leases and the leader Lease; says so when the published status is missing or "
+    "older than 2 minutes.",
 }
+OUTPUT = Setting("--output", choice(*OUTPUTS), "text (aligned columns) or json "
+                 "(docs/coordinator.md has its schema); -o is short for it (default: text)",
+                 default="text")
 
 
 def admin_loader(command: str) -> SettingsLoader:
@@ -351,8 +385,10 @@ def admin_loader(command: str) -> SettingsLoader:
             *((RELEASED_NODE,) if command == "release" else ()),
             *((RETRIED_NODE,) if command == "retry" else ()),
             *((FREE_SLOT,) if command == "slots" else ()),
+            *((OUTPUT,) if command == "status" else ()),
             ADMIN_KUBECONFIG, NAMESPACE, ANNOTATION_PREFIX,
         ),
+        aliases=(Alias("-o", OUTPUT),) if command == "status" else (),
     )
 
 
@@ -369,4 +405,5 @@ def load_admin_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Admi
         node=(values[RELEASED_NODE] if command == "release"
               else values[RETRIED_NODE] if command == "retry" else ""),
         free=values[FREE_SLOT] if command == "slots" else "",
+        output=values[OUTPUT] if command == "status" else "text",
     )

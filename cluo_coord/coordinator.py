@@ -44,7 +44,9 @@ from cluo.errors import CluoError, KubeError
 from cluo.kube.nodes import EventType as KubeEventType
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import MetadataPatch, slot_lease_name
+from cluo_coord.brake import FailedReboot, RollState
 from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
+from cluo_coord.leader import KubeRollState
 from cluo_coord.leases import KubeSlots, slot_from_object
 from cluo_coord.metrics import CoordMetrics
 from cluo_coord.planner import (
@@ -56,9 +58,11 @@ from cluo_coord.planner import (
     LabelBeforeReboot,
     MarkStuck,
     NodeView,
+    PauseRoll,
     Plan,
     Policy,
     Reason,
+    RecordFailedReboot,
     ReleaseSlot,
     ResetRebootOk,
     SlotLease,
@@ -143,6 +147,21 @@ class EventSink(Protocol):
     ) -> None: ...
 
 
+class RollStore(Protocol):
+    """The brake's writes on the leader Lease (``KubeRollState``), compare-and-swap."""
+
+    def record_failed_reboot(self, failure: FailedReboot) -> RollState: ...
+
+    def pause(self, reason: str, at: datetime) -> RollState: ...
+
+
+class StatusSink(Protocol):
+    """Takes each plan for the status view (``cluo_coord.status.StatusPublisher``); it
+    must return at once and never raise: publishing is not on the grant's path."""
+
+    def offer(self, plan: Plan, snapshot: ClusterSnapshot, at: datetime) -> None: ...
+
+
 class Leadership(Protocol):
     @property
     def is_leader(self) -> bool: ...
@@ -216,6 +235,8 @@ class Coordinator:
         monotonic: Callable[[], float] = time.monotonic,
         waiter: Waiter | None = None,
         tick: float = IDLE_TICK,
+        roll: RollStore | None = None,
+        status: StatusSink | None = None,
     ) -> None:
         """``clock`` is the planner's (wall) time; ``monotonic`` measures the waits,
         which go through ``waiter`` (a fresh ``threading.Event`` by default)."""
@@ -230,6 +251,8 @@ class Coordinator:
         self._monotonic = monotonic
         self._wake: Waiter = waiter if waiter is not None else threading.Event()
         self._tick = tick
+        self._roll = roll
+        self._status = status
         self._last_tick = monotonic()
         self._plan_due = True  # plan at the next tick whatever the deadline
         self._deadline: Deadline | None = None
@@ -342,6 +365,8 @@ class Coordinator:
             return False
         if snapshot.slots != baseline.slots or snapshot.paused_by_admin != baseline.paused_by_admin:
             return False
+        if snapshot.roll != baseline.roll:
+            return False
         holders = {slot.holder for slot in snapshot.slots if slot.holder}
         return all(
             name not in holders and ignored_while_unslotted(before)
@@ -418,6 +443,8 @@ class Coordinator:
         policy = self._policy
         if snapshot.paused_by_admin and not policy.paused:
             policy = replace(policy, paused=True)
+        if snapshot.roll.failed:
+            policy = replace(policy, failed_reboots=snapshot.roll.failed_nodes)
         now, monotonic_now = self._clock(), self._monotonic()
         current = plan(snapshot.nodes, snapshot.slots, now, policy)
         self.plans += 1
@@ -428,6 +455,9 @@ class Coordinator:
         )
         self._metrics.observe_drain_backoff(len(current.drain_backoff),
                                             len(current.out_of_roll))
+        paused_by = ((snapshot.roll.paused_by or "admin") if snapshot.roll.paused
+                     else "admin" if policy.paused else "")
+        self._metrics.observe_roll(paused_by, len(snapshot.roll.failed))
         released = {s.index: s.released_at for s in snapshot.slots if s.released_at}
         writes = 0
         for change in current.changes:
@@ -436,6 +466,8 @@ class Coordinator:
                 break
             if self._apply(change, released):
                 writes += 1
+        if self._status is not None:
+            self._status.offer(current, snapshot, now)
         recheck_after = current.recheck_after
         if snapshot.expires_in is not None:
             expires = timedelta(seconds=snapshot.expires_in)
@@ -501,6 +533,8 @@ class Coordinator:
                 log.info("reboot slot released", extra={
                     "NODE": change.node, "SLOT": change.slot})
             return True
+        if isinstance(change, RecordFailedReboot | PauseRoll):
+            return self._apply_brake(change)
         if isinstance(change, MarkStuck):
             slot = self._slots.mark_stuck(change)
             self._cache.put_slot(slot)
@@ -508,6 +542,22 @@ class Coordinator:
                 "NODE": change.node, "SLOT": change.slot})
             return True
         raise TypeError(f"unknown change {change!r}")  # pragma: no cover
+
+    def _apply_brake(self, change: RecordFailedReboot | PauseRoll) -> bool:
+        """Planner rule 14 on the leader Lease."""
+        if self._roll is None:
+            raise TypeError("the planner used the brake but the driver has no RollStore")
+        if isinstance(change, RecordFailedReboot):
+            state = self._roll.record_failed_reboot(change.failure)
+            self._metrics.failed_reboots.set(len(state.failed))
+            log.warning("reboot proof failed", extra={
+                "NODE": change.failure.node, "WHY": change.failure.why,
+                "FAILED_REBOOTS": len(state.failed)})
+            return True
+        state = self._roll.pause(change.reason, change.at)
+        self._metrics.observe_roll(state.paused_by or "admin", len(state.failed))
+        log.warning("roll paused", extra={"BY": state.paused_by, "REASON": state.reason})
+        return True
 
     def _check_node_gone(self, change: ReleaseSlot) -> None:
         """Rule 11: a slot is freed for a gone holder only if the API server has no such
@@ -537,5 +587,6 @@ if TYPE_CHECKING:  # the real adapters satisfy the protocols fakes are written a
     _CLUSTER_VIEW: type[ClusterView] = ClusterCache
     _NODE_WRITER: type[NodeWriter] = ClusterWriter
     _SLOT_STORE: type[SlotStore] = KubeSlots
+    _ROLL_STORE: type[RollStore] = KubeRollState
     _EVENT_SINK: type[EventSink] = KubeNodes
     _WAITER: type[Waiter] = threading.Event

@@ -26,6 +26,7 @@ from cluo.kube.client import KubeClient
 from cluo.kube.objects import micro_time
 from cluo.kube.resources import CONNECT_TIMEOUT, Timeout, leases_path
 from cluo.protocol import LEADER_LEASE_NAME
+from cluo_coord.brake import FailedReboot, PausedBy, RollState
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,9 @@ class LeaderElector:
         if held is not None and self.is_leader:
             spec = {**(held.get("spec") or {}), "renewTime": micro_time(now),
                     "leaseDurationSeconds": int(self._lease_duration)}
-            self._write("PUT", self._path, {**held, "spec": spec})
-            return
+            if self._write("PUT", self._path, {**held, "spec": spec}):
+                return
+            # Someone wrote the Lease (a pause, the brake's record): read it, renew now.
         action = f"reading leader lease {LEADER_LEASE_NAME!r}"
         try:
             current = lease_request(self._api, "GET", self._path, None, action)
@@ -163,18 +165,20 @@ class LeaderElector:
             spec["acquireTime"] = micro_time(now)
         return spec
 
-    def _write(self, method: str, path: str, body: Mapping[str, Any]) -> None:
+    def _write(self, method: str, path: str, body: Mapping[str, Any]) -> bool:
+        """Whether the write went through (False: someone else wrote first)."""
         started = time.monotonic()
         try:
             written = lease_request(self._api, method, path, body,
                                     f"writing leader lease {LEADER_LEASE_NAME!r}")
         except KubeError as err:
             if err.kind == "conflict":
-                return  # someone else wrote first: not leader this round
+                return False  # someone else wrote first: not leader this round
             raise
         with self._lock:
             self._valid_until = started + self._renew_deadline
         self._held = written if isinstance(written, dict) else None
+        return True
 
     def _step_down(self) -> None:
         with self._lock:
@@ -200,42 +204,92 @@ class LeaderElector:
                 "ERROR": str(err), "ERROR_KIND": err.kind})
 
 
-def set_paused(api: KubeClient, namespace: str, paused: bool,
-               annotation: str) -> None:
-    """Set (or clear) the global pause annotation on the leader Lease, creating it if needed."""
+def set_paused(api: KubeClient, namespace: str, paused: bool, *,
+               at: datetime | None = None) -> RollState:
+    """An admin's pause (``paused-by=admin``, since ``at``) or resume: a resume also
+    clears the brake's record of failed reboots. Creates the leader Lease if needed."""
+    when = at or datetime.now(UTC)
+    if paused:
+        return update_roll_state(api, namespace, lambda state: state.paused_as(
+            PausedBy.ADMIN, "cluo-coord pause", when))[0]
+    return update_roll_state(api, namespace, lambda state: state.resumed())[0]
+
+
+def read_roll_state(api: KubeClient, namespace: str) -> RollState:
+    """The pause and the brake's record, from the leader Lease (uncached)."""
+    try:
+        current = lease_request(api, "GET", leases_path(namespace, LEADER_LEASE_NAME), None,
+                                "reading leader lease")
+    except KubeError as err:
+        if err.kind != "not_found":
+            raise
+        return RollState()
+    return RollState.from_annotations((current.get("metadata") or {}).get("annotations"))
+
+
+def update_roll_state(api: KubeClient, namespace: str,
+                      mutate: Callable[[RollState], RollState]
+                      ) -> tuple[RollState, dict[str, Any]]:
+    """Read-modify-write of the roll state on the leader Lease, a compare-and-swap
+    retried on conflict (the leader renews the Lease every few seconds); creates the
+    Lease when missing. Returns the state written and the Lease as written."""
     path = leases_path(namespace, LEADER_LEASE_NAME)
+    action = "writing the roll state on the leader lease"
     for _ in range(5):
         try:
             current = lease_request(api, "GET", path, None, "reading leader lease")
         except KubeError as err:
             if err.kind != "not_found":
                 raise
+            state = mutate(RollState())
+            annotations = {k: v for k, v in state.annotations().items() if v is not None}
             body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                     "metadata": {"name": LEADER_LEASE_NAME, "namespace": namespace,
-                                 "annotations": {annotation: "true"} if paused else {}},
+                                 "annotations": annotations},
                     "spec": {}}
             try:
-                lease_request(api, "POST", leases_path(namespace), body,
-                              "creating leader lease")
-                return
+                return state, lease_request(api, "POST", leases_path(namespace), body, action)
             except KubeError as create_err:
                 if create_err.kind == "conflict":
                     continue
                 raise
         metadata = dict(current.get("metadata") or {})
         annotations = dict(metadata.get("annotations") or {})
-        if paused:
-            annotations[annotation] = "true"
-        else:
-            annotations.pop(annotation, None)
+        state = mutate(RollState.from_annotations(annotations))
+        for key, value in state.annotations().items():
+            if value is None:
+                annotations.pop(key, None)
+            else:
+                annotations[key] = value
         metadata["annotations"] = annotations
         try:
-            lease_request(api, "PUT", path, {**current, "metadata": metadata},
-                          "setting the pause on the leader lease")
-            return
+            return state, lease_request(api, "PUT", path, {**current, "metadata": metadata},
+                                        action)
         except KubeError as err:
             if err.kind != "conflict":
                 raise
-    raise KubeError("setting the pause on the leader lease", "the lease kept changing",
-                    kind="conflict", status=409)
+    raise KubeError(action, "the lease kept changing", kind="conflict", status=409)
 
+
+class KubeRollState:
+    """The driver's writes of the brake (planner rule 14) on the leader Lease; each
+    Lease as written goes to ``written`` (the cluster cache), so the next plan sees it."""
+
+    def __init__(self, api: KubeClient, namespace: str, *,
+                 written: Callable[[dict[str, Any]], None] = lambda _: None) -> None:
+        self._api = api
+        self._namespace = namespace
+        self._written = written
+
+    def record_failed_reboot(self, failure: FailedReboot) -> RollState:
+        state, obj = update_roll_state(self._api, self._namespace,
+                                       lambda current: current.with_failure(failure))
+        self._written(obj)
+        return state
+
+    def pause(self, reason: str, at: datetime) -> RollState:
+        state, obj = update_roll_state(self._api, self._namespace,
+                                       lambda current: current.paused_as(
+                                           PausedBy.BRAKE, reason, at))
+        self._written(obj)
+        return state

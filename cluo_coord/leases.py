@@ -19,6 +19,7 @@ from cluo.kube.client import KubeClient
 from cluo.kube.objects import api_time, micro_time, seconds_time
 from cluo.kube.resources import events_path, leases_path
 from cluo.protocol import (
+    SLOT_ANNOUNCED_VERSION,
     SLOT_HOLDER_BOOT_ID,
     SLOT_HOLDER_UID,
     SLOT_LEASE_LABEL,
@@ -59,6 +60,7 @@ def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
         released_at=api_time(annotations.get(RELEASED_AT)),
         stuck=annotations.get(STUCK) == "true",
         holder_uid=str(annotations.get(HOLDER_UID) or ""),
+        announced_version=str(annotations.get(SLOT_ANNOUNCED_VERSION) or ""),
     )
 
 
@@ -88,6 +90,7 @@ class KubeSlots:
         annotations: dict[str, str | None] = {
             HOLDER_BOOT_ID: change.holder_boot_id, HOLDER_UID: change.holder_uid or None,
             RELEASED_AT: None, STUCK: None,
+            SLOT_ANNOUNCED_VERSION: change.announced_version or None,
         }
         spec = {
             "holderIdentity": change.node,
@@ -111,7 +114,7 @@ class KubeSlots:
         annotations = {
             **((current.get("metadata") or {}).get("annotations") or {}),
             RELEASED_AT: micro_time(change.at), HOLDER_BOOT_ID: None, HOLDER_UID: None,
-            STUCK: None,
+            STUCK: None, SLOT_ANNOUNCED_VERSION: None,
         }
         transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0)
         body = self._lease(name, change.expected_resource_version, annotations, {},

@@ -12,7 +12,10 @@ kubeconfig (``--kubeconfig``, else ``$CLUO_COORD_KUBECONFIG``, else ``$KUBECONFI
 - ``cluo-coord retry NODE``: remove the node's ``drain-failures`` and ``drain-retry-at``,
   so a node whose drains failed (in backoff or out of the roll) queues again at once;
 - ``cluo-coord pause`` / ``cluo-coord resume``: set or clear the global pause (the
-  annotation ``cluo.flatcar-linux.net/paused`` on the leader Lease).
+  annotation ``cluo.flatcar-linux.net/paused`` on the leader Lease, with who paused, why
+  and since when); ``resume`` also clears the brake's record of failed reboot proofs;
+- ``cluo-coord status [-o json]``: the roll's state, slots, queue, backoff and failures
+  (cluo_coord.status).
 
 Exit codes: 0 after a clean stop (SIGTERM, SIGINT) and after ``--help`` (of the program or
 of an admin command), 1 on an unexpected failure, 2 on a configuration error or a bad or
@@ -38,7 +41,6 @@ from cluo.kube.config import in_cluster_client, kubeconfig_client
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import (
     NO_DRAIN_FAILURES,
-    PAUSED_ANNOTATION,
     Keys,
     drain_backoff_annotations,
     slot_lease_name,
@@ -47,10 +49,16 @@ from cluo.settings import CommandLineExit, log_aliases_used
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
-from cluo_coord.leader import LeaderElector, set_paused
+from cluo_coord.leader import (
+    KubeRollState,
+    LeaderElector,
+    read_roll_state,
+    set_paused,
+)
 from cluo_coord.leases import KubeSlots
 from cluo_coord.metrics import CoordMetrics, HealthServer
 from cluo_coord.planner import ReleaseSlot, SlotLease
+from cluo_coord.status import StatusPublisher, read_status, render_json, render_text
 
 log = logging.getLogger("cluo_coord")
 
@@ -147,10 +155,15 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
     if settings.leader_elect:
         elector = LeaderElector(api, settings.namespace, settings.identity, on_change=on_change)
         leadership = elector
+    status = StatusPublisher(
+        api, settings.namespace, settings.identity,
+        alive=lambda: bool(coordinator_box) and coordinator_box[0].healthy()
+        and (leadership is None or leadership.is_leader))
     coordinator = Coordinator(
         cache, writer=ClusterWriter(api, settings.namespace, keys),
         slots=KubeSlots(api, settings.namespace), nodes=KubeNodes(api, keys),
         policy=settings.policy, metrics=metrics, leadership=leadership,
+        roll=KubeRollState(api, settings.namespace, written=cache.put_lease), status=status,
     )
     coordinator_box.append(coordinator)
     server: HealthServer | None = None
@@ -161,13 +174,16 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
     log.info("coordinator starting", extra={
         "NAMESPACE": settings.namespace, "MAX_CONCURRENT": settings.policy.max_concurrent,
         "WINDOWS": str(settings.policy.windows), "LEADER_ELECT": settings.leader_elect,
-        "IDENTITY": settings.identity, "PREFIX": keys.prefix})
+        "IDENTITY": settings.identity, "PREFIX": keys.prefix,
+        "MAX_FAILED_REBOOTS": settings.policy.max_failed_reboots})
     cache.start()
+    status.start()
     if elector is not None:
         elector.start()
     try:
         coordinator.run(stop)
     finally:
+        status.stop()
         if elector is not None:
             elector.stop()
         cache.stop()
@@ -177,8 +193,8 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
 
 
 def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
-    """``release NODE``, ``slots``, ``retry NODE``, ``pause``, ``resume`` with an admin's
-    kubeconfig."""
+    """``release NODE``, ``slots``, ``retry NODE``, ``pause``, ``resume``, ``status`` with
+    an admin's kubeconfig."""
     try:
         options = load_admin_settings(args, environ)
         api = kubeconfig_client(options.kubeconfig, "cluo-coord")
@@ -201,10 +217,17 @@ def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
                 free_slot(api, options.namespace, keys, options.free)
             else:
                 print_slots(KubeSlots(api, options.namespace).list()[0])
+        elif args[0] == "status":
+            print(status_view(api, options.namespace, options.output))
+        elif args[0] == "pause":
+            state = set_paused(api, options.namespace, True)
+            print(f"{state.describe_pause()}: no new reboot slots are granted")
         else:
-            set_paused(api, options.namespace, args[0] == "pause", PAUSED_ANNOTATION)
-            print("paused: no new reboot slots are granted" if args[0] == "pause"
-                  else "resumed: reboot slots are granted again")
+            before = read_roll_state(api, options.namespace)
+            set_paused(api, options.namespace, False)
+            cleared = (f"; the record of {len(before.failed)} failed reboot(s) is cleared"
+                       if before.failed else "")
+            print(f"resumed: reboot slots are granted again{cleared}")
     except CluoError as err:
         print(f"cluo-coord {args[0]}: {err}", file=sys.stderr)
         return 1
@@ -263,3 +286,11 @@ def print_slots(slots: Sequence[SlotLease]) -> None:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
               .rstrip())
+
+
+def status_view(api: KubeClient, namespace: str, output: str) -> str:
+    """``cluo-coord status``: the published status with the live slots and pause."""
+    slots = KubeSlots(api, namespace).list()[0]
+    view = read_status(api, namespace, slots, read_roll_state(api, namespace),
+                       datetime.now(UTC))
+    return render_json(view) if output == "json" else render_text(view)

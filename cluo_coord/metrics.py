@@ -68,6 +68,14 @@ class CoordMetrics:
             "reboot slot until an admin clears them (cluo-coord retry NODE).", registry=r)
         self.is_leader = Gauge(
             "cluo_is_leader", "1 while this process holds the leader Lease.", registry=r)
+        self.roll_paused = Gauge(
+            "cluo_roll_paused",
+            "1 while the roll is paused, by who paused it: admin (cluo-coord pause, --pause) "
+            "or brake (--max-failed-reboots); 0 for the other.", ["by"], registry=r)
+        self.failed_reboots = Gauge(
+            "cluo_failed_reboots",
+            "Nodes on the brake's record: they failed the reboot proof since the last "
+            "resume (each reported by a Warning Event).", registry=r)
 
     def observe_cluster(
         self, needing_reboot: int, in_flight: int, slots: Iterable[SlotLease]
@@ -83,6 +91,14 @@ class CoordMetrics:
             self.slot_holder_info.labels(slot=str(slot.index), node=slot.holder).set(since)
             stuck += slot.stuck
         self.stuck_nodes.set(stuck)
+
+    def observe_roll(self, paused_by: str, failed_reboots: int) -> None:
+        """``paused_by``: "admin", "brake" or "" (running); an unknown pauser counts as
+        admin (a pause written by an older cluo-coord)."""
+        by = (paused_by if paused_by in ("admin", "brake") else "admin") if paused_by else ""
+        for who in ("admin", "brake"):
+            self.roll_paused.labels(by=who).set(1 if who == by else 0)
+        self.failed_reboots.set(failed_reboots)
 
     def observe_drain_backoff(self, in_backoff: int, out_of_roll: int) -> None:
         self.nodes_in_drain_backoff.set(in_backoff)

@@ -103,6 +103,16 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     no slot until an admin removes ``drain-failures`` (``cluo-coord retry``). A reboot
     done, or no longer needed, removes both annotations. Being on the Node, the backoff
     survives restarts and leader changes.
+14. The brake (``max_failed_reboots`` K, 0: off). A holder fails its reboot proof when,
+    granted, it is not back at ``reboot_timeout`` (rule 7's MarkStuck: it did not come
+    back, or came back NotReady), or when it is proven back on an OS version (its
+    ``version`` label) older than the ``new-version`` it announced when it took the slot
+    (recorded on the slot Lease). Each failure is recorded once per node on the leader
+    Lease (``RecordFailedReboot``, before the MarkStuck or LabelAfterReboot that goes with
+    it, so a crash in between records it again rather than never); once K nodes are on the
+    record and the roll is not paused, ``PauseRoll`` pauses it with a Warning Event, and
+    the pause holds new slots as rule 6's does, until an admin resumes (which clears the
+    record). A stuck slot is marked once, so a resumed roll does not count it again.
 
 The slot Lease records, besides ``spec.holderIdentity`` and ``spec.acquireTime``, the
 holder's ``status.nodeInfo.bootID`` and ``metadata.uid`` at the time it took the slot,
@@ -130,6 +140,7 @@ from cluo.protocol import (
     hooks_done,
     reset_patch,
 )
+from cluo_coord.brake import FailedReboot, older_version
 from cluo_coord.windows import RebootWindows
 
 # --------------------------------------------------------------------------- inputs
@@ -160,6 +171,7 @@ class NodeView:
     unschedulable: bool = False
     runs_coordinator: bool = False
     reboot_needed_since: datetime | None = None
+    os_version: str = ""  # the agent's os-release version label (rule 14)
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,7 @@ class SlotLease:
     released_at: datetime | None = None
     stuck: bool = False
     holder_uid: str = ""
+    announced_version: str = ""  # annotation announced-version: new-version at acquire
 
 
 @dataclass(frozen=True)
@@ -205,6 +218,8 @@ class Policy:
     ``drain_backoff`` is how long a node whose drain failed waits before it may take a
     slot again, doubling per failure in a row up to ``drain_backoff_max``; after
     ``max_drain_attempts`` failures in a row it is out of the roll (rule 13).
+    ``max_failed_reboots`` is the brake (rule 14; 0: off, the default here, while
+    cluo-coord's flag defaults to 2); ``failed_reboots`` the nodes already on its record.
     """
 
     max_concurrent: int = 1
@@ -219,6 +234,8 @@ class Policy:
     drain_backoff: timedelta = timedelta(minutes=10)
     drain_backoff_max: timedelta = timedelta(hours=2)
     max_drain_attempts: int = 5
+    max_failed_reboots: int = 0
+    failed_reboots: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
@@ -230,6 +247,9 @@ class Policy:
             raise ValueError(
                 f"drain backoff must be positive and at most its maximum, not "
                 f"{self.drain_backoff} (maximum {self.drain_backoff_max})")
+        if self.max_failed_reboots < 0:
+            raise ValueError(
+                f"max_failed_reboots must not be negative, not {self.max_failed_reboots}")
         if self.reboot_timeout <= timedelta(0):
             raise ValueError(f"reboot_timeout must be positive, not {self.reboot_timeout}")
         for name in ("min_ready", "delay_between_reboots"):
@@ -263,6 +283,8 @@ class Reason(enum.StrEnum):
     HOLDER_REPLACED = "RebootSlotHolderReplaced"
     MALFORMED_VALUE = "MalformedValue"
     DRAIN_BLOCKED = "DrainBlocked"
+    REBOOT_ROLLED_BACK = "RebootRolledBack"
+    ROLL_PAUSED = "RollPaused"
 
 
 @dataclass(frozen=True)
@@ -344,6 +366,7 @@ class AcquireSlot:
     holder_boot_id: str
     at: datetime
     holder_uid: str = ""
+    announced_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -383,9 +406,26 @@ class EmitEvent:
     slot: int | None = None
 
 
+@dataclass(frozen=True)
+class RecordFailedReboot:
+    """Add ``failure`` to the brake's record on the leader Lease (rule 14; CAS)."""
+
+    failure: FailedReboot
+
+
+@dataclass(frozen=True)
+class PauseRoll:
+    """Pause the roll (the brake, rule 14): paused=true, by the brake, ``reason``, ``at``,
+    on the leader Lease (CAS); a roll already paused stays as it was paused."""
+
+    reason: str
+    at: datetime
+
+
 NodeWrite = LabelBeforeReboot | GrantRebootOk | LabelAfterReboot | ResetRebootOk
 LeaseWrite = AcquireSlot | ReleaseSlot | MarkStuck
-Change = NodeWrite | LeaseWrite | EmitEvent
+RollWrite = RecordFailedReboot | PauseRoll
+Change = NodeWrite | LeaseWrite | RollWrite | EmitEvent
 
 
 @dataclass(frozen=True)
@@ -644,6 +684,8 @@ class _Builder:
         self.changes: list[Change] = []
         self.wake_times: list[datetime] = []
         self.holds: list[str] = []
+        self.failures: list[FailedReboot] = []  # rule 14: recorded by this plan
+        self.pause_reason = ""  # rule 14: this plan pauses the roll
 
     def add(self, *changes: Change) -> None:
         self.changes.extend(changes)
@@ -654,6 +696,16 @@ class _Builder:
 
     def event(self, node: str, type_: EventType, reason: Reason, message: str) -> None:
         self.changes.append(EmitEvent(node, type_, reason, message))
+
+    def failed_reboot(self, node: str, why: str) -> None:
+        """Rule 14: put a failed reboot proof on the brake's record (once per node)."""
+        if self.policy.max_failed_reboots <= 0 or node in self.policy.failed_reboots:
+            return
+        if any(failure.node == node for failure in self.failures):
+            return
+        failure = FailedReboot(node, why, self.now)
+        self.failures.append(failure)
+        self.add(RecordFailedReboot(failure))
 
     def hold(self, reason: str) -> None:
         """Record what keeps queued nodes from a free slot (``Plan.holds``)."""
@@ -734,6 +786,7 @@ def plan(
                 backing_off.append(name)
                 out.wake_at(until)
     queue = sorted(candidates, key=queue_key)
+    _apply_brake(out)
     _take_free_slots(queue, slots, len(in_flight), out)
 
     return Plan(
@@ -843,6 +896,10 @@ def _advance_holder(
     if state.reboot_ok:
         proven, back_at = reboot_proven(view, primary.holder_boot_id, policy, out.now)
         if proven:
+            rolled_back = older_version(view.os_version, primary.announced_version)
+            if rolled_back:
+                out.failed_reboot(name, f"came back on {view.os_version}, older than the "
+                                        f"announced {primary.announced_version}")
             out.add(
                 LabelAfterReboot(name, view.resource_version, policy.after_reboot_annotations)
             )
@@ -850,6 +907,13 @@ def _advance_holder(
                 name, EventType.NORMAL, Reason.REBOOT_VERIFIED,
                 f"The node is back with boot id {view.boot_id}; running after-reboot hooks.",
             )
+            if rolled_back:
+                out.event(
+                    name, EventType.WARNING, Reason.REBOOT_ROLLED_BACK,
+                    f"The node came back on version {view.os_version}, older than the "
+                    f"{primary.announced_version} it announced when it took reboot slot "
+                    f"{primary.index}: the update did not boot and was rolled back.",
+                )
         elif _aborted(state) and cordoned_by_cluo(view):
             # Rule 10: the grant stays out (so the node still reads as an abort) until
             # the agent has uncordoned it.
@@ -864,7 +928,7 @@ def _advance_holder(
         else:
             out.wake_at(back_at)
             _wait(name, primary, "granted; waiting for the node to drain, reboot and come back",
-                  out)
+                  out, failure=_unproven_reboot(view, primary, policy))
         return
 
     if state.reboot_in_progress:
@@ -981,8 +1045,10 @@ def _release_slot_done(view: NodeView) -> bool:
     return not view.state.reboot_in_progress and not cordoned_by_cluo(view)
 
 
-def _wait(holder: str, primary: SlotLease, doing: str, out: _Builder) -> None:
-    """A holder with nothing to do now: report it once if it is over its time (rule 7)."""
+def _wait(holder: str, primary: SlotLease, doing: str, out: _Builder, *,
+          failure: str = "") -> None:
+    """A holder with nothing to do now: report it once if it is over its time (rule 7);
+    ``failure`` says why that is a failed reboot proof (rule 14), if it is one."""
     policy = out.policy
     if primary.stuck:
         return
@@ -990,6 +1056,8 @@ def _wait(holder: str, primary: SlotLease, doing: str, out: _Builder) -> None:
     if primary.acquired_at is not None and out.now < deadline:
         out.wake_at(deadline)
         return
+    if failure:
+        out.failed_reboot(holder, failure)
     out.add(MarkStuck(primary.index, holder, _lease_rv(primary)))
     out.event(
         holder, EventType.WARNING, Reason.REBOOT_TIMED_OUT,
@@ -997,6 +1065,34 @@ def _wait(holder: str, primary: SlotLease, doing: str, out: _Builder) -> None:
         f"the node is not done ({doing}). It keeps the slot so a bad update cannot spread; "
         f"to release it: kubectl annotate node {holder} {policy.keys.release_slot}=true",
     )
+
+
+def _unproven_reboot(view: NodeView, primary: SlotLease, policy: Policy) -> str:
+    """Rule 14: why a granted holder that is not back at its timeout failed the proof."""
+    timeout = f"within --reboot-timeout ({policy.reboot_timeout})"
+    before = {boot for boot in (primary.holder_boot_id, view.state.boot_id_before_reboot)
+              if boot}
+    if view.boot_id and before and view.boot_id not in before:
+        if not view.ready:
+            return f"came back (a new boot id) but was not Ready {timeout}"
+        return f"came back (a new boot id) but was not proven back {timeout}"
+    return f"did not come back {timeout}"
+
+
+def _apply_brake(out: _Builder) -> None:
+    """Rule 14: pause the roll once ``max_failed_reboots`` nodes failed the proof."""
+    policy = out.policy
+    limit = policy.max_failed_reboots
+    failed = sorted(policy.failed_reboots | {failure.node for failure in out.failures})
+    if limit <= 0 or policy.paused or len(failed) < limit:
+        return
+    out.pause_reason = (f"{len(failed)} node(s) failed the reboot proof, the limit is {limit} "
+                        f"(--max-failed-reboots): {', '.join(failed)}")
+    out.add(PauseRoll(out.pause_reason, out.now))
+    node = out.failures[-1].node if out.failures else failed[-1]
+    out.event(node, EventType.WARNING, Reason.ROLL_PAUSED,
+              f"The roll is paused: {out.pause_reason}. No node gets a new reboot slot until "
+              "an admin resumes it: cluo-coord resume (which also clears the record).")
 
 
 def _tidy_unslotted(view: NodeView, out: _Builder) -> None:
@@ -1070,6 +1166,9 @@ def _take_free_slots(
     if policy.paused:
         out.hold("paused: the roll is paused, no new reboot slots are granted")
         return
+    if out.pause_reason:
+        out.hold(f"paused: the brake paused the roll: {out.pause_reason}")
+        return
     if not policy.windows.is_open(now):
         out.hold("window: outside every reboot window")
         out.wake_at(policy.windows.next_change(now))
@@ -1087,7 +1186,7 @@ def _take_free_slots(
     for view, lease in zip(queue, rested[:room], strict=False):
         out.add(
             AcquireSlot(lease.index, view.name, lease.resource_version, view.boot_id, now,
-                        view.uid),
+                        view.uid, announced_version=view.state.new_version),
             LabelBeforeReboot(view.name, view.resource_version, policy.before_reboot_annotations),
         )
         out.event(
