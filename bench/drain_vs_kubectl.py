@@ -60,12 +60,12 @@ from bench.records import (
     expect,
 )
 from bench.testbed import unique_suffix
+from cluo.cycle.drain_plan import DrainOptions, PodSummary
+from cluo.cycle.drainer import Drainer, DrainTuning
+from cluo.cycle.eviction import BlockedByBudget, EvictionOutcome, KubePods
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import Keys
-from cluo_host.drain_plan import DrainOptions, PodSummary
-from cluo_host.drainer import Drainer, DrainTuning
-from cluo_host.eviction import BlockedByBudget, EvictionOutcome, KubePods
 from testbed.kubelet import KubeletEmulator
 from testbed.waiting import wait_for
 
@@ -143,7 +143,7 @@ def run(context: BenchContext) -> BenchResult:
             f"{GRACE_SECONDS}, scaled by {GRACE_PERIOD_SCALE} by the emulator (both tools). "
             "kubectl: `kubectl drain NODE --ignore-daemonsets --delete-emptydir-data "
             f"--timeout={int(DRAIN_TIMEOUT)}s` (admin kubeconfig). cluo: cordon, then "
-            "`cluo_host.drainer.Drainer` with the agent's default tuning (8 evictions in "
+            "`cluo.cycle.drainer.Drainer` with the agent's default tuning (8 evictions in "
             "flight, 429 retried after 1 s doubling to 10 s, 0.25 s polls), admin credentials. "
             "Timed from the cordon to all pods gone; tools alternate which goes first; "
             f"{repeats} run(s) each."

@@ -38,13 +38,7 @@ import logging
 from collections.abc import Callable
 
 from cluo.backoff import Backoff
-from cluo.errors import CluoError
-from cluo.kube.nodes import NodeApi, NodeEvent, NodeSnapshot
-from cluo.kube.objects import newer_or_same
-from cluo.kube.resources import REQUEST_TIMEOUT, RETRY_AFTER_ATTEMPTS, WATCH_TIMEOUT_SECONDS
-from cluo.kube.watch import WatchLoop
-from cluo.protocol import label_value
-from cluo_host.agent_core import (
+from cluo.cycle.agent_core import (
     AbortDrain,
     Action,
     ClearRebootAttempts,
@@ -66,14 +60,21 @@ from cluo_host.agent_core import (
     decide,
     describe_inhibitors,
 )
+from cluo.cycle.drainer import Drainer
+from cluo.cycle.eviction import PodApi
+from cluo.cycle.update_status import UpdateEngineStatus
+from cluo.errors import CluoError
+from cluo.kube.nodes import NodeApi, NodeEvent, NodeSnapshot
+from cluo.kube.objects import newer_or_same
+from cluo.kube.resources import REQUEST_TIMEOUT, RETRY_AFTER_ATTEMPTS, WATCH_TIMEOUT_SECONDS
+from cluo.kube.watch import WatchLoop
+from cluo.protocol import label_value
 from cluo_host.config import (
     NODE_NAME_FLAG,
     NODE_NAME_FROM_HOSTNAME,
     NODE_NAME_VARIABLE,
     AgentSettings,
 )
-from cluo_host.drainer import Drainer
-from cluo_host.eviction import PodApi
 from cluo_host.host_facts import HostFacts
 from cluo_host.login_message import RELATIVE_PATH as LOGIN_MESSAGE_PATH
 from cluo_host.login_message import CoordinatorConf, login_state
@@ -89,7 +90,6 @@ from cluo_host.update_engine import (
     UpdateEngineEvent,
     UpdateStatusSource,
 )
-from cluo_host.update_status import UpdateEngineStatus
 
 log = logging.getLogger(__name__)
 

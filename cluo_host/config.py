@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluo.cycle.agent_core import AgentConfig, DrainTimeoutPolicy
+from cluo.cycle.drainer import DrainTuning
 from cluo.errors import ConfigError
 from cluo.protocol import DEFAULT_PREFIX, Keys
 from cluo.settings import (
@@ -35,8 +37,6 @@ from cluo.settings import (
     positive_duration,
     positive_int,
 )
-from cluo_host.agent_core import AgentConfig, DrainTimeoutPolicy
-from cluo_host.drainer import DrainTuning
 
 ENV_PREFIX = "CLUO_AGENT_"
 FLUO_ENV_PREFIX = "UPDATE_AGENT"  # FLUO's and CLUO's update-agent

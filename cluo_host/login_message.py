@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from cluo_host.agent_core import (
+from cluo.cycle.agent_core import (
     Cordoning,
     Draining,
     Granted,

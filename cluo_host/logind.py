@@ -25,8 +25,8 @@ from typing import Protocol, TypeVar
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from cluo.cycle.agent_core import Inhibitor
 from cluo.errors import CluoError, ErrorKind
-from cluo_host.agent_core import Inhibitor
 
 LOGIND_NAME = "org.freedesktop.login1"
 LOGIND_PATH = "/org/freedesktop/login1"

@@ -9,13 +9,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from cluo.cycle.eviction import KubePods
 from cluo.errors import CluoError
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
 from cluo.settings import CommandLineExit, log_aliases_used
 from cluo_host.agent import Agent
 from cluo_host.config import AgentSettings, load_settings
-from cluo_host.eviction import KubePods
 from cluo_host.host_facts import read_host_facts
 from cluo_host.journal import setup_logging
 from cluo_host.logind import Logind

@@ -55,8 +55,8 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from cluo.backoff import Backoff
+from cluo.cycle.update_status import STATUS_SIGNATURE, UpdateEngineStatus, UpdateStatusError
 from cluo.errors import CluoError, ErrorKind
-from cluo_host.update_status import STATUS_SIGNATURE, UpdateEngineStatus, UpdateStatusError
 
 UPDATE_ENGINE_NAME = "com.coreos.update1"
 UPDATE_ENGINE_PATH = "/com/coreos/update1"

@@ -28,6 +28,7 @@ import pytest
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
+from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation
 from cluo_host.update_engine import (
     DBUS_NAME,
     DBUS_PATH,
@@ -41,7 +42,6 @@ from cluo_host.update_engine import (
     UpdateEngineError,
     UpdateEngineEvent,
 )
-from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
 from testbed.dbus_bus import (
     CALL_TIMEOUT,
     UPDATE_ENGINE_TEMPLATE,

@@ -5,7 +5,7 @@ system:nodes: docs/security.md). The test bed's API server runs as kubeadm's doe
 authorizer, NodeRestriction) and deploy/agent-policy.yaml is applied, here with one hook
 annotation listed as an operator would list theirs. Every refusal below is a real 403
 whose message names the layer that refused; every permission the agent needs is used as
-the agent uses it (cluo's own adapters, cluo.kube.nodes and cluo_host.eviction). The
+the agent uses it (cluo's own adapters, cluo.kube.nodes and cluo.cycle.eviction). The
 last test runs the real cluo-agent, with a node credential, through a whole drain and
 reboot granted by the real cluo-coord.
 """
@@ -35,6 +35,7 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
+from cluo.cycle.eviction import Evicted, KubePods
 from cluo.kube.client import ApiError, KubeClient
 from cluo.kube.nodes import KubeNodes, NodeChange
 from cluo.kube.resources import MERGE_PATCH
@@ -50,7 +51,6 @@ from cluo.protocol import (
     Writer,
     slot_lease_name,
 )
-from cluo_host.eviction import Evicted, KubePods
 from testbed.agent_host import AgentProcess, HostDir
 from testbed.controlplane import ControlPlane
 from testbed.coordinator import CoordProcess

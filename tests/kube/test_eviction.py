@@ -28,12 +28,8 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
-from cluo.errors import KubeError
-from cluo.kube.client import KubeClient
-from cluo.kube.nodes import EVENT_NAMESPACE, KubeNodes, NodeChange
-from cluo.protocol import Keys
-from cluo_host.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
-from cluo_host.eviction import (
+from cluo.cycle.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
+from cluo.cycle.eviction import (
     BlockedByBudget,
     Deleted,
     Evicted,
@@ -41,6 +37,10 @@ from cluo_host.eviction import (
     KubePods,
     Present,
 )
+from cluo.errors import KubeError
+from cluo.kube.client import KubeClient
+from cluo.kube.nodes import EVENT_NAMESPACE, KubeNodes, NodeChange
+from cluo.protocol import Keys
 from testbed.kubelet import EmulatedNode, KubeletEmulator
 from testbed.waiting import wait_for
 

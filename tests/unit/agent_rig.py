@@ -16,14 +16,9 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
-from cluo.errors import KubeError
-from cluo.kube.nodes import NodeEvent, NodeSnapshot
-from cluo.protocol import Keys
-from cluo_host.agent import Agent
-from cluo_host.agent_core import Inhibitor
-from cluo_host.config import AgentSettings, load_settings
-from cluo_host.drain_plan import OwnerRef, PodSummary
-from cluo_host.eviction import (
+from cluo.cycle.agent_core import Inhibitor
+from cluo.cycle.drain_plan import OwnerRef, PodSummary
+from cluo.cycle.eviction import (
     BlockedByBudget,
     Deleted,
     DeletionOutcome,
@@ -31,9 +26,14 @@ from cluo_host.eviction import (
     EvictionOutcome,
     PodState,
 )
+from cluo.cycle.update_status import UpdateEngineStatus
+from cluo.errors import KubeError
+from cluo.kube.nodes import NodeEvent, NodeSnapshot
+from cluo.protocol import Keys
+from cluo_host.agent import Agent
+from cluo_host.config import AgentSettings, load_settings
 from cluo_host.host_facts import HostFacts
 from cluo_host.update_engine import StatusIgnored, StatusUpdated, UpdateEngineEvent
-from cluo_host.update_status import UpdateEngineStatus
 from tests.unit.virtual_time import elapsed, run
 
 NODE = "worker-1"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cluo.cycle.agent_core import DrainTimeoutPolicy
 from cluo.errors import ConfigError
 from cluo.protocol import CLUO_PREFIX, FLUO_PREFIX
 from cluo.settings import AliasUse
-from cluo_host.agent_core import DrainTimeoutPolicy
 from cluo_host.config import DEFAULT_KUBECONFIG, load_settings
 from tests.fixtures import fluo_examples
 

@@ -16,8 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluo.protocol import FLUO_PREFIX, Keys, NodePatch, NodeProtocolState
-from cluo_host.agent_core import (
+from cluo.cycle.agent_core import (
     TRANSITIONS,
     AbortDrain,
     Action,
@@ -58,8 +57,9 @@ from cluo_host.agent_core import (
     decide,
     derive_state,
 )
-from cluo_host.drain_plan import BlockReason, DrainOptions, PodBlocker
-from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
+from cluo.cycle.drain_plan import BlockReason, DrainOptions, PodBlocker
+from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation
+from cluo.protocol import FLUO_PREFIX, Keys, NodePatch, NodeProtocolState
 
 KEYS = Keys()
 T0 = 1000.0

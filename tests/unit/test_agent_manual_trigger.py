@@ -13,9 +13,9 @@ import asyncio
 
 import pytest
 
+from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation
 from cluo_host.agent import IGNORED_UPDATE_EVENT_INTERVAL
 from cluo_host.update_engine import UNIDENTIFIED_SENDER
-from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
 from tests.unit.agent_rig import AgentRun, run_agent
 
 pytestmark = pytest.mark.timeout(30)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from cluo.cycle.update_status import UpdateEngineStatus
 from cluo.errors import KubeError
 from cluo.kube.nodes import NodeChange, NodeEvent, NodeSnapshot
 from cluo_host.agent import NO_NODE_MESSAGE, Agent, Backoff
@@ -28,7 +29,6 @@ from cluo_host.config import AgentSettings, load_settings
 from cluo_host.host_facts import HostFacts
 from cluo_host.journal import fields_of
 from cluo_host.update_engine import UpdateEngineEvent
-from cluo_host.update_status import UpdateEngineStatus
 from testbed.waiting import assert_stays, wait_for
 
 NAME = "worker-1.example.com"

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import pytest
 
-from cluo_host.agent_core import LAST_CHECKED_REFRESH
-from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
+from cluo.cycle.agent_core import LAST_CHECKED_REFRESH
+from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation
 from tests.unit.agent_rig import AgentRun, run_agent
 
 pytestmark = pytest.mark.timeout(30)

@@ -13,8 +13,8 @@ from itertools import pairwise
 
 import pytest
 
+from cluo.cycle.update_status import UpdateEngineStatus
 from cluo_host.agent import ACTION_BOUND
-from cluo_host.update_status import UpdateEngineStatus
 from tests.unit.agent_rig import FakeLogind, run_agent
 
 pytestmark = pytest.mark.timeout(30)

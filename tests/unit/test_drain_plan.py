@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluo_host.drain_plan import (
+from cluo.cycle.drain_plan import (
     BlockReason,
     DrainOptions,
     OwnerRef,

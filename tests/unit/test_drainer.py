@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from cluo.cycle.agent_core import DrainStatus
+from cluo.cycle.drain_plan import BlockReason, DrainOptions, PodSummary
+from cluo.cycle.drainer import Drainer, DrainTuning
+from cluo.cycle.eviction import BlockedByBudget, KubePods, PodApi
 from cluo.errors import KubeError
 from cluo.kube.client import ApiError
 from cluo.kube.nodes import NodeApi
-from cluo_host.agent_core import DrainStatus
-from cluo_host.drain_plan import BlockReason, DrainOptions, PodSummary
-from cluo_host.drainer import Drainer, DrainTuning
-from cluo_host.eviction import BlockedByBudget, KubePods, PodApi
 from tests.unit.agent_rig import (
     BUDGET,
     GRACE,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluo_host.agent_core import (
+from cluo.cycle.agent_core import (
     Cordoning,
     Draining,
     Granted,

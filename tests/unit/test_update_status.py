@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluo_host.update_status import UpdateEngineStatus, UpdateOperation, UpdateStatusError
+from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation, UpdateStatusError
 
 NEED_REBOOT = (1700000000, 0.0, "UPDATE_STATUS_UPDATED_NEED_REBOOT", "4152.2.0", 543210)
 

@@ -110,9 +110,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
+from cluo.cycle.drain_plan import DrainOptions, PodBlocker, describe_blockers
+from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation
 from cluo.protocol import NodePatch, NodeProtocolState
-from cluo_host.drain_plan import DrainOptions, PodBlocker, describe_blockers
-from cluo_host.update_status import UpdateEngineStatus, UpdateOperation
 
 # An annotation value is free text, but a node is not a log: keep reasons short.
 MAX_REASON_CHARS = 1000

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cluo.cycle.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
 from cluo.errors import KubeError, status_details
 from cluo.kube.client import REQUEST_ERRORS, TRANSPORT_ERRORS, ApiError, KubeClient, kube_error
 from cluo.kube.resources import PODS_PATH, REQUEST_TIMEOUT, Timeout, pod_path
-from cluo_host.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
 
 __all__ = [
     "BlockedByBudget",

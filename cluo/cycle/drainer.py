@@ -24,10 +24,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluo.cycle.agent_core import DrainStatus
+from cluo.cycle.drain_plan import BlockReason, DrainOptions, PodBlocker, PodSummary, plan_drain
+from cluo.cycle.eviction import BlockedByBudget, PodApi
 from cluo.errors import CluoError
-from cluo_host.agent_core import DrainStatus
-from cluo_host.drain_plan import BlockReason, DrainOptions, PodBlocker, PodSummary, plan_drain
-from cluo_host.eviction import BlockedByBudget, PodApi
 
 log = logging.getLogger(__name__)
 
