@@ -144,6 +144,13 @@ SPECS: tuple[KeySpec, ...] = (
     KeySpec("release-slot", Kind.ANNOTATION, Writer.ADMIN, "true",
             "An admin releases the reboot slot of a node that did not come back; the "
             "coordinator clears it when done.", cluo_extension=True),
+    KeySpec("fleetlock-id", Kind.ANNOTATION, Writer.ADMIN, "FleetLock client id",
+            "The id this node's FleetLock client (Zincati) sends; wins over the id cluo-coord "
+            "derives from the node's machine id (docs/fleetlock.md).", cluo_extension=True),
+    KeySpec("fleetlock-client", Kind.ANNOTATION, Writer.COORDINATOR, "FleetLock client id",
+            "cluo-coord runs this node's reboot cycle for the FleetLock client of that id "
+            "(it writes the agent's keys); removed when the cycle is over.",
+            cluo_extension=True),
     KeySpec("reboot-needed", Kind.LABEL, Writer.AGENT, "true/false",
             "Mirror of the reboot-needed annotation, for selectors."),
     KeySpec("before-reboot", Kind.LABEL, Writer.COORDINATOR, "true (absent otherwise)",
@@ -232,6 +239,14 @@ class Keys:
     @property
     def release_slot(self) -> str:
         return self.prefix + "release-slot"
+
+    @property
+    def fleetlock_id(self) -> str:
+        return self.prefix + "fleetlock-id"
+
+    @property
+    def fleetlock_client(self) -> str:
+        return self.prefix + "fleetlock-client"
 
     @property
     def before_reboot(self) -> str:
