@@ -13,7 +13,7 @@ Two wedges:
 - The release image's agent stopped whole (SIGSTOP) mid-drain: nothing in it runs, so no
   ping reaches systemd. Any pinger in the process stops there; what this proves is that
   the shipped bundle under the shipped unit is watched: systemd gives it the watchdog,
-  takes its pings (NotifyAccess=main), kills it when they stop and starts it again.
+  kills it when the pings stop and starts it again.
 
 The same logic on fake time, with every bound, is tests/unit/test_agent_watchdog.py.
 """
