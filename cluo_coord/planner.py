@@ -141,6 +141,7 @@ from cluo.protocol import (
     reset_patch,
 )
 from cluo_coord.brake import FailedReboot, older_version
+from cluo_coord.health import ALL_CLEAR, Health
 from cluo_coord.windows import RebootWindows
 
 # --------------------------------------------------------------------------- inputs
@@ -678,9 +679,10 @@ def _require_aware(now: datetime) -> None:
 class _Builder:
     """Collects changes and wake-up times while the planner walks the cluster."""
 
-    def __init__(self, now: datetime, policy: Policy) -> None:
+    def __init__(self, now: datetime, policy: Policy, health: Health = ALL_CLEAR) -> None:
         self.now = now
         self.policy = policy
+        self.health = health
         self.changes: list[Change] = []
         self.wake_times: list[datetime] = []
         self.holds: list[str] = []
@@ -748,17 +750,25 @@ def plan(
     leases: Iterable[SlotLease],
     now: datetime,
     policy: Policy,
+    *,
+    health: Health = ALL_CLEAR,
 ) -> Plan:
     """Decide the next changes from the whole cluster state. Pure and deterministic.
 
     One pass over the nodes, plus sorting the slot holders and the queue: linear in the
     cluster's size when few nodes need a reboot (5,000 nodes: a few ms).
+
+    ``health`` (cluo_coord.health; default: nothing fires, every gate open): a blocker
+    that fires holds new slots as the pause does (rule 6: holders finish), one
+    ``Plan.holds`` entry "blocker: ..." each; a holder whose health gate is closed keeps
+    its slot where a finished cycle would release it, until the gate opens (past
+    ``reboot_timeout`` it is marked stuck, rule 7).
     """
     _require_aware(now)
     views = _index_nodes(nodes)
     slots = _index_slots(leases, policy.max_concurrent)
     held = _holdings(slots)
-    out = _Builder(now, policy)
+    out = _Builder(now, policy, health)
 
     for name in sorted(held, key=lambda holder: held[holder][0].index):
         _advance_holder(name, held[name], views.get(name), out)
@@ -882,6 +892,9 @@ def _advance_holder(
                 # follows once it has.
                 out.add(ResetRebootOk(name, view.resource_version, policy.hook_annotations))
                 _wait(name, primary, "waiting for the agent to uncordon the node", out)
+            elif (unrecovered := out.health.gate(name)) is not None:
+                _wait(name, primary, f"waiting for the workloads to recover: {unrecovered}",
+                      out)
             else:
                 out.reset_and_release(
                     view, slots, EventType.NORMAL, Reason.REBOOT_FINISHED,
@@ -938,8 +951,11 @@ def _advance_holder(
         _wait(name, primary, "waiting for the agent to uncordon the node", out)
     elif not state.reboot_needed and not view.ready:
         _wait(name, primary, "the node no longer needs a reboot but is not Ready", out)
+    elif (not state.reboot_needed and _rebooted(view, primary)
+          and (unrecovered := out.health.gate(name)) is not None):
+        _wait(name, primary, f"waiting for the workloads to recover: {unrecovered}", out)
     elif not state.reboot_needed:
-        rebooted = bool(view.boot_id) and view.boot_id != primary.holder_boot_id
+        rebooted = _rebooted(view, primary)
         out.reset_and_release(
             view, slots, EventType.NORMAL,
             Reason.REBOOT_FINISHED if rebooted else Reason.REBOOT_CANCELLED,
@@ -972,6 +988,11 @@ def _advance_holder(
         )
     else:
         _wait(name, primary, "waiting for the before-reboot hooks", out)
+
+
+def _rebooted(view: NodeView, primary: SlotLease) -> bool:
+    """The holder runs another boot than the one it took its slot in."""
+    return bool(view.boot_id) and view.boot_id != primary.holder_boot_id
 
 
 def _free_slots_of_gone_node(name: str, slots: list[SlotLease], out: _Builder) -> None:
@@ -1172,6 +1193,10 @@ def _take_free_slots(
     if not policy.windows.is_open(now):
         out.hold("window: outside every reboot window")
         out.wake_at(policy.windows.next_change(now))
+        return
+    if out.health.blockers:  # cluo_coord.health: holders finish, nobody new starts
+        for blocker in out.health.blockers:
+            out.hold(f"blocker: {blocker}")
         return
     room = policy.max_concurrent - in_flight
     if room <= 0:
