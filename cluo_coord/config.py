@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from cluo.settings import (
     positive_int,
     verbatim,
 )
+from cluo_coord.health_config import HEALTH_SETTINGS, HealthConfig, health_config
 from cluo_coord.planner import Policy
 from cluo_coord.windows import RebootWindows, Window, WindowError, parse_windows, parse_zone
 
@@ -72,6 +73,7 @@ class CoordSettings:
     resync_period: float = 600.0
     log_level: str = "info"
     aliases_used: tuple[AliasUse, ...] = ()  # FLUO/CLUO spellings read, to log once
+    health: HealthConfig = field(default_factory=HealthConfig)  # gate and blockers
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,7 @@ LOADER = SettingsLoader(
         TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, DRAIN_BACKOFF,
         DRAIN_BACKOFF_MAX, MAX_DRAIN_ATTEMPTS, MAX_FAILED_REBOOTS, PAUSE, NODE_SELECTOR,
         NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
+        *HEALTH_SETTINGS,
     ),
     aliases=ALIASES,
     refused=REFUSED,
@@ -316,6 +319,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSetti
         resync_period=values[RESYNC_PERIOD],
         log_level=values[LOG_LEVEL],
         aliases_used=values.aliases_used,
+        health=health_config(values),
     )
 
 

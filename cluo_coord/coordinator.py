@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,8 +44,17 @@ from cluo.errors import CluoError, KubeError
 from cluo.kube.nodes import EventType as KubeEventType
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import MetadataPatch, slot_lease_name
+from cluo_coord.blockers import BlockerWatch
 from cluo_coord.brake import FailedReboot, RollState
 from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
+from cluo_coord.health import (
+    ALL_CLEAR,
+    GATE_EVENT_REASON,
+    HOLD_EVENT_REASON,
+    Health,
+    hold_changes,
+    hold_kind,
+)
 from cluo_coord.leader import KubeRollState
 from cluo_coord.leases import KubeSlots, slot_from_object
 from cluo_coord.metrics import CoordMetrics
@@ -70,6 +79,7 @@ from cluo_coord.planner import (
     malformed_values,
     plan,
 )
+from cluo_coord.workloads import GATE_RECHECK, WorkloadGates
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +172,28 @@ class StatusSink(Protocol):
     def offer(self, plan: Plan, snapshot: ClusterSnapshot, at: datetime) -> None: ...
 
 
+class HealthGates(Protocol):
+    """The health gate (``cluo_coord.workloads.WorkloadGates``): records a node's
+    workloads on its slot Lease at the grant, and says which finished holders wait."""
+
+    def record_grant(self, node: str, slot: int, expected_lease_version: str) -> SlotLease:
+        """A compare-and-swap on the slot Lease, right before rule 3's check (which then
+        expects the version it wrote): it fails (conflict) if the Lease moved."""
+
+    def closed(self, nodes: Iterable[NodeView], slots: Iterable[SlotLease]
+               ) -> dict[str, str]: ...
+
+
+class Blockers(Protocol):
+    """What fires now (``cluo_coord.blockers.BlockerWatch``, its own thread);
+    ``version`` moves whenever that changes."""
+
+    def firing(self) -> tuple[str, ...]: ...
+
+    @property
+    def version(self) -> int: ...
+
+
 class Leadership(Protocol):
     @property
     def is_leader(self) -> bool: ...
@@ -235,6 +267,8 @@ class Coordinator:
         monotonic: Callable[[], float] = time.monotonic,
         waiter: Waiter | None = None,
         tick: float = IDLE_TICK,
+        gates: HealthGates | None = None,
+        blockers: Blockers | None = None,
         roll: RollStore | None = None,
         status: StatusSink | None = None,
     ) -> None:
@@ -251,6 +285,11 @@ class Coordinator:
         self._monotonic = monotonic
         self._wake: Waiter = waiter if waiter is not None else threading.Event()
         self._tick = tick
+        self._gates = gates  # None: the health gate is off
+        self._blockers = blockers  # None: no blocker configured
+        self._blockers_planned = -1  # the blockers' version the last plan saw
+        self._holds: tuple[str, ...] = ()  # the last plan's (to log and post changes)
+        self._closed_gates: frozenset[str] = frozenset()
         self._roll = roll
         self._status = status
         self._last_tick = monotonic()
@@ -365,6 +404,8 @@ class Coordinator:
             return False
         if snapshot.slots != baseline.slots or snapshot.paused_by_admin != baseline.paused_by_admin:
             return False
+        if self._blockers is not None and self._blockers.version != self._blockers_planned:
+            return False
         if snapshot.roll != baseline.roll:
             return False
         holders = {slot.holder for slot in snapshot.slots if slot.holder}
@@ -446,8 +487,10 @@ class Coordinator:
         if snapshot.roll.failed:
             policy = replace(policy, failed_reboots=snapshot.roll.failed_nodes)
         now, monotonic_now = self._clock(), self._monotonic()
-        current = plan(snapshot.nodes, snapshot.slots, now, policy)
+        health = self._assess_health(snapshot)
+        current = plan(snapshot.nodes, snapshot.slots, now, policy, health=health)
         self.plans += 1
+        self._report_health(current, health)
         self._metrics.observe_cluster(
             sum(1 for view in snapshot.nodes if view.state.reboot_needed),
             len(current.in_flight),
@@ -469,6 +512,9 @@ class Coordinator:
         if self._status is not None:
             self._status.offer(current, snapshot, now)
         recheck_after = current.recheck_after
+        if health.closed_gates:  # re-check them soon (WorkloadGates decides how soon)
+            recheck = timedelta(seconds=GATE_RECHECK)
+            recheck_after = recheck if recheck_after is None else min(recheck_after, recheck)
         if snapshot.expires_in is not None:
             expires = timedelta(seconds=snapshot.expires_in)
             recheck_after = expires if recheck_after is None else min(recheck_after, expires)
@@ -493,6 +539,12 @@ class Coordinator:
             log.info("event posted", extra={"NODE": change.node, "REASON": change.reason.value})
             return False
         if isinstance(change, GrantRebootOk):
+            if self._gates is not None:  # the health gate's record: a CAS on the slot
+                recorded = self._gates.record_grant(
+                    change.node, change.slot, change.expected_lease_resource_version)
+                self._cache.put_slot(recorded)
+                change = replace(change, expected_lease_resource_version=str(
+                    recorded.resource_version))
             self._check_slot_unchanged(change)
             obj = self._writer.patch_node(change.node, change.patch(keys),
                                           change.expected_resource_version)
@@ -559,6 +611,49 @@ class Coordinator:
         log.warning("roll paused", extra={"BY": state.paused_by, "REASON": state.reason})
         return True
 
+    # -- the health gate and the blockers ---------------------------------------------
+
+    def _assess_health(self, snapshot: ClusterSnapshot) -> Health:
+        """What fires and which finished holders' gates are closed, for this plan."""
+        if self._gates is None and self._blockers is None:
+            return ALL_CLEAR
+        firing: tuple[str, ...] = ()
+        if self._blockers is not None:
+            self._blockers_planned = self._blockers.version
+            firing = self._blockers.firing()
+        closed = ({} if self._gates is None
+                  else self._gates.closed(snapshot.nodes, snapshot.slots))
+        return Health(blockers=firing, closed_gates=closed)
+
+    def _report_health(self, current: Plan, health: Health) -> None:
+        """A log line when a hold starts and ends, an Event when it starts (about slot
+        Lease 0: the roll's), the same for each holder's gate (about its Node), and the
+        gauges."""
+        started, ended = hold_changes(self._holds, current.holds)
+        for hold in started:
+            log.warning("new reboot slots held", extra={
+                "HOLD": hold, "QUEUED": len(current.queue)})
+            self._slots.emit_event(
+                0, HOLD_EVENT_REASON, f"Nodes waiting for a reboot slot get none: {hold}",
+                type="Normal", component=COMPONENT)
+            self._metrics.events.labels(type="Normal", reason=HOLD_EVENT_REASON).inc()
+        for hold in ended:
+            log.info("reboot slots no longer held", extra={"HOLD": hold})
+        self._holds = current.holds
+        closed = frozenset(health.closed_gates)
+        for node in sorted(closed - self._closed_gates):
+            why = health.closed_gates[node]
+            log.info("health gate closed", extra={"NODE": node, "WHY": why})
+            self._nodes.emit_event(
+                node, GATE_EVENT_REASON, f"The node is back; its reboot slot is released "
+                f"once its workloads recovered: {why}", type="Normal", component=COMPONENT)
+            self._metrics.events.labels(type="Normal", reason=GATE_EVENT_REASON).inc()
+        for node in sorted(self._closed_gates - closed):
+            log.info("health gate open", extra={"NODE": node})
+        self._closed_gates = closed
+        self._metrics.observe_health([hold_kind(hold) for hold in current.holds],
+                                     len(health.blockers), len(closed))
+
     def _check_node_gone(self, change: ReleaseSlot) -> None:
         """Rule 11: a slot is freed for a gone holder only if the API server has no such
         Node (one outside --node-selector is not gone, the cache just does not show it)."""
@@ -590,3 +685,5 @@ if TYPE_CHECKING:  # the real adapters satisfy the protocols fakes are written a
     _ROLL_STORE: type[RollStore] = KubeRollState
     _EVENT_SINK: type[EventSink] = KubeNodes
     _WAITER: type[Waiter] = threading.Event
+    _BLOCKERS: type[Blockers] = BlockerWatch
+    _GATES: type[HealthGates] = WorkloadGates

@@ -26,6 +26,7 @@ from cluo.protocol import (
     SLOT_LEASE_PREFIX,
     SLOT_RELEASED_AT,
     SLOT_STUCK,
+    SLOT_WORKLOADS,
     slot_lease_name,
 )
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
@@ -37,6 +38,7 @@ HOLDER_UID = SLOT_HOLDER_UID
 EVENT_MESSAGE_LIMIT = 1024  # as cluo.kube.nodes posts them
 RELEASED_AT = SLOT_RELEASED_AT
 STUCK = SLOT_STUCK
+WORKLOADS = SLOT_WORKLOADS
 
 
 def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
@@ -90,7 +92,7 @@ class KubeSlots:
         annotations: dict[str, str | None] = {
             HOLDER_BOOT_ID: change.holder_boot_id, HOLDER_UID: change.holder_uid or None,
             RELEASED_AT: None, STUCK: None,
-            SLOT_ANNOUNCED_VERSION: change.announced_version or None,
+            SLOT_ANNOUNCED_VERSION: change.announced_version or None, WORKLOADS: None,
         }
         spec = {
             "holderIdentity": change.node,
@@ -114,12 +116,33 @@ class KubeSlots:
         annotations = {
             **((current.get("metadata") or {}).get("annotations") or {}),
             RELEASED_AT: micro_time(change.at), HOLDER_BOOT_ID: None, HOLDER_UID: None,
-            STUCK: None, SLOT_ANNOUNCED_VERSION: None,
+            STUCK: None, SLOT_ANNOUNCED_VERSION: None, WORKLOADS: None,
         }
         transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0)
         body = self._lease(name, change.expected_resource_version, annotations, {},
                            transitions=transitions)
         return self._write(action, "PUT", self._path(name), body)
+
+    def record_workloads(self, index: int, node: str, expected_resource_version: str,
+                         record: str) -> SlotLease:
+        """Write the health gate's baseline (``record``, JSON) on slot ``index`` held by
+        ``node``: a compare-and-swap at ``expected_resource_version``, so it also proves
+        the Lease unchanged since the plan (planner rule 3) right before the grant."""
+        name = slot_lease_name(index)
+        action = f"recording the workloads of node {node!r} on reboot slot {name!r}"
+        current = self._read(name, action)
+        if (current.get("spec") or {}).get("holderIdentity") != node:
+            raise KubeError(action, "the slot no longer names the node: not granted",
+                            kind="conflict", status=409)
+        metadata = dict(current.get("metadata") or {})
+        metadata["annotations"] = {**(metadata.get("annotations") or {}), WORKLOADS: record}
+        metadata["resourceVersion"] = expected_resource_version
+        return self._write(action, "PUT", self._path(name), {**current, "metadata": metadata})
+
+    def workloads(self, index: int) -> str | None:
+        """The health gate's baseline on slot ``index``, read uncached (None: none)."""
+        lease = self.read(slot_lease_name(index)) or {}
+        return ((lease.get("metadata") or {}).get("annotations") or {}).get(WORKLOADS)
 
     def mark_stuck(self, change: MarkStuck) -> SlotLease:
         name = slot_lease_name(change.slot)

@@ -46,9 +46,17 @@ from cluo.protocol import (
     slot_lease_name,
 )
 from cluo.settings import CommandLineExit, log_aliases_used
+from cluo_coord.blockers import (
+    AlertBlocker,
+    Blocker,
+    BlockerWatch,
+    PodSelectorBlocker,
+    QueryBlocker,
+)
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
+from cluo_coord.health_config import HealthConfig
 from cluo_coord.leader import (
     KubeRollState,
     LeaderElector,
@@ -58,7 +66,9 @@ from cluo_coord.leader import (
 from cluo_coord.leases import KubeSlots
 from cluo_coord.metrics import CoordMetrics, HealthServer
 from cluo_coord.planner import ReleaseSlot, SlotLease
+from cluo_coord.prometheus import Prometheus
 from cluo_coord.status import StatusPublisher, read_status, render_json, render_text
+from cluo_coord.workloads import KubeWorkloads, WorkloadGates
 
 log = logging.getLogger("cluo_coord")
 
@@ -159,11 +169,14 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         api, settings.namespace, settings.identity,
         alive=lambda: bool(coordinator_box) and coordinator_box[0].healthy()
         and (leadership is None or leadership.is_leader))
+    blockers = BlockerWatch(blockers_of(api, settings.health),
+                            settings.health.blocker_interval.total_seconds(), on_change=on_change)
     coordinator = Coordinator(
         cache, writer=ClusterWriter(api, settings.namespace, keys),
         slots=KubeSlots(api, settings.namespace), nodes=KubeNodes(api, keys),
         policy=settings.policy, metrics=metrics, leadership=leadership,
         roll=KubeRollState(api, settings.namespace, written=cache.put_lease), status=status,
+        gates=health_gates(api, settings), blockers=blockers if blockers.active else None,
     )
     coordinator_box.append(coordinator)
     server: HealthServer | None = None
@@ -177,6 +190,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         "IDENTITY": settings.identity, "PREFIX": keys.prefix,
         "MAX_FAILED_REBOOTS": settings.policy.max_failed_reboots})
     cache.start()
+    blockers.start()
     status.start()
     if elector is not None:
         elector.start()
@@ -189,7 +203,28 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         cache.stop()
         if server is not None:
             server.stop()
+        blockers.stop()
         log.info("coordinator stopped")
+
+
+def health_gates(api: KubeClient, settings: CoordSettings) -> WorkloadGates | None:
+    """The health gate's adapter (None: --health-gate=false)."""
+    if not settings.health.gate:
+        return None
+    return WorkloadGates(KubeWorkloads(api, settings.health.pdbs),
+                         KubeSlots(api, settings.namespace))
+
+
+def blockers_of(api: KubeClient, config: HealthConfig) -> list[Blocker]:
+    """One blocker per --blocking-pod-selector and --prometheus-query, and the alert
+    blocker when there is a --prometheus-url."""
+    found: list[Blocker] = [PodSelectorBlocker(api, selector, config.blocking_pod_namespace)
+                            for selector in config.blocking_pod_selectors]
+    if config.prometheus_url:
+        prometheus = Prometheus(config.prometheus_url)
+        found += [QueryBlocker(prometheus, query) for query in config.prometheus_queries]
+        found.append(AlertBlocker(prometheus, config.alert_filter))
+    return found
 
 
 def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:

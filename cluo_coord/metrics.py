@@ -68,6 +68,20 @@ class CoordMetrics:
             "reboot slot until an admin clears them (cluo-coord retry NODE).", registry=r)
         self.is_leader = Gauge(
             "cluo_is_leader", "1 while this process holds the leader Lease.", registry=r)
+        self.grants_held = Gauge(
+            "cluo_grants_held",
+            "What holds new reboot slots while nodes wait for one, by kind (paused, "
+            "window, blocker, ...): the number of such holds (the status view's holds).",
+            ["reason"], registry=r)
+        self._hold_kinds: set[str] = set()
+        self.blockers_firing = Gauge(
+            "cluo_blockers_firing",
+            "Blockers firing now (--blocking-pod-selector, --prometheus-query, alerts), "
+            "those that cannot be evaluated included.", registry=r)
+        self.health_gates_closed = Gauge(
+            "cluo_health_gates_closed",
+            "Slot holders back from their reboot whose slot waits for their workloads to "
+            "recover (the health gate).", registry=r)
         self.roll_paused = Gauge(
             "cluo_roll_paused",
             "1 while the roll is paused, by who paused it: admin (cluo-coord pause, --pause) "
@@ -103,6 +117,20 @@ class CoordMetrics:
     def observe_drain_backoff(self, in_backoff: int, out_of_roll: int) -> None:
         self.nodes_in_drain_backoff.set(in_backoff)
         self.nodes_out_of_roll.set(out_of_roll)
+
+    def observe_health(self, holds: Iterable[str], blockers: int, closed_gates: int) -> None:
+        """``holds``: the kind of each of the plan's holds ("paused", "window",
+        "blocker", ...); a kind seen before and not held now reads 0."""
+        counts: dict[str, int] = {}
+        for kind in holds:
+            counts[kind] = counts.get(kind, 0) + 1
+        for kind in self._hold_kinds - counts.keys():
+            self.grants_held.labels(reason=kind).set(0)
+        for kind, count in counts.items():
+            self.grants_held.labels(reason=kind).set(count)
+        self._hold_kinds |= counts.keys()
+        self.blockers_firing.set(blockers)
+        self.health_gates_closed.set(closed_gates)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

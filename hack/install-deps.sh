@@ -22,10 +22,13 @@ root=$(dirname "$here")
 #  - docker-registry, skopeo: docs/install.md's push step, tested against a registry on
 #    loopback (tests/e2e/test_install_walkthrough.py): skopeo copies the image's OCI
 #    archive into it and reads back the digest.
+#  - prometheus: a real Prometheus for the coordinator's blocker tests
+#    (tests/kube/test_blockers.py); testbed/prometheus.py runs the binary itself, in a
+#    directory of its own. Its Debian service is not used.
 packages=(
     libsystemd-dev libdbus-1-dev libglib2.0-dev pkg-config dbus-daemon
     openssl systemd-container mmdebstrap squashfs-tools ignition
-    podman buildah runc docker-registry skopeo
+    podman buildah runc docker-registry skopeo prometheus
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -40,6 +43,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The package starts Prometheus as a service where systemd runs: the tests run their
+    # own, and a service on :9090 would only be in the way.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 venv=${CLUO_VENV:-$root/.venv}

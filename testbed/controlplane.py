@@ -350,9 +350,11 @@ class ControlPlane:
         self._spawn("kube-controller-manager", [
             str(self.binaries / "kube-controller-manager"),
             "--kubeconfig", str(self.admin_kubeconfig),
-            # Only the disruption controller: it writes PodDisruptionBudget status, which
-            # the Eviction API needs. Nothing else runs (no scheduler, no kubelet).
-            "--controllers", "disruption",
+            # The disruption controller writes PodDisruptionBudget status, which the
+            # Eviction API needs; the replicaset controller keeps ReplicaSets' pods and
+            # their status (the health gate's tests). Nothing else runs (no scheduler, no
+            # kubelet: a ReplicaSet's template names its node).
+            "--controllers", "disruption,replicaset",
             "--leader-elect=false",
             "--use-service-account-credentials=false",
             "--secure-port", "0",

@@ -74,6 +74,18 @@ def _can(plane: ControlPlane, user: str, *args: str) -> bool:
         (COORD, ("create", "pods", "--subresource=eviction", "-n", "default"), False),
         (COORD, ("delete", "nodes"), False),
         (COORD, ("get", "secrets", "-n", "cluo-system"), False),
+        # The health gate and the blockers: read only, and only what they read.
+        (COORD, ("list", "pods", "--all-namespaces"), True),
+        (COORD, ("get", "pods", "-n", "default"), False),
+        (COORD, ("watch", "pods", "--all-namespaces"), False),
+        (COORD, ("get", "replicasets.apps", "-n", "default"), True),
+        (COORD, ("get", "statefulsets.apps", "-n", "default"), True),
+        (COORD, ("get", "replicationcontrollers", "-n", "default"), True),
+        (COORD, ("list", "replicasets.apps", "-n", "default"), False),
+        (COORD, ("get", "deployments.apps", "-n", "default"), False),
+        (COORD, ("list", "poddisruptionbudgets.policy", "-n", "default"), True),
+        (COORD, ("update", "poddisruptionbudgets.policy", "-n", "default"), False),
+        (COORD, ("delete", "pods", "-n", "default"), False),
         # The status view: the one ConfigMap cluo-status in its namespace.
         (COORD, ("create", "configmaps", "-n", "cluo-system"), True),
         (COORD, ("update", "configmaps/cluo-status", "-n", "cluo-system"), True),

@@ -34,9 +34,11 @@ from cluo.protocol import (
 from cluo_coord.cluster import ClusterSnapshot
 from cluo_coord.coordinator import (
     IDLE_TICK,
+    Blockers,
     ClusterView,
     Coordinator,
     EventSink,
+    HealthGates,
     Leadership,
     NodeWriter,
     SlotStore,
@@ -483,7 +485,8 @@ class CoordRig:
     """A Coordinator on the fakes above; ``run(until)`` drives it on fake time."""
 
     def __init__(self, policy: Policy | None = None, *, wall: datetime = T0,
-                 leadership: Leadership | None = None, tick: float = IDLE_TICK) -> None:
+                 leadership: Leadership | None = None, tick: float = IDLE_TICK,
+                 gates: HealthGates | None = None, blockers: Blockers | None = None) -> None:
         self.time = FakeTime(wall)
         self.journal = Journal(self.time)
         self.cluster = Cluster(self.journal)
@@ -492,7 +495,8 @@ class CoordRig:
             self.cache, writer=FakeWriter(self.cluster), slots=FakeSlots(self.cluster),
             nodes=FakeEvents(self.journal), policy=policy or Policy(),
             metrics=RecordingMetrics(self.journal), leadership=leadership,
-            clock=self.time.wall, monotonic=self.time.monotonic, waiter=self.time, tick=tick)
+            clock=self.time.wall, monotonic=self.time.monotonic, waiter=self.time, tick=tick,
+            gates=gates, blockers=blockers)
 
     def at(self, t: float, action: Callable[[], object]) -> None:
         self.time.at(t, action)
