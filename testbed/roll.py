@@ -286,13 +286,14 @@ def install_kubelet_credential(host: NspawnHost, control_plane: ControlPlane,
 
 
 def generate_config(
-    image: AgentImage, url_base: str, out: Path, settings: Sequence[str]
+    image: AgentImage, url_base: str, out: Path, settings: Sequence[str],
+    generator_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, str(GENERATOR),
          "--artifact-url", f"{url_base}/{image.image.name}", "--artifact", str(image.image),
          *(arg for setting in settings for arg in ("--node-setting", setting)),
-         "-o", str(out)],
+         *generator_args, "-o", str(out)],
         capture_output=True, text=True, timeout=60, check=False,
     )
     if result.returncode != 0:
@@ -316,6 +317,7 @@ def provision_host(
     control_plane: ControlPlane,
     workdir: Path,
     settings: Sequence[str] = (),
+    generator_args: Sequence[str] = (),
     on_made: Callable[[NspawnHost], None] = lambda _host: None,
 ) -> ProvisionedHost:
     """Provision host `name` in `workdir` from its Ignition config and start its first boot;
@@ -323,12 +325,13 @@ def provision_host(
 
     Not later: the boot does not finish (`wait_until_running`) before the agent is ready,
     and the agent is ready only once its Node exists, which the caller registers with this
-    boot id. `on_made` gets the host as soon as it exists (for the caller's teardown)."""
+    boot id. `on_made` gets the host as soon as it exists (for the caller's teardown);
+    `generator_args` are more options of ignition/cluo_ignition.py (e.g. --sysupdate-url)."""
     timings: dict[str, float] = {}
     started = time.monotonic()
     workdir.mkdir(parents=True)
     config_path = workdir / "node.ign"
-    config = generate_config(image, url_base, config_path, settings)
+    config = generate_config(image, url_base, config_path, settings, generator_args)
     host = NspawnHost(name, base_root, workdir / "host", loop_devices=True)
     on_made(host)
     flatcar.make_flatcar_shaped(host)
