@@ -14,7 +14,12 @@ What the config does on the node's first boot (docs/install.md):
   own kubeconfig, /etc/kubernetes/kubelet.conf unless ``--node-setting kubeconfig=PATH``
   names another file on the node;
 - installs units/cluo-agent.service and enables it, enables update-engine.service and masks
-  locksmithd.service.
+  locksmithd.service;
+- with ``--sysupdate-url BASE_URL`` (opt-in), also the systemd-sysupdate transfer file
+  /etc/sysupdate.cluo-agent.d/cluo-agent.conf (ignition/sysupdate/, images from BASE_URL)
+  and units/cluo-sysupdate.service with its timer, enabled: a newer image is downloaded
+  and announced by /run/reboot-required, so cluo-agent reboots into it once the
+  coordinator grants a slot (docs/install.md "Sysext updates").
 
 The config holds no credential: the agent acts as its node, with the kubelet's credential,
 which the kubelet renews itself (docs/security.md).
@@ -47,6 +52,8 @@ from cluo_host import config as agent_config  # noqa: E402
 
 UNIT_FILE = ROOT / "units" / "cluo-agent.service"
 BUTANE_TEMPLATE = HERE / "cluo-agent.bu"
+TRANSFER_TEMPLATE = HERE / "sysupdate" / "cluo-agent.conf"
+SYSUPDATE_UNITS = ("cluo-sysupdate.service", "cluo-sysupdate.timer")  # the timer is enabled
 
 EXTENSIONS_DIR = "/opt/extensions/cluo-agent"
 EXTENSION_LINK = "/etc/extensions/cluo-agent.raw"
@@ -55,6 +62,9 @@ CONFIG_DIR = "/etc/cluo"
 # /var/lib/kubelet/pki/kubelet-client-current.pem, rotated by the kubelet.
 KUBELET_KUBECONFIG = "/etc/kubernetes/kubelet.conf"
 AGENT_ENV_PATH = "/etc/cluo/agent.env"
+# systemd-sysupdate's component cluo-agent: `systemd-sysupdate --component=cluo-agent`.
+TRANSFER_PATH = "/etc/sysupdate.cluo-agent.d/cluo-agent.conf"
+SYSUPDATE_URL_SCHEMES = ("http", "https")  # what systemd-sysupdate's url-file source fetches
 
 # Ignition spec -> the Butane flatcar variant version that produces it.
 SPECS = {"3.3.0": "1.0.0", "3.4.0": "1.1.0"}
@@ -65,6 +75,9 @@ MODE_FILE = 0o644  # 420
 MODE_DIR = 0o755  # 493
 
 ARTIFACT_NAME_RE = re.compile(r"^cluo-agent-[A-Za-z0-9][A-Za-z0-9._+~-]*\.raw$")
+# The transfer file's MatchPattern=cluo-agent-@v-%a.raw on x86-64: the first image must
+# match it too, or systemd-sysupdate would not know it as an installed version.
+SYSUPDATE_NAME_RE = re.compile(r"^cluo-agent-[A-Za-z0-9][A-Za-z0-9._+~]*-x86-64\.raw$")
 SHA512_RE = re.compile(r"^[0-9a-f]{128}$")
 # Environment values written without quotes; anything else is double-quoted.
 PLAIN_VALUE_RE = re.compile(r"^[A-Za-z0-9._:/@%+,=-]*$")
@@ -87,6 +100,7 @@ class Inputs:
     artifact_sha512: str
     settings: Mapping[str, str] = field(default_factory=dict)  # CLUO_AGENT_* -> value
     spec: str = DEFAULT_SPEC
+    sysupdate_url: str | None = None  # where systemd-sysupdate finds newer images, if at all
 
     @property
     def artifact_name(self) -> str:
@@ -127,6 +141,24 @@ def check_sha512(text: str, what: str) -> str:
     if not SHA512_RE.match(value):
         raise InputError(f"{what}: {text!r} is not a sha512 (128 hex digits)")
     return value
+
+
+def check_sysupdate_url(url: str, artifact: str) -> str:
+    """The folder URL for the transfer file's [Source] Path=, without a trailing slash."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in SYSUPDATE_URL_SCHEMES or not parsed.netloc:
+        raise InputError(
+            f"--sysupdate-url: {url!r} is not a URL systemd-sysupdate can fetch "
+            f"(schemes: {', '.join(SYSUPDATE_URL_SCHEMES)})"
+        )
+    if any(char.isspace() or ord(char) < 32 for char in url):
+        raise InputError(f"--sysupdate-url: {url!r} has white space or control characters")
+    if not SYSUPDATE_NAME_RE.match(artifact):
+        raise InputError(
+            f"--sysupdate-url: the first image {artifact!r} is not named "
+            "cluo-agent-VERSION-x86-64.raw, so systemd-sysupdate would not see it installed"
+        )
+    return url.rstrip("/")
 
 
 def raise_if_other_file(named: str, artifact: str) -> None:
@@ -212,14 +244,33 @@ def agent_env(settings: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unit_text() -> str:
-    return UNIT_FILE.read_text()
+def unit_text(name: str = UNIT_FILE.name) -> str:
+    return (UNIT_FILE.parent / name).read_text()
+
+
+def transfer_text(source_url: str) -> str:
+    """ignition/sysupdate/cluo-agent.conf with its [Source] Path= filled in."""
+    return TRANSFER_TEMPLATE.read_text().replace("@SOURCE_URL@", source_url)
+
+
+def sysupdate_units() -> list[dict[str, Any]]:
+    return [{"name": name, **({"enabled": True} if name.endswith(".timer") else {}),
+             "contents": unit_text(name)} for name in SYSUPDATE_UNITS]
 
 
 def build_config(inputs: Inputs) -> dict[str, Any]:
     """The Ignition config, as the dict that becomes its JSON."""
     if inputs.spec not in SPECS:
         raise InputError(f"--spec: {inputs.spec!r} is not one of {', '.join(SPECS)}")
+    sysupdate_files: list[dict[str, Any]] = []
+    sysupdate_unit_entries: list[dict[str, Any]] = []
+    if inputs.sysupdate_url is not None:
+        sysupdate_files = [{
+            "path": TRANSFER_PATH,
+            "mode": MODE_FILE,
+            "contents": {"source": data_url(transfer_text(inputs.sysupdate_url))},
+        }]
+        sysupdate_unit_entries = sysupdate_units()
     return {
         "ignition": {"version": inputs.spec},
         "storage": {
@@ -241,6 +292,7 @@ def build_config(inputs: Inputs) -> dict[str, Any]:
                     "mode": MODE_FILE,
                     "contents": {"source": data_url(agent_env(inputs.settings))},
                 },
+                *sysupdate_files,
             ],
             "links": [{"path": EXTENSION_LINK, "target": inputs.artifact_path, "hard": False}],
         },
@@ -249,6 +301,7 @@ def build_config(inputs: Inputs) -> dict[str, Any]:
                 {"name": "locksmithd.service", "mask": True},
                 {"name": "update-engine.service", "enabled": True},
                 {"name": "cluo-agent.service", "enabled": True, "contents": unit_text()},
+                *sysupdate_unit_entries,
             ]
         },
     }
@@ -266,7 +319,15 @@ def render_butane(inputs: Inputs, template: str | None = None) -> str:
         "ARTIFACT_SHA512": inputs.artifact_sha512,
         "AGENT_ENV": "\n".join(env_lines),
         "AGENT_UNIT": unit_text(),
+        "SYSUPDATE_FILES": "",
+        "SYSUPDATE_UNITS": "",
     }
+    if inputs.sysupdate_url is not None:
+        values["SYSUPDATE_FILES"] = butane_file(
+            TRANSFER_PATH, transfer_text(inputs.sysupdate_url))
+        values["SYSUPDATE_UNITS"] = "".join(
+            butane_unit(unit["name"], unit["contents"], unit.get("enabled"))
+            for unit in sysupdate_units())
     text = template if template is not None else BUTANE_TEMPLATE.read_text()
     # Drop the template's own header comment (it documents the placeholders).
     lines = text.splitlines()
@@ -280,6 +341,16 @@ def render_butane(inputs: Inputs, template: str | None = None) -> str:
             continue
         out.append(re.sub(r"@([A-Z0-9_]+)@", lambda m: values[m.group(1)], line))
     return "\n".join(out) + "\n"
+
+
+def butane_file(path: str, content: str) -> str:
+    return (f"- path: {path}\n  mode: 0{MODE_FILE:o}\n  contents:\n    inline: |\n"
+            + _indent(content, "      "))
+
+
+def butane_unit(name: str, content: str, enabled: bool | None) -> str:
+    enable = "  enabled: true\n" if enabled else ""
+    return f"- name: {name}\n{enable}  contents: |\n" + _indent(content, "    ")
 
 
 def _indent(text: str, prefix: str) -> str:
@@ -305,6 +376,10 @@ def _parser() -> argparse.ArgumentParser:
         f"kubeconfig=PATH: a kubeconfig on the node other than {KUBELET_KUBECONFIG}")
     for gone in ("--kubeconfig", "--kubeconfig-url", "--kubeconfig-sha512"):
         add(gone, dest=gone.removeprefix("--").replace("-", "_"), help=argparse.SUPPRESS)
+    add("--sysupdate-url", metavar="BASE_URL",
+        help="also install systemd-sysupdate's transfer file and cluo-sysupdate.timer: newer "
+        "cluo-agent images are fetched from BASE_URL (with its SHA256SUMS) and installed for "
+        "the next coordinated reboot")
     add("--spec", default=DEFAULT_SPEC, choices=list(SPECS), help="Ignition spec version")
     add("--format", default="ignition", choices=["ignition", "butane"])
     add("-o", "--output", type=Path, help="output file (default: stdout)")
@@ -332,11 +407,14 @@ def inputs_from(args: argparse.Namespace) -> Inputs:
     for gone in ("kubeconfig", "kubeconfig_url", "kubeconfig_sha512"):
         if getattr(args, gone) is not None:
             raise InputError(f"--{gone.replace('_', '-')}: {NO_CREDENTIAL}")
+    sysupdate_url = (None if args.sysupdate_url is None
+                     else check_sysupdate_url(args.sysupdate_url, artifact_name(url)))
     return Inputs(
         artifact_url=url,
         artifact_sha512=sha512,
         settings=settings_from(args.node_setting),
         spec=args.spec,
+        sysupdate_url=sysupdate_url,
     )
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import configparser
 import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -231,6 +233,95 @@ def test_output_file(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["ignition"]["version"] == "3.3.0"
 
 
+# --- sysext updates (--sysupdate-url) ------------------------------------------------------
+
+STORE = "https://artifacts.example.com/cluo"
+TRANSFER = "/etc/sysupdate.cluo-agent.d/cluo-agent.conf"
+SYSUPDATE_UNITS = ("cluo-sysupdate.service", "cluo-sysupdate.timer")
+# The keys of systemd 257's sysupdate.d(5) that the transfer file may use, per section.
+SYSUPDATE_KEYS = {
+    "Transfer": {"MinVersion", "ProtectVersion", "Verify", "Features", "RequisiteFeatures"},
+    "Source": {"Type", "Path", "PathRelativeTo", "MatchPattern"},
+    "Target": {"Type", "Path", "PathRelativeTo", "MatchPattern", "MatchPartitionType",
+               "PartitionUUID", "PartitionFlags", "PartitionNoAuto", "PartitionGrowFileSystem",
+               "Mode", "TriesDone", "TriesLeft", "InstancesMax", "RemoveTemporary",
+               "CurrentSymlink"},
+}
+
+
+def transfer_of(config: dict[str, Any]) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(decode_data_url(files_by_path(config)[TRANSFER]["contents"]["source"]))
+    return parser
+
+
+def test_without_sysupdate_url_nothing_of_sysupdate_is_installed() -> None:
+    config = config_for()
+
+    assert TRANSFER not in files_by_path(config)
+    assert not set(SYSUPDATE_UNITS) & set(units_by_name(config))
+
+
+def test_sysupdate_url_adds_the_transfer_file_and_the_enabled_timer() -> None:
+    config = config_for("--sysupdate-url", STORE + "/")
+
+    transfer = transfer_of(config)
+    assert files_by_path(config)[TRANSFER]["mode"] == 420
+    assert dict(transfer["Source"]) == {
+        "Type": "url-file", "Path": STORE, "MatchPattern": "cluo-agent-@v-%a.raw"}
+    assert transfer["Transfer"]["Verify"] == "false"
+    units = units_by_name(config)
+    assert units["cluo-sysupdate.timer"] == {
+        "name": "cluo-sysupdate.timer", "enabled": True,
+        "contents": (ROOT / "units/cluo-sysupdate.timer").read_text()}
+    # Started by the timer only: not enabled itself.
+    assert units["cluo-sysupdate.service"] == {
+        "name": "cluo-sysupdate.service",
+        "contents": (ROOT / "units/cluo-sysupdate.service").read_text()}
+    service = units["cluo-sysupdate.service"]["contents"]
+    exec_start = [line for line in service.splitlines() if line.startswith("ExecStart=")]
+    # Downloads only: the reboot is the agent's, after /run/reboot-required asked for it.
+    assert exec_start == [
+        "ExecStart=/usr/lib/systemd/systemd-sysupdate --component=cluo-agent update"]
+    assert "touch /run/reboot-required" in service
+
+
+def test_transfer_file_uses_only_sysupdate_keys() -> None:
+    transfer = transfer_of(config_for("--sysupdate-url", STORE))
+
+    assert set(transfer.sections()) == set(SYSUPDATE_KEYS)
+    for section, keys in SYSUPDATE_KEYS.items():
+        assert set(transfer[section]) <= keys, section
+
+
+def test_the_first_image_is_an_installed_version_of_the_transfer_target() -> None:
+    config = config_for("--sysupdate-url", STORE)
+
+    target = transfer_of(config)["Target"]
+    pattern = re.escape(target["MatchPattern"]).replace("@v", r"[^/]+").replace("%a", "x86-64")
+    (link,) = config["storage"]["links"]
+    assert link["path"] == target["CurrentSymlink"] == "/etc/extensions/cluo-agent.raw"
+    assert re.fullmatch(re.escape(target["Path"]) + "/" + pattern, link["target"]), link
+    assert link["target"] in files_by_path(config)
+    assert target["Type"] == "regular-file"
+    assert int(target["InstancesMax"]) >= 2  # the merged image and the next one
+
+
+@pytest.mark.skipif(shutil.which("ignition-validate") is None,
+                    reason="ignition-validate is missing (Debian package ignition)")
+def test_ignition_validate_accepts_the_config_with_sysupdate(tmp_path: Path) -> None:
+    # Spec 3.3.0: Debian's ignition-validate 2.14 knows no newer spec.
+    out = tmp_path / "node.ign"
+    result = generate("--artifact-url", URL, "--artifact-sha512", SHA,
+                      "--sysupdate-url", STORE, "-o", out)
+    assert result.returncode == 0, result.stderr
+
+    validated = subprocess.run(["ignition-validate", str(out)], capture_output=True,
+                               text=True, timeout=60, check=False)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
 # --- Butane ------------------------------------------------------------------------------
 
 
@@ -271,6 +362,18 @@ def test_butane_template_says_the_same_as_the_ignition_config(spec: str) -> None
     assert comparable(butane_to_ignition(yaml.safe_load(result.stdout))) == comparable(ignition)
 
 
+@pytest.mark.parametrize("spec", ["3.3.0", "3.4.0"])
+def test_butane_with_sysupdate_says_the_same_as_the_ignition_config(spec: str) -> None:
+    args = ["--artifact-url", URL, "--artifact-sha512", SHA,
+            "--sysupdate-url", STORE, "--spec", spec]
+    ignition = config_for(*args[4:])
+    result = generate(*args, "--format", "butane")
+    assert result.returncode == 0, result.stderr
+
+    assert re.search(r"@[A-Z0-9_]+@", result.stdout) is None, "a placeholder was left unfilled"
+    assert comparable(butane_to_ignition(yaml.safe_load(result.stdout))) == comparable(ignition)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
@@ -303,6 +406,14 @@ def test_butane_template_says_the_same_as_the_ignition_config(spec: str) -> None
         (["--artifact-url", URL, "--artifact-sha512", SHA,
           "--node-setting", "log-level=info", "--node-setting", "LOG_LEVEL=debug"],
          "--node-setting: 'LOG_LEVEL' is given twice"),
+        (["--artifact-url", URL, "--artifact-sha512", SHA, "--sysupdate-url", "ftp://x/cluo"],
+         "--sysupdate-url: 'ftp://x/cluo' is not a URL systemd-sysupdate can fetch"),
+        (["--artifact-url", URL, "--artifact-sha512", SHA, "--sysupdate-url", "https://x/a b"],
+         "--sysupdate-url: 'https://x/a b' has white space"),
+        (["--artifact-url", "https://x/cluo-agent-1.2.3-x86-64-_any.raw",
+          "--artifact-sha512", SHA, "--sysupdate-url", STORE],
+         "--sysupdate-url: the first image 'cluo-agent-1.2.3-x86-64-_any.raw' is not named "
+         "cluo-agent-VERSION-x86-64.raw"),
     ],
 )
 def test_bad_input_exits_2_naming_it(args: list[str], message: str) -> None:
