@@ -17,6 +17,7 @@ deps:
 control-plane: deps
 	@bash hack/build-control-plane.sh >/dev/null
 	@bash hack/build-kwok.sh >/dev/null
+	@bash hack/build-fleetlock-client.sh >/dev/null
 
 lint: deps
 	$(VENV)/bin/ruff check cluo cluo_host cluo_coord testbed tests bench ignition hack
