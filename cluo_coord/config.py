@@ -43,6 +43,7 @@ from cluo.settings import (
 )
 from cluo_coord.health_config import HEALTH_SETTINGS, HealthConfig, health_config
 from cluo_coord.planner import Policy
+from cluo_coord.webhooks import WEBHOOK_SETTINGS, WebhookConfig, webhook_config
 from cluo_coord.windows import RebootWindows, Window, WindowError, parse_windows, parse_zone
 
 ENV_PREFIX = "CLUO_COORD_"
@@ -73,6 +74,7 @@ class CoordSettings:
     resync_period: float = 600.0
     log_level: str = "info"
     aliases_used: tuple[AliasUse, ...] = ()  # FLUO/CLUO spellings read, to log once
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)  # --webhook-*
     health: HealthConfig = field(default_factory=HealthConfig)  # gate and blockers
 
 
@@ -270,7 +272,7 @@ LOADER = SettingsLoader(
         TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, DRAIN_BACKOFF,
         DRAIN_BACKOFF_MAX, MAX_DRAIN_ATTEMPTS, MAX_FAILED_REBOOTS, PAUSE, NODE_SELECTOR,
         NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
-        *HEALTH_SETTINGS,
+        *WEBHOOK_SETTINGS, *HEALTH_SETTINGS,
     ),
     aliases=ALIASES,
     refused=REFUSED,
@@ -319,6 +321,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSetti
         resync_period=values[RESYNC_PERIOD],
         log_level=values[LOG_LEVEL],
         aliases_used=values.aliases_used,
+        webhooks=webhook_config(values),
         health=health_config(values),
     )
 

@@ -79,6 +79,7 @@ from cluo_coord.planner import (
     malformed_values,
     plan,
 )
+from cluo_coord.roll_events import NoNotifier, RollNotifier
 from cluo_coord.workloads import GATE_RECHECK, WorkloadGates
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,7 @@ class Coordinator:
         blockers: Blockers | None = None,
         roll: RollStore | None = None,
         status: StatusSink | None = None,
+        notifier: RollNotifier | None = None,
     ) -> None:
         """``clock`` is the planner's (wall) time; ``monotonic`` measures the waits,
         which go through ``waiter`` (a fresh ``threading.Event`` by default)."""
@@ -292,6 +294,7 @@ class Coordinator:
         self._closed_gates: frozenset[str] = frozenset()
         self._roll = roll
         self._status = status
+        self._notifier: RollNotifier = notifier or NoNotifier()  # webhooks
         self._last_tick = monotonic()
         self._plan_due = True  # plan at the next tick whatever the deadline
         self._deadline: Deadline | None = None
@@ -501,6 +504,7 @@ class Coordinator:
         paused_by = ((snapshot.roll.paused_by or "admin") if snapshot.roll.paused
                      else "admin" if policy.paused else "")
         self._metrics.observe_roll(paused_by, len(snapshot.roll.failed))
+        self._notifier.planned(snapshot.nodes, snapshot.slots, current, now)
         released = {s.index: s.released_at for s in snapshot.slots if s.released_at}
         writes = 0
         for change in current.changes:
@@ -537,6 +541,7 @@ class Coordinator:
             self._metrics.events.labels(type=change.type.value,
                                         reason=change.reason.value).inc()
             log.info("event posted", extra={"NODE": change.node, "REASON": change.reason.value})
+            self._notifier.posted(change, self._clock())
             return False
         if isinstance(change, GrantRebootOk):
             if self._gates is not None:  # the health gate's record: a CAS on the slot

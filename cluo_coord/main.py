@@ -68,6 +68,7 @@ from cluo_coord.metrics import CoordMetrics, HealthServer
 from cluo_coord.planner import ReleaseSlot, SlotLease
 from cluo_coord.prometheus import Prometheus
 from cluo_coord.status import StatusPublisher, read_status, render_json, render_text
+from cluo_coord.webhooks import WebhookNotifier
 from cluo_coord.workloads import KubeWorkloads, WorkloadGates
 
 log = logging.getLogger("cluo_coord")
@@ -169,6 +170,8 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         api, settings.namespace, settings.identity,
         alive=lambda: bool(coordinator_box) and coordinator_box[0].healthy()
         and (leadership is None or leadership.is_leader))
+    webhooks = WebhookNotifier(settings.webhooks, metrics, coordinator=settings.identity,
+                               namespace=settings.namespace)
     blockers = BlockerWatch(blockers_of(api, settings.health),
                             settings.health.blocker_interval.total_seconds(), on_change=on_change)
     coordinator = Coordinator(
@@ -176,6 +179,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         slots=KubeSlots(api, settings.namespace), nodes=KubeNodes(api, keys),
         policy=settings.policy, metrics=metrics, leadership=leadership,
         roll=KubeRollState(api, settings.namespace, written=cache.put_lease), status=status,
+        notifier=webhooks,
         gates=health_gates(api, settings), blockers=blockers if blockers.active else None,
     )
     coordinator_box.append(coordinator)
@@ -191,6 +195,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         "MAX_FAILED_REBOOTS": settings.policy.max_failed_reboots})
     cache.start()
     blockers.start()
+    webhooks.start()
     status.start()
     if elector is not None:
         elector.start()
@@ -203,6 +208,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         cache.stop()
         if server is not None:
             server.stop()
+        webhooks.stop()  # the events queued last get SHUTDOWN_GRACE to go out
         blockers.stop()
         log.info("coordinator stopped")
 

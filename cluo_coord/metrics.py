@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cluo_coord.planner import SlotLease
+from cluo_coord.webhooks import DELIVERY_RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,17 @@ class CoordMetrics:
             "cluo_failed_reboots",
             "Nodes on the brake's record: they failed the reboot proof since the last "
             "resume (each reported by a Warning Event).", registry=r)
+        self.webhook_deliveries = Counter(
+            "cluo_webhook_deliveries",
+            "Roll events for a --webhook-url, by how they ended: delivered (a 2xx), refused "
+            "(another final answer), failed (no 2xx after the last attempt), dropped (a full "
+            "queue, or the coordinator stopped first).", ["result"], registry=r)
+        for result in DELIVERY_RESULTS:  # each reads 0 until it happens
+            self.webhook_deliveries.labels(result=result)
+        self.webhook_retries = Counter(
+            "cluo_webhook_retries",
+            "Webhook attempts that failed and were tried again (no answer, 429, 5xx).",
+            registry=r)
 
     def observe_cluster(
         self, needing_reboot: int, in_flight: int, slots: Iterable[SlotLease]
@@ -131,6 +143,12 @@ class CoordMetrics:
         self._hold_kinds |= counts.keys()
         self.blockers_firing.set(blockers)
         self.health_gates_closed.set(closed_gates)
+
+    def webhook_delivery(self, result: str) -> None:
+        self.webhook_deliveries.labels(result=result).inc()
+
+    def webhook_retry(self) -> None:
+        self.webhook_retries.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

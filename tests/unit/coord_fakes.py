@@ -54,6 +54,7 @@ from cluo_coord.planner import (
     ReleaseSlot,
     SlotLease,
 )
+from cluo_coord.roll_events import RollNotifier
 
 KEYS = Keys()
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # a Monday
@@ -486,7 +487,8 @@ class CoordRig:
 
     def __init__(self, policy: Policy | None = None, *, wall: datetime = T0,
                  leadership: Leadership | None = None, tick: float = IDLE_TICK,
-                 gates: HealthGates | None = None, blockers: Blockers | None = None) -> None:
+                 notifier: RollNotifier | None = None, gates: HealthGates | None = None,
+                 blockers: Blockers | None = None) -> None:
         self.time = FakeTime(wall)
         self.journal = Journal(self.time)
         self.cluster = Cluster(self.journal)
@@ -496,7 +498,7 @@ class CoordRig:
             nodes=FakeEvents(self.journal), policy=policy or Policy(),
             metrics=RecordingMetrics(self.journal), leadership=leadership,
             clock=self.time.wall, monotonic=self.time.monotonic, waiter=self.time, tick=tick,
-            gates=gates, blockers=blockers)
+            notifier=notifier, gates=gates, blockers=blockers)
 
     def at(self, t: float, action: Callable[[], object]) -> None:
         self.time.at(t, action)
