@@ -48,7 +48,7 @@ from typing import Protocol
 from cluo.backoff import Backoff, spread
 from cluo.errors import ConfigError
 from cluo.kube.config import user_agent
-from cluo.settings import Setting, Values, parse_duration, positive_int, verbatim
+from cluo.settings import Setting, Values, positive_duration, positive_int, verbatim
 from cluo_coord.planner import EmitEvent, NodeView, Plan, SlotLease
 from cluo_coord.roll_events import RollEvent, RollEvents, from_posted_event
 
@@ -98,11 +98,10 @@ class BodyTemplate:
         body = cls(text).render(dict.fromkeys(FIELDS, _CHECK_VALUE))
         try:
             json.loads(body)
-        except ValueError as err:
+        except json.JSONDecodeError as err:
             raise ValueError(
-                f"does not render to valid JSON ({getattr(err, 'msg', err)}, line "
-                f"{getattr(err, 'lineno', '?')} column {getattr(err, 'colno', '?')} once "
-                "rendered); a $field goes inside a JSON string, as in "
+                f"does not render to valid JSON ({err.msg}, line {err.lineno} column "
+                f"{err.colno} once rendered); a $field goes inside a JSON string, as in "
                 '{"text": "$node: $message"}') from None
         return cls(text)
 
@@ -157,13 +156,6 @@ def _lines(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _timeout(text: str) -> float:
-    seconds = parse_duration(text)
-    if seconds <= 0:
-        raise ValueError("must be a positive duration")
-    return seconds
-
-
 WEBHOOK_URL = Setting(
     "--webhook-url", _lines, "POST every roll event as JSON to this http(s) URL; repeat for "
     "more (its variable: one URL a line) (default: none)", repeated=True)
@@ -174,7 +166,7 @@ WEBHOOK_TEMPLATE = Setting(
 WEBHOOK_HEADER = Setting(
     "--webhook-header", _lines, "'Name: value' header sent with each webhook; repeat for more "
     "(its variable: one a line; values are never logged)", repeated=True)
-WEBHOOK_TIMEOUT = Setting("--webhook-timeout", _timeout,
+WEBHOOK_TIMEOUT = Setting("--webhook-timeout", positive_duration,
                           "each webhook attempt's time limit (default: 5s)", default="5s")
 WEBHOOK_MAX_ATTEMPTS = Setting(
     "--webhook-max-attempts", positive_int,
@@ -238,9 +230,9 @@ def _header(values: Values, line: str) -> tuple[str, str]:
     if not colon or not _HEADER_NAME.fullmatch(name.strip()):
         raise ConfigError(f"{values.source(WEBHOOK_HEADER)}: a header is 'Name: value' "
                           "(the text given is not shown: it may hold a secret)")
-    if any(ord(char) < 32 and char != "\t" for char in value):
-        raise ConfigError(f"{values.source(WEBHOOK_HEADER)}: header {name.strip()}: a "
-                          "control character in its value")
+    if not value.isascii() or any(ord(char) < 32 and char != "\t" for char in value):
+        raise ConfigError(f"{values.source(WEBHOOK_HEADER)}: header {name.strip()}: its "
+                          "value must be printable ASCII (the value is not shown)")
     return name.strip(), value.strip()
 
 
@@ -249,7 +241,7 @@ def _header(values: Values, line: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Target:
-    """Where one sender POSTs; its repr names the URL by scheme and host only."""
+    """Where one sender POSTs; its repr shows neither the URL nor the headers."""
 
     url: str = field(repr=False)
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)

@@ -136,6 +136,8 @@ def test_urls_and_headers_repeat_as_flags_or_one_a_line_in_their_variable() -> N
     (["--webhook-url", SECRET_URL, "--webhook-header", "Bearer s3cr3t-t0ken"],
      "a header is 'Name: value'"),
     (["--webhook-header", "Authorization: Bearer s3cr3t-t0ken"], "no --webhook-url"),
+    (["--webhook-url", SECRET_URL, "--webhook-header", "X-Key: s3cr3t-t0ken\u00e9"],
+     "printable ASCII"),
     (["--webhook-url", SECRET_URL, "--webhook-timeout", "0s"], "positive duration"),
 ])
 def test_bad_webhook_settings_are_refused_without_showing_a_secret(argv: list[str],
