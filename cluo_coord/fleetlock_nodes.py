@@ -46,18 +46,14 @@ from prometheus_client import CollectorRegistry
 
 from cluo.backoff import Backoff
 from cluo.cycle.agent_core import (
-    AbortDrain,
     Action,
     AgentConfig,
     ClearRebootAttempts,
-    Cordon,
     Cordoning,
     Decision,
     Draining,
-    DrainStatus,
     EmitEvent,
     EventReason,
-    ForceDrain,
     Granted,
     GrantReturned,
     GrantWithdrawn,
@@ -69,15 +65,14 @@ from cluo.cycle.agent_core import (
     Rebooting,
     RebootNeeded,
     RebootOutcome,
-    StartDrain,
     State,
-    Uncordon,
     WaitingForGrant,
     decide,
     derive_state,
 )
-from cluo.cycle.drainer import Drainer, DrainTuning
+from cluo.cycle.drainer import DrainTuning
 from cluo.cycle.eviction import KubePods, PodApi
+from cluo.cycle.node_actions import NodeActions
 from cluo.errors import CluoError
 from cluo.kube.client import KubeClient
 from cluo.kube.nodes import KubeNodes, NodeApi, NodeEvent, NodeSnapshot
@@ -218,14 +213,16 @@ class VirtualAgent:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._node: NodeSnapshot | None = None
-        self._drainer: Drainer | None = None
-        self._drain_task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._actions = NodeActions(
+            name, nodes=nodes, pods=pods, keys=config.keys, tuning=config.drain,
+            clock=self._loop.time, on_node=self._set_node,
+            on_drain_progress=lambda _status: self._wake.set(), component=COMPONENT)
         self._attempts: tuple[RebootAttempt, ...] = ()
         # A pre-reboot not handed to the node yet: the boot id it was asked on.
         self._requested_on: str | None = None
         self._asking = 0  # pre-reboot requests being answered: the cycle is not over
         self._last_phase = ""
-        self._loop = asyncio.get_running_loop()
         self._watch = WatchLoop(
             f"fleetlock-watch-{name}",
             open_watch=lambda version: nodes.watch(name, version, WATCH_TIMEOUT_SECONDS),
@@ -335,7 +332,7 @@ class VirtualAgent:
                 if wait is not True:
                     await self._wait(wait)
         finally:
-            await self._stop_drain()
+            await self._actions.stop_drain()
             await asyncio.to_thread(self._watch.stop)
 
     async def _step(self) -> float | bool | None:
@@ -381,7 +378,7 @@ class VirtualAgent:
             unschedulable=node.unschedulable,
             reboot_needed_label=node.state.reboot_needed_label,
             boot_id=node.boot_id,
-            drain=self._drainer.status if self._drainer is not None else None,
+            drain=self._actions.drain,
             reboot_attempts=self._attempts,
             reboot_required=requested,
             config=self._config.core,
@@ -393,44 +390,15 @@ class VirtualAgent:
         return self._node
 
     async def _act(self, action: Action) -> None:
-        name, keys = self.name, self._config.keys
+        if await self._actions.act(action):
+            return
         match action:
-            case PatchNode(patch=patch):
-                written = patch.to_metadata(keys)
-                self._set_node(await asyncio.to_thread(
-                    self._nodes.patch_metadata, name, written.annotations, written.labels))
-            case Cordon() | Uncordon():
-                self._set_node(await asyncio.to_thread(
-                    self._nodes.set_unschedulable, name, isinstance(action, Cordon)))
-            case StartDrain(options=options):
-                await self._stop_drain()
-                self._drainer = Drainer(
-                    self._pods, name, options, self._on_drain_progress,
-                    started_at=self._loop.time(), clock=self._loop.time,
-                    tuning=self._config.drain)
-                self._drain_task = asyncio.create_task(self._drainer.run())
-            case ForceDrain():
-                if self._drainer is not None:
-                    self._drainer.force(self._loop.time())
-            case AbortDrain():
-                await self._stop_drain()
             case ClearRebootAttempts():
                 self._attempts = ()
             case Reboot():
                 pass  # the reboot is the 200 to the client's next pre-reboot
-            case EmitEvent(reason=reason, message=message, type=event_type):
-                await asyncio.to_thread(
-                    self._nodes.emit_event, name, reason.value, message,
-                    type=event_type.value, component=COMPONENT, instance=name)
             case _:  # pragma: no cover - a new action without a handler is a bug
                 raise NotImplementedError(f"no handler for {type(action).__name__}")
-
-    async def _stop_drain(self) -> None:
-        task, self._drain_task, self._drainer = self._drain_task, None, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     def _set_node(self, node: NodeSnapshot) -> None:
         current = self._node
@@ -440,9 +408,6 @@ class VirtualAgent:
                                             and self._requested_on != node.boot_id):
                 self._requested_on = None  # handed over, or the host rebooted since
             self._wake.set()
-
-    def _on_drain_progress(self, status: DrainStatus) -> None:
-        self._wake.set()
 
     def _on_node_event(self, event: NodeEvent) -> None:
         """In the watch's thread: hand the node to the event loop."""

@@ -39,29 +39,23 @@ from collections.abc import Callable
 
 from cluo.backoff import Backoff
 from cluo.cycle.agent_core import (
-    AbortDrain,
     Action,
     ClearRebootAttempts,
-    Cordon,
     Decision,
     DrainStatus,
     EmitEvent,
     EventReason,
     EventType,
-    ForceDrain,
     Observation,
-    PatchNode,
     Reboot,
     RebootAttempt,
     RebootOutcome,
-    StartDrain,
-    Uncordon,
     blocking_inhibitors,
     decide,
     describe_inhibitors,
 )
-from cluo.cycle.drainer import Drainer
 from cluo.cycle.eviction import PodApi
+from cluo.cycle.node_actions import NodeActions
 from cluo.cycle.update_status import UpdateEngineStatus
 from cluo.errors import CluoError
 from cluo.kube.nodes import NodeApi, NodeEvent, NodeSnapshot
@@ -92,6 +86,8 @@ from cluo_host.update_engine import (
 )
 
 log = logging.getLogger(__name__)
+
+COMPONENT = "cluo-agent"  # the source of its Events
 
 AGENT_ENV_FILE = "/etc/cluo/agent.env"  # the unit's EnvironmentFile= (units/cluo-agent.service)
 # When no Node has the agent's node name: how to give it another (the Ignition generator's
@@ -141,8 +137,11 @@ class Agent:
         self._wake = asyncio.Event()
         self._node: NodeSnapshot | None = None
         self._engine_status: UpdateEngineStatus | None = None
-        self._drainer: Drainer | None = None
-        self._drain_task: asyncio.Task[None] | None = None
+        # The node's side of the actions, and the drain (cluo/cycle/node_actions.py).
+        self._actions = NodeActions(
+            self._name, nodes=nodes, pods=pods, keys=settings.keys, tuning=settings.drain,
+            clock=self._now, on_node=self._set_node,
+            on_drain_progress=self._on_drain_progress, component=COMPONENT)
         self._attempts: tuple[RebootAttempt, ...] = ()
         # StatusUpdates not accepted and not shown on the node yet: the latest, how many.
         self._ignored: tuple[StatusIgnored | None, int] = (None, 0)
@@ -300,7 +299,7 @@ class Agent:
 
     async def _shutdown(self) -> None:
         self._reboot_required_watch.close()
-        await self._stop_drain()
+        await self._actions.stop_drain()
         await asyncio.to_thread(self._node_watch.stop, 5.0)
         with contextlib.suppress(Exception):
             await self._engine.close()
@@ -412,7 +411,7 @@ class Agent:
             reboot_needed_label=node.state.reboot_needed_label,
             boot_id=self._host.boot_id,
             engine=self._engine_status,
-            drain=self._drainer.status if self._drainer is not None else None,
+            drain=self._actions.drain,
             reboot_attempts=self._attempts,
             config=self._settings.core,
             requested_on_host=self._requested_on_host,
@@ -439,33 +438,9 @@ class Agent:
         return None
 
     async def _act(self, action: Action) -> None:
-        name = self._name
+        if await self._actions.act(action):
+            return
         match action:
-            case PatchNode(patch=patch):
-                written = patch.to_metadata(self._settings.keys)
-                self._set_node(await asyncio.to_thread(
-                    self._nodes.patch_metadata, name, written.annotations, written.labels
-                ))
-            case Cordon():
-                self._set_node(await asyncio.to_thread(self._nodes.set_unschedulable, name, True))
-                log.info("node cordoned", extra={"NODE": name})
-            case Uncordon():
-                self._set_node(await asyncio.to_thread(self._nodes.set_unschedulable, name, False))
-                log.info("node uncordoned", extra={"NODE": name})
-            case StartDrain(options=options):
-                await self._stop_drain()
-                self._drainer = Drainer(
-                    self._pods, name, options, self._on_drain_progress,
-                    started_at=self._now(), clock=self._now, tuning=self._settings.drain,
-                )
-                self._drain_task = asyncio.create_task(self._drainer.run())
-            case ForceDrain():
-                if self._drainer is not None:
-                    log.warning("drain timed out, deleting the remaining pods ignoring "
-                                "disruption budgets", extra={"NODE": name})
-                    self._drainer.force(self._now())
-            case AbortDrain():
-                await self._stop_drain()
             case ClearRebootAttempts():
                 self._attempts = ()
             case Reboot(attempt=attempt, accepted_message=accepted):
@@ -476,11 +451,6 @@ class Agent:
                 self._wake.set()
                 if result.outcome is RebootOutcome.REQUESTED:
                     await self._act(EmitEvent(EventReason.REBOOTING, accepted))
-            case EmitEvent(reason=reason, message=message, type=event_type):
-                await asyncio.to_thread(
-                    self._nodes.emit_event, name, reason.value, message, type=event_type.value,
-                    instance=name,
-                )
             case _:  # pragma: no cover - a new action without a handler is a bug
                 raise NotImplementedError(f"no handler for {type(action).__name__}")
 
@@ -506,13 +476,6 @@ class Agent:
             log.error("reboot call failed", extra={**extra, "ERROR": str(err)})
             return RebootAttempt(self._now(), RebootOutcome.FAILED, str(err))
         return RebootAttempt(self._now(), RebootOutcome.REQUESTED)
-
-    async def _stop_drain(self) -> None:
-        task, self._drain_task, self._drainer = self._drain_task, None, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     # -- inputs ------------------------------------------------------------------------
 
