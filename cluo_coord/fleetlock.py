@@ -49,6 +49,7 @@ PROTOCOL_HEADER = "fleet-lock-protocol"
 ZINCATI_APP_ID = "de35106b6ec24688b63afddaa156679b"
 # A request body is a few dozen bytes; anything this large is not FleetLock.
 MAX_BODY_BYTES = 16 * 1024
+CLIENT_TIMEOUT = 30.0  # s a connection may stay silent (Zincati sends at once)
 # The protocol's group label; Zincati refuses other groups before it sends them.
 _GROUP = re.compile(r"^[a-zA-Z0-9.-]+$")
 _MACHINE_ID = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -77,6 +78,17 @@ class Endpoint(enum.StrEnum):
 
 
 ENDPOINTS = {PRE_REBOOT_PATH: Endpoint.PRE_REBOOT, STEADY_STATE_PATH: Endpoint.STEADY_STATE}
+
+
+def endpoint_of(path: str) -> Endpoint | None:
+    """The endpoint a request path names, below any base path (Zincati's ``base_url``
+    may have one, e.g. behind a proxy: ``https://host/fleetlock/`` asks
+    ``/fleetlock/v1/pre-reboot``)."""
+    path = path.split("?", 1)[0]
+    for suffix, endpoint in ENDPOINTS.items():
+        if path.endswith(suffix):
+            return endpoint
+    return None
 
 
 class Kind(enum.StrEnum):
@@ -135,7 +147,7 @@ class FleetLockBackend(Protocol):
 def parse_request(method: str, path: str, headers: Mapping[str, str],
                   body: bytes) -> Request | Answer:
     """A FleetLock request, or the error answer it gets. ``headers`` keys in lower case."""
-    endpoint = ENDPOINTS.get(path.split("?", 1)[0])
+    endpoint = endpoint_of(path)
     if endpoint is None:
         return Answer(404, Kind.NOT_FOUND,
                       f"no FleetLock endpoint at {path!r}: POST {PRE_REBOOT_PATH} or "
@@ -200,6 +212,8 @@ class FleetLockServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = CLIENT_TIMEOUT  # a client that stalls does not keep its thread
+
             def do_POST(self) -> None:
                 self._handle()
 
@@ -247,8 +261,10 @@ class FleetLockServer:
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
         if tls is not None:
-            self._server.socket = tls.context().wrap_socket(self._server.socket,
-                                                            server_side=True)
+            # The handshake happens in the request's thread (on its first read), not in
+            # accept(): a client that never completes one cannot stall the server.
+            self._server.socket = tls.context().wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False)
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="fleetlock-server", daemon=True)
 
@@ -268,7 +284,7 @@ class FleetLockServer:
         """One request's answer, counted and logged."""
         parsed = parse_request(method, path, headers, body)
         if isinstance(parsed, Answer):
-            answer, endpoint, client = parsed, ENDPOINTS.get(path.split("?", 1)[0]), None
+            answer, endpoint, client = parsed, endpoint_of(path), None
         else:
             endpoint, client = parsed.endpoint, parsed.client
             answer = self._answer(parsed)

@@ -72,6 +72,11 @@ def test_zincatis_pre_reboot_request_is_parsed() -> None:
         Endpoint.STEADY_STATE, ClientParams("975228d46dc94622b9bbe16671e2b58d", "default"))
 
 
+def test_a_base_url_with_a_path_is_served() -> None:
+    request = parse_request("POST", "/fleetlock/v1/pre-reboot", HEADERS, ZINCATI_BODY)
+    assert isinstance(request, Request) and request.endpoint is Endpoint.PRE_REBOOT
+
+
 def _refusal(method: str = "POST", path: str = "/v1/pre-reboot",
              headers: dict[str, str] | None = None, body: bytes = ZINCATI_BODY) -> Answer:
     answer = parse_request(method, path, HEADERS if headers is None else headers, body)
