@@ -6,7 +6,8 @@ ServiceAccount, KWOK-emulated nodes, ``FakeAgents`` standing in for the agents) 
 threaded HTTP server on a loopback port that records every request). A roll paused and
 resumed reaches a receiver event by event, in order; a receiver that answers 500 at
 first gets the event on a later attempt; receivers that refuse connections or never
-answer do not hold up the roll, and their failures are counted.
+answer do not hold up the roll, and their failures are counted. The HTTP adapter itself
+(``urllib_post``) is checked against the same receivers first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cluo_coord.webhooks import Answer, Target, urllib_post
 from testbed.http_receiver import HttpReceiver, refused_url
 from testbed.waiting import wait_for
 from tests.kube import test_coordinator as coordinator_tests
@@ -37,6 +39,21 @@ def _of(bodies: list[Any], node: str) -> list[str]:
 
 def _done(receiver: HttpReceiver, names: list[str]) -> bool:
     return all("done" in _of(receiver.delivered(), name) for name in names)
+
+
+def test_the_http_adapter_tells_an_answer_from_no_answer() -> None:
+    with HttpReceiver(fail_first=1, fail_status=503, retry_after="7") as receiver:
+        target = Target(receiver.url, (("X-Test", "1"),), timeout=5.0)
+        assert urllib_post(target, b'{"a": 1}') == Answer(503, retry_after=7.0)
+        assert urllib_post(target, b'{"a": 2}') == Answer(200)
+        assert [r.json() for r in receiver.received()] == [{"a": 1}, {"a": 2}]
+        assert receiver.received()[0].headers["x-test"] == "1"
+        assert receiver.received()[0].headers["user-agent"].startswith("cluo-coord/")
+    with HttpReceiver(hang=True) as hanging:
+        answer = urllib_post(Target(hanging.url, timeout=0.5), b"{}")
+    assert (answer.status, answer.retryable) == (None, True) and "timed out" in answer.error
+    answer = urllib_post(Target(refused_url(), timeout=5.0), b"{}")
+    assert answer.status is None and "refused" in answer.error.lower()
 
 
 def test_a_paused_then_resumed_roll_reaches_the_receiver_event_by_event(rig: Rig) -> None:

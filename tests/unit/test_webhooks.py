@@ -41,6 +41,7 @@ from cluo_coord.webhooks import (
     event_fields,
     redact_url,
 )
+from testbed.waiting import wait_for
 from tests.unit.coord_fakes import KEYS, T0, CoordRig, Journal, unavailable
 
 SECRET_URL = "https://hooks.example.com/services/T000/B000/s3cr3t-t0ken"
@@ -333,7 +334,7 @@ def test_submitting_never_waits_for_a_receiver_that_does_not_answer() -> None:
                    post=hanging, queue_size=3)
     queue.start()
     queue.submit(b"0", "granted", "a")
-    assert entered.wait(10.0), "the sender's first attempt"
+    wait_for(entered.is_set, 10.0, "the sender's first attempt")
     for i in range(5):
         queue.submit(str(i + 1).encode(), "done", "a")
     assert not release.is_set() and queue.pending() == 3  # 2 dropped, none waited for
