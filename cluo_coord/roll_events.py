@@ -22,8 +22,8 @@ has, so that none reports what did not happen:
   that goes because nothing queues any more ends nothing: nothing is sent.
 
 ``drained`` and the holds are remembered by this process only: a restarted or newly
-elected coordinator may send them once more (at least once, never for what did not
-happen). Pure: no I/O, no clock (``now`` is passed in).
+elected coordinator may send them once more (never one for what did not happen). Pure:
+no I/O, no clock (``now`` is passed in).
 """
 
 from __future__ import annotations
