@@ -62,6 +62,8 @@ def node_view(obj: Mapping[str, Any], keys: Keys, coordinator_node: str = "") ->
         runs_coordinator=bool(coordinator_node) and node.name == coordinator_node,
         reboot_needed_since=reboot_needed_since(node.state),
         os_version=node.labels.get(keys.version, ""),
+        labels=node.labels,
+        deleting=bool((obj.get("metadata") or {}).get("deletionTimestamp")),
     )
 
 
@@ -217,7 +219,7 @@ class ClusterCache:
         self._leases = ObjectStore()
         self._views = NodeViewCache(keys, coordinator_node)
         self._written_lock = threading.Lock()
-        self._written: dict[int, tuple[SlotLease, float]] = {}
+        self._written: dict[tuple[str, int], tuple[SlotLease, float]] = {}
 
         self._on_change = on_change
         self._roll_seen: RollState | None = None
@@ -266,7 +268,7 @@ class ClusterCache:
     def put_slot(self, slot: SlotLease) -> None:
         """A slot Lease as this coordinator just wrote it (until the watch catches up)."""
         with self._written_lock:
-            self._written[slot.index] = (slot, time.monotonic())
+            self._written[slot.group, slot.index] = (slot, time.monotonic())
 
     def snapshot(self) -> ClusterSnapshot:
         """The planner's input; node views are rebuilt only for nodes that changed."""
@@ -289,7 +291,7 @@ class ClusterCache:
         slots, expires_in = self._with_written(slots)
         return ClusterSnapshot(
             views,
-            tuple(sorted(slots, key=lambda s: s.index)),
+            tuple(sorted(slots, key=lambda s: (s.group, s.index))),
             roll.paused,
             expires_in,
             node_changes,
@@ -298,7 +300,7 @@ class ClusterCache:
 
     def _with_written(self, watched: list[SlotLease]) -> tuple[list[SlotLease], float | None]:
         """The watched slots with the ones written since; and when the first override ends."""
-        by_index = {slot.index: slot for slot in watched}
+        by_index = {(slot.group, slot.index): slot for slot in watched}
         now = time.monotonic()
         expires_in: float | None = None
         with self._written_lock:

@@ -41,6 +41,7 @@ from cluo.settings import (
     positive_int,
     verbatim,
 )
+from cluo_coord.group_settings import GROUP_SETTINGS, group_policy
 from cluo_coord.health_config import HEALTH_SETTINGS, HealthConfig, health_config
 from cluo_coord.planner import Policy
 from cluo_coord.webhooks import WEBHOOK_SETTINGS, WebhookConfig, webhook_config
@@ -272,7 +273,7 @@ LOADER = SettingsLoader(
         TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, DRAIN_BACKOFF,
         DRAIN_BACKOFF_MAX, MAX_DRAIN_ATTEMPTS, MAX_FAILED_REBOOTS, PAUSE, NODE_SELECTOR,
         NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
-        *WEBHOOK_SETTINGS, *HEALTH_SETTINGS,
+        *WEBHOOK_SETTINGS, *GROUP_SETTINGS, *HEALTH_SETTINGS,
     ),
     aliases=ALIASES,
     refused=REFUSED,
@@ -298,6 +299,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSetti
             drain_backoff_max=values[DRAIN_BACKOFF_MAX],
             max_drain_attempts=values[MAX_DRAIN_ATTEMPTS],
             max_failed_reboots=values[MAX_FAILED_REBOOTS],
+            **group_policy(values),
         )
     except WindowError as err:
         raise ConfigError(f"{values.describe(REBOOT_WINDOW_START)}, "

@@ -43,7 +43,7 @@ from cluo.backoff import Backoff
 from cluo.errors import CluoError, KubeError
 from cluo.kube.nodes import EventType as KubeEventType
 from cluo.kube.nodes import KubeNodes
-from cluo.protocol import MetadataPatch, slot_lease_name
+from cluo.protocol import MetadataPatch
 from cluo_coord.blockers import BlockerWatch
 from cluo_coord.brake import FailedReboot, RollState
 from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
@@ -56,7 +56,7 @@ from cluo_coord.health import (
     hold_kind,
 )
 from cluo_coord.leader import KubeRollState
-from cluo_coord.leases import KubeSlots, slot_from_object
+from cluo_coord.leases import KubeSlots, lease_name, slot_from_object
 from cluo_coord.metrics import CoordMetrics
 from cluo_coord.planner import (
     AcquireSlot,
@@ -75,6 +75,7 @@ from cluo_coord.planner import (
     ReleaseSlot,
     ResetRebootOk,
     SlotLease,
+    counts_every_node,
     ignored_while_unslotted,
     malformed_values,
     plan,
@@ -412,9 +413,12 @@ class Coordinator:
         if snapshot.roll != baseline.roll:
             return False
         holders = {slot.holder for slot in snapshot.slots if slot.holder}
+        every_node = counts_every_node(self._policy)  # planner rule 15: percentages
         return all(
             name not in holders and ignored_while_unslotted(before)
             and ignored_while_unslotted(after)
+            and not (every_node and (before is None or after is None
+                                     or before.labels != after.labels))
             for name, before, after in snapshot.node_changes
         )
 
@@ -501,11 +505,13 @@ class Coordinator:
         )
         self._metrics.observe_drain_backoff(len(current.drain_backoff),
                                             len(current.out_of_roll))
+        self._metrics.observe_groups(current.groups, len(current.unavailable))
         paused_by = ((snapshot.roll.paused_by or "admin") if snapshot.roll.paused
                      else "admin" if policy.paused else "")
         self._metrics.observe_roll(paused_by, len(snapshot.roll.failed))
         self._notifier.planned(snapshot.nodes, snapshot.slots, current, now)
-        released = {s.index: s.released_at for s in snapshot.slots if s.released_at}
+        released = {s.index: s.released_at for s in snapshot.slots
+                    if s.released_at and not s.group}
         writes = 0
         for change in current.changes:
             if not self._leadership.is_leader:
@@ -570,7 +576,8 @@ class Coordinator:
         if isinstance(change, AcquireSlot):
             slot = self._slots.acquire(change)
             self._cache.put_slot(slot)
-            if change.slot not in self._released_at and change.slot in released:
+            if (not change.group and change.slot not in self._released_at
+                    and change.slot in released):
                 # Released by an earlier process (or before a restart): count from the
                 # recorded release time.
                 age = (self._clock() - released[change.slot]).total_seconds()
@@ -582,7 +589,8 @@ class Coordinator:
                 self._check_node_gone(change)
             slot = self._slots.release(change)
             self._cache.put_slot(slot)
-            self._released_at[change.slot] = self._monotonic()
+            if not change.group:  # the handoff metric times the global slots
+                self._released_at[change.slot] = self._monotonic()
             if change.holder_gone:
                 log.warning("reboot slot freed: its holder's Node is gone", extra={
                     "NODE": change.node, "SLOT": change.slot})
@@ -669,18 +677,22 @@ class Coordinator:
                 "--node-selector?): the slot is kept", kind="blocked")
 
     def _check_slot_unchanged(self, change: GrantRebootOk) -> None:
-        """Rule 3: reboot-ok=true only while the slot Lease is as the planner saw it."""
-        name = slot_lease_name(change.slot)
-        action = f"granting reboot-ok to node {change.node!r} under slot {name!r}"
-        obj = self._writer.read_lease(name)
-        slot = slot_from_object(obj) if obj is not None else None
-        if (
-            slot is None
-            or slot.resource_version != change.expected_lease_resource_version
-            or slot.holder != change.node
-        ):
-            raise KubeError(action, "the slot Lease changed since the plan: not granted",
-                            kind="conflict", status=409)
+        """Rule 3: reboot-ok=true only while the slot Lease is as the planner saw it;
+        and, rule 15, each of the holder's group slot Leases too."""
+        expected = [("", change.slot, change.expected_lease_resource_version),
+                    *change.group_slots]
+        for group, index, resource_version in expected:
+            name = lease_name(index, group)
+            action = f"granting reboot-ok to node {change.node!r} under slot {name!r}"
+            obj = self._writer.read_lease(name)
+            slot = slot_from_object(obj) if obj is not None else None
+            if (
+                slot is None
+                or slot.resource_version != resource_version
+                or slot.holder != change.node
+            ):
+                raise KubeError(action, "the slot Lease changed since the plan: not granted",
+                                kind="conflict", status=409)
 
 
 if TYPE_CHECKING:  # the real adapters satisfy the protocols fakes are written against

@@ -29,6 +29,7 @@ from cluo.protocol import (
     SLOT_WORKLOADS,
     slot_lease_name,
 )
+from cluo_coord.groups import group_slot_lease_name
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot, SlotLease
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,36 @@ STUCK = SLOT_STUCK
 WORKLOADS = SLOT_WORKLOADS
 
 
+# Planner rule 15: a group's slot Lease, ``cluo-reboot-group-<group>-<hash>-<index>``
+# (cluo_coord.groups.group_slot_lease_name), records its group in this annotation; older
+# coordinators, which read only ``cluo-reboot-slot-<index>``, pass it by.
+SLOT_GROUP = "cluo.flatcar-linux.net/slot-group"
+
+
+def lease_name(index: int, group: str = "") -> str:
+    """The Lease of global slot ``index``, or of slot ``index`` of ``group``."""
+    return group_slot_lease_name(group, index) if group else slot_lease_name(index)
+
+
 def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
     """A SlotLease from a Lease object, or None if the Lease is not a slot."""
     metadata = obj.get("metadata") or {}
     name = str(metadata.get("name") or "")
-    if not name.startswith(SLOT_LEASE_PREFIX):
-        return None
-    try:
-        index = int(name.removeprefix(SLOT_LEASE_PREFIX))
-    except ValueError:
-        return None
-    spec = obj.get("spec") or {}
     annotations = metadata.get("annotations") or {}
+    group = str(annotations.get(SLOT_GROUP) or "")
+    if group:
+        tail = name.rpartition("-")[2]
+        if not tail.isdigit() or name != group_slot_lease_name(group, int(tail)):
+            return None
+        index = int(tail)
+    elif not name.startswith(SLOT_LEASE_PREFIX):
+        return None
+    else:
+        try:
+            index = int(name.removeprefix(SLOT_LEASE_PREFIX))
+        except ValueError:
+            return None
+    spec = obj.get("spec") or {}
     return SlotLease(
         index=index,
         holder=str(spec.get("holderIdentity") or "") or None,
@@ -62,6 +81,7 @@ def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
         released_at=api_time(annotations.get(RELEASED_AT)),
         stuck=annotations.get(STUCK) == "true",
         holder_uid=str(annotations.get(HOLDER_UID) or ""),
+        group=group,
         announced_version=str(annotations.get(SLOT_ANNOUNCED_VERSION) or ""),
     )
 
@@ -82,16 +102,16 @@ class KubeSlots:
         body = self._api.call(f"listing reboot-slot leases in {self._namespace!r}", "GET",
                               self._path(), query={"labelSelector": SLOT_LEASE_LABEL})
         slots = [s for s in map(slot_from_object, body.get("items") or []) if s is not None]
-        return sorted(slots, key=lambda s: s.index), str(
+        return sorted(slots, key=lambda s: (s.group, s.index)), str(
             (body.get("metadata") or {}).get("resourceVersion") or ""
         )
 
     def acquire(self, change: AcquireSlot) -> SlotLease:
-        name = slot_lease_name(change.slot)
+        name = lease_name(change.slot, change.group)
         action = f"taking reboot slot {name!r} for node {change.node!r}"
         annotations: dict[str, str | None] = {
             HOLDER_BOOT_ID: change.holder_boot_id, HOLDER_UID: change.holder_uid or None,
-            RELEASED_AT: None, STUCK: None,
+            RELEASED_AT: None, STUCK: None, SLOT_GROUP: change.group or None,
             SLOT_ANNOUNCED_VERSION: change.announced_version or None, WORKLOADS: None,
         }
         spec = {
@@ -110,7 +130,7 @@ class KubeSlots:
         return self._write(action, "PUT", self._path(name), body)
 
     def release(self, change: ReleaseSlot) -> SlotLease:
-        name = slot_lease_name(change.slot)
+        name = lease_name(change.slot, change.group)
         action = f"releasing reboot slot {name!r} held by {change.node!r}"
         current = self._read(name, action)
         annotations = {
@@ -145,7 +165,7 @@ class KubeSlots:
         return ((lease.get("metadata") or {}).get("annotations") or {}).get(WORKLOADS)
 
     def mark_stuck(self, change: MarkStuck) -> SlotLease:
-        name = slot_lease_name(change.slot)
+        name = lease_name(change.slot, change.group)
         action = f"marking reboot slot {name!r} of {change.node!r} stuck"
         current = self._read(name, action)
         metadata = dict(current.get("metadata") or {})

@@ -43,7 +43,6 @@ from cluo.protocol import (
     NO_DRAIN_FAILURES,
     Keys,
     drain_backoff_annotations,
-    slot_lease_name,
 )
 from cluo.settings import CommandLineExit, log_aliases_used
 from cluo_coord.blockers import (
@@ -63,7 +62,7 @@ from cluo_coord.leader import (
     read_roll_state,
     set_paused,
 )
-from cluo_coord.leases import KubeSlots
+from cluo_coord.leases import KubeSlots, lease_name
 from cluo_coord.metrics import CoordMetrics, HealthServer
 from cluo_coord.planner import ReleaseSlot, SlotLease
 from cluo_coord.prometheus import Prometheus
@@ -295,14 +294,15 @@ def release(api: KubeClient, namespace: str, keys: Keys, node: str) -> None:
                         kind="not_found")
     for slot in held:
         assert slot.resource_version is not None  # read from the API server
-        slots.release(ReleaseSlot(slot.index, node, slot.resource_version, datetime.now(UTC)))
-        print(f"node {node} is gone: reboot slot {slot_lease_name(slot.index)} freed")
+        slots.release(ReleaseSlot(slot.index, node, slot.resource_version, datetime.now(UTC),
+                                  group=slot.group))
+        print(f"node {node} is gone: reboot slot {lease_name(slot.index, slot.group)} freed")
 
 
 def free_slot(api: KubeClient, namespace: str, keys: Keys, target: str) -> None:
     """``slots --free``: ``target`` is a slot Lease's name or its holder's node name."""
     listed = KubeSlots(api, namespace).list()[0]
-    named = [slot for slot in listed if slot_lease_name(slot.index) == target]
+    named = [slot for slot in listed if lease_name(slot.index, slot.group) == target]
     if named and not named[0].holder:
         print(f"reboot slot {target} is free already")
         return
@@ -320,7 +320,7 @@ def print_slots(slots: Sequence[SlotLease]) -> None:
     rows = [("SLOT", "HOLDER", "SINCE", "STUCK")]
     for slot in slots:
         since = slot.acquired_at.isoformat(timespec="seconds") if slot.acquired_at else "-"
-        rows.append((slot_lease_name(slot.index), slot.holder or "-",
+        rows.append((lease_name(slot.index, slot.group), slot.holder or "-",
                      since if slot.holder else "-",
                      ("yes" if slot.stuck else "no") if slot.holder else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -67,6 +67,18 @@ class CoordMetrics:
             "cluo_nodes_out_of_roll",
             "Nodes whose drain failed --max-drain-attempts times in a row: they get no "
             "reboot slot until an admin clears them (cluo-coord retry NODE).", registry=r)
+        self.group_nodes_in_flight = Gauge(
+            "cluo_group_nodes_in_flight",
+            "Nodes in flight (holding a slot or granted), by group (--group, else the "
+            "nodes' group label, else 'default').", ["group"], registry=r)
+        self.group_nodes_queued = Gauge(
+            "cluo_group_nodes_queued",
+            "Nodes waiting for a reboot slot, by group.", ["group"], registry=r)
+        self._groups_seen: set[str] = set()
+        self.nodes_unavailable = Gauge(
+            "cluo_nodes_unavailable",
+            "Nodes that count against --max-unavailable: NotReady, cordoned (by anyone), "
+            "being deleted, or in flight (each once).", registry=r)
         self.is_leader = Gauge(
             "cluo_is_leader", "1 while this process holds the leader Lease.", registry=r)
         self.grants_held = Gauge(
@@ -114,7 +126,8 @@ class CoordMetrics:
             if not slot.holder:
                 continue
             since = slot.acquired_at.timestamp() if slot.acquired_at else 0.0
-            self.slot_holder_info.labels(slot=str(slot.index), node=slot.holder).set(since)
+            label = f"{slot.group}/{slot.index}" if slot.group else str(slot.index)
+            self.slot_holder_info.labels(slot=label, node=slot.holder).set(since)
             stuck += slot.stuck
         self.stuck_nodes.set(stuck)
 
@@ -125,6 +138,20 @@ class CoordMetrics:
         for who in ("admin", "brake"):
             self.roll_paused.labels(by=who).set(1 if who == by else 0)
         self.failed_reboots.set(failed_reboots)
+
+    def observe_groups(self, groups: Iterable[tuple[str, int, int]], unavailable: int) -> None:
+        """Planner rule 15: (group, in flight, queued) per group; a group seen before and
+        absent now reads 0."""
+        seen = set()
+        for group, in_flight, queued in groups:
+            self.group_nodes_in_flight.labels(group=group).set(in_flight)
+            self.group_nodes_queued.labels(group=group).set(queued)
+            seen.add(group)
+        for group in self._groups_seen - seen:
+            self.group_nodes_in_flight.labels(group=group).set(0)
+            self.group_nodes_queued.labels(group=group).set(0)
+        self._groups_seen |= seen
+        self.nodes_unavailable.set(unavailable)
 
     def observe_drain_backoff(self, in_backoff: int, out_of_roll: int) -> None:
         self.nodes_in_drain_backoff.set(in_backoff)

@@ -113,6 +113,42 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     record and the roll is not paused, ``PauseRoll`` pauses it with a Warning Event, and
     the pause holds new slots as rule 6's does, until an admin resumes (which clears the
     record). A stuck slot is marked once, so a resumed roll does not count it again.
+15. Groups, budgets, control-plane nodes, the canary (``Policy.groups``,
+    ``max_unavailable``; cluo_coord.groups). A node is in the first ``--group`` whose
+    selector matches its labels, else in the group its ``group`` label names, else in
+    ``default``. A group with a max-concurrent m or a max-unavailable u (a count, or a
+    percentage of its nodes rounded up) has slot Leases of its own, indices
+    ``0 .. min(m, u)-1`` (the canary group, with neither, ``max_concurrent``);
+    control-plane nodes (label ``node-role.kubernetes.io/control-plane``) share one more
+    slot. Such a node takes its group slot(s) first, each by compare-and-swap as a global
+    slot (rule 2), then a global slot, in the same plan or a later one; the before-reboot
+    label follows the global slot. ``GrantRebootOk`` is planned only for a holder the view
+    shows holding every slot its group and role need, and carries each one's resource
+    version: the driver checks each of those Leases as rule 3 checks the global one. A
+    group slot is released only with its holder's global slots, after the reset of
+    rule 4; or, held alone (a plan cut short between the two acquisitions), by a node that
+    shows no part of a cycle and that a holder of a global slot would release too from
+    the same Node version (no reboot needed, released by an admin, out of the roll:
+    ``_gives_back``), again after a reset, so no plan from another view of the Leases can
+    label or grant it from that version. So, as rule 1 says of the global slots, never
+    more than min(m, u) nodes of a group, and one control-plane node, are granted
+    (reboot-ok, in progress, cordoned by cluo), whatever the views; a node of the group
+    may hold a global slot, and run its before-reboot hooks, while it waits for its group
+    slot after such a race. ``max_unavailable`` also bounds the global slots
+    taken (``0 .. min(max_concurrent, u)-1``), so cluo's own nodes in flight never exceed
+    it. Beyond these, which hold by construction, a slot is taken only if, in the plan's
+    view, the nodes unavailable (NotReady, cordoned by anyone, being deleted, in flight:
+    each once) stay within max-unavailable with the node, globally and in its group; a
+    control-plane node's only while no other control-plane node is unavailable; another
+    group's only while no node of the canary group needs a reboot (unpaused) or is in
+    flight, and ``canary_soak`` has passed since the latest release on the canary group's
+    slot Leases (a time in the cluster: it survives restarts). These three are judged on
+    the view: a node that fails after a grant, or a view older than the failure, can take
+    the cluster past them, which no coordinator can prevent. What holds the queue is a
+    ``Plan.holds`` sentence ("max-unavailable: ...", "max-concurrent: group ...",
+    "control-plane: ...", "canary: ..."). A node of a limited group that holds a global
+    slot but none of its group (its group configured, or its labels changed, after it
+    took the global one) waits for one before its grant, ahead of the queue.
 
 The slot Lease records, besides ``spec.holderIdentity`` and ``spec.acquireTime``, the
 holder's ``status.nodeInfo.bootID`` and ``metadata.uid`` at the time it took the slot,
@@ -122,7 +158,7 @@ the release time and the stuck mark; see ``SlotLease`` for the Lease annotations
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -141,6 +177,7 @@ from cluo.protocol import (
     reset_patch,
 )
 from cluo_coord.brake import FailedReboot, older_version
+from cluo_coord.groups import CONTROL_PLANE_SLOTS, Budget, Groups, is_control_plane
 from cluo_coord.health import ALL_CLEAR, Health
 from cluo_coord.windows import RebootWindows
 
@@ -173,6 +210,8 @@ class NodeView:
     runs_coordinator: bool = False
     reboot_needed_since: datetime | None = None
     os_version: str = ""  # the agent's os-release version label (rule 14)
+    labels: Mapping[str, str] = field(default_factory=dict)  # groups, control plane (rule 15)
+    deleting: bool = False  # metadata.deletionTimestamp is set: unavailable (rule 15)
 
 
 @dataclass(frozen=True)
@@ -205,6 +244,7 @@ class SlotLease:
     stuck: bool = False
     holder_uid: str = ""
     announced_version: str = ""  # annotation announced-version: new-version at acquire
+    group: str = ""  # "": a global slot; else a slot of this group (rule 15)
 
 
 @dataclass(frozen=True)
@@ -237,6 +277,9 @@ class Policy:
     max_drain_attempts: int = 5
     max_failed_reboots: int = 0
     failed_reboots: frozenset[str] = frozenset()
+    groups: Groups = field(default_factory=Groups)  # rule 15
+    max_unavailable: Budget | None = None  # rule 15; None: unlimited
+    canary_soak: timedelta = timedelta(0)  # rule 15: after the canary group's last release
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
@@ -315,6 +358,9 @@ class GrantRebootOk:
     expected_resource_version: str
     expected_lease_resource_version: str
     clear_annotations: tuple[str, ...] = ()
+    # Rule 15: the group slots the holder holds, (group, index, resource version); the
+    # driver checks each as it checks ``slot``.
+    group_slots: tuple[tuple[str, int, str], ...] = ()
 
     def patch(self, keys: Keys) -> MetadataPatch:
         return grant_patch(keys, self.clear_annotations)
@@ -368,6 +414,7 @@ class AcquireSlot:
     at: datetime
     holder_uid: str = ""
     announced_version: str = ""
+    group: str = ""  # "": the global slot ``slot``; else that group's slot (rule 15)
 
 
 @dataclass(frozen=True)
@@ -383,6 +430,7 @@ class ReleaseSlot:
     expected_resource_version: str
     at: datetime
     holder_gone: bool = False
+    group: str = ""  # as AcquireSlot's
 
 
 @dataclass(frozen=True)
@@ -392,6 +440,7 @@ class MarkStuck:
     slot: int
     node: str
     expected_resource_version: str
+    group: str = ""  # as AcquireSlot's
 
 
 @dataclass(frozen=True)
@@ -450,6 +499,10 @@ class Plan:
     drain_backoff: tuple[str, ...] = ()
     out_of_roll: tuple[str, ...] = ()
     holds: tuple[str, ...] = ()
+    # Rule 15: the nodes unavailable (NotReady, cordoned, being deleted, or in flight),
+    # and per group (sorted by name) its nodes in flight and queued.
+    unavailable: tuple[str, ...] = ()
+    groups: tuple[tuple[str, int, int], ...] = ()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -576,9 +629,22 @@ def ignored_while_unslotted(view: NodeView | None) -> bool:
     Such a node adds no change, is not in flight and is not queued: the plan is the same
     with or without it. So a change between two ignored states (an agent refreshing
     ``last-checked-time``, a kubelet status report) cannot change any plan, and the driver
-    need not plan again for it.
+    need not plan again for it. A node that is unavailable (NotReady, cordoned, being
+    deleted) is never ignored: it counts against ``max_unavailable`` and the control-plane
+    rule (rule 15). Nodes coming and going, and their labels, change the totals a
+    percentage budget is taken of (see ``counts_every_node``).
     """
-    return view is None or _untouched(view.state)
+    return view is None or (_untouched(view.state) and not _unavailable_reason(view))
+
+
+def counts_every_node(policy: Policy) -> bool:
+    """Whether a node's coming, going or labels matter to the plan even while the planner
+    ignores it otherwise: with a max-unavailable (of all the nodes, or of a group's) they
+    change the total a percentage is taken of, and the total the hold reason names."""
+    groups = policy.groups
+    budgets = [policy.max_unavailable, groups.max_unavailable,
+               *(spec.max_unavailable for spec in groups.specs)]
+    return any(budget is not None for budget in budgets)
 
 
 def _untouched(state: NodeProtocolState) -> bool:
@@ -687,6 +753,7 @@ class _Builder:
         self.wake_times: list[datetime] = []
         self.holds: list[str] = []
         self.failures: list[FailedReboot] = []  # rule 14: recorded by this plan
+        self.roll = _Roll({}, set(), {}, {}, set())  # rule 15: set by plan
         self.pause_reason = ""  # rule 14: this plan pauses the roll
 
     def add(self, *changes: Change) -> None:
@@ -730,7 +797,8 @@ class _Builder:
             )
         )
         for lease in slots:
-            self.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now))
+            self.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now,
+                                 group=lease.group))
         self.event(view.name, type_, reason, message)
 
     def recheck_after(self) -> timedelta | None:
@@ -766,38 +834,52 @@ def plan(
     """
     _require_aware(now)
     views = _index_nodes(nodes)
+    leases = tuple(leases)
     slots = _index_slots(leases, policy.max_concurrent)
-    held = _holdings(slots)
+    held = _holdings(slots.values())
+    group_slots = _index_group_slots(leases)
+    group_held = _holdings(lease for by_index in group_slots.values()
+                           for lease in by_index.values())
     out = _Builder(now, policy, health)
+    in_flight = set(held)
+    out.roll = roll = _Roll(views, in_flight, group_slots, group_held, set(held), reasons={
+        name: why for name, view in views.items() if (why := _unavailable_reason(view))})
 
     for name in sorted(held, key=lambda holder: held[holder][0].index):
-        _advance_holder(name, held[name], views.get(name), out)
+        _advance_holder(name, held[name] + group_held.get(name, []), views.get(name), out)
 
     # One pass over the nodes no slot names. Most of them, in a large cluster, are in no
     # cycle at all (``_untouched``): nothing to tidy, not in flight, not queued.
-    in_flight = set(held)
     candidates: list[NodeView] = []
     backing_off: list[str] = []
     out_of_roll: list[str] = []
     for name in sorted(views):
         view = views[name]
-        if name in held or _untouched(view.state):
+        if name in held or (_untouched(view.state) and name not in group_held):
             continue
+        changes_before = len(out.changes)
         _tidy_unslotted(view, out)
+        queued = False
         if _counts_in_flight(view):
             in_flight.add(name)
         elif _is_candidate(view):
             waits, until = drain_backoff_until(view.state, policy, now)
             if not waits:
                 candidates.append(view)
+                queued = True
             elif until is None:
                 out_of_roll.append(name)
             else:
                 backing_off.append(name)
                 out.wake_at(until)
+        if (name in group_held and not queued and name not in in_flight
+                and len(out.changes) == changes_before and _gives_back(view, policy)):
+            _release_group_slots(view, group_held[name], out)
+    for name in sorted(set(group_held) - set(held) - set(views)):
+        _free_slots_of_gone_node(name, group_held[name], out)
     queue = sorted(candidates, key=queue_key)
     _apply_brake(out)
-    _take_free_slots(queue, slots, len(in_flight), out)
+    _take_free_slots(roll.waiting + queue, slots, len(in_flight), out)
 
     return Plan(
         changes=tuple(out.changes),
@@ -807,7 +889,21 @@ def plan(
         drain_backoff=tuple(backing_off),
         out_of_roll=tuple(out_of_roll),
         holds=tuple(out.holds),
+        unavailable=tuple(sorted(set(roll.reasons) | in_flight)),
+        groups=_group_counts(roll, policy, in_flight, queue),
     )
+
+
+def _group_counts(roll: _Roll, policy: Policy, in_flight: set[str], queue: list[NodeView]
+                  ) -> tuple[tuple[str, int, int], ...]:
+    """Rule 15, for metrics: each group's nodes in flight and queued."""
+    counts: dict[str, list[int]] = {}
+    for name in in_flight:
+        if name in roll.views:
+            counts.setdefault(roll.group_of(roll.views[name], policy), [0, 0])[0] += 1
+    for view in queue:
+        counts.setdefault(roll.group_of(view, policy), [0, 0])[1] += 1
+    return tuple((group, busy, queued) for group, (busy, queued) in sorted(counts.items()))
 
 
 def _index_nodes(nodes: Iterable[NodeView]) -> dict[str, NodeView]:
@@ -826,6 +922,8 @@ def _index_slots(leases: Iterable[SlotLease], max_concurrent: int) -> dict[int, 
     """All slot Leases by index, with the missing ones below max_concurrent as free slots."""
     slots: dict[int, SlotLease] = {}
     for lease in leases:
+        if lease.group:  # rule 15: _index_group_slots
+            continue
         if lease.index < 0:
             raise ValueError(f"slot index must not be negative, got {lease.index}")
         if lease.index in slots:
@@ -840,10 +938,49 @@ def _index_slots(leases: Iterable[SlotLease], max_concurrent: int) -> dict[int, 
     return slots
 
 
-def _holdings(slots: Mapping[int, SlotLease]) -> dict[str, list[SlotLease]]:
+def _index_group_slots(leases: Iterable[SlotLease]) -> dict[str, dict[int, SlotLease]]:
+    """Rule 15: the group slot Leases, by group and index."""
+    groups: dict[str, dict[int, SlotLease]] = {}
+    for lease in leases:
+        if not lease.group:
+            continue
+        by_index = groups.setdefault(lease.group, {})
+        if lease.index < 0 or lease.index in by_index:
+            raise ValueError(f"slot {lease.index} of group {lease.group!r} is negative or "
+                             "appears twice in the planner's input")
+        if lease.holder and lease.resource_version is None:
+            raise ValueError(f"slot {lease.index} of group {lease.group!r} names "
+                             f"{lease.holder!r} but has no resource version")
+        by_index[lease.index] = lease
+    return groups
+
+
+def _gives_back(view: NodeView, policy: Policy) -> bool:
+    """Rule 15: a node that holds only group slots gives them back when it shows no part
+    of a cycle and, from the same Node version, a holder of a global slot too would
+    release (it no longer needs a reboot, an admin released it, it is out of the roll):
+    a plan from another view of the Leases can then neither label nor grant it from that
+    version. Otherwise (NotReady, paused, backing off) it keeps them until it queues."""
+    state = view.state
+    no_cycle = not (state.reboot_ok or state.reboot_in_progress or state.before_reboot
+                    or state.after_reboot or cordoned_by_cluo(view))
+    return no_cycle and (not state.reboot_needed or state.release_slot
+                         or state.drain_failures >= policy.max_drain_attempts)
+
+
+def _release_group_slots(view: NodeView, slots: list[SlotLease], out: _Builder) -> None:
+    """Rule 15: a node that holds only group slots and shows no part of a cycle gives them
+    back: a reset first (a no-op CAS: the node still shows no cycle), as rule 4 says."""
+    out.add(ResetRebootOk(view.name, view.resource_version, out.policy.hook_annotations))
+    for lease in slots:
+        out.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), out.now,
+                            group=lease.group))
+
+
+def _holdings(slots: Iterable[SlotLease]) -> dict[str, list[SlotLease]]:
     """Node name -> the slots naming it, primary (first taken, then lowest index) first."""
     held: dict[str, list[SlotLease]] = {}
-    for lease in slots.values():
+    for lease in slots:
         if lease.holder:
             held.setdefault(lease.holder, []).append(lease)
     never = datetime.max.replace(tzinfo=UTC)
@@ -974,11 +1111,18 @@ def _advance_holder(
         )
     elif not state.before_reboot:
         out.add(LabelBeforeReboot(name, view.resource_version, policy.before_reboot_annotations))
+    elif missing := _missing_group_slots(view, slots, out):
+        # Rule 15: no grant without a slot of the node's group (a group configured or a
+        # label changed since it took its global slot); the grant walk gives it one.
+        out.roll.waiting.append(view)
+        _wait(name, primary, f"waiting for a slot of {', '.join(missing)}", out)
     elif hooks_done(policy.before_reboot_annotations, view.annotations):
         out.add(
             GrantRebootOk(
                 name, primary.index, view.resource_version, _lease_rv(primary),
                 policy.before_reboot_annotations,
+                group_slots=tuple((lease.group, lease.index, _lease_rv(lease))
+                                  for lease in slots if lease.group),
             )
         )
         out.event(
@@ -998,7 +1142,8 @@ def _rebooted(view: NodeView, primary: SlotLease) -> bool:
 def _free_slots_of_gone_node(name: str, slots: list[SlotLease], out: _Builder) -> None:
     """Rule 11: the holder's Node is deleted; its slots go to the next nodes."""
     for lease in slots:
-        out.add(ReleaseSlot(lease.index, name, _lease_rv(lease), out.now, holder_gone=True))
+        out.add(ReleaseSlot(lease.index, name, _lease_rv(lease), out.now, holder_gone=True,
+                            group=lease.group))
     out.add(EmitEvent(
         name, EventType.WARNING, Reason.HOLDER_GONE,
         f"Node {name} was deleted while it held reboot slot {slots[0].index}: the slot is "
@@ -1198,23 +1343,261 @@ def _take_free_slots(
         for blocker in out.health.blockers:
             out.hold(f"blocker: {blocker}")
         return
-    room = policy.max_concurrent - in_flight
-    if room <= 0:
-        return
-    free = [slots[index] for index in range(policy.max_concurrent) if not slots[index].holder]
+    _grant(queue, slots, in_flight, out)
+
+
+# --------------------------------------------------------------------------- rule 15
+
+
+@dataclass
+class _Roll:
+    """What the grant walk counts besides the global slots (rule 15), built by ``plan``.
+
+    ``group_slots``: every group's slot Leases by group (the control-plane slot under
+    ``CONTROL_PLANE_SLOTS``), the missing ones below the group's count as free slots;
+    ``group_held``: node -> the group slots naming it; ``waiting``: holders of a global
+    slot that still need a slot of their group before their grant.
+    """
+
+    views: Mapping[str, NodeView]
+    in_flight: set[str]
+    group_slots: dict[str, dict[int, SlotLease]]
+    group_held: dict[str, list[SlotLease]]
+    global_held: set[str]
+    waiting: list[NodeView] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # unavailable node -> why
+    _groups: dict[str, str] = field(default_factory=dict)
+
+    def group_of(self, view: NodeView, policy: Policy) -> str:
+        group = self._groups.get(view.name)
+        if group is None:
+            group = self._groups[view.name] = policy.groups.group_of(
+                view.labels, policy.keys.group)
+        return group
+
+
+def _group_limits(policy: Policy, group: str, total: Callable[[], int]
+                  ) -> tuple[int | None, Budget | None]:
+    """A group's slot count (None: the group takes no slots) and its max-unavailable."""
+    if group == CONTROL_PLANE_SLOTS:
+        return 1, None
+    most, budget = policy.groups.limits(group)
+    counts = [count for count in (most, budget.of(total()) if budget else None)
+              if count is not None]
+    if not counts and group == policy.groups.canary:
+        counts = [policy.max_concurrent]  # the canary's slots record its releases
+    return (min(counts) if counts else None), budget
+
+
+def _slot_groups(view: NodeView, roll: _Roll, policy: Policy) -> list[str]:
+    """The groups whose slot this node needs besides a global one (rule 15)."""
+    needed = []
+    group = roll.group_of(view, policy)
+    if _group_limits(policy, group, lambda: 0)[0] is not None or (
+            policy.groups.limits(group)[1] is not None):
+        needed.append(group)
+    if is_control_plane(view.labels):
+        needed.append(CONTROL_PLANE_SLOTS)
+    return needed
+
+
+def _missing_group_slots(view: NodeView, slots: list[SlotLease], out: _Builder) -> list[str]:
+    held = {lease.group for lease in slots if lease.group}
+    return [group for group in _slot_groups(view, out.roll, out.policy) if group not in held]
+
+
+def _unavailable_reason(view: NodeView) -> str:
+    """Why a node is unavailable for a reason of its own ("" when it is not)."""
+    if view.deleting:
+        return "being deleted"
+    if not view.ready:
+        return "NotReady"
+    if view.unschedulable:
+        return "cordoned"
+    return ""
+
+
+def _describe(names: Iterable[str], reasons: Mapping[str, str]) -> str:
+    listed = sorted(names)
+    shown = [f"{name} {reasons.get(name) or 'in flight'}" for name in listed[:5]]
+    more = f", {len(listed) - 5} more" if len(listed) > 5 else ""
+    return ", ".join(shown) + more
+
+
+def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int,
+           out: _Builder) -> None:
+    """Rules 1, 15: give free slots to the head of the queue, each only if every limit
+    the node is under has room: the global slots (bounded by ``max_unavailable`` too),
+    the slots of its group and the control-plane slot, the budgets, the canary."""
+    policy, now, roll = out.policy, out.now, out.roll
+    views = roll.views
+    reasons = roll.reasons
+    unavailable = set(reasons) | roll.in_flight
+    totals: dict[str, int] = {}
+
+    def group_total(group: str) -> int:
+        if not totals:
+            for view in views.values():
+                found = roll.group_of(view, policy)
+                totals[found] = totals.get(found, 0) + 1
+        return totals.get(group, 0)
+
+    cap = policy.max_concurrent
+    if policy.max_unavailable is not None:
+        cap = min(cap, policy.max_unavailable.of(len(views)))
+    room = cap - in_flight
+    rested = _rested(slots, cap, out)
+    taken: dict[str, set[int]] = {}  # group slots this plan takes
+    busy: dict[str, set[str]] = {}  # group -> its nodes in flight or holding its slots
+
+    def group_busy(group: str) -> set[str]:
+        if group not in busy:
+            members = {name for name in roll.in_flight if name in views
+                       and ((group == CONTROL_PLANE_SLOTS
+                             and is_control_plane(views[name].labels))
+                            or roll.group_of(views[name], policy) == group)}
+            members |= {lease.holder for lease in roll.group_slots.get(group, {}).values()
+                        if lease.holder}
+            busy[group] = members
+        return busy[group]
+
+    canary_hold = _canary_hold(roll, out)
+    for view in queue:
+        name = view.name
+        new = name not in roll.global_held
+        group = roll.group_of(view, policy)
+        if new and (room <= 0 or not rested):
+            break
+        if new and policy.max_unavailable is not None:
+            allowed = policy.max_unavailable.of(len(views))
+            after = len(unavailable | {name})
+            if after > allowed:
+                out.hold(f"max-unavailable: {len(unavailable)} of {len(views)} nodes "
+                         f"unavailable ({_describe(unavailable, reasons)}), max-unavailable "
+                         f"{policy.max_unavailable}")
+                break
+        if canary_hold and group != policy.groups.canary:
+            _hold_once(out, canary_hold)
+            continue
+        held = {lease.group for lease in roll.group_held.get(name, [])}
+        needed = [g for g in _slot_groups(view, roll, policy) if g not in held]
+        picks: list[SlotLease] = []
+        for needed_group in needed:
+            why, lease = _group_room(view, needed_group, out, total=group_total,
+                                     busy=group_busy(needed_group), unavailable=unavailable,
+                                     reasons=reasons,
+                                     taken=taken.setdefault(needed_group, set()))
+            if why:
+                _hold_once(out, why)
+                break
+            assert lease is not None
+            picks.append(lease)
+        else:
+            for lease in picks:
+                taken[lease.group].add(lease.index)
+                busy[lease.group].add(name)
+                out.add(AcquireSlot(lease.index, name, lease.resource_version, view.boot_id,
+                                    now, view.uid, group=lease.group))
+            if not new:
+                continue
+            lease = rested.pop(0)
+            room -= 1
+            unavailable.add(name)
+            out.add(
+                AcquireSlot(lease.index, name, lease.resource_version, view.boot_id, now,
+                            view.uid, announced_version=view.state.new_version),
+                LabelBeforeReboot(name, view.resource_version, policy.before_reboot_annotations),
+            )
+            out.event(
+                name, EventType.NORMAL, Reason.SLOT_ACQUIRED,
+                f"Reboot slot {lease.index} taken; running before-reboot hooks.",
+            )
+
+
+def _rested(slots: Mapping[int, SlotLease], cap: int, out: _Builder) -> list[SlotLease]:
+    """The free global slots below ``cap`` that have rested ``delay_between_reboots``."""
     rested: list[SlotLease] = []
-    for lease in free:
-        if lease.released_at is not None and now < lease.released_at + policy.delay_between_reboots:
-            out.wake_at(lease.released_at + policy.delay_between_reboots)
+    delay = out.policy.delay_between_reboots
+    for index in range(cap):
+        lease = slots[index]
+        if lease.holder:
+            continue
+        if lease.released_at is not None and out.now < lease.released_at + delay:
+            out.wake_at(lease.released_at + delay)
         else:
             rested.append(lease)
-    for view, lease in zip(queue, rested[:room], strict=False):
-        out.add(
-            AcquireSlot(lease.index, view.name, lease.resource_version, view.boot_id, now,
-                        view.uid, announced_version=view.state.new_version),
-            LabelBeforeReboot(view.name, view.resource_version, policy.before_reboot_annotations),
-        )
-        out.event(
-            view.name, EventType.NORMAL, Reason.SLOT_ACQUIRED,
-            f"Reboot slot {lease.index} taken; running before-reboot hooks.",
-        )
+    return rested
+
+
+def _hold_once(out: _Builder, reason: str) -> None:
+    if reason not in out.holds:
+        out.hold(reason)
+
+
+def _group_room(
+    view: NodeView, group: str, out: _Builder, *, total: Callable[[str], int],
+    busy: set[str], unavailable: set[str], reasons: Mapping[str, str], taken: set[int],
+) -> tuple[str, SlotLease | None]:
+    """A free slot of ``group`` for ``view``, or why there is none (rule 15)."""
+    policy, roll = out.policy, out.roll
+    count, budget = _group_limits(policy, group, lambda: total(group))
+    label = "control-plane" if group == CONTROL_PLANE_SLOTS else f"group {group}"
+    if group == CONTROL_PLANE_SLOTS:
+        others = {name for name in unavailable
+                  if name != view.name and name in roll.views
+                  and is_control_plane(roll.views[name].labels)}
+        if others:
+            return (f"control-plane: one control-plane node at a time, and none while "
+                    f"another is unavailable ({_describe(others, reasons)})"), None
+    if budget is not None:
+        members = {name for name in unavailable if name in roll.views
+                   and roll.group_of(roll.views[name], policy) == group}
+        allowed = budget.of(total(group))
+        if len(members | {view.name}) > allowed:
+            return (f"max-unavailable: {len(members)} of {total(group)} nodes of {label} "
+                    f"unavailable ({_describe(members, reasons)}), its max-unavailable "
+                    f"{budget}"), None
+    limit = count or 0
+    others = busy - {view.name}
+    if len(others) >= limit:
+        return (f"max-concurrent: {label} has {len(others)} node(s) in flight, its "
+                f"max-concurrent {limit}"), None
+    slots = roll.group_slots.get(group, {})
+    for index in range(limit):
+        lease = slots.get(index) or SlotLease(index, group=group)
+        if lease.holder or index in taken:
+            continue
+        rest_until = (lease.released_at + policy.delay_between_reboots
+                      if lease.released_at is not None else None)
+        if rest_until is not None and out.now < rest_until:
+            out.wake_at(rest_until)
+            continue
+        return "", lease
+    return f"max-concurrent: {label} has no free slot of its {limit}", None
+
+
+def _canary_hold(roll: _Roll, out: _Builder) -> str:
+    """Rule 15's canary: why the other groups wait ("" when they do not)."""
+    policy = out.policy
+    canary = policy.groups.canary
+    if not canary:
+        return ""
+    busy = sorted(
+        name for name, view in roll.views.items()
+        if (name in roll.in_flight
+            or (view.state.reboot_needed and not view.state.reboot_paused))
+        and roll.group_of(view, policy) == canary
+    )
+    if busy:
+        return (f"canary: group {canary} goes first, then soaks {policy.canary_soak}; "
+                f"its nodes not done yet: {', '.join(busy[:5])}")
+    slots = roll.group_slots.get(canary, {}).values()
+    if any(lease.holder for lease in slots):
+        return f"canary: group {canary} goes first; it still holds a slot"
+    released = [lease.released_at for lease in slots if lease.released_at is not None]
+    if released and out.now < max(released) + policy.canary_soak:
+        end = max(released) + policy.canary_soak
+        out.wake_at(end)
+        return (f"canary: group {canary} soaks {policy.canary_soak} after its last "
+                f"release, until {seconds_time(end)}")
+    return ""

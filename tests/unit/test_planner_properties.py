@@ -14,6 +14,14 @@ it out of the count). Cordoned by cluo: spec.unschedulable with the agent's
 agent-made-unschedulable=true; never more such nodes than allowed either. A node whose
 drain failed is never granted while it backs off or is out of the roll (rule 13), and
 once an admin puts the nodes out of the roll back, every reboot gets done.
+
+Groups and budgets (rule 15), under the same races: never more nodes of a group granted
+(reboot-ok, in progress, cordoned by cluo) than its max-concurrent, each holding one of
+the group's slots, nor more control-plane nodes than one; cluo's own nodes in flight
+never more than max-unavailable allows; and a plan made from a current view takes a slot
+only if the nodes unavailable (NotReady, cordoned, in flight) stay within max-unavailable,
+no control-plane node's while another is unavailable, and no other group's while the
+canary group is not done or soaking.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -33,6 +42,7 @@ from hypothesis.stateful import (
 )
 
 from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState
+from cluo_coord.groups import CONTROL_PLANE_LABEL, CONTROL_PLANE_SLOTS, Budget, Groups
 from cluo_coord.planner import (
     AcquireSlot,
     Change,
@@ -47,6 +57,7 @@ from cluo_coord.planner import (
     ReleaseSlot,
     ResetRebootOk,
     SlotLease,
+    counts_every_node,
     drain_backoff_until,
     ignored_while_unslotted,
     plan,
@@ -97,19 +108,28 @@ class FakeLease:
     released_at: datetime | None = None
     stuck: bool = False
     holder_uid: str = ""
+    group: str = ""
+
+
+LeaseKey = tuple[str, int]  # (group, index); group "" for the global slots
 
 
 class FakeCluster:
     """Nodes and Leases with etcd-like resource versions (one counter, bumped on change)."""
 
-    def __init__(self, names: list[str], coordinator_on: str | None) -> None:
+    def __init__(self, names: list[str], coordinator_on: str | None,
+                 labels: dict[str, dict[str, str]] | None = None) -> None:
         self.revision = 0
         self.boots = 0
         self.coordinator_on = coordinator_on
         self.nodes: dict[str, FakeNode] = {}
+        self.static_labels = labels or {}  # a node's group and role labels, kept when re-created
         for name in names:
             self.register(name)
-        self.leases: dict[int, FakeLease] = {}
+        self.leases: dict[LeaseKey, FakeLease] = {}
+        # Sees each slot a plan made from the current view is about to take (the node's
+        # view and the slot's group); None for plans from old views.
+        self.on_acquire: Callable[[FakeNode, str], None] | None = None
         self.events: list[EmitEvent] = []
         # Sees each node a grant is about to be written to (its state before the grant),
         # and the time of the plan being applied.
@@ -130,7 +150,7 @@ class FakeCluster:
         self.nodes[name] = FakeNode(
             name, boot_id, runs_coordinator=name == self.coordinator_on, ready=ready,
             ready_since=START if ready else None, resource_version=self.bump(),
-            uid=f"uid-{boot_id}",
+            uid=f"uid-{boot_id}", labels=dict(self.static_labels.get(name, {})),
         )
 
     # ------------------------------------------------------------------ reading
@@ -152,6 +172,7 @@ class FakeCluster:
                     unschedulable=node.unschedulable,
                     runs_coordinator=node.runs_coordinator,
                     reboot_needed_since=reboot_needed_since(state),
+                    labels=dict(node.labels),
                 )
             )
         return tuple(views)
@@ -167,12 +188,14 @@ class FakeCluster:
                 released_at=lease.released_at,
                 stuck=lease.stuck,
                 holder_uid=lease.holder_uid,
+                group=lease.group,
             )
             for lease in self.leases.values()
         )
 
     def in_flight(self) -> set[str]:
-        holders = {lease.holder for lease in self.leases.values() if lease.holder}
+        """Named by a global slot, or flagged (a node holding only group slots is not)."""
+        holders = self.holders()
         flagged = {
             node.name
             for node in self.nodes.values()
@@ -191,8 +214,22 @@ class FakeCluster:
             and not node.flag(KEYS.release_slot)
         }
 
-    def holders(self) -> set[str]:
-        return {lease.holder for lease in self.leases.values() if lease.holder}
+    def holders(self, group: str = "") -> set[str]:
+        """The nodes the global slots (or ``group``'s slots) name."""
+        return {lease.holder for lease in self.leases.values()
+                if lease.holder and lease.group == group}
+
+    def granted(self) -> set[str]:
+        """reboot-ok, reboot-in-progress or cordoned by cluo (an admin release aside)."""
+        return {name for name, node in self.nodes.items()
+                if (node.flag(KEYS.reboot_ok) or node.flag(KEYS.reboot_in_progress)
+                    or (node.unschedulable and node.flag(KEYS.agent_made_unschedulable)))
+                and not node.flag(KEYS.release_slot)}
+
+    def unavailable(self) -> set[str]:
+        """NotReady, cordoned (by anyone) or in flight."""
+        return self.in_flight() | {name for name, node in self.nodes.items()
+                                   if not node.ready or node.unschedulable}
 
     # ------------------------------------------------------------------ writing
 
@@ -220,13 +257,16 @@ class FakeCluster:
             case EmitEvent():
                 self.events.append(change)
             case AcquireSlot(slot=index, expected_resource_version=expected):
-                lease = self.leases.get(index)
+                key = (change.group, index)
+                lease = self.leases.get(key)
                 if expected is None:
                     if lease is not None:
-                        raise Conflict(f"lease {index} exists")
-                    lease = self.leases[index] = FakeLease(index, 0)
+                        raise Conflict(f"lease {key} exists")
+                    lease = self.leases[key] = FakeLease(index, 0, group=change.group)
                 elif lease is None or str(lease.resource_version) != expected:
-                    raise Conflict(f"lease {index}")
+                    raise Conflict(f"lease {key}")
+                if self.on_acquire is not None and change.node in self.nodes:
+                    self.on_acquire(self.nodes[change.node], change.group)
                 lease.holder = change.node
                 lease.acquired_at = change.at
                 lease.holder_boot_id = change.holder_boot_id
@@ -235,7 +275,7 @@ class FakeCluster:
                 lease.stuck = False
                 lease.resource_version = self.bump()
             case ReleaseSlot(slot=index) | MarkStuck(slot=index):
-                lease = self.leases.get(index)
+                lease = self.leases.get((change.group, index))
                 if lease is None or str(lease.resource_version) != change.expected_resource_version:
                     raise Conflict(f"lease {index}")
                 if isinstance(change, ReleaseSlot) and change.holder_gone and (
@@ -256,12 +296,12 @@ class FakeCluster:
                 if node is None or str(node.resource_version) != change.expected_resource_version:
                     raise Conflict(f"node {change.node}")
                 if isinstance(change, GrantRebootOk):
-                    lease = self.leases.get(change.slot)
-                    if (
-                        lease is None
-                        or str(lease.resource_version) != change.expected_lease_resource_version
-                    ):
-                        raise Conflict(f"lease {change.slot} (grant precondition)")
+                    for group, index, expected in (
+                            ("", change.slot, change.expected_lease_resource_version),
+                            *change.group_slots):
+                        lease = self.leases.get((group, index))
+                        if lease is None or str(lease.resource_version) != expected:
+                            raise Conflict(f"lease {(group, index)} (grant precondition)")
                     self.on_grant(node)
                 patch = change.patch(KEYS)
                 self.write_node(change.node, dict(patch.annotations), dict(patch.labels))
@@ -453,6 +493,19 @@ HAPPENINGS = (
 )
 
 
+# Rule 15's configuration, and each node's group and control-plane role.
+Grouping = tuple[list[str], list[bool], int | None, str | None, str | None, str, int]
+GROUPING = st.tuples(
+    st.lists(st.sampled_from(["a", "b", "c"]), min_size=5, max_size=5),
+    st.lists(st.booleans(), min_size=5, max_size=5),  # control-plane nodes
+    st.none() | st.integers(min_value=1, max_value=2),  # each group's max-concurrent
+    st.none() | st.sampled_from(["1", "2", "50%"]),  # max-unavailable
+    st.none() | st.sampled_from(["1", "34%"]),  # each group's max-unavailable
+    st.sampled_from(["", "a"]),  # the canary group
+    st.sampled_from([0, 1200]),  # its soak, seconds
+)
+
+
 class PlannerMachine(RuleBasedStateMachine):
     cluster: FakeCluster
     agents: Agents
@@ -472,6 +525,7 @@ class PlannerMachine(RuleBasedStateMachine):
         coordinator_on=st.integers(min_value=0, max_value=5),
         legacy=st.sampled_from([0, 0, 0, 1, 2]),
         drain_attempts=st.sampled_from([1, 2, 5]),
+        grouping=st.none() | GROUPING,
     )
     def setup(
         self,
@@ -484,10 +538,23 @@ class PlannerMachine(RuleBasedStateMachine):
         coordinator_on: int,
         legacy: int,
         drain_attempts: int,
+        grouping: Grouping | None,
     ) -> None:
         self.names = [f"node-{i}" for i in range(count)]
         on = self.names[coordinator_on] if coordinator_on < count else None
-        self.cluster = FakeCluster(self.names, on)
+        labels: dict[str, dict[str, str]] = {}
+        groups, max_unavailable, soak = Groups(), None, 0
+        if grouping is not None:
+            member_of, control_plane, group_max, budget, group_budget, canary, soak = grouping
+            for i, name in enumerate(self.names):
+                labels[name] = {KEYS.group: member_of[i]}
+                if control_plane[i]:
+                    labels[name][CONTROL_PLANE_LABEL] = ""
+            groups = Groups(max_concurrent=group_max, canary=canary,
+                            max_unavailable=Budget.parse(group_budget) if group_budget else None)
+            max_unavailable = Budget.parse(budget) if budget else None
+            legacy = 0  # grants an older coordinator left know nothing of groups
+        self.cluster = FakeCluster(self.names, on, labels)
         self.agents = Agents(self.cluster)
         # Grants an older coordinator (CLUO) left behind, within the limit: no slot names
         # these nodes, and the planner must count them and finish them.
@@ -506,10 +573,52 @@ class PlannerMachine(RuleBasedStateMachine):
             drain_backoff=timedelta(minutes=10),
             drain_backoff_max=timedelta(minutes=20),
             max_drain_attempts=drain_attempts,
+            groups=groups,
+            max_unavailable=max_unavailable,
+            canary_soak=timedelta(seconds=soak),
         )
         self.now = START
         self.history = []
         self.cluster.on_grant = self.never_granted_while_its_drain_backs_off
+
+    def group_of(self, name: str) -> str:
+        node = self.cluster.nodes[name]
+        return self.policy.groups.group_of(node.labels, KEYS.group)
+
+    def group_cap(self, group: str) -> int | None:
+        """The group's max-concurrent and max-unavailable as a count of nodes."""
+        most, budget = self.policy.groups.limits(group)
+        total = sum(1 for name in self.names  # the most the group ever had
+                    if self.policy.groups.group_of(self.cluster.static_labels.get(name, {}),
+                                                   KEYS.group) == group)
+        counts = [c for c in (most, budget.of(total) if budget else None) if c is not None]
+        return min(counts) if counts else None
+
+    def takes_a_slot_only_within_the_limits(self, node: FakeNode, group: str) -> None:
+        """A plan from the current view: the budget, the control-plane rule, the canary."""
+        cluster, policy = self.cluster, self.policy
+        if group:
+            return
+        unavailable = cluster.unavailable() | {node.name}
+        if policy.max_unavailable is not None:
+            allowed = policy.max_unavailable.of(len(cluster.nodes))
+            assert len(unavailable) <= allowed, (
+                f"{node.name} takes a slot: {sorted(unavailable)} unavailable, max {allowed}")
+        if CONTROL_PLANE_LABEL in node.labels:
+            others = {name for name in unavailable - {node.name}
+                      if CONTROL_PLANE_LABEL in cluster.nodes[name].labels}
+            assert not others, f"{node.name} takes a slot while {sorted(others)} unavailable"
+        canary = policy.groups.canary
+        if canary and self.policy.groups.group_of(node.labels, KEYS.group) != canary:
+            busy = [name for name, other in cluster.nodes.items()
+                    if self.group_of(name) == canary
+                    and (name in cluster.in_flight() or (
+                        other.flag(KEYS.reboot_needed) and not other.flag(KEYS.reboot_paused)))]
+            assert not busy, f"{node.name} takes a slot while canary {busy} is not done"
+            released = [lease.released_at for lease in cluster.leases.values()
+                        if lease.group == canary and lease.released_at is not None]
+            if released:
+                assert cluster.planned_at >= max(released) + policy.canary_soak
 
     def never_granted_while_its_drain_backs_off(self, node: FakeNode) -> None:
         now = self.cluster.planned_at
@@ -607,7 +716,11 @@ class PlannerMachine(RuleBasedStateMachine):
         """A fresh plan (after a restart too: the planner has no memory), maybe cut short."""
         result = plan(self.cluster.node_views(), self.cluster.lease_views(), self.now, self.policy)
         self.cluster.planned_at = self.now
-        self.cluster.apply_plan(result, limit)
+        self.cluster.on_acquire = self.takes_a_slot_only_within_the_limits
+        try:
+            self.cluster.apply_plan(result, limit)
+        finally:
+            self.cluster.on_acquire = None
 
     @precondition(lambda self: len(self.history) > 1)
     @rule(
@@ -640,6 +753,32 @@ class PlannerMachine(RuleBasedStateMachine):
         )
 
     @invariant()
+    def never_more_of_a_group_granted_than_allowed(self) -> None:
+        """Granted: reboot-ok, reboot-in-progress or cordoned by cluo (a node of a group
+        may hold a global slot while it waits for its group's, but is not granted)."""
+        granted = self.cluster.granted()
+        for group in {self.group_of(name) for name in self.cluster.nodes}:
+            cap = self.group_cap(group)
+            members = {name for name in granted if self.group_of(name) == group}
+            if cap is not None:
+                assert len(members) <= cap, f"group {group}: {sorted(members)} granted, max {cap}"
+                assert members <= self.cluster.holders(group), (
+                    f"group {group}: {sorted(members)} granted, "
+                    f"{sorted(self.cluster.holders(group))} hold its slots")
+        control_plane = {name for name in granted
+                         if CONTROL_PLANE_LABEL in self.cluster.nodes[name].labels}
+        assert len(control_plane) <= 1, f"control-plane nodes {sorted(control_plane)} granted"
+        assert control_plane <= self.cluster.holders(CONTROL_PLANE_SLOTS)
+
+    @invariant()
+    def own_nodes_in_flight_within_max_unavailable(self) -> None:
+        budget = self.policy.max_unavailable
+        if budget is not None:
+            # The most nodes the budget allowed with the most nodes the cluster had.
+            allowed = budget.of(len(self.names))
+            assert len(self.cluster.in_flight()) <= allowed
+
+    @invariant()
     def reboot_ok_only_while_a_slot_names_the_node(self) -> None:
         """Stronger than the limit: the planner never writes a grant no slot backs."""
         holders = self.cluster.holders()
@@ -657,6 +796,8 @@ class PlannerMachine(RuleBasedStateMachine):
     def nodes_the_planner_ignores_change_no_plan(self) -> None:
         """The same plan without them: what lets the driver skip planning after such a
         node changed (to another state the planner ignores)."""
+        if counts_every_node(self.policy):
+            return  # a percentage counts every node: the driver plans again when one comes or goes
         nodes, leases = self.cluster.node_views(), self.cluster.lease_views()
         holders = {lease.holder for lease in leases if lease.holder}
         kept = tuple(view for view in nodes
@@ -678,8 +819,13 @@ class PlannerMachine(RuleBasedStateMachine):
 
 def settle(cluster: FakeCluster, agents: Agents, policy: Policy, now: datetime) -> None:
     """Run cooperative agents and fresh plans until every reboot cycle is over."""
-    for name in cluster.nodes:
+    for name, node in cluster.nodes.items():
         cluster.write_node(name, {KEYS.reboot_paused: None})
+        if node.unschedulable and not node.flag(KEYS.agent_made_unschedulable) and (
+                policy.max_unavailable or cluster.static_labels):
+            # The admin's maintenance ends: a budget or another control-plane node would
+            # wait for it forever otherwise.
+            cluster.write_node(name, unschedulable=False)
     for _ in range(400):
         for name, node in cluster.nodes.items():  # the admin's cluo-coord retry
             if node.state.drain_failures >= policy.max_drain_attempts:
@@ -700,7 +846,7 @@ def settle(cluster: FakeCluster, agents: Agents, policy: Policy, now: datetime) 
     unsettled = {
         name: (node.annotations, node.labels) for name, node in cluster.nodes.items()
     }
-    leases = {lease.index: lease.holder for lease in cluster.leases.values()}
+    leases = {key: lease.holder for key, lease in cluster.leases.items()}
     raise AssertionError(f"the cluster did not settle: {unsettled} {leases}")
 
 
@@ -726,6 +872,31 @@ PlannerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_planner_never_exceeds_max_concurrent = PlannerMachine.TestCase
+
+
+class GroupedPlannerMachine(PlannerMachine):
+    """The same, with groups, budgets, control-plane nodes and a canary every time."""
+
+    @initialize(
+        count=st.integers(min_value=2, max_value=5),
+        max_concurrent=st.integers(min_value=1, max_value=3),
+        hooks=st.booleans(),
+        delay=st.sampled_from([0, 120]),
+        coordinator_on=st.integers(min_value=0, max_value=5),
+        drain_attempts=st.sampled_from([2, 5]),
+        grouping=GROUPING,
+    )
+    def setup_grouped(self, count: int, max_concurrent: int, hooks: bool, delay: int,
+                      coordinator_on: int, drain_attempts: int, grouping: Grouping) -> None:
+        self.setup(count, max_concurrent, hooks, 0, delay, False, coordinator_on, 0,
+                   drain_attempts, grouping)
+
+    def setup(self, *args: Any) -> None:  # no initialize rule here: setup_grouped calls it
+        PlannerMachine.setup(self, *args)
+
+
+GroupedPlannerMachine.TestCase.settings = PlannerMachine.TestCase.settings
+test_planner_never_exceeds_group_limits = GroupedPlannerMachine.TestCase
 
 
 # ---------------------------------------------------------------------- one walk, spelled out
@@ -766,12 +937,12 @@ def test_planner_walks_a_full_cycle_in_the_model() -> None:
     assert step() == ["ResetRebootOk"]
     assert not cluster.nodes["a"].flag(KEYS.reboot_ok)
     assert step() == []  # the slot waits until the agent has uncordoned the node
-    assert cluster.leases[0].holder == "a"
+    assert cluster.leases["", 0].holder == "a"
     agents.uncordon("a")
     assert step() == ["ResetRebootOk", "ReleaseSlot"]
     assert cluster.nodes["a"].labels == {KEYS.reboot_needed: FALSE}
     assert step() == ["AcquireSlot", "LabelBeforeReboot"]
-    assert cluster.leases[0].holder == "b"
+    assert cluster.leases["", 0].holder == "b"
 
 
 def _kinds(result: Plan) -> list[str]:
@@ -797,7 +968,7 @@ def test_grant_planned_from_a_stale_lease_view_is_refused() -> None:
     fresh()  # n no longer needs it: reset, slot 0 released
     agents.request_reboot("m", now)
     fresh()  # slot 0 -> m
-    assert cluster.leases[0].holder == "m"
+    assert cluster.leases["", 0].holder == "m"
 
     # A coordinator whose Lease cache still says slot 0 is n's, with fresh Nodes.
     agents.request_reboot("n", now)
@@ -830,5 +1001,5 @@ def test_release_planned_from_a_stale_node_view_is_refused() -> None:
     assert _kinds(stale) == ["ResetRebootOk", "ReleaseSlot"]
     cluster.apply_plan(stale)
 
-    assert cluster.leases[0].holder == "n"
+    assert cluster.leases["", 0].holder == "n"
     assert cluster.nodes["n"].flag(KEYS.reboot_ok)
