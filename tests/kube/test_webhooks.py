@@ -37,6 +37,11 @@ def _of(bodies: list[Any], node: str) -> list[str]:
     return [body["event"] for body in bodies if body["node"] == node]
 
 
+def _slack_events(receiver: HttpReceiver) -> list[str]:
+    """The events of the bodies delivered with the SLACK template ("$cluster: $node $event ...")."""
+    return [body["text"].split()[2] for body in receiver.delivered()]
+
+
 def _done(receiver: HttpReceiver, names: list[str]) -> bool:
     return all("done" in _of(receiver.delivered(), name) for name in names)
 
@@ -95,7 +100,7 @@ def test_a_receiver_that_fails_at_first_gets_the_event_on_a_later_attempt(rig: R
                           "--cluster-name", "test-cluster",
                           "--webhook-header", f"Authorization: {TOKEN}")
         wait_for(lambda: rig.done(name), ROLL_TIMEOUT, f"{name} to reboot and finish")
-        wait_for(lambda: any("done" in b["text"] for b in receiver.delivered()), 30,
+        wait_for(lambda: "done" in _slack_events(receiver), 30,
                  "the 'done' roll event, after the retries")
     assert not agents.errors
     requests = receiver.received()
@@ -103,8 +108,7 @@ def test_a_receiver_that_fails_at_first_gets_the_event_on_a_later_attempt(rig: R
     assert requests[0].body == requests[1].body == requests[2].body  # the same event
     assert requests[2].json()["text"].startswith(
         f"test-cluster: {name} granted (RebootApproved): ")
-    texts = [body["text"] for body in receiver.delivered()]
-    assert [text.split()[2] for text in texts] == NODE_EVENTS
+    assert _slack_events(receiver) == NODE_EVENTS
     assert all(request.headers["authorization"] == TOKEN for request in requests)
     assert coord.metric("cluo_webhook_retries_total") == 2
     log = coord.log_path.read_text()
