@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
-from cluo.errors import ConfigError
+from cluo.errors import ConfigError, KubeError
 from cluo_coord.config import load_settings
 from cluo_coord.groups import (
     CONTROL_PLANE_LABEL,
@@ -35,6 +36,7 @@ from cluo_coord.planner import (
     ignored_while_unslotted,
     plan,
 )
+from tests.unit.coord_fakes import CoordRig
 from tests.unit.test_planner import KEYS, NOW, node, slot
 
 # --------------------------------------------------------------------------- parsers
@@ -388,3 +390,32 @@ def test_label_before_reboot_follows_the_global_slot() -> None:
     kinds = [type(c).__name__ for c in result.changes if isinstance(
         c, AcquireSlot | LabelBeforeReboot)]
     assert kinds == ["AcquireSlot", "AcquireSlot", "LabelBeforeReboot"]
+
+
+# --- the driver: rule 3 for the group slots
+
+
+def lease_object(index: int, group: str, holder: str, version: str) -> dict[str, Any]:
+    annotations = {SLOT_GROUP: group} if group else {}
+    return {"metadata": {"name": lease_name(index, group), "resourceVersion": version,
+                         "annotations": annotations},
+            "spec": {"holderIdentity": holder}}
+
+
+def test_a_grant_is_refused_when_its_group_slot_lease_changed_since_the_plan() -> None:
+    leases = {lease_name(0): lease_object(0, "", "a1", "5"),
+              lease_name(0, "a"): lease_object(0, "a", "a1", "8")}
+
+    class UncachedReads:
+        def read_lease(self, name: str) -> dict[str, Any] | None:
+            return leases.get(name)
+
+    rig = CoordRig()
+    rig.coordinator._writer = UncachedReads()  # type: ignore[assignment]
+    grant = GrantRebootOk("a1", 0, "1", "5", group_slots=(("a", 0, "8"),))
+    rig.coordinator._check_slot_unchanged(grant)  # both Leases as planned: granted
+    leases[lease_name(0, "a")] = lease_object(0, "a", "a2", "9")  # another node has it now
+    with pytest.raises(KubeError) as refused:
+        rig.coordinator._check_slot_unchanged(grant)
+    assert refused.value.kind == "conflict"
+    assert lease_name(0, "a") in str(refused.value)
