@@ -28,9 +28,10 @@ from typing import Any
 from cluo.errors import KubeError
 from cluo.kube.client import KubeClient
 from cluo.kube.objects import api_time, seconds_time
-from cluo.protocol import STATUS_CONFIGMAP_NAME, slot_lease_name
+from cluo.protocol import STATUS_CONFIGMAP_NAME
 from cluo_coord.brake import FailedReboot, RollState
 from cluo_coord.cluster import ClusterSnapshot
+from cluo_coord.leases import lease_name
 from cluo_coord.planner import Plan, SlotLease
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def pause_json(roll: RollState) -> dict[str, str] | None:
 def slot_json(slot: SlotLease, now: datetime) -> dict[str, Any]:
     since = slot.acquired_at if slot.holder else None
     return {
-        "slot": slot_lease_name(slot.index),
+        "slot": lease_name(slot.index, slot.group),
         "holder": slot.holder or "",
         "since": seconds_time(since) if since else "",
         "held_seconds": int((now - since).total_seconds()) if since else None,
@@ -87,7 +88,7 @@ def failed_json(roll: RollState, slots: Sequence[SlotLease]) -> list[dict[str, s
     for slot in slots:
         if slot.holder and slot.stuck and slot.holder not in recorded:
             failed.append(FailedReboot(
-                slot.holder, f"stuck: holds {slot_lease_name(slot.index)} past "
+                slot.holder, f"stuck: holds {lease_name(slot.index, slot.group)} past "
                 "--reboot-timeout").to_json())
     return failed
 

@@ -36,6 +36,7 @@ from cluo_coord.planner import (
     ignored_while_unslotted,
     plan,
 )
+from cluo_coord.status import slot_json
 from tests.unit.coord_fakes import CoordRig
 from tests.unit.test_planner import KEYS, NOW, node, slot
 
@@ -419,3 +420,9 @@ def test_a_grant_is_refused_when_its_group_slot_lease_changed_since_the_plan() -
         rig.coordinator._check_slot_unchanged(grant)
     assert refused.value.kind == "conflict"
     assert lease_name(0, "a") in str(refused.value)
+
+
+def test_status_view_names_a_group_slot_by_its_lease() -> None:
+    held = replace(slot(1, "a1"), group="a")
+    assert slot_json(held, NOW)["slot"] == group_slot_lease_name("a", 1)
+    assert slot_json(slot(1, "a1"), NOW)["slot"] == "cluo-reboot-slot-1"
