@@ -41,6 +41,7 @@ from cluo.settings import (
     positive_int,
     verbatim,
 )
+from cluo_coord.fleetlock_config import FLEETLOCK_SETTINGS, FleetLockConfig, fleetlock_config
 from cluo_coord.group_settings import GROUP_SETTINGS, group_policy
 from cluo_coord.health_config import HEALTH_SETTINGS, HealthConfig, health_config
 from cluo_coord.planner import Policy
@@ -77,6 +78,7 @@ class CoordSettings:
     aliases_used: tuple[AliasUse, ...] = ()  # FLUO/CLUO spellings read, to log once
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)  # --webhook-*
     health: HealthConfig = field(default_factory=HealthConfig)  # gate and blockers
+    fleetlock: FleetLockConfig = field(default_factory=FleetLockConfig)  # --fleetlock-*
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,7 @@ LOADER = SettingsLoader(
         TIME_ZONE, REBOOT_TIMEOUT, MIN_READY, DELAY_BETWEEN_REBOOTS, DRAIN_BACKOFF,
         DRAIN_BACKOFF_MAX, MAX_DRAIN_ATTEMPTS, MAX_FAILED_REBOOTS, PAUSE, NODE_SELECTOR,
         NODE_NAME, METRICS_ADDRESS, LEADER_ELECT, IDENTITY, RESYNC_PERIOD, LOG_LEVEL,
-        *WEBHOOK_SETTINGS, *GROUP_SETTINGS, *HEALTH_SETTINGS,
+        *WEBHOOK_SETTINGS, *GROUP_SETTINGS, *HEALTH_SETTINGS, *FLEETLOCK_SETTINGS,
     ),
     aliases=ALIASES,
     refused=REFUSED,
@@ -325,6 +327,7 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> CoordSetti
         aliases_used=values.aliases_used,
         webhooks=webhook_config(values),
         health=health_config(values),
+        fleetlock=fleetlock_config(values),
     )
 
 

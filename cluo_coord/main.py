@@ -55,6 +55,7 @@ from cluo_coord.blockers import (
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
+from cluo_coord.fleetlock_nodes import FleetLockService
 from cluo_coord.health_config import HealthConfig
 from cluo_coord.leader import (
     KubeRollState,
@@ -187,6 +188,13 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         server = HealthServer(settings.metrics_host, settings.metrics_port, metrics,
                               healthy=coordinator.healthy, ready=lambda: cache.synced)
         server.start()
+    fleetlock: FleetLockService | None = None
+    if settings.fleetlock.enabled:  # docs/fleetlock.md
+        fleetlock = FleetLockService.build(
+            api, settings.fleetlock, namespace=settings.namespace, keys=keys,
+            node_selector=settings.node_selector, registry=metrics.registry,
+            is_leader=lambda: leadership is None or leadership.is_leader,
+            groups=[spec.name for spec in settings.policy.groups.specs])
     log.info("coordinator starting", extra={
         "NAMESPACE": settings.namespace, "MAX_CONCURRENT": settings.policy.max_concurrent,
         "WINDOWS": str(settings.policy.windows), "LEADER_ELECT": settings.leader_elect,
@@ -198,9 +206,13 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
     status.start()
     if elector is not None:
         elector.start()
+    if fleetlock is not None:
+        fleetlock.start()
     try:
         coordinator.run(stop)
     finally:
+        if fleetlock is not None:
+            fleetlock.stop()
         status.stop()
         if elector is not None:
             elector.stop()
