@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -427,8 +428,10 @@ class FleetLockNodes:
 
     def __init__(self, directory: NodeDirectory, *, nodes: NodeApi, pods: PodApi,
                  slots: SlotReader, config: VirtualAgentConfig,
-                 is_leader: Callable[[], bool], groups: frozenset[str] = frozenset()) -> None:
+                 is_leader: Callable[[], bool], groups: frozenset[str] = frozenset(),
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._directory = directory
+        self._wall_clock = wall_clock
         self._nodes = nodes
         self._pods = pods
         self._slots = slots
@@ -494,12 +497,18 @@ class FleetLockNodes:
         return await agent.pre_reboot()
 
     def _mark(self, name: str, client: ClientParams) -> None:
-        """``fleetlock-client=<id>`` and, if the node has none, the client's group label."""
+        """``fleetlock-client=<id>``; if the node has none, the client's group label; and,
+        for a new request, ``last-checked-time`` now: the planner queues by it (the agent
+        mirrors update_engine's check that found the update; the first pre-reboot is the
+        closest a FleetLock client tells), so FleetLock nodes do not queue behind the rest."""
         keys = self._config.keys
         node = self._nodes.get(name)
         labels = {} if node.labels.get(keys.group) else {keys.group: label_value(client.group)}
-        if node.annotations.get(keys.fleetlock_client) != client.id or labels:
-            self._nodes.patch_metadata(name, {keys.fleetlock_client: client.id}, labels)
+        annotations = {keys.fleetlock_client: client.id}
+        if not node.state.reboot_needed:
+            annotations[keys.last_checked_time] = str(int(self._wall_clock()))
+        if any(node.annotations.get(k) != v for k, v in annotations.items()) or labels:
+            self._nodes.patch_metadata(name, annotations, labels)
 
     def _start_agent(self, name: str, client_id: str) -> VirtualAgent:
         agent = VirtualAgent(name, client_id, nodes=self._nodes, pods=self._pods,

@@ -28,6 +28,7 @@ import http.client
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,8 @@ def test_protocol_errors_are_fleetlock_errors_and_a_second_client_waits_for_the_
     annotations = rig.annotations(a)
     assert annotations[KEYS.reboot_reason] == f"FleetLock pre-reboot from {'a' * 32}"
     assert annotations[KEYS.fleetlock_client] == "a" * 32
+    # Queued by the time of its first pre-reboot, as an agent node by its update check.
+    assert abs(int(annotations[KEYS.last_checked_time]) - time.time()) < TIMEOUT
     assert rig.node(a).spec.unschedulable
     # Another holder: b waits for the one slot; the holder asking again gets yes again.
     for _ in range(3):
