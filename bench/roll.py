@@ -19,9 +19,22 @@ cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resol
   coordinator releases A's slot, takes it for B, labels B before-reboot, posts Events,
   re-reads the slot Lease and writes the grant.
 - *makespan*: from the coordinator's first slot acquisition (request received) to its last
-  slot release (completed). Overhead per node = (makespan - N x DRAIN_REBOOT) / N: all
-  the time not spent in the simulated drain + reboot, the coordinator's and the agent's
-  API round trips and the emulated kubelet's boot report included.
+  slot release (completed). Overhead per node = (makespan - ceil(N / C) x DRAIN_REBOOT) / N
+  for a roll of N nodes C at a time (``--max-concurrent C``): the wall time the roll took
+  beyond the shortest possible one, where each of the C slots goes from one node's drain +
+  reboot straight to the next's, spread over the nodes. With C = 1 that is all the time
+  not spent in the simulated drain + reboot, the coordinator's and the agent's API round
+  trips and the emulated kubelet's boot report included. With C > 1 a round trip of one
+  node overlaps the others' drains: the slot time per node beyond the agent's cycle
+  (C x makespan - the sum of the agents' cycles) / N is reported beside it, as the
+  measure of how long a slot stands empty.
+- *throttled requests*: requests the API server answered 429 during the roll (any client,
+  its audit log) and the growth of ``apiserver_flowcontrol_rejected_requests_total`` (API
+  priority and fairness rejections, the API server's /metrics) over the roll.
+
+The concurrent rolls (1,000 nodes, 50 at a time; and the same split in two ``--group``s of
+25 at a time each) run the same fake agents: one thread that watches every Node of the run
+and a short-lived thread per node being rebooted, not a process per node.
 
 The coordinator's own ``cluo_handoff_seconds`` histogram (slot release to next grant,
 measured in the process) is read from /metrics as a cross-check.
@@ -30,6 +43,7 @@ measured in the process) is read from /metrics as a cross-check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -39,7 +53,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes.client
@@ -57,8 +71,9 @@ from bench.records import (
     check_well_formed,
     expect,
 )
-from bench.testbed import AuditedWrite, read_audited_writes
-from cluo.protocol import Keys, slot_lease_name
+from bench.testbed import AuditedWrite, read_audit_log, read_audited_writes
+from cluo.protocol import SLOT_LEASE_LABEL, Keys, slot_lease_name
+from testbed.controlplane import ControlPlane
 from testbed.kubelet import KubeletEmulator
 from testbed.waiting import wait_for
 
@@ -68,13 +83,55 @@ HANDOFF_NAME = "handoff-latency"
 HANDOFF_TITLE = "1. Handoff latency"
 OVERHEAD_NAME = "roll-overhead"
 OVERHEAD_TITLE = "2. Roll overhead"
-HANDOFF_P50_TARGET = Target(Comparison.AT_MOST, 0.2)
-HANDOFF_MAX_TARGET = Target(Comparison.AT_MOST, 1.0)
-OVERHEAD_TARGET = Target(Comparison.AT_MOST, 0.5)
-DRAIN_REBOOT = 0.5  # seconds: the simulated drain + reboot of every node
+HANDOFF_P50_TARGET = Target(Comparison.AT_MOST, 0.01)
+HANDOFF_MAX_TARGET = Target(Comparison.AT_MOST, 0.05)
+OVERHEAD_TARGET = Target(Comparison.AT_MOST, 0.05)
+THROTTLED_TARGET = Target(Comparison.AT_MOST, 0.0)
+DRAIN_REBOOT = 0.5  # seconds: the simulated drain + reboot of every node, one at a time
+CONCURRENT_DRAIN_REBOOT = {False: 2.0, True: 0.5}  # by quick, for the concurrent rolls
 FAKE_AGENT_USER_AGENT = "cluo-bench-fake-agent"  # the roll's agents, as the API server sees them
+GROUP_LABEL = "bench.cluo.test/group"
+APF_REJECTED = "apiserver_flowcontrol_rejected_requests_total"
+
+
+@dataclass(frozen=True)
+class RollPlan:
+    """One roll: ``nodes`` nodes, ``max_concurrent`` at a time; with ``groups`` > 0 the
+    nodes are split evenly in that many ``--group``s, each with max-concurrent
+    ``max_concurrent // groups``."""
+
+    nodes: int
+    max_concurrent: int = 1
+    groups: int = 0
+    drain_reboot: float = DRAIN_REBOOT
+
+    @property
+    def key(self) -> str:
+        return f"roll-{self.nodes}-{self.max_concurrent}-{self.groups}-{self.drain_reboot}"
+
+    @property
+    def label(self) -> str:
+        text = f"N={self.nodes}"
+        if self.max_concurrent > 1:
+            text += f", {self.max_concurrent} at a time"
+        if self.groups:
+            text += f", {self.groups} groups"
+        return text
+
+    @property
+    def shortest(self) -> float:
+        """The shortest possible makespan: every slot busy with drains + reboots."""
+        return math.ceil(self.nodes / self.max_concurrent) * self.drain_reboot
+
+
 HANDOFF_NODES = {False: 20, True: 5}  # by quick
-OVERHEAD_NODES = {False: (20, 200), True: (5,)}
+OVERHEAD_PLANS = {
+    False: (RollPlan(20), RollPlan(200),
+            RollPlan(1000, 50, drain_reboot=CONCURRENT_DRAIN_REBOOT[False]),
+            RollPlan(1000, 50, 2, drain_reboot=CONCURRENT_DRAIN_REBOOT[False])),
+    True: (RollPlan(5), RollPlan(6, 3, 0, CONCURRENT_DRAIN_REBOOT[True]),
+           RollPlan(6, 2, 2, CONCURRENT_DRAIN_REBOOT[True])),
+}
 HEARTBEAT = 30.0  # node Lease renewals of the emulator (the coordinator does not watch them)
 WATCH_SECONDS = 60
 KEYS = Keys()
@@ -82,33 +139,39 @@ KEYS = Keys()
 
 @dataclass(frozen=True)
 class RollOutcome:
-    nodes: int
+    plan: RollPlan
     makespan: float  # seconds, API server clock
-    handoffs: tuple[float, ...]  # seconds, in grant order
+    handoffs: tuple[float, ...]  # seconds, in grant order (one at a time only)
     agent_cycles: tuple[float, ...]  # grant -> agent reported back, per node
     metrics: dict[str, float] = field(default_factory=dict)  # /metrics after the roll
     wall: float = 0.0
+    throttled: int = 0  # 429 answers during the roll, any client
+    apf_rejected: float = 0.0  # growth of apiserver_flowcontrol_rejected_requests_total
+
+    @property
+    def nodes(self) -> int:
+        return self.plan.nodes
 
     @property
     def overhead_per_node(self) -> float:
-        return (self.makespan - self.nodes * DRAIN_REBOOT) / self.nodes
+        return (self.makespan - self.plan.shortest) / self.nodes
 
     @property
     def agent_overhead_per_node(self) -> float:
-        """What the fake agent and the emulated kubelet add to DRAIN_REBOOT, per node."""
-        return statistics.mean(self.agent_cycles) - DRAIN_REBOOT
+        """What the fake agent and the emulated kubelet add to the drain + reboot, per node."""
+        return statistics.mean(self.agent_cycles) - self.plan.drain_reboot
 
     @property
     def coordinator_overhead_per_node(self) -> float:
-        return (self.makespan - sum(self.agent_cycles)) / self.nodes
+        """Slot time per node beyond the agent's cycle (the coordinator's share with C = 1)."""
+        return (self.plan.max_concurrent * self.makespan - sum(self.agent_cycles)) / self.nodes
 
 
-def roll(context: BenchContext, nodes: int) -> RollOutcome:
-    """One roll of ``nodes`` virtual nodes (shared by benchmarks 1 and 2 of one run)."""
-    key = f"roll-{nodes}"
-    if key not in context.shared:
-        context.shared[key] = _roll(context, nodes)
-    outcome: RollOutcome = context.shared[key]
+def roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
+    """One roll as planned (shared by benchmarks 1 and 2 of one run)."""
+    if plan.key not in context.shared:
+        context.shared[plan.key] = _roll(context, plan)
+    outcome: RollOutcome = context.shared[plan.key]
     return outcome
 
 
@@ -117,7 +180,7 @@ def roll(context: BenchContext, nodes: int) -> RollOutcome:
 
 def run_handoff(context: BenchContext) -> BenchResult:
     started = time.monotonic()
-    outcome = roll(context, HANDOFF_NODES[context.quick])
+    outcome = roll(context, RollPlan(HANDOFF_NODES[context.quick]))
     handoffs = outcome.handoffs
     ms = [h * 1000 for h in handoffs]
     count = outcome.metrics.get("cluo_handoff_seconds_count", math.nan)
@@ -158,47 +221,80 @@ def run_handoff(context: BenchContext) -> BenchResult:
 
 def run_overhead(context: BenchContext) -> BenchResult:
     started = time.monotonic()
-    shared = [n for n in OVERHEAD_NODES[context.quick] if f"roll-{n}" in context.shared]
-    outcomes = [roll(context, n) for n in OVERHEAD_NODES[context.quick]]
+    plans = OVERHEAD_PLANS[context.quick]
+    shared = [plan for plan in plans if plan.key in context.shared]
+    outcomes = [roll(context, plan) for plan in plans]
     measurements: list[Measurement] = []
-    notes = [f"the roll of N={n} was run for benchmark 1 (its wall time is counted there)"
-             for n in shared]
+    notes = [f"the roll of {plan.label} was run for benchmark 1 (its wall time is counted "
+             "there)" for plan in shared]
     for outcome in outcomes:
-        n = outcome.nodes
+        plan = outcome.plan
+        n = plan.label
         measurements += [
-            Measurement(f"N={n}: makespan", outcome.makespan, "s",
-                        detail=f"N x drain+reboot = {n * DRAIN_REBOOT:.0f} s"),
-            Measurement(f"N={n}: overhead per node", outcome.overhead_per_node, "s",
-                        OVERHEAD_TARGET),
-            Measurement(f"N={n}: of it, coordinator per node",
-                        outcome.coordinator_overhead_per_node, "s"),
-            Measurement(f"N={n}: of it, agent + emulated kubelet per node",
-                        outcome.agent_overhead_per_node, "s"),
+            Measurement(f"{n}: makespan", outcome.makespan, "s",
+                        detail=f"shortest possible ceil(N/C) x drain+reboot = "
+                        f"{plan.shortest:.0f} s"),
+            Measurement(f"{n}: overhead per node", outcome.overhead_per_node, "s",
+                        OVERHEAD_TARGET if plan.max_concurrent > 1 else None),
         ]
-        notes.append(
-            f"N={n}: handoff p50 {statistics.median(outcome.handoffs) * 1000:.0f} ms, max "
-            f"{max(outcome.handoffs) * 1000:.0f} ms; agent cycle (grant to reported back) "
-            f"p50 {statistics.median(outcome.agent_cycles):.2f} s")
+        if plan.max_concurrent == 1:
+            measurements += [
+                Measurement(f"{n}: of it, coordinator per node",
+                            outcome.coordinator_overhead_per_node, "s"),
+                Measurement(f"{n}: of it, agent + emulated kubelet per node",
+                            outcome.agent_overhead_per_node, "s"),
+            ]
+            notes.append(
+                f"{n}: handoff p50 {statistics.median(outcome.handoffs) * 1000:.0f} ms, max "
+                f"{max(outcome.handoffs) * 1000:.0f} ms; agent cycle (grant to reported "
+                f"back) p50 {statistics.median(outcome.agent_cycles):.2f} s")
+        else:
+            measurements += [
+                Measurement(f"{n}: slot time per node beyond the agent's cycle",
+                            outcome.coordinator_overhead_per_node, "s"),
+                Measurement(f"{n}: agent + emulated kubelet per node",
+                            outcome.agent_overhead_per_node, "s"),
+                Measurement(f"{n}: throttled requests (429)", outcome.throttled, "req",
+                            THROTTLED_TARGET, detail="any client, audit log"),
+                Measurement(f"{n}: API priority and fairness rejections",
+                            outcome.apf_rejected, "req", THROTTLED_TARGET,
+                            detail=APF_REJECTED),
+            ]
+            notes.append(
+                f"{n}: drain + reboot {plan.drain_reboot} s per node; agent cycle (grant to "
+                f"reported back) p50 {statistics.median(outcome.agent_cycles):.2f} s, max "
+                f"{max(outcome.agent_cycles):.2f} s; wall time of the roll with its set-up "
+                f"{outcome.wall:.0f} s")
     return BenchResult(
         name=OVERHEAD_NAME,
         title=OVERHEAD_TITLE,
         status=Status.MEASURED,
         measurements=tuple(measurements),
         method=(
-            "The same roll as benchmark 1 (one roll per N; N=20 is shared with it). "
-            "Makespan: from the coordinator's first slot acquisition (request received) to "
-            "its last slot release (completed), API server clock (audit log). Overhead per "
-            f"node = (makespan - N x {DRAIN_REBOOT} s) / N. Split: the agent's part is the "
-            "mean time from the grant to the fake agent's report minus the simulated "
-            "drain + reboot (its two Node patches and the emulated kubelet posting the new "
-            "boot id, which a real kubelet also does); the coordinator's part is the rest "
-            "(per node: slot take and release, before/after-reboot labels, grant, reset, "
-            "four Events, the guard read of the slot Lease)."
+            "The same roll as benchmark 1 (one roll per plan; N=20 is shared with it), and "
+            "rolls of N nodes C at a time (--max-concurrent C; then also with the nodes "
+            "split in two --group NAME:SELECTOR;max-concurrent=C/2). Makespan: from the "
+            "coordinator's first slot acquisition (request received) to its last slot "
+            "release (completed), API server clock (audit log). Overhead per node = "
+            "(makespan - ceil(N/C) x drain+reboot) / N: the wall time beyond the shortest "
+            "possible roll, in which every slot goes from one node's drain + reboot "
+            "straight to the next's, per node; with C = 1, (makespan - N x drain+reboot) "
+            "/ N. Split for C = 1: the agent's part is the mean time from the grant to the "
+            "fake agent's report minus the simulated drain + reboot (its two Node patches "
+            "and the emulated kubelet posting the new boot id, which a real kubelet also "
+            "does); the coordinator's part is the rest. For C > 1, the slot time per node "
+            "beyond the agent's cycle, (C x makespan - sum of the agents' cycles) / N, "
+            "tells how long a slot stood empty. Throttled: the requests of any client the "
+            "API server answered 429 during the roll (audit log), and the growth of "
+            f"{APF_REJECTED} (API priority and fairness, the API server's /metrics). The "
+            "fake agents are one process: one Node watch for all nodes and a thread per "
+            "node being rebooted."
         ),
         notes=tuple(notes),
         seconds=time.monotonic() - started,
-        setup={"N": ", ".join(str(o.nodes) for o in outcomes),
-               "simulated drain + reboot": f"{DRAIN_REBOOT} s", "max concurrent": "1"},
+        setup={"rolls": "; ".join(p.label for p in plans),
+               "simulated drain + reboot": ", ".join(
+                   sorted({f"{p.drain_reboot} s" for p in plans}))},
     )
 
 
@@ -212,13 +308,17 @@ def check_handoff(result: BenchResult) -> None:
 
 
 def check_overhead(result: BenchResult) -> None:
-    """The quick mode's result: each roll took at least its simulated drains and reboots."""
+    """The quick mode's result: each roll took at least its simulated drains and reboots;
+    the concurrent ones counted throttled requests."""
     check_well_formed(result, OVERHEAD_NAME)
-    for nodes in OVERHEAD_NODES[True]:
-        makespan = result.measurement(f"N={nodes}: makespan").value
-        expect(makespan > nodes * DRAIN_REBOOT,
-               f"{OVERHEAD_NAME}: N={nodes} rolled in {makespan:.2f} s, less than its "
-               f"simulated drains and reboots ({nodes} x {DRAIN_REBOOT} s)")
+    for plan in OVERHEAD_PLANS[True]:
+        makespan = result.measurement(f"{plan.label}: makespan").value
+        expect(makespan > plan.shortest,
+               f"{OVERHEAD_NAME}: {plan.label} rolled in {makespan:.2f} s, less than its "
+               f"simulated drains and reboots ({plan.shortest:.2f} s)")
+        if plan.max_concurrent > 1:
+            result.measurement(f"{plan.label}: throttled requests (429)")
+            result.measurement(f"{plan.label}: API priority and fairness rejections")
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -230,13 +330,19 @@ def percentile(values: Sequence[float], pct: float) -> float:
 # -- one roll ------------------------------------------------------------------------------
 
 
-def _roll(context: BenchContext, count: int) -> RollOutcome:
+def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
     began = time.monotonic()
+    count = plan.nodes
     run_id = uuid.uuid4().hex[:8]
     selector = f"{coord_rig.SELECTOR_LABEL}={run_id}"
-    names = [f"roll{run_id}-{i:03d}" for i in range(count)]
-    workdir = context.workdir / f"roll-{count}-{run_id}"
+    names = [f"roll{run_id}-{i:04d}" for i in range(count)]
+    workdir = context.workdir / f"{plan.key}-{run_id}"
     workdir.mkdir(parents=True)
+    groups = [f"g{g}" for g in range(plan.groups)]
+    flags = ["--max-concurrent", str(plan.max_concurrent)]
+    for group in groups:
+        flags += ["--group", f"{group}:{GROUP_LABEL}={group};max-concurrent="
+                  f"{plan.max_concurrent // plan.groups}"]
     with contextlib.ExitStack() as stack, coord_rig.audited(context.plane) as plane:
         admin = stack.enter_context(plane.admin_api_client())
         kubeconfig = coord_rig.coordinator_kubeconfig(plane, workdir / "coord.kubeconfig")
@@ -244,22 +350,30 @@ def _roll(context: BenchContext, count: int) -> RollOutcome:
         stack.callback(coord_rig.clean_leases, admin)
         emulator = KubeletEmulator(admin, heartbeat_interval=HEARTBEAT).start()
         stack.callback(emulator.stop, delete_nodes=True)
-        emulator.add_nodes(names, labels={coord_rig.SELECTOR_LABEL: run_id}, timeout=120)
+        for g, group in enumerate(groups or [""]):
+            emulator.add_nodes(names[g::len(groups) or 1], timeout=120 + count * 0.2,
+                               labels={coord_rig.SELECTOR_LABEL: run_id,
+                                       **({GROUP_LABEL: group} if group else {})})
         core = CoreV1Api(admin)
         for i, name in enumerate(names):  # last-checked-time orders the queue: node 0 first
             core.patch_node(name, {"metadata": {"annotations": {
-                KEYS.reboot_needed: "true", KEYS.last_checked_time: str(1_700_000_000 + i)}}})
+                KEYS.reboot_needed: "true", KEYS.last_checked_time: str(1_700_000_000 + i)}}},
+                _preload_content=False)
         agent_api = stack.enter_context(
             plane.service_account_api_client(coord_rig.NAMESPACE, coord_rig.FAKE_AGENT_ACCOUNT))
         # Named apart from the real agent in the audit log the later benchmarks read.
         agent_api.user_agent = FAKE_AGENT_USER_AGENT
-        agents = FastAgents(agent_api, emulator, selector, DRAIN_REBOOT)
+        agent_api.configuration.connection_pool_maxsize = plan.max_concurrent + 2
+        agents = FastAgents(agent_api, emulator, selector, plan.drain_reboot)
         stack.callback(agents.stop)
         agents.start()
+        rejected_before = _apf_rejected(plane)
+        roll_from = datetime.now(UTC)
         coord = coord_rig.start_coordinator(kubeconfig, selector, workdir / "coord.log",
-                                            leader_elect=True)
+                                            leader_elect=True, flags=flags)
         stack.callback(coord.stop)
         coordination = CoordinationV1Api(admin)
+        ours = set(names)
 
         def all_done() -> bool:
             if agents.errors:
@@ -268,23 +382,39 @@ def _roll(context: BenchContext, count: int) -> RollOutcome:
                 raise RuntimeError(f"cluo-coord exited:\n{coord.log_tail()}")
             if not agents.all_back(names):
                 return False
-            lease = coordination.read_namespaced_lease(slot_lease_name(0), coord_rig.NAMESPACE)
-            return not (lease.spec and lease.spec.holder_identity)
+            leases = coordination.list_namespaced_lease(
+                coord_rig.NAMESPACE, label_selector=SLOT_LEASE_LABEL).items
+            return not any(lease.spec and lease.spec.holder_identity in ours
+                           for lease in leases)
 
         try:
-            wait_for(all_done, 120 + count * (DRAIN_REBOOT + 5), f"the roll of {count} nodes",
-                     interval=0.2)
+            wait_for(all_done,
+                     120 + count * (plan.drain_reboot + 5) / plan.max_concurrent,
+                     f"the roll of {plan.label}", interval=0.2)
         except TimeoutError as err:
             raise RuntimeError(f"{err}\n--- cluo-coord log:\n{coord.log_tail()}") from None
+        roll_to = datetime.now(UTC)
         metrics = coord.metrics()
+        rejected = _apf_rejected(plane) - rejected_before
         ended = time.monotonic()
         writes = read_audited_writes(plane.audit_log)
-    outcome = _outcome(names, writes, metrics)
-    return RollOutcome(outcome.nodes, outcome.makespan, outcome.handoffs, outcome.agent_cycles,
-                       metrics, wall=ended - began)
+        throttled = sum(1 for r in read_audit_log(plane.audit_log)
+                        if r.code == 429 and roll_from <= r.received <= roll_to)
+    outcome = _outcome(plan, names, writes, metrics)
+    return dataclasses.replace(outcome, wall=ended - began, throttled=throttled,
+                               apf_rejected=rejected)
 
 
-def _outcome(names: Sequence[str], writes: Sequence[AuditedWrite],
+def _apf_rejected(plane: ControlPlane) -> float:
+    """The API server's count of requests API priority and fairness rejected, all flows."""
+    total = 0.0
+    for line in plane.metrics().splitlines():
+        if line.startswith(APF_REJECTED + "{") or line.startswith(APF_REJECTED + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite],
              metrics: dict[str, float]) -> RollOutcome:
     ours = set(names)
     grants: dict[str, datetime] = {}
@@ -317,10 +447,11 @@ def _outcome(names: Sequence[str], writes: Sequence[AuditedWrite],
                            f"(first: {missing[:3]}), {len(acquires)} acquires, "
                            f"{len(releases)} releases")
     order = sorted(names, key=lambda n: grants[n])
-    handoffs = tuple((grants[b] - resets[a]).total_seconds() for a, b in itertools.pairwise(order))
+    handoffs = () if plan.max_concurrent > 1 else tuple(
+        (grants[b] - resets[a]).total_seconds() for a, b in itertools.pairwise(order))
     cycles = tuple((back[n] - grants[n]).total_seconds() for n in order)
     makespan = (max(releases) - min(acquires)).total_seconds()
-    return RollOutcome(len(names), makespan, handoffs, cycles, metrics)
+    return RollOutcome(plan, makespan, handoffs, cycles, metrics)
 
 
 # -- the fake agents --------------------------------------------------------------------------
