@@ -22,6 +22,7 @@ from cluo_coord.groups import (
     group_slot_lease_name,
 )
 from cluo_coord.leases import SLOT_GROUP, lease_name, slot_from_object
+from cluo_coord.metrics import CoordMetrics
 from cluo_coord.planner import (
     AcquireSlot,
     GrantRebootOk,
@@ -426,3 +427,16 @@ def test_status_view_names_a_group_slot_by_its_lease() -> None:
     held = replace(slot(1, "a1"), group="a")
     assert slot_json(held, NOW)["slot"] == group_slot_lease_name("a", 1)
     assert slot_json(slot(1, "a1"), NOW)["slot"] == "cluo-reboot-slot-1"
+
+
+def test_group_gauges_follow_the_plan_and_a_group_gone_reads_zero() -> None:
+    metrics = CoordMetrics()
+    result = plan([member("a1", "a", needed=True), member("a2", "a", needed=True),
+                   member("b1", "b", ready=False)], [], NOW, GROUPED)
+    metrics.observe_groups(result.groups, len(result.unavailable))
+    text = metrics.exposition().decode()
+    assert 'cluo_group_nodes_in_flight{group="a"} 0.0' in text  # granted in this plan
+    assert 'cluo_group_nodes_queued{group="a"} 2.0' in text
+    assert "cluo_nodes_unavailable 1.0" in text
+    metrics.observe_groups((), 0)
+    assert 'cluo_group_nodes_queued{group="a"} 0.0' in metrics.exposition().decode()
