@@ -457,13 +457,12 @@ class FleetLockNodes:
 
     def answer(self, request: Request) -> Answer:
         client = request.client
-        keys = self._config.keys
-        if self._groups and client.group not in self._groups | {DEFAULT_GROUP}:
+        known = self._groups | {DEFAULT_GROUP}
+        if self._groups and client.group not in known:
             return Answer(400, Kind.UNKNOWN_GROUP,
                           f"group {client.group!r} is not one of cluo-coord's groups "
-                          f"({', '.join(sorted(self._groups | {DEFAULT_GROUP}))}); set "
-                          f"Zincati's "
-                          f"[identity] group to one of them")
+                          f"({', '.join(sorted(known))}); set Zincati's [identity] group "
+                          f"to one of them")
         try:
             found = self._directory.find(client.id)
         except CluoError as err:
@@ -477,7 +476,7 @@ class FleetLockNodes:
             return future.result(ANSWER_TIMEOUT)
         except CluoError as err:
             return Answer(503, Kind.INTERNAL_ERROR,
-                          f"cannot read or write node {found} ({keys.prefix}): {err}")
+                          f"cannot read or write node {found}: {err}")
         except TimeoutError:
             future.cancel()
             return Answer(503, Kind.INTERNAL_ERROR,
