@@ -55,6 +55,7 @@ from cluo_coord.blockers import (
 from cluo_coord.cluster import ClusterCache, ClusterWriter
 from cluo_coord.config import ADMIN_COMMANDS, CoordSettings, load_admin_settings, load_settings
 from cluo_coord.coordinator import Coordinator, Leadership
+from cluo_coord.event_poster import EventPoster
 from cluo_coord.fleetlock_nodes import FleetLockService
 from cluo_coord.health_config import HealthConfig
 from cluo_coord.leader import (
@@ -174,9 +175,10 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
                                namespace=settings.namespace)
     blockers = BlockerWatch(blockers_of(api, settings.health),
                             settings.health.blocker_interval.total_seconds(), on_change=on_change)
+    events = EventPoster(KubeNodes(api, keys))  # node Events off the grant's path
     coordinator = Coordinator(
         cache, writer=ClusterWriter(api, settings.namespace, keys),
-        slots=KubeSlots(api, settings.namespace), nodes=KubeNodes(api, keys),
+        slots=KubeSlots(api, settings.namespace), nodes=events,
         policy=settings.policy, metrics=metrics, leadership=leadership,
         roll=KubeRollState(api, settings.namespace, written=cache.put_lease), status=status,
         notifier=webhooks,
@@ -203,6 +205,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
     cache.start()
     blockers.start()
     webhooks.start()
+    events.start()
     status.start()
     if elector is not None:
         elector.start()
@@ -220,6 +223,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         if server is not None:
             server.stop()
         webhooks.stop()  # the events queued last get SHUTDOWN_GRACE to go out
+        events.stop()  # the same for the Kubernetes Events
         blockers.stop()
         log.info("coordinator stopped")
 
