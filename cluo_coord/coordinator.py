@@ -550,13 +550,14 @@ class Coordinator:
             self._notifier.posted(change, self._clock())
             return False
         if isinstance(change, GrantRebootOk):
+            recorded = None
             if self._gates is not None:  # the health gate's record: a CAS on the slot
                 recorded = self._gates.record_grant(
                     change.node, change.slot, change.expected_lease_resource_version)
                 self._cache.put_slot(recorded)
                 change = replace(change, expected_lease_resource_version=str(
                     recorded.resource_version))
-            self._check_slot_unchanged(change)
+            self._check_slot_unchanged(change, global_slot_written=recorded is not None)
             obj = self._writer.patch_node(change.node, change.patch(keys),
                                           change.expected_resource_version)
             self._cache.put_node(obj)
@@ -676,11 +677,17 @@ class Coordinator:
                 "the node exists but is not in the coordinator's view (outside "
                 "--node-selector?): the slot is kept", kind="blocked")
 
-    def _check_slot_unchanged(self, change: GrantRebootOk) -> None:
+    def _check_slot_unchanged(self, change: GrantRebootOk, *,
+                              global_slot_written: bool = False) -> None:
         """Rule 3: reboot-ok=true only while the slot Lease is as the planner saw it;
-        and, rule 15, each of the holder's group slot Leases too."""
-        expected = [("", change.slot, change.expected_lease_resource_version),
-                    *change.group_slots]
+        and, rule 15, each of the holder's group slot Leases too. With
+        ``global_slot_written``, the health gate's record has just been written to the
+        global slot's Lease by compare-and-swap at the planned version: that write is
+        rule 3's check of it (an update with that resourceVersion right before the node
+        write), so it is not read again."""
+        expected = [] if global_slot_written else [
+            ("", change.slot, change.expected_lease_resource_version)]
+        expected += change.group_slots
         for group, index, resource_version in expected:
             name = lease_name(index, group)
             action = f"granting reboot-ok to node {change.node!r} under slot {name!r}"

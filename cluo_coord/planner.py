@@ -37,9 +37,10 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    view therefore fails with a conflict instead of acting on an old picture. No plan writes
    the same object twice, so every expected resource version is the one from the view.
 3. ``GrantRebootOk`` also carries the slot Lease's resource version: the driver writes
-   ``reboot-ok=true`` only while that Lease is unchanged (an uncached read, or a no-op
-   update with that resourceVersion, right before the node write). So reboot-ok=true is
-   only ever written while the Lease names the node.
+   ``reboot-ok=true`` only while that Lease is unchanged (an uncached read, or an update
+   with that resourceVersion, right before the node write: with the health gate on, its
+   record of the node's workloads is that update, so the Lease is not read again). So
+   reboot-ok=true is only ever written while the Lease names the node.
 4. Every ``ReleaseSlot`` follows a ``ResetRebootOk`` of the holder in the same plan (but
    the release of a holder whose Node is gone, rule 11), even when the view says there
    is nothing to reset: the node write is then a no-op that still
