@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 
 NAME = "agent-footprint"
 TITLE = "5. Agent footprint"
-RSS_TARGET = Target(Comparison.AT_MOST, 60.0)  # MB
-READY_TARGET = Target(Comparison.AT_MOST, 2.0)  # s
+RSS_TARGET = Target(Comparison.AT_MOST, 30.0)  # MB
+READY_TARGET = Target(Comparison.AT_MOST, 0.15)  # s
 CPU_TARGET = Target(Comparison.AT_MOST, 0.1)  # % of one CPU
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "hack" / "build-agent-artifact.sh"
