@@ -47,7 +47,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -219,34 +219,44 @@ def _profile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequenc
                                         leader_elect=True,
                                         flags=("--max-concurrent", str(MAX_CONCURRENT)))
     chosen = names[-2 * decisions:-decisions]
-    spy: subprocess.Popen[bytes] | None = None
-    errors = b""
+    errors: list[str] = []
     try:
         wait_for(coord.leading, 60, "cluo-coord to lead")
         coord_rig.wait_quiet(coord.pid, quiet_for=2.0, tolerance=0.2 + len(names) / 10_000)
-        spy = subprocess.Popen(
-            [str(PY_SPY), "record", "--pid", str(coord.pid), "--format", "raw",
-             "--output", str(raw), "--rate", str(PY_SPY_RATE), "--nonblocking", "--threads",
-             "--function"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        began = time.monotonic()
-        time.sleep(PROFILE_IDLE)
-        _decide(core, chosen)
-        seconds = time.monotonic() - began
+        with py_spy_record(coord.pid, raw, errors):
+            began = time.monotonic()
+            time.sleep(PROFILE_IDLE)
+            _decide(core, chosen)
+            seconds = time.monotonic() - began
     finally:
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                _, errors = spy.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                _, errors = spy.communicate()
         coord.stop()
     _undecide(core, chosen)
     if not raw.exists():
-        return f"py-spy wrote no profile: {errors.decode(errors='replace')[-300:]}"
+        return f"py-spy wrote no profile: {''.join(errors)[-300:]}"
     return (f"py-spy record of the cluo-coord process, {PY_SPY_RATE} Hz, non-blocking, over "
             f"{seconds:.1f} s ({PROFILE_IDLE:.0f} s idle, then {decisions} grants): "
             + py_spy_summary(raw))
+
+
+@contextlib.contextmanager
+def py_spy_record(pid: int, raw: Path, errors: list[str], rate: int = PY_SPY_RATE
+                  ) -> Iterator[None]:
+    """``py-spy record`` of process ``pid`` (non-blocking, every thread, raw format into
+    ``raw``) while the block runs; py-spy's error output is appended to ``errors``."""
+    spy = subprocess.Popen(
+        [str(PY_SPY), "record", "--pid", str(pid), "--format", "raw", "--output", str(raw),
+         "--rate", str(rate), "--nonblocking", "--threads", "--function"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            _, output = spy.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _, output = spy.communicate()
+        errors.append(output.decode(errors="replace"))
 
 
 def _cprofile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequence[str],
@@ -269,7 +279,7 @@ def _cprofile(core: CoreV1Api, *, kubeconfig: Path, selector: str, names: Sequen
             + coord_rig.profile_summary(dump))
 
 
-def py_spy_summary(path: Path, top: int = 8) -> str:
+def py_spy_summary(path: Path, top: int = 8, rate: int = PY_SPY_RATE) -> str:
     """CPU by thread, and the functions with the most samples, from ``py-spy record
     --format raw --threads --function`` (one ``thread;frame;...;frame COUNT`` per line).
 
@@ -301,10 +311,10 @@ def py_spy_summary(path: Path, top: int = 8) -> str:
         return "no samples on CPU"
 
     def share(counter: Counter[str]) -> str:
-        return "; ".join(f"{name} {count / PY_SPY_RATE:.2f} s ({count / samples:.0%})"
+        return "; ".join(f"{name} {count / rate:.2f} s ({count / samples:.0%})"
                          for name, count in counter.most_common(top))
 
-    return (f"{samples} samples on CPU ({samples / PY_SPY_RATE:.2f} CPU s); by thread: "
+    return (f"{samples} samples on CPU ({samples / rate:.2f} CPU s); by thread: "
             f"{share(threads)}. Most samples including callees (cluo code): {share(total)}. "
             f"Most own samples: {share(own)}")
 
@@ -334,7 +344,7 @@ def _decision_times(audit_log: Path, names: Sequence[str]
     missing = [n for n in names if n not in asked or n not in granted]
     if missing:
         raise RuntimeError(f"the audit log lacks the request or the grant for {missing}")
-    requests = _coordinator_requests(audit_log)
+    requests = coordinator_requests(audit_log)
     inside = []
     for n in names:
         spans = [(received, completed, kind) for received, completed, kind in requests
@@ -363,7 +373,7 @@ def _grant_times(audit_log: Path, names: Sequence[str]
     return granted, asked
 
 
-def _coordinator_requests(audit_log: Path) -> list[tuple[datetime, datetime, str]]:
+def coordinator_requests(audit_log: Path) -> list[tuple[datetime, datetime, str]]:
     """(received, completed, "verb resource") of the coordinator's requests, watches and
     leader election left out (those run on their own threads, beside the decision)."""
     spans = []

@@ -16,8 +16,12 @@ cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resol
 - *handoff* of node A to node B: from the completion of the coordinator's write of
   ``reboot-ok=false`` on A (A is done: the after-reboot phase completed) to the completion
   of its write of ``reboot-ok=true`` on B, the next node granted. In between the
-  coordinator releases A's slot, takes it for B, labels B before-reboot, posts Events,
-  re-reads the slot Lease and writes the grant.
+  coordinator releases A's slot, takes it for B, labels B before-reboot, records B's
+  workloads on the slot Lease (the health gate; that compare-and-swap is also rule 3's
+  check of the Lease) and writes the grant; Events go out beside, from their own queue.
+  The coordinator's requests inside each handoff are counted from the audit log.
+- for a concurrent roll the coordinator is sampled by py-spy (``PROFILE_RATE`` Hz,
+  non-blocking) and the summary goes into the notes.
 - *makespan*: from the coordinator's first slot acquisition (request received) to its last
   slot release (completed). Overhead per node = (makespan - ceil(N / C) x DRAIN_REBOOT) / N
   for a roll of N nodes C at a time (``--max-concurrent C``): the wall time the roll took
@@ -51,6 +55,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,7 +65,7 @@ import kubernetes.client
 from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.watch import Watch
 
-from bench import coord_rig
+from bench import coord_rig, coord_scale
 from bench.context import BenchContext
 from bench.records import (
     BenchResult,
@@ -92,6 +97,7 @@ CONCURRENT_DRAIN_REBOOT = {False: 2.0, True: 0.5}  # by quick, for the concurren
 FAKE_AGENT_USER_AGENT = "cluo-bench-fake-agent"  # the roll's agents, as the API server sees them
 GROUP_LABEL = "bench.cluo.test/group"
 APF_REJECTED = "apiserver_flowcontrol_rejected_requests_total"
+PROFILE_RATE = 50  # py-spy samples per second of the coordinator in a concurrent roll
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,9 @@ class RollOutcome:
     wall: float = 0.0
     throttled: int = 0  # 429 answers during the roll, any client
     apf_rejected: float = 0.0  # growth of apiserver_flowcontrol_rejected_requests_total
+    profile: str = ""  # py-spy's summary of the coordinator over a concurrent roll
+    # the coordinator's requests inside a handoff ("verb resource" -> mean per handoff)
+    handoff_requests: dict[str, float] = field(default_factory=dict)
 
     @property
     def nodes(self) -> int:
@@ -198,6 +207,10 @@ def run_handoff(context: BenchContext) -> BenchResult:
             Measurement("cross-check: cluo_handoff_seconds mean (release to grant)",
                         total / count if count else math.nan, "s",
                         detail=f"count {count:.0f}, {under_1s:.0f} in the le=1.0 bucket"),
+            Measurement("coordinator's API round trips inside a handoff, mean",
+                        sum(outcome.handoff_requests.values()), "",
+                        detail="; ".join(f"{kind} {mean:.2g}" for kind, mean
+                                         in sorted(outcome.handoff_requests.items()))),
         ),
         method=(
             f"One roll of {outcome.nodes} emulated nodes by the real cluo-coord process "
@@ -207,10 +220,16 @@ def run_handoff(context: BenchContext) -> BenchResult:
             "reboot-ok=false on A (A is done: its after-reboot phase completed) to the "
             "completion of its write of reboot-ok=true on B, the next node granted; both "
             "times are the API server's (audit log stageTimestamp, microseconds). In "
-            "between: release A's slot Lease, take it for B, label B before-reboot, post "
-            "Events, re-read the slot Lease, write the grant. The coordinator's own "
-            "cluo_handoff_seconds histogram (slot release to grant, in-process) is the "
-            "cross-check."
+            "between, one after the other: release A's slot Lease, take it for B (both "
+            "compare-and-swap PUTs), label B before-reboot (a node PATCH), the health "
+            "gate's record of B's workloads (list pods and PodDisruptionBudgets, then a "
+            "compare-and-swap PUT on the slot Lease, which is also rule 3's check that "
+            "the Lease is as planned), the grant (a node PATCH); the Events go out from "
+            "a queue of their own beside them. The round trips counted are the "
+            "coordinator's non-watch requests that began after A's reset and ended "
+            "before B's grant, from the audit log; the floor is one compare-and-swap on "
+            "the slot Lease and the grant. The coordinator's own cluo_handoff_seconds "
+            "histogram (slot release to grant, in-process) is the cross-check."
         ),
         notes=(f"handoffs in ms, in grant order: {', '.join(f'{v:.0f}' for v in ms)}",),
         seconds=time.monotonic() - started,
@@ -265,6 +284,8 @@ def run_overhead(context: BenchContext) -> BenchResult:
                 f"reported back) p50 {statistics.median(outcome.agent_cycles):.2f} s, max "
                 f"{max(outcome.agent_cycles):.2f} s; wall time of the roll with its set-up "
                 f"{outcome.wall:.0f} s")
+            if outcome.profile:
+                notes.append(f"{n}: {outcome.profile}")
     return BenchResult(
         name=OVERHEAD_NAME,
         title=OVERHEAD_TITLE,
@@ -372,6 +393,12 @@ def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
         coord = coord_rig.start_coordinator(kubeconfig, selector, workdir / "coord.log",
                                             leader_elect=True, flags=flags)
         stack.callback(coord.stop)
+        raw = workdir / "coord-profile.raw"
+        spy_errors: list[str] = []
+        profiled = plan.max_concurrent > 1 and coord_scale.PY_SPY.exists()
+        spy: contextlib.AbstractContextManager[None] = (
+            coord_scale.py_spy_record(coord.pid, raw, spy_errors, PROFILE_RATE) if profiled
+            else contextlib.nullcontext())
         coordination = CoordinationV1Api(admin)
         ours = set(names)
 
@@ -388,9 +415,10 @@ def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
                            for lease in leases)
 
         try:
-            wait_for(all_done,
-                     120 + count * (plan.drain_reboot + 5) / plan.max_concurrent,
-                     f"the roll of {plan.label}", interval=0.2)
+            with spy:
+                wait_for(all_done,
+                         120 + count * ((plan.drain_reboot + 5) / plan.max_concurrent + 1),
+                         f"the roll of {plan.label}", interval=0.2)
         except TimeoutError as err:
             raise RuntimeError(f"{err}\n--- cluo-coord log:\n{coord.log_tail()}") from None
         roll_to = datetime.now(UTC)
@@ -398,11 +426,17 @@ def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
         rejected = _apf_rejected(plane) - rejected_before
         ended = time.monotonic()
         writes = read_audited_writes(plane.audit_log)
+        requests = coord_scale.coordinator_requests(plane.audit_log)
         throttled = sum(1 for r in read_audit_log(plane.audit_log)
                         if r.code == 429 and roll_from <= r.received <= roll_to)
-    outcome = _outcome(plan, names, writes, metrics)
+    outcome = _outcome(plan, names, writes, requests, metrics)
+    profile = ""
+    if profiled:
+        profile = (f"py-spy record of cluo-coord over the roll, {PROFILE_RATE} Hz, "
+                   f"non-blocking: {coord_scale.py_spy_summary(raw, rate=PROFILE_RATE)}"
+                   if raw.exists() else f"py-spy wrote no profile: {''.join(spy_errors)[-300:]}")
     return dataclasses.replace(outcome, wall=ended - began, throttled=throttled,
-                               apf_rejected=rejected)
+                               apf_rejected=rejected, profile=profile)
 
 
 def _apf_rejected(plane: ControlPlane) -> float:
@@ -415,6 +449,7 @@ def _apf_rejected(plane: ControlPlane) -> float:
 
 
 def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite],
+             requests: Sequence[tuple[datetime, datetime, str]],
              metrics: dict[str, float]) -> RollOutcome:
     ours = set(names)
     grants: dict[str, datetime] = {}
@@ -447,11 +482,17 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
                            f"(first: {missing[:3]}), {len(acquires)} acquires, "
                            f"{len(releases)} releases")
     order = sorted(names, key=lambda n: grants[n])
-    handoffs = () if plan.max_concurrent > 1 else tuple(
-        (grants[b] - resets[a]).total_seconds() for a, b in itertools.pairwise(order))
+    pairs = [] if plan.max_concurrent > 1 else list(itertools.pairwise(order))
+    handoffs = tuple((grants[b] - resets[a]).total_seconds() for a, b in pairs)
+    on_path: Counter[str] = Counter()  # the coordinator's requests inside the handoffs
+    for a, b in pairs:
+        on_path.update(kind for received, completed, kind in requests
+                       if resets[a] < received and completed < grants[b])
     cycles = tuple((back[n] - grants[n]).total_seconds() for n in order)
     makespan = (max(releases) - min(acquires)).total_seconds()
-    return RollOutcome(plan, makespan, handoffs, cycles, metrics)
+    return RollOutcome(plan, makespan, handoffs, cycles, metrics,
+                       handoff_requests={k: v / len(pairs) for k, v in on_path.items()}
+                       if pairs else {})
 
 
 # -- the fake agents --------------------------------------------------------------------------
