@@ -1,10 +1,11 @@
 """Reboot-slot Leases (coordination.k8s.io/v1) on a real API server.
 
 One Lease per slot, ``cluo-reboot-slot-<i>`` in the coordinator's namespace, labelled
-``cluo.flatcar-linux.net/reboot-slot``. Every write is a compare-and-swap: a replace
-carrying the resourceVersion the planner saw (or a create, which fails if the Lease
-exists), so a write computed from a stale view fails with ``KubeError(kind="conflict")``
-instead of taking a slot someone else holds.
+``cluo.flatcar-linux.net/reboot-slot``. Every write is a compare-and-swap: a replace or a
+JSON merge patch carrying the resourceVersion the planner saw (a precondition), or a
+create, which fails if the Lease exists; so a write computed from a stale view fails with
+``KubeError(kind="conflict")`` instead of taking a slot someone else holds. A release and
+the health gate's record are merge patches, so they need no read first.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cluo.errors import KubeError
-from cluo.kube.client import KubeClient
+from cluo.kube.client import JSON, KubeClient
 from cluo.kube.objects import api_time, micro_time, seconds_time
-from cluo.kube.resources import events_path, leases_path
+from cluo.kube.resources import MERGE_PATCH, events_path, leases_path
 from cluo.protocol import (
     SLOT_ANNOUNCED_VERSION,
     SLOT_HOLDER_BOOT_ID,
@@ -46,6 +47,10 @@ WORKLOADS = SLOT_WORKLOADS
 # (cluo_coord.groups.group_slot_lease_name), records its group in this annotation; older
 # coordinators, which read only ``cluo-reboot-slot-<index>``, pass it by.
 SLOT_GROUP = "cluo.flatcar-linux.net/slot-group"
+
+# What a release clears of the Lease's spec (leaseTransitions stays, counting holders).
+RELEASED_SPEC_FIELDS = ("holderIdentity", "acquireTime", "renewTime", "leaseDurationSeconds",
+                        "preferredHolder", "strategy")
 
 
 def lease_name(index: int, group: str = "") -> str:
@@ -130,18 +135,22 @@ class KubeSlots:
         return self._write(action, "PUT", self._path(name), body)
 
     def release(self, change: ReleaseSlot) -> SlotLease:
+        """One merge patch at the planned resourceVersion (a precondition: 409 if the
+        Lease changed since), no read first: the holder and its fields go, released-at
+        is set, every other annotation and leaseTransitions stay."""
         name = lease_name(change.slot, change.group)
         action = f"releasing reboot slot {name!r} held by {change.node!r}"
-        current = self._read(name, action)
-        annotations = {
-            **((current.get("metadata") or {}).get("annotations") or {}),
-            RELEASED_AT: micro_time(change.at), HOLDER_BOOT_ID: None, HOLDER_UID: None,
-            STUCK: None, SLOT_ANNOUNCED_VERSION: None, WORKLOADS: None,
+        body = {
+            "metadata": {
+                "resourceVersion": change.expected_resource_version,
+                "annotations": {
+                    RELEASED_AT: micro_time(change.at), HOLDER_BOOT_ID: None, HOLDER_UID: None,
+                    STUCK: None, SLOT_ANNOUNCED_VERSION: None, WORKLOADS: None,
+                },
+            },
+            "spec": dict.fromkeys(RELEASED_SPEC_FIELDS),
         }
-        transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0)
-        body = self._lease(name, change.expected_resource_version, annotations, {},
-                           transitions=transitions)
-        return self._write(action, "PUT", self._path(name), body)
+        return self._write(action, "PATCH", self._path(name), body)
 
     def record_workloads(self, index: int, node: str, expected_resource_version: str,
                          record: str) -> SlotLease:
@@ -150,14 +159,11 @@ class KubeSlots:
         the Lease unchanged since the plan (planner rule 3) right before the grant."""
         name = slot_lease_name(index)
         action = f"recording the workloads of node {node!r} on reboot slot {name!r}"
-        current = self._read(name, action)
-        if (current.get("spec") or {}).get("holderIdentity") != node:
-            raise KubeError(action, "the slot no longer names the node: not granted",
-                            kind="conflict", status=409)
-        metadata = dict(current.get("metadata") or {})
-        metadata["annotations"] = {**(metadata.get("annotations") or {}), WORKLOADS: record}
-        metadata["resourceVersion"] = expected_resource_version
-        return self._write(action, "PUT", self._path(name), {**current, "metadata": metadata})
+        # One merge patch, no read first: the planner granted ``node`` from a view of the
+        # Lease at this version naming it, so the precondition also proves it names it.
+        return self._write(action, "PATCH", self._path(name), {"metadata": {
+            "resourceVersion": expected_resource_version,
+            "annotations": {WORKLOADS: record}}})
 
     def workloads(self, index: int) -> str | None:
         """The health gate's baseline on slot ``index``, read uncached (None: none)."""
@@ -250,8 +256,10 @@ class KubeSlots:
         return leases_path(self._namespace, name)
 
     def _write(self, action: str, method: str, path: str, body: Mapping[str, Any]) -> SlotLease:
+        """POST, PUT or (a JSON merge patch) PATCH ``body``; 409 -> KubeError conflict."""
         try:
-            written = self._api.call(action, method, path, body=dict(body))
+            written = self._api.call(action, method, path, body=dict(body),
+                                     content_type=MERGE_PATCH if method == "PATCH" else JSON)
         except KubeError as err:
             if err.status == 409:  # AlreadyExists on create, Conflict on replace
                 raise KubeError(action, "the slot changed since it was read: not taken",
