@@ -220,12 +220,16 @@ def run_handoff(context: BenchContext) -> BenchResult:
             "reboot-ok=false on A (A is done: its after-reboot phase completed) to the "
             "completion of its write of reboot-ok=true on B, the next node granted; both "
             "times are the API server's (audit log stageTimestamp, microseconds). In "
-            "between, one after the other: release A's slot Lease, take it for B (both "
-            "compare-and-swap PUTs), label B before-reboot (a node PATCH), the health "
-            "gate's record of B's workloads (list pods and PodDisruptionBudgets, then a "
-            "compare-and-swap PUT on the slot Lease, which is also rule 3's check that "
-            "the Lease is as planned), the grant (a node PATCH); the Events go out from "
-            "a queue of their own beside them. The round trips counted are the "
+            "between, one after the other: release A's slot Lease (a merge patch with the "
+            "planned resourceVersion as precondition), take it for B (a read, then a "
+            "compare-and-swap PUT: the read keeps leaseTransitions counting), label B "
+            "before-reboot (a node PATCH), the health gate's record of B's workloads "
+            "(list B's pods, and the PodDisruptionBudgets of each namespace with a pod to "
+            "evict, then a "
+            "merge patch of the slot Lease with the planned resourceVersion, which is also "
+            "rule 3's check that the Lease is as planned), the grant (a node PATCH); the "
+            "Events go out from a queue of their own beside them. The round trips "
+            "counted are the "
             "coordinator's non-watch requests that began after A's reset and ended "
             "before B's grant, from the audit log; the floor is one compare-and-swap on "
             "the slot Lease and the grant. The coordinator's own cluo_handoff_seconds "
@@ -471,10 +475,11 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
                 back[write.name] = write.completed
         elif (write.resource == "leases" and write.user == coord_rig.COORD_USER
               and write.name.startswith(slot_lease_name(0).rsplit("-", 1)[0])):
-            holder = (write.body.get("spec") or {}).get("holderIdentity")
+            spec = write.body.get("spec")  # none in a patch of annotations only
+            holder = (spec or {}).get("holderIdentity")
             if holder in ours:
                 acquires.append(write.received)
-            elif not holder and acquires:
+            elif spec is not None and not holder and acquires:
                 releases.append(write.completed)
     missing = [n for n in names if n not in grants or n not in resets or n not in back]
     if missing or not acquires or not releases:

@@ -37,7 +37,7 @@ rules:
     verbs: ["patch"]
     resources: [{group: "", resources: ["nodes"]}]
   - level: Request
-    verbs: ["create", "update"]
+    verbs: ["create", "update", "patch"]
     namespaces: ["cluo-system"]
     resources: [{group: "coordination.k8s.io", resources: ["leases"]}]
   - level: Metadata
