@@ -183,7 +183,7 @@ def _measure(context: BenchContext, audit_log: Path, core: CoreV1Api, *, kubecon
     finally:
         coord.stop()
     decisions, in_requests = _decision_times(audit_log, decided)
-    first_granted, _ = _grant_times(audit_log, [first])
+    first_granted, _ = _grant_times(audit_log, [first], since=started_at)
     _undecide(core, [first, *decided])
     return SizeResult(len(names), ready_after,
                       (first_granted[first] - started_at).total_seconds(), rss, peak,
@@ -354,15 +354,17 @@ def _decision_times(audit_log: Path, names: Sequence[str]
     return tuple((granted[n] - asked[n]).total_seconds() for n in names), tuple(inside)
 
 
-def _grant_times(audit_log: Path, names: Sequence[str]
+def _grant_times(audit_log: Path, names: Sequence[str], *, since: datetime | None = None
                  ) -> tuple[dict[str, datetime], dict[str, datetime]]:
     """Per node: the completion of the coordinator's first reboot-ok=true on it, and of the
-    last write of reboot-needed=true on it by anyone else."""
+    last write of reboot-needed=true on it by anyone else (writes completed ``since``, if
+    given: a node granted at an earlier size is granted again at the next)."""
     asked: dict[str, datetime] = {}
     granted: dict[str, datetime] = {}
     wanted = set(names)
     for write in read_audited_writes(audit_log):
-        if not write.ok or write.resource != "nodes" or write.name not in wanted:
+        if (not write.ok or write.resource != "nodes" or write.name not in wanted
+                or (since is not None and write.completed < since)):
             continue
         value = write.annotations
         if write.user == coord_rig.COORD_USER:
