@@ -149,13 +149,13 @@ class _NodeStore(ObjectStore):
         self._changed: set[str] | None = None  # None: any may have (a fresh list)
 
     def put(self, obj: Obj) -> bool:
-        return self._mark(obj, super().put(obj))
+        return self._mark(obj, super().put(_trimmed(obj)))
 
     def delete(self, obj: Obj) -> bool:
         return self._mark(obj, super().delete(obj))
 
     def replace(self, objects: list[Obj], list_version: str) -> None:
-        super().replace(objects, list_version)
+        super().replace([_trimmed(obj) for obj in objects], list_version)
         with self._changes_lock:
             self._changed = None
 
@@ -179,6 +179,20 @@ class _NodeStore(ObjectStore):
         if changed is None:
             return True, self.by_name()
         return False, self.by_name(changed)
+
+
+def _trimmed(node: Obj) -> Obj:
+    """The Node without what no node view reads and a large cluster pays for in memory:
+    ``metadata.managedFields`` (one entry per writer, as long as the fields it wrote) and
+    ``status.images`` (the kubelet lists up to 50 images with their names and sizes)."""
+    metadata, status = node.get("metadata") or {}, node.get("status") or {}
+    if "managedFields" not in metadata and "images" not in status:
+        return node
+    trimmed = dict(node)
+    trimmed["metadata"] = {k: v for k, v in metadata.items() if k != "managedFields"}
+    if "status" in node:
+        trimmed["status"] = {k: v for k, v in status.items() if k != "images"}
+    return trimmed
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,18 @@ def test_a_node_that_is_not_ready_has_no_ready_since() -> None:
     view = node_view(obj, KEYS)
     assert not view.ready
     assert view.ready_since is None
+
+
+def test_the_cache_keeps_no_managed_fields_or_images_and_the_view_is_the_same() -> None:
+    heavy = copy.deepcopy(node("a", "1", **{KEYS.reboot_needed: "true"}))
+    heavy["metadata"]["managedFields"] = [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]
+    heavy["status"]["images"] = [{"names": ["registry/image:1"], "sizeBytes": 1}]
+    store, views = listed(heavy)
+    store.put({**heavy, "metadata": {**heavy["metadata"], "resourceVersion": "2"}})
+    cached = store.by_name()["a"]
+    assert cached is not None
+    assert "managedFields" not in cached["metadata"]
+    assert "images" not in cached["status"]
+    (view,) = snapshot(store, views)
+    (plain,) = snapshot(*listed(node("a", "2", **{KEYS.reboot_needed: "true"})))
+    assert view == plain
