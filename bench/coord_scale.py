@@ -23,11 +23,13 @@ started, and from /proc/PID:
 - *time to a grant decision*: a node gets ``reboot-needed=true``; from the completion of
   that write to the completion of the coordinator's ``reboot-ok=true`` on it, both from
   the API server's audit log. In between: the watch event, a plan over all nodes, the
-  slot Lease taken, the before-reboot label, an Event, a second plan, the slot Lease
-  re-read, the grant. Repeated on different nodes (each keeps its slot). The audit log
-  also splits each decision: the time inside the coordinator's own API requests in
-  between (received to response complete, the API server's share) and the rest (watch
-  delivery, plans, the client).
+  slot Lease taken, the before-reboot label, a second plan, the health gate's record on
+  the slot Lease (the node's pods listed; the compare-and-swap is also rule 3's check),
+  the grant; Events go out beside, from their own queue. Repeated on different nodes
+  (each keeps its slot). The audit log also splits each decision: the time inside the
+  coordinator's own API requests in between (received to response complete, the API
+  server's share; listed by verb and resource) and the rest (watch delivery, plans, the
+  client).
 
 When a decision misses its target, the coordinator is started once more and sampled by
 py-spy (``py-spy record --pid``, the bench extra) while it idles and makes grants; the
