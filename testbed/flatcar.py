@@ -20,23 +20,37 @@ if TYPE_CHECKING:
 VERSION = "4081.2.0"  # a Flatcar Stable release (2024), glibc 2.38
 GROUP = "stable"
 
-OS_RELEASE = f"""NAME="Flatcar Container Linux by Kinvolk"
+
+
+def os_release(version: str = VERSION) -> str:
+    """Flatcar's /usr/lib/os-release for ``version``."""
+    return f"""NAME="Flatcar Container Linux by Kinvolk"
 ID=flatcar
 ID_LIKE=coreos
-VERSION={VERSION}
-VERSION_ID={VERSION}
+VERSION={version}
+VERSION_ID={version}
 BUILD_ID=2024-11-14-1938
 SYSEXT_LEVEL=1.0
-PRETTY_NAME="Flatcar Container Linux by Kinvolk {VERSION} (Oklo)"
+PRETTY_NAME="Flatcar Container Linux by Kinvolk {version} (Oklo)"
 ANSI_COLOR="38;5;75"
 HOME_URL="https://flatcar.org/"
 BUG_REPORT_URL="https://issues.flatcar.org"
 FLATCAR_BOARD="amd64-usr"
 """
 
+
+OS_RELEASE = os_release()
+
 UPDATE_CONF = f"""SERVER=https://public.update.flatcar-linux.net/v1/update/
 GROUP={GROUP}
 """
+
+
+def boot_into(host: NspawnHost, version: str) -> None:
+    """What Flatcar's A/B update does at a reboot, for a stopped host: the next boot runs
+    the ``version`` update_engine installed (its os-release says so, and so the agent's
+    version label, which the coordinator's reboot proof compares with the announced one)."""
+    host.add_file("/usr/lib/os-release", os_release(version))
 
 
 def make_flatcar_shaped(host: NspawnHost) -> None:

@@ -16,6 +16,8 @@ the gaps, and then they read only the moments where nothing was blind.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +32,16 @@ from kubernetes.watch import Watch
 from cluo.protocol import SLOT_LEASE_LABEL, Keys
 
 KINDS = ("node", "lease")
-WATCH_SECONDS = 1  # each watch's timeoutSeconds: how soon a stop is noticed
-REQUEST_TIMEOUT = 5.0
+# Each watch's timeoutSeconds. A watch stays open as long as it can: a watched set that
+# sees no change (the slot Leases before a roll) moves the version its next watch resumes
+# from only by the API server's bookmarks, which come about once a minute and before a
+# watch's deadline, not to a watch of a second or two. A version that stands still falls
+# out of the API server's watch cache (a few minutes of every Lease's changes, the nodes'
+# heartbeats among them) and the watch cannot resume: 410 Gone, a gap. stop() ends an
+# open watch by shutting its connection down.
+WATCH_SECONDS = 60
+REQUEST_TIMEOUT = 5.0  # a list
+WATCH_REQUEST_TIMEOUT = WATCH_SECONDS + 10.0
 RETRY_FIRST = 0.2  # after a failed list or watch, doubled up to RETRY_MAX
 RETRY_MAX = 2.0
 GONE = 410
@@ -118,6 +128,7 @@ class InFlightRecorder:
         self._ready = threading.Barrier(len(KINDS) + 1, timeout=30)
         self.errors: list[str] = []
         self.relists = 0  # lists after the first, of either kind
+        self._open: dict[str, Any] = {}  # kind -> its watch's HTTP response, to shut down
         self._threads = [threading.Thread(target=self._run, args=(kind,), daemon=True,
                                           name=f"recorder-{kind}") for kind in KINDS]
 
@@ -129,6 +140,11 @@ class InFlightRecorder:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._lock:
+            responses = list(self._open.values())
+        for response in responses:  # wakes a watch blocked on a quiet connection
+            with contextlib.suppress(Exception):
+                response.shutdown()
         for thread in self._threads:
             thread.join(10)
         if any(thread.is_alive() for thread in self._threads):
@@ -177,10 +193,11 @@ class InFlightRecorder:
                 broken = None
             watch = Watch()
             try:
-                for event in watch.stream(call, *args, **kwargs, resource_version=str(version),
+                for event in watch.stream(self._opener(kind, call), *args, **kwargs,
+                                          resource_version=str(version),
                                           allow_watch_bookmarks=True,
                                           timeout_seconds=WATCH_SECONDS,
-                                          _request_timeout=REQUEST_TIMEOUT):
+                                          _request_timeout=WATCH_REQUEST_TIMEOUT):
                     if event["type"] != "BOOKMARK":
                         self._record(kind, event["object"], deleted=event["type"] == "DELETED")
                     version = int(watch.resource_version or version)
@@ -189,6 +206,8 @@ class InFlightRecorder:
                         watch.stop()
                 broken = None  # the server ended the watch: resume from `version`
             except ApiException as err:
+                if self._stop.is_set():
+                    break
                 broken = self._failed(kind, err, broken)
                 if err.status == GONE:
                     self._open_gap(kind, version, broken)
@@ -196,8 +215,20 @@ class InFlightRecorder:
                 else:
                     broken.delay = self._pause(broken.delay)
             except Exception as err:  # the connection: resume from `version` once it is back
+                if self._stop.is_set():  # stop() shut the connection down
+                    break
                 broken = self._failed(kind, err, broken)
                 broken.delay = self._pause(broken.delay)
+
+    def _opener(self, kind: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        """``call`` for Watch.stream, keeping each watch's response for stop() to shut."""
+        @functools.wraps(call)  # Watch.stream reads the return type from call's signature
+        def open_watch(*args: Any, **kwargs: Any) -> Any:
+            response = call(*args, **kwargs)
+            with self._lock:
+                self._open[kind] = response
+            return response
+        return open_watch
 
     def _list(self, kind: str, call: Callable[..., Any], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> int | None:

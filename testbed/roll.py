@@ -430,6 +430,8 @@ class HostFollower:
         self.boots: list[Boot] = [first_boot]
         self.exits: list[tuple[float, int]] = []  # (time.monotonic(), nspawn's status)
         self.error: BaseException | None = None
+        # The OS version update_engine installed: the next boot runs it (flatcar.boot_into).
+        self.installed_version: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name=f"follow-{host.name}",
                                         daemon=True)
@@ -459,6 +461,8 @@ class HostFollower:
                 self.node.shutdown()
                 if code != EXIT_REBOOT:
                     return
+                if self.installed_version is not None:
+                    flatcar.boot_into(self.host, self.installed_version)
                 started = time.monotonic()
                 self.host.boot()
                 old = self.boots[-1].boot_id
@@ -778,6 +782,7 @@ class Roll:
         last-checked times order the coordinator's queue: host 1 first."""
         self._started = time.monotonic()
         for index, member in enumerate(self.members):
+            member.follower.installed_version = NEW_VERSION
             member.host.run("busctl", "call", *UPDATE_ENGINE, "SetStatus", "xdssx",
                             str(1_700_000_000 + index), "1.0", NEED_REBOOT_STATUS, NEW_VERSION,
                             "300000000")
