@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluo.errors import ConfigError
-from cluo.settings import Setting, Values, optional_text, parse_duration
+from cluo.settings import Setting, Values, optional_text, positive_duration
 from cluo_coord.fleetlock import TlsFiles
 
 DEFAULT_DRAIN_TIMEOUT = "10m"  # as cluo-agent's --drain-timeout
@@ -38,13 +38,6 @@ def _address(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
-def _positive_seconds(value: str) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("must be a positive duration")
-    return seconds
-
-
 FLEETLOCK_ADDRESS = Setting(
     "--fleetlock-address", _address,
     "HOST:PORT of a FleetLock server for Zincati hosts, on the same reboot slots "
@@ -55,7 +48,7 @@ FLEETLOCK_TLS_CERT = Setting("--fleetlock-tls-cert", optional_text,
 FLEETLOCK_TLS_KEY = Setting("--fleetlock-tls-key", optional_text,
                             "PEM private key of --fleetlock-tls-cert")
 FLEETLOCK_DRAIN_TIMEOUT = Setting(
-    "--fleetlock-drain-timeout", _positive_seconds,
+    "--fleetlock-drain-timeout", positive_duration,
     f"how long cluo-coord drains a FleetLock node before it gives up and hands the slot "
     f"back (default: {DEFAULT_DRAIN_TIMEOUT})", default=DEFAULT_DRAIN_TIMEOUT)
 

@@ -28,6 +28,8 @@ def test_fleetlock_flags_are_read() -> None:
     (["--fleetlock-address", ":1", "--fleetlock-tls-cert", "/c.pem"], "go together"),
     (["--fleetlock-tls-cert", "/c.pem", "--fleetlock-tls-key", "/k.pem"],
      "needs --fleetlock-address"),
+    (["--fleetlock-drain-timeout", "0s"], "--fleetlock-drain-timeout: '0s': must be a positive"),
+    (["--fleetlock-drain-timeout", "ten"], "--fleetlock-drain-timeout: 'ten': not a duration"),
 ])
 def test_bad_fleetlock_flags_are_refused(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
