@@ -12,7 +12,8 @@ a document that does not render to valid JSON stops the start, naming the proble
 other and never the reconcile loop: `Sender.submit` appends to the queue and returns
 (when the queue is full, the oldest event is dropped, logged and counted). An attempt
 that gets no answer (refused, reset, timed out) or a 429 or 5xx is retried with
-`BACKOFF`, never sooner than the answer's ``Retry-After`` (seconds, capped at
+`BACKOFF`, never sooner than the answer's ``Retry-After`` (delay-seconds, or an HTTP date
+read against the sender's clock, a date gone by asking no wait; capped at
 `RETRY_AFTER_MAX`), until ``--webhook-max-attempts``; then the event is dropped with a
 log line. Any other answer but 2xx (a 4xx, a redirect, which is not followed) is final.
 Events to one URL go out in order, one at a time. On stop the queue is given
@@ -42,6 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -257,7 +259,7 @@ class Answer:
     """How one attempt ended: an HTTP status, or None with ``error`` (no answer)."""
 
     status: int | None
-    retry_after: float | None = None  # seconds, from a 429's or a 5xx's Retry-After
+    retry_after: float | datetime | None = None  # a 429's or a 5xx's Retry-After: seconds or a date
     error: str = ""
 
     @property
@@ -271,6 +273,12 @@ class Answer:
     def describe(self) -> str:
         return f"HTTP {self.status}" if self.status is not None else self.error
 
+    def asked_wait(self, now: datetime) -> float | None:
+        """Seconds the ``Retry-After`` asks to wait from ``now``; a date gone by asks none."""
+        if isinstance(self.retry_after, datetime):
+            return max(0.0, (self.retry_after - now).total_seconds())
+        return self.retry_after
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -278,14 +286,15 @@ class RetryPolicy:
     backoff: Backoff = BACKOFF
     retry_after_max: float = RETRY_AFTER_MAX
 
-    def delay(self, attempts: int, answer: Answer) -> float | None:
-        """Seconds before attempt ``attempts + 1`` after ``answer``; None: no further
-        attempt (delivered, a final answer, or that was the last attempt)."""
+    def delay(self, attempts: int, answer: Answer, now: datetime) -> float | None:
+        """Seconds before attempt ``attempts + 1`` after ``answer``, received at ``now``;
+        None: no further attempt (delivered, a final answer, or that was the last attempt)."""
         if answer.delivered or not answer.retryable or attempts >= self.max_attempts:
             return None
         delay = self.backoff.delay(attempts)
-        if answer.retry_after is not None:
-            delay = max(delay, min(answer.retry_after, self.retry_after_max))
+        asked = answer.asked_wait(now)
+        if asked is not None:
+            delay = max(delay, min(asked, self.retry_after_max))
         return delay
 
 
@@ -320,7 +329,7 @@ def urllib_post(target: Target, body: bytes) -> Answer:
             response.read(ANSWER_LIMIT)
             return Answer(int(response.status))
     except urllib.error.HTTPError as err:
-        retry_after = retry_after_seconds(err.headers.get("Retry-After") if err.headers else None)
+        retry_after = parse_retry_after(err.headers.get("Retry-After") if err.headers else None)
         err.close()
         return Answer(err.code, retry_after if err.code == 429 or err.code >= 500 else None)
     except urllib.error.URLError as err:
@@ -331,13 +340,21 @@ def urllib_post(target: Target, body: bytes) -> Answer:
         return Answer(None, error=f"{type(err).__name__}: {err}")
 
 
-def retry_after_seconds(header: str | None) -> float | None:
-    """A ``Retry-After`` in seconds; None for none, an HTTP date or nonsense."""
+def parse_retry_after(header: str | None) -> float | datetime | None:
+    """A ``Retry-After`` (RFC 9110): delay-seconds, or an HTTP date (aware, in UTC when
+    it names no zone); None for none, zero seconds or nonsense."""
+    text = (header or "").strip()
     try:
-        seconds = float((header or "").strip())
+        seconds = float(text)
     except ValueError:
+        pass
+    else:
+        return seconds if seconds > 0 else None
+    try:
+        date = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
         return None
-    return seconds if seconds > 0 else None
+    return date if date.tzinfo is not None else date.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -351,8 +368,8 @@ class Sender:
     """One URL's queue and the thread that delivers it, in order.
 
     ``sleep(seconds)`` waits between attempts and returns True when the sender is
-    stopping (default: on the stop flag); tests pass one on fake time and call
-    `deliver` directly."""
+    stopping (default: on the stop flag); ``clock`` is the time an answer's ``Retry-After``
+    date is read against. Tests pass both on fake time and call `deliver` directly."""
 
     def __init__(
         self,
@@ -364,6 +381,7 @@ class Sender:
         queue_size: int = QUEUE_SIZE,
         sleep: Callable[[float], bool] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.target = target
         self._policy = policy
@@ -373,6 +391,7 @@ class Sender:
         self._stopping = threading.Event()
         self._sleep = sleep if sleep is not None else self._stopping.wait
         self._monotonic = monotonic
+        self._clock = clock
         self._queue: deque[_Item] = deque()
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
@@ -453,7 +472,7 @@ class Sender:
                 log.debug("webhook delivered", extra={**fields, "ATTEMPTS": attempts})
                 result = DELIVERED
                 break
-            delay = self._policy.delay(attempts, answer)
+            delay = self._policy.delay(attempts, answer, self._clock())
             if delay is None:
                 result = FAILED if answer.retryable else REFUSED
                 log.warning("webhook not delivered, event dropped", extra={

@@ -12,6 +12,7 @@ answer do not hold up the roll, and their failures are counted. The HTTP adapter
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ ROLL_TIMEOUT = 60.0
 NODE_EVENTS = ["granted", "drained", "rebooted", "done"]  # one reboot, in this order
 SLACK = '{"text": "$cluster: $node $event ($reason): $message"}'
 TOKEN = "Bearer webhook-test-token"
+RETRY_DATE = "Wed, 21 Oct 2015 07:28:00 GMT"  # Retry-After as an HTTP date
 
 
 def _of(bodies: list[Any], node: str) -> list[str]:
@@ -54,6 +56,9 @@ def test_the_http_adapter_tells_an_answer_from_no_answer() -> None:
         assert [r.json() for r in receiver.received()] == [{"a": 1}, {"a": 2}]
         assert receiver.received()[0].headers["x-test"] == "1"
         assert receiver.received()[0].headers["user-agent"].startswith("cluo-coord/")
+    with HttpReceiver(fail_first=1, fail_status=429, retry_after=RETRY_DATE) as receiver:
+        answer = urllib_post(Target(receiver.url, timeout=5.0), b"{}")
+    assert answer == Answer(429, retry_after=datetime(2015, 10, 21, 7, 28, tzinfo=UTC))
     with HttpReceiver(hang=True) as hanging:
         answer = urllib_post(Target(hanging.url, timeout=0.5), b"{}")
     assert (answer.status, answer.retryable) == (None, True) and "timed out" in answer.error

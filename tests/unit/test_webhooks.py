@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,6 +39,7 @@ from cluo_coord.webhooks import (
     Target,
     WebhookNotifier,
     event_fields,
+    parse_retry_after,
     redact_url,
 )
 from testbed.waiting import wait_for
@@ -281,7 +282,7 @@ def sender(receiver: Receiver, *, attempts: int = 4, slept: list[float] | None =
     waits = slept if slept is not None else []
     return Sender(Target("http://receiver/hook"), RetryPolicy(attempts, NO_JITTER),
                   metrics or Counted(), post=receiver, queue_size=queue_size,
-                  sleep=lambda seconds: bool(waits.append(seconds)))
+                  sleep=lambda seconds: bool(waits.append(seconds)), clock=lambda: T0)
 
 
 RETRIES = [  # the answers, the waits between attempts, the result
@@ -289,6 +290,9 @@ RETRIES = [  # the answers, the waits between attempts, the result
      DELIVERED),
     ([Answer(429, retry_after=30.0)], [30.0], DELIVERED),  # Retry-After beats the backoff
     ([Answer(503, retry_after=9999.0)], [120.0], DELIVERED),  # capped
+    ([Answer(503, retry_after=T0 + timedelta(seconds=30))], [30.0], DELIVERED),  # a date
+    ([Answer(429, retry_after=T0 + timedelta(days=1))], [120.0], DELIVERED),  # capped too
+    ([Answer(503, retry_after=T0 - timedelta(hours=1))], [1.0], DELIVERED),  # gone by: no wait
     ([Answer(404)], [], REFUSED),  # a 4xx is final
     ([Answer(302)], [], REFUSED),  # so is a redirect
     ([Answer(500)] * 4, [1.0, 2.0, 4.0], "failed"),  # out of attempts
@@ -306,6 +310,21 @@ def test_retries_back_off_on_no_answer_429_and_5xx_only(
     assert slept == waits
     assert len(receiver.bodies) == len(waits) + 1
     assert metrics.results == [result] and metrics.retries == len(waits)
+
+
+@pytest.mark.parametrize(("header", "asked"), [
+    ("120", 120.0),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", datetime(2015, 10, 21, 7, 28, tzinfo=UTC)),
+    ("Wednesday, 21-Oct-15 07:28:00 GMT", datetime(2015, 10, 21, 7, 28, tzinfo=UTC)),  # RFC 850
+    ("Wed Oct 21 07:28:00 2015", datetime(2015, 10, 21, 7, 28, tzinfo=UTC)),  # asctime
+    ("0", None),
+    ("soon", None),
+    (None, None),
+])
+def test_retry_after_is_read_as_delay_seconds_or_an_http_date(
+    header: str | None, asked: float | datetime | None
+) -> None:
+    assert parse_retry_after(header) == asked
 
 
 def test_a_full_queue_drops_its_oldest_event() -> None:
