@@ -4,7 +4,8 @@ Two reflectors (``cluo.kube.watch.Reflector``, client-go's pattern) keep raw obj
 memory: one lists then watches the Nodes (optionally through a label selector), the
 other the Leases of the coordinator's namespace (slot Leases, and the leader Lease that
 carries the global pause). A watch that expires (410) or fails is re-listed, after a
-backoff on errors; a full re-list also runs every ``resync_period`` as a safety net.
+backoff on errors; with a ``resync_period`` (0: never, the default) a full re-list
+also runs that often as a safety net.
 Every change calls ``on_change`` so the driver plans again at once. Node views are built
 from the one Node parser, ``NodeSnapshot.from_object``.
 
@@ -224,7 +225,7 @@ class ClusterCache:
         *,
         node_selector: str = "",
         coordinator_node: str = "",
-        resync_period: float = 600.0,
+        resync_period: float = 0.0,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._keys = keys

@@ -73,7 +73,7 @@ class CoordSettings:
     metrics_port: int  # 0: pick a free port; -1: no metrics server
     leader_elect: bool
     identity: str
-    resync_period: float = 600.0
+    resync_period: float = 0.0  # s; 0: never
     log_level: str = "info"
     aliases_used: tuple[AliasUse, ...] = ()  # FLUO/CLUO spellings read, to log once
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)  # --webhook-*
@@ -129,9 +129,12 @@ def _count_or_zero(value: str) -> int:
 
 
 def _resync_period(value: str) -> float:
+    """A duration of at least 1s, or 0: never."""
     seconds = parse_duration(value)
+    if seconds == 0:
+        return 0.0
     if seconds < 1:
-        raise ValueError("must be at least 1s")
+        raise ValueError("must be at least 1s (or 0: never)")
     return seconds
 
 
@@ -228,7 +231,9 @@ IDENTITY = Setting("--identity", verbatim,
                    "leader election identity (default: $POD_NAME or the hostname)",
                    default=socket.gethostname, also_from=("POD_NAME",))
 RESYNC_PERIOD = Setting("--resync-period", _resync_period,
-                        "full re-list as a safety net (default: 10m)", default="10m")
+                        "a full re-list of Nodes and Leases this often, as a safety net "
+                        "beyond the watches (default: 0: never; the watches resume from "
+                        "their resourceVersion and re-list when it expired)", default="0")
 LOG_LEVEL = Setting("--log-level", choice(*LOG_LEVELS),
                     "debug, info, warning or error (default: info)", default="info")
 

@@ -386,7 +386,8 @@ class Reflector:
 
     ``on_change`` is called with None after each list and with each object a watch
     event changed in the store. ``resync_period``: seconds after which a list runs again
-    (when the current watch ends), a safety net.
+    (when the current watch ends), a safety net; 0: never (a list runs only at the start
+    and when a watch's version expired or a watch failed).
     """
 
     def __init__(
@@ -418,7 +419,7 @@ class Reflector:
             log_fields={"WHAT": what},
             failed_message="list or watch failed, retrying",
             expired_message="watch expired, listing again",
-            restart_every=resync_period,
+            restart_every=resync_period or None,
             clock=clock,
         )
 

@@ -33,7 +33,7 @@ def test_defaults_match_cluo_and_the_deployment() -> None:
     assert policy.drain_backoff == timedelta(minutes=10)
     assert policy.drain_backoff_max == timedelta(hours=2)
     assert policy.max_drain_attempts == 5
-    assert settings.resync_period == 600
+    assert settings.resync_period == 0  # never: the watches resume and re-list on 410
 
 
 def test_drain_backoff_flags_are_read_and_a_base_over_its_maximum_is_refused() -> None:
@@ -44,6 +44,13 @@ def test_drain_backoff_flags_are_read_and_a_base_over_its_maximum_is_refused() -
     with pytest.raises(ConfigError, match="--drain-backoff '3h': longer than "
                                           "the default of --drain-backoff-max '2h'"):
         load_settings(["--drain-backoff", "3h"], {})
+
+
+def test_resync_period_0_means_never_and_a_period_keeps_the_safety_net() -> None:
+    assert load_settings(["--resync-period", "0"], {}).resync_period == 0
+    assert load_settings(["--resync-period", "10m"], {}).resync_period == 600
+    with pytest.raises(ConfigError, match="at least 1s \\(or 0: never\\)"):
+        load_settings(["--resync-period", "0.5s"], {})
 
 
 def test_namespace_defaults_to_cluo_system_without_pod_namespace() -> None:

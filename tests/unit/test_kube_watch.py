@@ -505,3 +505,24 @@ def test_a_reflector_lists_then_watches_from_the_list_into_its_store() -> None:
     assert sorted(store.by_name()) == ["a", "c"]
     [(_, query, _)] = api.requests
     assert (query["resourceVersion"], query["labelSelector"]) == ("5", "pool=a")
+
+
+def test_a_reflector_with_resync_period_0_never_lists_again_while_its_watches_resume() -> None:
+    api = FakeApi([node("a", "3")], "5", FakeStream([change("MODIFIED", "a", "6")]),
+                  FakeStream([], silent=True))
+    now = [0.0]
+    changes: list[Obj | None] = []
+
+    def changed(obj: Obj | None) -> None:
+        now[0] += 1e6  # far past any period
+        changes.append(obj)
+
+    reflector = Reflector("nodes", api, "/api/v1/nodes", ObjectStore(), changed,
+                          resync_period=0, clock=lambda: now[0])
+    reflector.start()
+    try:
+        wait_for(lambda: len(api.requests) == 2, TIMEOUT, "the second watch")
+    finally:
+        reflector.stop(TIMEOUT)
+    assert changes[0] is None and changes.count(None) == 1  # the first list only
+    assert [query["resourceVersion"] for _, query, _ in api.requests] == ["5", "6"]
