@@ -39,6 +39,7 @@ from testbed.dbus_bus import MockService
 from testbed.fake_agents import FakeAgents
 from testbed.kubelet import KubeletEmulator
 from testbed.waiting import wait_for
+from tests.kube import test_coordinator as coordinator_tests
 from tests.kube.test_agent import NEED_REBOOT, make_pod
 
 pytestmark = pytest.mark.kube
@@ -67,8 +68,24 @@ def coord_kubeconfig(control_plane: ControlPlane, tmp_path_factory: pytest.TempP
 
 @pytest.fixture
 def kubelet(kube_admin: kubernetes.client.ApiClient) -> Iterator[KubeletEmulator]:
+    """The emulated nodes, deleted afterwards."""
     with KubeletEmulator(kube_admin, heartbeat_interval=2.0, grace_period_scale=0.05) as k:
-        yield k
+        try:
+            yield k
+        finally:
+            k.stop(delete_nodes=True)
+
+
+@pytest.fixture
+def free_slots(kube_admin: kubernetes.client.ApiClient) -> Iterator[None]:
+    """No slot Lease in the coordinator's namespace before the test, and none after it
+    (A ends holding slot 0), as the coordinator tests' rig leaves them: test order does
+    not matter."""
+    coordinator_tests._clean_leases(kube_admin)
+    try:
+        yield
+    finally:
+        coordinator_tests._clean_leases(kube_admin)
 
 
 def budget_keeping_every_pod(admin: kubernetes.client.ApiClient, namespace: str) -> None:
@@ -101,6 +118,7 @@ def test_a_drain_that_cannot_finish_backs_off_lets_others_go_and_ends_out_of_the
     kube_admin: kubernetes.client.ApiClient,
     coord_kubeconfig: Path,
     kubelet: KubeletEmulator,
+    free_slots: None,
     update_engine_mock: MockService,
     logind_mock: MockService,
     system_bus_address: str,
