@@ -91,6 +91,7 @@ from cluo_coord.fleetlock import (
     app_specific_id,
 )
 from cluo_coord.fleetlock_config import FleetLockConfig
+from cluo_coord.groups import DEFAULT_GROUP
 from cluo_coord.leases import KubeSlots
 from cluo_coord.planner import SlotLease
 
@@ -102,9 +103,6 @@ ANSWER_TIMEOUT = 30.0  # s: the longest a request waits for the virtual agent's 
 RESUME_INTERVAL = 30.0  # s: the leader looks for marked nodes to resume this often
 ACTION_BACKOFF = Backoff(initial=0.5, maximum=30.0)  # after a failed action
 WATCH_BACKOFF = Backoff()
-# Zincati's group when its configuration names none; cluo-coord's nodes without a group
-# are in a group of the same name (cluo_coord.groups).
-DEFAULT_GROUP = "default"
 
 Obj = dict[str, Any]
 
@@ -457,6 +455,8 @@ class FleetLockNodes:
 
     def answer(self, request: Request) -> Answer:
         client = request.client
+        # Zincati's group when its configuration names none is "default", the name of
+        # the group of cluo-coord's nodes without one.
         known = self._groups | {DEFAULT_GROUP}
         if self._groups and client.group not in known:
             return Answer(400, Kind.UNKNOWN_GROUP,
