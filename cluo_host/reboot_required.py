@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -72,7 +71,10 @@ def read_reboot_required(path: Path) -> RebootRequired | None:
 
 
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """The C library the process already runs on (dlopen of the program itself), not one
+    looked up by name: ``ctypes.util.find_library`` forks ``ldconfig -p``, which would
+    cost the agent's start-up a fork and exec of a 30 MB process."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class RebootRequiredWatch:

@@ -85,9 +85,8 @@ def test_the_watch_reports_creation_a_rename_into_place_the_list_and_removal(
     ]
 
 
-def test_a_file_there_before_the_start_is_reported_by_start(tmp_path: Path) -> None:
-    path = tmp_path / "reboot-required"
-    path.touch()
+def start_and_close(path: Path) -> RebootRequired | None:
+    """What ``start()`` of a watch of ``path`` reports (on an event loop of its own)."""
 
     async def scenario() -> RebootRequired | None:
         watch = RebootRequiredWatch(path, lambda _: None)
@@ -96,7 +95,13 @@ def test_a_file_there_before_the_start_is_reported_by_start(tmp_path: Path) -> N
         finally:
             watch.close()
 
-    assert asyncio.run(scenario()) == RebootRequired()
+    return asyncio.run(scenario())
+
+
+def test_a_file_there_before_the_start_is_reported_by_start(tmp_path: Path) -> None:
+    path = tmp_path / "reboot-required"
+    path.touch()
+    assert start_and_close(path) == RebootRequired()
 
 
 def test_a_missing_directory_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -107,3 +112,15 @@ def test_a_missing_directory_is_an_error_naming_it(tmp_path: Path) -> None:
 
     with pytest.raises(CluoError, match=r"no-such-dir.*does not exist"):
         asyncio.run(scenario())
+
+
+def test_starting_the_watch_runs_no_program(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's start-up forks nothing: the C library is the one already loaded (a
+    lookup by name, ctypes.util.find_library, would run ``ldconfig -p``)."""
+
+    def no_program(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a program was run: {args}")
+
+    monkeypatch.setattr("subprocess.Popen.__init__", no_program)
+    assert start_and_close(tmp_path / "reboot-required") is None
