@@ -184,6 +184,12 @@ class Agent:
             if not await self._start(stop):
                 return 0
             self._ready(self._last_status or "started")
+            # The watches are not part of what READY=1 says (module docstring): they start
+            # after it, so their connections do not delay it. Neither misses a change: the
+            # node watch's first event is the node as it is, and the reboot-required file
+            # is read once its inotify watch is in place.
+            self._start_watch()
+            self._watch_reboot_required()
             log.info("agent ready", extra={"NODE": self._name,
                                            "NODE_NAME_SOURCE": self._settings.node_name_source,
                                            "BOOT_ID": self._host.boot_id})
@@ -202,7 +208,7 @@ class Agent:
 
     async def _start(self, stop: asyncio.Event) -> bool:
         """Connect to update_engine, read the node (waiting for it while no Node has its
-        name), label it. False if stopped meanwhile."""
+        name), label it: what READY=1 waits for. False if stopped meanwhile."""
         self._notifier.status("starting: connecting to update_engine")
         failures = 0
         while not stop.is_set():
@@ -217,11 +223,7 @@ class Agent:
                                    "ERROR_KIND": err.kind})
                 self._notifier.status(f"starting: update_engine unreachable: {err}")
                 await self._sleep_or_stop(stop, self._backoff.delay(failures))
-        if stop.is_set() or not await self._find_node(stop):
-            return False
-        self._start_watch()
-        self._watch_reboot_required()
-        return True
+        return not stop.is_set() and await self._find_node(stop)
 
     def _watch_reboot_required(self) -> None:
         """Start the inotify watch of /run/reboot-required; without it (turned off, or
