@@ -40,7 +40,7 @@ from cluo.protocol import (
 )
 from cluo_coord.brake import RollState
 from cluo_coord.leases import KubeSlots, slot_from_object
-from cluo_coord.planner import NodeView, SlotLease, reboot_needed_since
+from cluo_coord.planner import NodeIndex, NodeView, SlotLease, reboot_needed_since
 
 # How long a slot Lease this coordinator wrote overrides the watched one: the watch
 # delivers it well before; a Lease deleted meanwhile reappears for at most this long.
@@ -78,8 +78,9 @@ class NodeViewCache:
     one), so the view built from it is kept until the version moves. ``update()`` looks
     only at the nodes a watch changed; ``rebuild()`` (after a fresh list) looks at every
     node but still rebuilds only those whose version moved. Either way the sorted tuple is
-    re-sorted only when nodes come or go. An object without a resourceVersion (never seen
-    from an API server) is always rebuilt.
+    re-sorted only when nodes come or go, and it is the planner's ``NodeIndex``, derived
+    from the previous one and the views that changed. An object without a resourceVersion
+    (never seen from an API server) is always rebuilt.
     """
 
     def __init__(self, keys: Keys, coordinator_node: str = "") -> None:
@@ -88,24 +89,24 @@ class NodeViewCache:
         self._views: dict[str, NodeView] = {}
         self._ordered: list[NodeView] = []
         self._position: dict[str, int] = {}
-        self._frozen: tuple[NodeView, ...] = ()
+        self._frozen = NodeIndex.of(())
         self.built = 0  # views built so far (tests and profiles read it)
         # What the last update() or rebuild() changed: (name, view before, view after).
         self.changes: tuple[NodeChange, ...] = ()
 
     @property
-    def views(self) -> tuple[NodeView, ...]:
-        """Every node's view, sorted by name."""
+    def views(self) -> NodeIndex:
+        """Every node's view, sorted by name, indexed for the planner."""
         return self._frozen
 
-    def rebuild(self, objects: Iterable[Mapping[str, Any]]) -> tuple[NodeView, ...]:
+    def rebuild(self, objects: Iterable[Mapping[str, Any]]) -> NodeIndex:
         """All current Nodes (a fresh list): forget the ones missing from ``objects``."""
         listed: dict[str, Mapping[str, Any] | None] = {name_of(obj): obj for obj in objects}
         for name in self._views:
             listed.setdefault(name, None)
         return self.update(listed)
 
-    def update(self, changed: Mapping[str, Mapping[str, Any] | None]) -> tuple[NodeView, ...]:
+    def update(self, changed: Mapping[str, Mapping[str, Any] | None]) -> NodeIndex:
         """Apply the Nodes that changed by name (None: deleted); returns ``views``."""
         moved: list[NodeView] = []
         changes: list[NodeChange] = []
@@ -137,7 +138,7 @@ class NodeViewCache:
             for view in moved:
                 self._ordered[self._position[view.name]] = view
         if added_or_gone or moved:
-            self._frozen = tuple(self._ordered)
+            self._frozen = self._frozen.updated(self._ordered, self.changes)
         return self._frozen
 
 

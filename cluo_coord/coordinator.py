@@ -66,6 +66,7 @@ from cluo_coord.planner import (
     LabelAfterReboot,
     LabelBeforeReboot,
     MarkStuck,
+    NodeIndex,
     NodeView,
     PauseRoll,
     Plan,
@@ -499,7 +500,7 @@ class Coordinator:
         self.plans += 1
         self._report_health(current, health)
         self._metrics.observe_cluster(
-            sum(1 for view in snapshot.nodes if view.state.reboot_needed),
+            NodeIndex.of(snapshot.nodes).reboot_needed,  # the cache's index: no pass
             len(current.in_flight),
             snapshot.slots,
         )

@@ -824,8 +824,10 @@ def plan(
 ) -> Plan:
     """Decide the next changes from the whole cluster state. Pure and deterministic.
 
-    One pass over the nodes, plus sorting the slot holders and the queue: linear in the
-    cluster's size when few nodes need a reboot (5,000 nodes: a few ms).
+    ``nodes`` may be a ``NodeIndex`` (the cluster cache keeps one); other views are
+    indexed first. Then one pass over the nodes in a cycle (``NodeIndex.active``) and the
+    slot holders, plus sorting the queue: a plan's own work grows with the nodes in a
+    cycle, not with the cluster's size.
 
     ``health`` (cluo_coord.health; default: nothing fires, every gate open): a blocker
     that fires holds new slots as the pause does (rule 6: holders finish), one
@@ -834,7 +836,8 @@ def plan(
     ``reboot_timeout`` it is marked stuck, rule 7).
     """
     _require_aware(now)
-    views = _index_nodes(nodes)
+    index = NodeIndex.of(nodes)
+    views = index.by_name
     leases = tuple(leases)
     slots = _index_slots(leases, policy.max_concurrent)
     held = _holdings(slots.values())
@@ -843,20 +846,21 @@ def plan(
                            for lease in by_index.values())
     out = _Builder(now, policy, health)
     in_flight = set(held)
-    out.roll = roll = _Roll(views, in_flight, group_slots, group_held, set(held), reasons={
-        name: why for name, view in views.items() if (why := _unavailable_reason(view))})
+    out.roll = roll = _Roll(views, in_flight, group_slots, group_held, set(held),
+                            reasons=dict(index.unavailable), active=index.active)
 
     for name in sorted(held, key=lambda holder: held[holder][0].index):
         _advance_holder(name, held[name] + group_held.get(name, []), views.get(name), out)
 
     # One pass over the nodes no slot names. Most of them, in a large cluster, are in no
-    # cycle at all (``_untouched``): nothing to tidy, not in flight, not queued.
+    # cycle at all (``_untouched``): nothing to tidy, not in flight, not queued; the
+    # index leaves them out (``NodeIndex.active``).
     candidates: list[NodeView] = []
     backing_off: list[str] = []
     out_of_roll: list[str] = []
-    for name in sorted(views):
-        view = views[name]
-        if name in held or (_untouched(view.state) and name not in group_held):
+    for name in sorted((index.active | group_held.keys()) - held.keys()):
+        view = views.get(name)
+        if view is None:  # a gone holder of group slots only: below
             continue
         changes_before = len(out.changes)
         _tidy_unslotted(view, out)
@@ -876,7 +880,7 @@ def plan(
         if (name in group_held and not queued and name not in in_flight
                 and len(out.changes) == changes_before and _gives_back(view, policy)):
             _release_group_slots(view, group_held[name], out)
-    for name in sorted(set(group_held) - set(held) - set(views)):
+    for name in sorted(name for name in group_held.keys() - held.keys() if name not in views):
         _free_slots_of_gone_node(name, group_held[name], out)
     queue = sorted(candidates, key=queue_key)
     _apply_brake(out)
@@ -907,16 +911,88 @@ def _group_counts(roll: _Roll, policy: Policy, in_flight: set[str], queue: list[
     return tuple((group, busy, queued) for group, (busy, queued) in sorted(counts.items()))
 
 
-def _index_nodes(nodes: Iterable[NodeView]) -> dict[str, NodeView]:
-    listed = tuple(nodes)
-    views = {view.name: view for view in listed}
-    if len(views) != len(listed):
-        seen: set[str] = set()
-        for view in listed:
-            if view.name in seen:
-                raise ValueError(f"node {view.name!r} appears twice in the planner's input")
-            seen.add(view.name)
-    return views
+class NodeIndex(tuple[NodeView, ...]):
+    """The planner's nodes: every view, in name order (the index is that tuple), with the
+    facts ``plan`` needs of each that no policy changes, so that a plan visits the nodes
+    in a cycle instead of all of them.
+
+    ``by_name``: each view by name; ``active``: the nodes whose state shows any part of a
+    cycle (``_untouched`` is false: the only ones the pass over unslotted nodes looks
+    at); ``unavailable``: node -> why, for those unavailable for a reason of their own
+    (``_unavailable_reason``: NotReady, cordoned, being deleted; rule 15);
+    ``reboot_needed``: how many need a reboot (for metrics).
+
+    ``NodeIndex.of(views)`` indexes from scratch; ``updated`` derives the next index from
+    this one and the views that changed (the cluster cache does, per snapshot): the facts
+    are computed for the changed nodes only, and the name map is copied at C speed, so an
+    index never changes once made. Both ways give the same index.
+    """
+
+    by_name: Mapping[str, NodeView]
+    active: frozenset[str]
+    unavailable: Mapping[str, str]
+    reboot_needed: int
+
+    def __new__(cls, ordered: Iterable[NodeView], by_name: Mapping[str, NodeView],
+                active: frozenset[str], unavailable: Mapping[str, str],
+                reboot_needed: int) -> NodeIndex:
+        index = super().__new__(cls, ordered)
+        index.by_name, index.active = by_name, active
+        index.unavailable, index.reboot_needed = unavailable, reboot_needed
+        return index
+
+    @classmethod
+    def of(cls, nodes: Iterable[NodeView]) -> NodeIndex:
+        """``nodes`` indexed from scratch (an index is returned as it is)."""
+        if isinstance(nodes, NodeIndex):
+            return nodes
+        listed = tuple(nodes)
+        by_name = {view.name: view for view in listed}
+        if len(by_name) != len(listed):
+            seen: set[str] = set()
+            for view in listed:
+                if view.name in seen:
+                    raise ValueError(f"node {view.name!r} appears twice in the planner's input")
+                seen.add(view.name)
+        return cls._indexed(sorted(listed, key=lambda view: view.name), by_name)
+
+    @classmethod
+    def _indexed(cls, ordered: Iterable[NodeView], by_name: dict[str, NodeView]) -> NodeIndex:
+        active: set[str] = set()
+        unavailable: dict[str, str] = {}
+        needed = 0
+        for name, view in by_name.items():
+            _index_facts(name, view, active, unavailable)
+            needed += view.state.reboot_needed
+        return cls(ordered, by_name, frozenset(active), unavailable, needed)
+
+    def updated(self, ordered: Iterable[NodeView],
+                changes: Iterable[tuple[str, NodeView | None, NodeView | None]]) -> NodeIndex:
+        """The index of ``ordered`` (every view, in name order), which differs from this
+        index's nodes by ``changes``: (name, view before, view after; None: absent)."""
+        by_name = dict(self.by_name)
+        active, unavailable = set(self.active), dict(self.unavailable)
+        needed = self.reboot_needed
+        for name, before, after in changes:
+            if before is not None:
+                needed -= before.state.reboot_needed
+            active.discard(name)
+            unavailable.pop(name, None)
+            if after is None:
+                by_name.pop(name, None)
+                continue
+            by_name[name] = after
+            _index_facts(name, after, active, unavailable)
+            needed += after.state.reboot_needed
+        return NodeIndex(ordered, by_name, frozenset(active), unavailable, needed)
+
+
+def _index_facts(name: str, view: NodeView, active: set[str], unavailable: dict[str, str]
+                 ) -> None:
+    if not _untouched(view.state):
+        active.add(name)
+    if why := _unavailable_reason(view):
+        unavailable[name] = why
 
 
 def _index_slots(leases: Iterable[SlotLease], max_concurrent: int) -> dict[int, SlotLease]:
@@ -1367,6 +1443,7 @@ class _Roll:
     global_held: set[str]
     waiting: list[NodeView] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)  # unavailable node -> why
+    active: frozenset[str] = frozenset()  # NodeIndex.active
     _groups: dict[str, str] = field(default_factory=dict)
 
     def group_of(self, view: NodeView, policy: Policy) -> str:
@@ -1583,10 +1660,11 @@ def _canary_hold(roll: _Roll, out: _Builder) -> str:
     canary = policy.groups.canary
     if not canary:
         return ""
-    busy = sorted(
-        name for name, view in roll.views.items()
-        if (name in roll.in_flight
-            or (view.state.reboot_needed and not view.state.reboot_paused))
+    busy = sorted(  # a node that needs a reboot is in a cycle (NodeIndex.active)
+        name for name in roll.in_flight | roll.active
+        if (view := roll.views.get(name)) is not None
+        and (name in roll.in_flight
+             or (view.state.reboot_needed and not view.state.reboot_paused))
         and roll.group_of(view, policy) == canary
     )
     if busy:
