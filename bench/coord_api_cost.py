@@ -132,10 +132,16 @@ def run(context: BenchContext) -> BenchResult:
             "(cluo_coord/leader.py; before, a GET and a PUT: 1,440 req/h, found in the audit "
             "log of the first full run), and the standby, by the code, reads the Lease every "
             "2 s until it takes over. Both are constant in the number of nodes.",
-            "Not in the windows, by the code (cluo_coord/cluster.py): the safety-net re-list "
-            "every --resync-period (default 10 min) lists Nodes and Leases once each, 12 "
-            "requests per hour beyond the watches; each watch is re-opened every 300 s "
-            "(counted as watches).",
+            "Beyond the window, by the code: no periodic re-list (--resync-period defaults "
+            "to 0, never; cluo/kube/watch.py Reflector lists only at the start and after a "
+            "410 or a failed watch, which an idle cluster does not cause); each watch is "
+            "re-opened when the API server ends it (timeoutSeconds=300, "
+            "cluo/kube/resources.py), from the version it reached, and that request is a "
+            "watch; and the status ConfigMap cluo-status is "
+            "written only when the plan or what it was computed from changes (the slot "
+            "Leases, the nodes the planner does not ignore, the roll state) or the plan's "
+            "next check moves later (cluo_coord/status.py: no heartbeat), none of which an "
+            "idle cluster does: kubelet status reports leave every node ignored.",
         ),
         seconds=time.monotonic() - started,
         setup={"nodes": f"{nodes:,}", "window, leader election on": f"{on_seconds:.0f} s",

@@ -169,8 +169,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         leadership = elector
     status = StatusPublisher(
         api, settings.namespace, settings.identity,
-        alive=lambda: bool(coordinator_box) and coordinator_box[0].healthy()
-        and (leadership is None or leadership.is_leader))
+        node_selector=settings.node_selector)
     webhooks = WebhookNotifier(settings.webhooks, metrics, coordinator=settings.identity,
                                namespace=settings.namespace)
     blockers = BlockerWatch(blockers_of(api, settings.health),
@@ -274,7 +273,7 @@ def admin(args: Sequence[str], environ: Mapping[str, str]) -> int:
             else:
                 print_slots(KubeSlots(api, options.namespace).list()[0])
         elif args[0] == "status":
-            print(status_view(api, options.namespace, options.output))
+            print(status_view(api, options.namespace, keys, options.output))
         elif args[0] == "pause":
             state = set_paused(api, options.namespace, True)
             print(f"{state.describe_pause()}: no new reboot slots are granted")
@@ -345,9 +344,10 @@ def print_slots(slots: Sequence[SlotLease]) -> None:
               .rstrip())
 
 
-def status_view(api: KubeClient, namespace: str, output: str) -> str:
-    """``cluo-coord status``: the published status with the live slots and pause."""
+def status_view(api: KubeClient, namespace: str, keys: Keys, output: str) -> str:
+    """``cluo-coord status``: the published status with the live slots and pause, current
+    or not by the live Nodes."""
     slots = KubeSlots(api, namespace).list()[0]
     view = read_status(api, namespace, slots, read_roll_state(api, namespace),
-                       datetime.now(UTC))
+                       datetime.now(UTC), keys=keys)
     return render_json(view) if output == "json" else render_text(view)
