@@ -1,0 +1,243 @@
+"""How the driver applies a plan's changes: in chains, the chains side by side.
+
+``schedule(changes)`` is pure: it gives each change of a plan the earlier changes it must
+wait for (``Step.after``). Two changes are ordered, in the planner's order, when they
+touch the same thing:
+
+- the same node: its writes, the slot Leases it takes, releases or is marked stuck on,
+  the Events about it, and the brake's record of its failed reboot. So a node's changes
+  keep the planner's order: its ``ReleaseSlot`` after the ``ResetRebootOk`` before it
+  (planner rule 4), its group slot's ``AcquireSlot`` before its global one (rule 15),
+  ``RecordFailedReboot`` before the ``MarkStuck`` or ``LabelAfterReboot`` that goes with
+  it (rule 14);
+- the same slot Lease (a grant checks its Leases, rule 3), or the leader Lease (the
+  brake's records, one after another);
+- an ``EmitEvent`` and the change it reports, the one just before it in the plan (an
+  Event is posted only once its change was applied);
+- ``PauseRoll``: it waits for every change before it, and every change after it waits
+  for it.
+
+Changes that share nothing (different nodes) may run at the same time. The runners apply
+the steps: ``InOrder`` one after another in the plan's order (which the schedule always
+allows; the driver's tests on fake time use it), ``Pooled`` on a small fixed pool of
+threads. With either, a change starts only once every change it waits for was applied,
+and only while ``go_on()`` (leadership) holds; the first error stops the plan: no change
+starts after it, the ones already running finish, and the error is raised to the loop
+(which re-lists on a conflict and backs off on anything else, as for one change).
+
+``WORKERS``: the pool's size. Every change is one or two API round trips of a few ms on
+the API server; a node's chain in one plan is one to four of them. Eight at a time lets
+fifty nodes in flight be served in a few rounds instead of one after another. It stays
+far inside API priority and fairness: the coordinator's ServiceAccount falls in the
+default ``service-accounts`` FlowSchema, priority level ``workload-low``, which gets about
+245 of the 600 seats of an API server with the default --max-requests-inflight 400 and
+--max-mutating-requests-inflight 200, and queues beyond them: eight requests at a time
+from one user are never queued, let alone rejected (429), by the coordinator's own load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Protocol
+
+from cluo_coord.planner import (
+    AcquireSlot,
+    Change,
+    EmitEvent,
+    GrantRebootOk,
+    LabelAfterReboot,
+    LabelBeforeReboot,
+    MarkStuck,
+    PauseRoll,
+    RecordFailedReboot,
+    ReleaseSlot,
+    ResetRebootOk,
+)
+
+log = logging.getLogger(__name__)
+
+WORKERS = 8  # changes applied at a time by the coordinator (see the module docstring)
+
+# What a change touches: ("node", name), ("slot", group, index), ("roll",): the leader Lease.
+Key = tuple[str, ...]
+ROLL: Key = ("roll",)
+
+
+@dataclass(frozen=True)
+class Step:
+    """The change at ``index`` of the plan, and the indices of the earlier changes that
+    must have been applied before it starts."""
+
+    index: int
+    change: Change
+    after: tuple[int, ...] = ()
+
+
+def _node(name: str) -> Key:
+    return ("node", name)
+
+
+def _slot(group: str, index: int) -> Key:
+    return ("slot", group, str(index))
+
+
+def touches(change: Change) -> frozenset[Key]:
+    """The node and Leases a change writes or checks (``EmitEvent``: its node only)."""
+    if isinstance(change, GrantRebootOk):
+        return frozenset({_node(change.node), _slot("", change.slot),
+                          *(_slot(group, index) for group, index, _ in change.group_slots)})
+    if isinstance(change, LabelBeforeReboot | LabelAfterReboot | ResetRebootOk | EmitEvent):
+        return frozenset({_node(change.node)})
+    if isinstance(change, AcquireSlot | ReleaseSlot | MarkStuck):
+        return frozenset({_node(change.node), _slot(change.group, change.slot)})
+    if isinstance(change, RecordFailedReboot):
+        return frozenset({_node(change.failure.node), ROLL})
+    if isinstance(change, PauseRoll):
+        return frozenset({ROLL})
+    raise TypeError(f"unknown change {change!r}")  # pragma: no cover
+
+
+def schedule(changes: Sequence[Change]) -> tuple[Step, ...]:
+    """Each change with the earlier ones it waits for (the module docstring's rules);
+    ``after`` names only direct predecessors, the rest follows through them."""
+    steps: list[Step] = []
+    last: dict[Key, int] = {}  # key -> the latest change that touched it
+    barrier: int | None = None  # the latest PauseRoll
+    for index, change in enumerate(changes):
+        after: set[int]
+        if isinstance(change, PauseRoll):
+            after = set(last.values())
+            if barrier is not None:
+                after.add(barrier)
+            barrier = index
+            last.clear()
+        else:
+            keys = touches(change)
+            after = {last[key] for key in keys if key in last}
+            if isinstance(change, EmitEvent) and index:
+                after.add(index - 1)  # the change it reports
+            if not after and barrier is not None:
+                after.add(barrier)
+            for key in keys:
+                last[key] = index
+        steps.append(Step(index, change, tuple(sorted(after))))
+    return tuple(steps)
+
+
+def one_chain(steps: Sequence[Step]) -> bool:
+    """Whether each step waits for the one before it: no two can run at the same time."""
+    return all(step.after == ((step.index - 1,) if i else ()) for i, step in enumerate(steps))
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What a runner did: the writes made (``apply`` returned True), and whether it
+    stopped before the end of the plan because ``go_on()`` said so."""
+
+    writes: int
+    cut_short: bool = False
+
+
+Apply = Callable[[Change], bool]  # applies one change; whether it wrote; raises on error
+
+
+class Runner(Protocol):
+    def run(self, steps: Sequence[Step], apply: Apply, go_on: Callable[[], bool]
+            ) -> Applied: ...
+
+    def close(self) -> None: ...
+
+
+class InOrder:
+    """One change after another, in the plan's order, in the caller's thread."""
+
+    def run(self, steps: Sequence[Step], apply: Apply, go_on: Callable[[], bool]
+            ) -> Applied:
+        writes = 0
+        for step in sorted(steps, key=lambda step: step.index):
+            if not go_on():
+                return Applied(writes, cut_short=True)
+            writes += apply(step.change)
+        return Applied(writes)
+
+    def close(self) -> None:
+        pass
+
+
+class Pooled:
+    """The steps on a pool of ``workers`` threads, each as soon as the ones it waits for
+    were applied; the caller's thread only dispatches and waits."""
+
+    def __init__(self, workers: int = WORKERS) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="apply")
+
+    def run(self, steps: Sequence[Step], apply: Apply, go_on: Callable[[], bool]
+            ) -> Applied:
+        if one_chain(steps):  # nothing to run beside: no thread hop (a handoff's plans)
+            return InOrder().run(steps, apply, go_on)
+        waiting = {step.index: len(step.after) for step in steps}
+        followers: dict[int, list[int]] = {step.index: [] for step in steps}
+        for step in steps:
+            for before in step.after:
+                followers[before].append(step.index)
+        by_index = {step.index: step for step in steps}
+        ready = deque(step.index for step in steps if not step.after)
+        running: dict[Future[bool | None], int] = {}
+        stop = threading.Event()
+        cut_short = threading.Event()
+        error: BaseException | None = None
+        writes = 0
+
+        def one(change: Change) -> bool | None:
+            """Apply one change; None: not started (the plan was stopped)."""
+            if stop.is_set():
+                return None
+            if not go_on():
+                cut_short.set()
+                stop.set()
+                return None
+            try:
+                return apply(change)
+            except BaseException:
+                stop.set()  # before this thread takes another change
+                raise
+
+        while ready or running:
+            while ready and not stop.is_set():
+                index = ready.popleft()
+                running[self._pool.submit(one, by_index[index].change)] = index
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = running.pop(future)
+                try:
+                    wrote = future.result()
+                except BaseException as err:  # raised below, once the running ones finished
+                    if error is None:
+                        log.info("a change failed, stopping the plan", extra={
+                            "ERROR": str(err), "RUNNING": len(running)})
+                        error = err
+                    continue
+                if wrote is None:
+                    continue
+                writes += wrote
+                for follower in followers[index]:
+                    waiting[follower] -= 1
+                    if not waiting[follower]:
+                        ready.append(follower)
+        if error is not None:
+            raise error
+        return Applied(writes, cut_short=cut_short.is_set())
+
+    def close(self) -> None:
+        """Wait for the threads to end (no plan runs any more)."""
+        self._pool.shutdown(wait=True)
