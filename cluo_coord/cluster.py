@@ -20,6 +20,7 @@ guards every ``reboot-ok=true`` (planner rule 3).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -156,8 +157,11 @@ class _NodeStore(ObjectStore):
     def delete(self, obj: Obj) -> bool:
         return self._mark(obj, super().delete(obj))
 
+    def kept(self, obj: Obj) -> Obj:
+        return _trimmed(obj)
+
     def replace(self, objects: list[Obj], list_version: str) -> None:
-        super().replace([_trimmed(obj) for obj in objects], list_version)
+        super().replace(objects, list_version)
         with self._changes_lock:
             self._changed = None
 
@@ -184,17 +188,37 @@ class _NodeStore(ObjectStore):
 
 
 def _trimmed(node: Obj) -> Obj:
-    """The Node without what no node view reads and a large cluster pays for in memory:
-    ``metadata.managedFields`` (one entry per writer, as long as the fields it wrote) and
-    ``status.images`` (the kubelet lists up to 50 images with their names and sizes)."""
-    metadata, status = node.get("metadata") or {}, node.get("status") or {}
-    if "managedFields" not in metadata and "images" not in status:
-        return node
-    trimmed = dict(node)
-    trimmed["metadata"] = {k: v for k, v in metadata.items() if k != "managedFields"}
-    if "status" in node:
-        trimmed["status"] = {k: v for k, v in status.items() if k != "images"}
+    """The Node as far as ``node_view`` reads it, all a large cluster should pay for in
+    memory: the name, uid, resourceVersion, labels (group selectors, the control-plane
+    and version labels), annotations (cluo's and the hook annotations, user-chosen) and
+    deletionTimestamp; ``spec.unschedulable``; the Ready condition's status and
+    transition time; ``status.nodeInfo.bootID``. Not kept: managedFields, the other
+    conditions, capacity, images, addresses, the rest of nodeInfo. Label and annotation
+    keys and values are interned (every node repeats the same keys, and most values)."""
+    metadata, spec, status = (node.get(part) or {} for part in ("metadata", "spec", "status"))
+    kept = {key: metadata[key] for key in _METADATA_KEPT if key in metadata}
+    for key in ("labels", "annotations"):
+        if isinstance(kept.get(key), dict):
+            kept[key] = {_intern(k): _intern(v) for k, v in kept[key].items()}
+    trimmed: Obj = {"metadata": kept}
+    if "unschedulable" in spec:
+        trimmed["spec"] = {"unschedulable": spec["unschedulable"]}
+    trimmed["status"] = {
+        "conditions": [{key: condition[key] for key in _CONDITION_KEPT if key in condition}
+                       for condition in status.get("conditions") or []
+                       if isinstance(condition, dict) and condition.get("type") == "Ready"],
+        "nodeInfo": {"bootID": (status.get("nodeInfo") or {}).get("bootID")},
+    }
     return trimmed
+
+
+_METADATA_KEPT = ("name", "uid", "resourceVersion", "labels", "annotations",
+                  "deletionTimestamp")
+_CONDITION_KEPT = ("type", "status", "lastTransitionTime")
+
+
+def _intern(value: Any) -> Any:
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,24 @@ def test_the_cache_keeps_no_managed_fields_or_images_and_the_view_is_the_same() 
     (view,) = snapshot(store, views)
     (plain,) = snapshot(*listed(node("a", "2", **{KEYS.reboot_needed: "true"})))
     assert view == plain
+
+
+def test_the_cache_keeps_of_a_node_only_what_its_view_reads_and_the_view_is_the_same() -> None:
+    full = node("a", "5", **{KEYS.reboot_needed: "true", "hooks.example.com/before": "true"})
+    full["metadata"].update(uid="uid-a", deletionTimestamp="2026-01-02T00:00:00Z",
+                            labels={"kubernetes.io/os": "linux", KEYS.group: "web"})
+    full["spec"] = {"unschedulable": True, "podCIDR": "10.0.0.0/24"}
+    full["status"]["conditions"].insert(0, {
+        "type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory",
+        "lastHeartbeatTime": "2026-01-01T00:00:00Z"})
+    full["status"].update(capacity={"cpu": "4"}, addresses=[{"type": "Hostname"}])
+    full["status"]["nodeInfo"].update(kernelVersion="6.6", machineID="m")
+    store = _NodeStore()
+    store.replace([store.kept(copy.deepcopy(full))], "5")
+    kept = store.by_name()["a"]
+    assert kept is not None
+    assert set(kept["status"]) == {"conditions", "nodeInfo"}
+    assert [c["type"] for c in kept["status"]["conditions"]] == ["Ready"]
+    assert kept["status"]["nodeInfo"] == {"bootID": "boot-a"}
+    assert kept["spec"] == {"unschedulable": True}
+    assert node_view(kept, KEYS, "a") == node_view(full, KEYS, "a")

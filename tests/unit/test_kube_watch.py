@@ -22,7 +22,7 @@ from cluo.errors import KubeError, WatchExpired
 from cluo.kube.client import ApiError, WatchSilent
 from cluo.kube.objects import Obj
 from cluo.kube.resources import WATCH_IDLE_TIMEOUT
-from cluo.kube.watch import ObjectStore, Reflector, Watch, WatchEvent, WatchLoop
+from cluo.kube.watch import LIST_PAGE, ObjectStore, Reflector, Watch, WatchEvent, WatchLoop
 from cluo_host.journal import fields_of
 from testbed.waiting import assert_stays, wait_for
 
@@ -526,3 +526,43 @@ def test_a_reflector_with_resync_period_0_never_lists_again_while_its_watches_re
         reflector.stop(TIMEOUT)
     assert changes[0] is None and changes.count(None) == 1  # the first list only
     assert [query["resourceVersion"] for _, query, _ in api.requests] == ["5", "6"]
+
+
+class PagedApi(FakeApi):
+    """A list answered ``page`` objects at a time, with ``continue`` tokens."""
+
+    def __init__(self, listed: list[Obj], version: str, page: int, *streams: FakeStream) -> None:
+        super().__init__(listed, version, *streams)
+        self._listed, self._version, self._page = listed, version, page
+        self.list_queries: list[dict[str, Any]] = []
+
+    def call(self, action: str, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        query = dict(kwargs["query"])
+        self.list_queries.append(query)
+        start = int(query.get("continue") or 0)
+        end = start + self._page
+        metadata = {"resourceVersion": self._version}
+        if end < len(self._listed):
+            metadata["continue"] = str(end)
+        return {"metadata": metadata, "items": self._listed[start:end]}
+
+
+class KeptStore(ObjectStore):
+    """Keeps only the name and version of each listed object."""
+
+    def kept(self, obj: Obj) -> Obj:
+        metadata = obj["metadata"]
+        return {"metadata": {"name": metadata["name"],
+                             "resourceVersion": metadata["resourceVersion"]}}
+
+
+def test_a_reflector_lists_page_by_page_and_keeps_what_the_store_keeps() -> None:
+    listed = [{**node(f"n{i}", str(i)), "spec": {"large": "x" * 100}} for i in range(5)]
+    api = PagedApi(listed, "9", 2, FakeStream([], silent=True))
+    store = KeptStore()
+    reflector = Reflector("nodes", api, "/api/v1/nodes", store, lambda _: None,
+                          resync_period=0, label_selector="pool=a")
+    assert reflector.list_now() == "9"
+    assert [(q.get("continue"), q["limit"], q["labelSelector"]) for q in api.list_queries] == [
+        (None, LIST_PAGE, "pool=a"), ("2", LIST_PAGE, "pool=a"), ("4", LIST_PAGE, "pool=a")]
+    assert store.by_name() == {f"n{i}": store.kept(node(f"n{i}", str(i))) for i in range(5)}
