@@ -46,7 +46,7 @@ from cluo.protocol import STATUS_CONFIGMAP_NAME, Keys
 from cluo_coord.brake import FailedReboot, RollState
 from cluo_coord.cluster import ClusterSnapshot, node_view
 from cluo_coord.leases import lease_name
-from cluo_coord.planner import NodeView, Plan, SlotLease, ignored_while_unslotted
+from cluo_coord.planner import NodeIndex, NodeView, Plan, SlotLease, ignored_while_unslotted
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,11 @@ def node_inputs(views: Iterable[NodeView], holders: Collection[str],
     total = hashlib.sha256()
     count = 0
     fresh: NodeDigests = {}
-    for view in sorted(views, key=lambda v: v.name):
+    # The nodes not ignored are the index's nodes in a cycle and unavailable ones: the
+    # others are not looked at (the cache keeps the index, so this is not a pass).
+    index = NodeIndex.of(views)
+    names = index.active | index.unavailable.keys() | (index.by_name.keys() & set(holders))
+    for view in (index.by_name[name] for name in sorted(names)):
         cached = known.get(view.name) if known is not None else None
         if cached is None or not view.resource_version or cached[0] != view.resource_version:
             cached = (view.resource_version,
