@@ -14,7 +14,8 @@ planner's safety rules (see cluo_coord.planner):
   every Lease write a KubeSlots compare-and-swap (rule 2);
 - before ``reboot-ok=true`` the slot Lease is read again, uncached, and the grant is
   refused unless it is still at the resourceVersion the planner saw and names the node
-  (rule 3);
+  (rule 3); or, instead of that read, it was written right before by a compare-and-swap
+  (the health gate's record, or the acquisition the grant follows in the same plan);
 - changes are applied in the planner's order and the first error stops the plan, so a
   ``ReleaseSlot`` never runs without the ``ResetRebootOk`` before it (rule 4), and an
   Event is posted only when the change it reports was applied.
@@ -136,7 +137,8 @@ class SlotStore(Protocol):
     """The slot Leases, every write a compare-and-swap (``KubeSlots``), and Events
     about them (posting one never raises)."""
 
-    def acquire(self, change: AcquireSlot) -> SlotLease: ...
+    def acquire(self, change: AcquireSlot, workloads: str | None = None) -> SlotLease:
+        """``workloads``: the health gate's record, written in the same CAS."""
 
     def release(self, change: ReleaseSlot) -> SlotLease: ...
 
@@ -182,6 +184,13 @@ class HealthGates(Protocol):
     def record_grant(self, node: str, slot: int, expected_lease_version: str) -> SlotLease:
         """A compare-and-swap on the slot Lease, right before rule 3's check (which then
         expects the version it wrote): it fails (conflict) if the Lease moved."""
+
+    def grant_record(self, node: str) -> str:
+        """The record (JSON) for a grant that follows its acquisition in one plan: the
+        acquisition's compare-and-swap writes it (read ahead if fresh, else now)."""
+
+    def prefetch(self, queue: tuple[str, ...]) -> None:
+        """Read ahead the records of the queue's head(s), off the grant's path."""
 
     def closed(self, nodes: Iterable[NodeView], slots: Iterable[SlotLease]
                ) -> dict[str, str]: ...
@@ -305,6 +314,9 @@ class Coordinator:
         self._baseline: ClusterSnapshot | None = None
         self.plans = 0  # plans made so far (tests and profiles read it)
         self._released_at: dict[int, float] = {}  # slot -> monotonic time of its release
+        # global slot -> the Lease as this plan's AcquireSlot wrote it, for the grant that
+        # follows it (GrantRebootOk.after_acquire); touched only by that slot's changes
+        self._taken: dict[int, SlotLease] = {}
         self._malformed: dict[str, frozenset[str]] = {}  # node -> the problems reported
         self._malformed_seen = False  # every node's values were looked at since acting
 
@@ -497,6 +509,8 @@ class Coordinator:
         now, monotonic_now = self._clock(), self._monotonic()
         health = self._assess_health(snapshot)
         current = plan(snapshot.nodes, snapshot.slots, now, policy, health=health)
+        if self._gates is not None and not policy.before_reboot_annotations:
+            self._gates.prefetch(current.queue)  # the next grants' records, read ahead
         self.plans += 1
         self._report_health(current, health)
         self._metrics.observe_cluster(
@@ -552,10 +566,17 @@ class Coordinator:
             return False
         if isinstance(change, GrantRebootOk):
             recorded = None
-            if self._gates is not None:  # the health gate's record: a CAS on the slot
+            if change.after_acquire:  # rule 3: the acquisition's CAS, just before
+                recorded = self._taken.pop(change.slot, None)
+                if recorded is None or recorded.holder != change.node:
+                    raise KubeError(f"granting reboot-ok to node {change.node!r}",
+                                    f"reboot slot {change.slot} was not taken for it in "
+                                    "this plan: not granted", kind="conflict", status=409)
+            elif self._gates is not None:  # the health gate's record: a CAS on the slot
                 recorded = self._gates.record_grant(
                     change.node, change.slot, change.expected_lease_resource_version)
                 self._cache.put_slot(recorded)
+            if recorded is not None:
                 change = replace(change, expected_lease_resource_version=str(
                     recorded.resource_version))
             self._check_slot_unchanged(change, global_slot_written=recorded is not None)
@@ -576,8 +597,15 @@ class Coordinator:
                 "NODE": change.node, "CHANGE": type(change).__name__})
             return True
         if isinstance(change, AcquireSlot):
-            slot = self._slots.acquire(change)
+            folded = change.grant_follows and not change.group
+            if folded:
+                self._taken.pop(change.slot, None)
+            # The grant follows at once: the health gate's record goes into this CAS.
+            slot = self._slots.acquire(change, None if not folded or self._gates is None
+                                       else self._gates.grant_record(change.node))
             self._cache.put_slot(slot)
+            if folded:
+                self._taken[change.slot] = slot
             if (not change.group and change.slot not in self._released_at
                     and change.slot in released):
                 # Released by an earlier process (or before a restart): count from the
@@ -685,7 +713,8 @@ class Coordinator:
         ``global_slot_written``, the health gate's record has just been written to the
         global slot's Lease by compare-and-swap at the planned version: that write is
         rule 3's check of it (an update with that resourceVersion right before the node
-        write), so it is not read again."""
+        write), so it is not read again; so is the acquisition's CAS when the grant
+        follows it in one plan (``after_acquire``)."""
         expected = [] if global_slot_written else [
             ("", change.slot, change.expected_lease_resource_version)]
         expected += change.group_slots

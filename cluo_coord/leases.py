@@ -4,8 +4,9 @@ One Lease per slot, ``cluo-reboot-slot-<i>`` in the coordinator's namespace, lab
 ``cluo.flatcar-linux.net/reboot-slot``. Every write is a compare-and-swap: a replace or a
 JSON merge patch carrying the resourceVersion the planner saw (a precondition), or a
 create, which fails if the Lease exists; so a write computed from a stale view fails with
-``KubeError(kind="conflict")`` instead of taking a slot someone else holds. A release and
-the health gate's record are merge patches, so they need no read first.
+``KubeError(kind="conflict")`` instead of taking a slot someone else holds. An
+acquisition of an existing Lease, a release and the health gate's record are merge
+patches, so they need no read first.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def slot_from_object(obj: Mapping[str, Any]) -> SlotLease | None:
         holder_uid=str(annotations.get(HOLDER_UID) or ""),
         group=group,
         announced_version=str(annotations.get(SLOT_ANNOUNCED_VERSION) or ""),
+        transitions=int(spec.get("leaseTransitions") or 0),
     )
 
 
@@ -111,13 +113,17 @@ class KubeSlots:
             (body.get("metadata") or {}).get("resourceVersion") or ""
         )
 
-    def acquire(self, change: AcquireSlot) -> SlotLease:
+    def acquire(self, change: AcquireSlot, workloads: str | None = None) -> SlotLease:
+        """A create, or one merge patch at the planned resourceVersion (no read first:
+        the planner saw the Lease free at that version, and its leaseTransitions, which
+        ``change.transitions`` counts on). ``workloads``: the health gate's record of the
+        node (JSON), written in the same compare-and-swap (the grant follows at once)."""
         name = lease_name(change.slot, change.group)
         action = f"taking reboot slot {name!r} for node {change.node!r}"
         annotations: dict[str, str | None] = {
             HOLDER_BOOT_ID: change.holder_boot_id, HOLDER_UID: change.holder_uid or None,
             RELEASED_AT: None, STUCK: None, SLOT_GROUP: change.group or None,
-            SLOT_ANNOUNCED_VERSION: change.announced_version or None, WORKLOADS: None,
+            SLOT_ANNOUNCED_VERSION: change.announced_version or None, WORKLOADS: workloads,
         }
         spec = {
             "holderIdentity": change.node,
@@ -127,12 +133,11 @@ class KubeSlots:
         if change.expected_resource_version is None:
             body = self._lease(name, None, annotations, spec, transitions=0)
             return self._write(action, "POST", self._path(), body)
-        current = self._read(name, action)
-        transitions = int((current.get("spec") or {}).get("leaseTransitions") or 0) + 1
-        body = self._lease(name, change.expected_resource_version,
-                           {**(current.get("metadata") or {}).get("annotations", {}),
-                            **annotations}, spec, transitions=transitions)
-        return self._write(action, "PUT", self._path(name), body)
+        return self._write(action, "PATCH", self._path(name), {
+            "metadata": {"resourceVersion": change.expected_resource_version,
+                         "labels": {SLOT_LEASE_LABEL: "true"}, "annotations": annotations},
+            "spec": {**dict.fromkeys(RELEASED_SPEC_FIELDS), **spec,
+                     "leaseTransitions": change.transitions}})
 
     def release(self, change: ReleaseSlot) -> SlotLease:
         """One merge patch at the planned resourceVersion (a precondition: 409 if the

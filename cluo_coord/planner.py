@@ -9,7 +9,9 @@ One reboot cycle, CLUO compatible (docs/protocol.md)::
 
     agent: reboot-needed=true
     AcquireSlot          slot Lease names the node, records its bootID   (lease CAS)
-    LabelBeforeReboot    label before-reboot, clear before-hook annotations
+    LabelBeforeReboot    label before-reboot, clear before-hook annotations (only with
+                         before-reboot hooks: without, GrantRebootOk follows AcquireSlot
+                         in the same plan, and no label is written)
       ... before-reboot hook annotations become "true"
     GrantRebootOk        reboot-ok=true, remove label + hook annotations  (node CAS,
                          and only while the slot Lease is unchanged)
@@ -39,7 +41,9 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
 3. ``GrantRebootOk`` also carries the slot Lease's resource version: the driver writes
    ``reboot-ok=true`` only while that Lease is unchanged (an uncached read, or an update
    with that resourceVersion, right before the node write: with the health gate on, its
-   record of the node's workloads is that update, so the Lease is not read again). So
+   record of the node's workloads is that update, so the Lease is not read again; a
+   grant that follows its AcquireSlot in one plan, ``after_acquire``, expects the version
+   that acquisition's compare-and-swap returned, and that write is the check). So
    reboot-ok=true is only ever written while the Lease names the node.
 4. Every ``ReleaseSlot`` follows a ``ResetRebootOk`` of the holder in the same plan (but
    the release of a holder whose Node is gone, rule 11), even when the view says there
@@ -246,6 +250,7 @@ class SlotLease:
     holder_uid: str = ""
     announced_version: str = ""  # annotation announced-version: new-version at acquire
     group: str = ""  # "": a global slot; else a slot of this group (rule 15)
+    transitions: int = 0  # spec.leaseTransitions: how many holders it has had
 
 
 @dataclass(frozen=True)
@@ -362,6 +367,11 @@ class GrantRebootOk:
     # Rule 15: the group slots the holder holds, (group, index, resource version); the
     # driver checks each as it checks ``slot``.
     group_slots: tuple[tuple[str, int, str], ...] = ()
+    # The grant folded into the acquisition (no before-reboot hooks): ``slot`` was taken
+    # by the AcquireSlot right before it in this plan, and the Lease version to expect
+    # (``expected_lease_resource_version`` is then empty) is the one that compare-and-swap
+    # returned, which is also rule 3's check of it.
+    after_acquire: bool = False
 
     def patch(self, keys: Keys) -> MetadataPatch:
         return grant_patch(keys, self.clear_annotations)
@@ -416,6 +426,10 @@ class AcquireSlot:
     holder_uid: str = ""
     announced_version: str = ""
     group: str = ""  # "": the global slot ``slot``; else that group's slot (rule 15)
+    transitions: int = 0  # spec.leaseTransitions to write: the view's plus one
+    # A GrantRebootOk with ``after_acquire`` follows in this plan: the health gate's
+    # record of the node's workloads goes into this compare-and-swap.
+    grant_follows: bool = False
 
 
 @dataclass(frozen=True)
@@ -1186,7 +1200,7 @@ def _advance_holder(
             f"The node's last drain failed ({policy.keys.drain_failures}="
             f"{state.drain_failures}); reboot slot {primary.index} released for the next node.",
         )
-    elif not state.before_reboot:
+    elif not state.before_reboot and policy.before_reboot_annotations:
         out.add(LabelBeforeReboot(name, view.resource_version, policy.before_reboot_annotations))
     elif missing := _missing_group_slots(view, slots, out):
         # Rule 15: no grant without a slot of the node's group (a group configured or a
@@ -1194,21 +1208,30 @@ def _advance_holder(
         out.roll.waiting.append(view)
         _wait(name, primary, f"waiting for a slot of {', '.join(missing)}", out)
     elif hooks_done(policy.before_reboot_annotations, view.annotations):
-        out.add(
-            GrantRebootOk(
-                name, primary.index, view.resource_version, _lease_rv(primary),
-                policy.before_reboot_annotations,
-                group_slots=tuple((lease.group, lease.index, _lease_rv(lease))
-                                  for lease in slots if lease.group),
-            )
-        )
-        out.event(
-            name, EventType.NORMAL, Reason.REBOOT_APPROVED,
-            f"Before-reboot hooks done: {policy.keys.reboot_ok}=true; the agent may drain "
-            "and reboot the node.",
-        )
+        # Without hooks the before-reboot label is never written: the grant follows the
+        # slot (a crash between the two resumes here).
+        _grant_holder(view, primary.index, _lease_rv(primary),
+                      [lease for lease in slots if lease.group], out)
     else:
         _wait(name, primary, "waiting for the before-reboot hooks", out)
+
+
+def _grant_holder(view: NodeView, slot: int, lease_version: str, group_slots: list[SlotLease],
+                  out: _Builder, *, after_acquire: bool = False, taken: bool = False) -> None:
+    """GrantRebootOk for a holder of global slot ``slot`` and of ``group_slots`` (rule 15),
+    and the Events that report it (with ``taken``, the slot's too: taken in this plan)."""
+    policy = out.policy
+    out.add(GrantRebootOk(
+        view.name, slot, view.resource_version, lease_version, policy.before_reboot_annotations,
+        group_slots=tuple((lease.group, lease.index, _lease_rv(lease)) for lease in group_slots),
+        after_acquire=after_acquire))
+    if taken:
+        out.event(view.name, EventType.NORMAL, Reason.SLOT_ACQUIRED,
+                  f"Reboot slot {slot} taken; no before-reboot hooks.")
+    hooks = ("Before-reboot hooks done" if policy.before_reboot_annotations
+             else "No before-reboot hooks")
+    out.event(view.name, EventType.NORMAL, Reason.REBOOT_APPROVED,
+              f"{hooks}: {policy.keys.reboot_ok}=true; the agent may drain and reboot the node.")
 
 
 def _rebooted(view: NodeView, primary: SlotLease) -> bool:
@@ -1575,17 +1598,26 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
                 taken[lease.group].add(lease.index)
                 busy[lease.group].add(name)
                 out.add(AcquireSlot(lease.index, name, lease.resource_version, view.boot_id,
-                                    now, view.uid, group=lease.group))
+                                    now, view.uid, group=lease.group,
+                                    transitions=lease.transitions + 1))
             if not new:
                 continue
             lease = rested.pop(0)
             room -= 1
             unavailable.add(name)
-            out.add(
-                AcquireSlot(lease.index, name, lease.resource_version, view.boot_id, now,
-                            view.uid, announced_version=view.state.new_version),
-                LabelBeforeReboot(name, view.resource_version, policy.before_reboot_annotations),
-            )
+            # No before-reboot hooks and every group slot held: the grant follows the
+            # acquisition in this plan, without the before-reboot label (no hook waits
+            # for it); its rule 3 check is the acquisition's own compare-and-swap.
+            fold = not policy.before_reboot_annotations and not picks
+            out.add(AcquireSlot(lease.index, name, lease.resource_version, view.boot_id, now,
+                                view.uid, announced_version=view.state.new_version,
+                                transitions=lease.transitions + 1, grant_follows=fold))
+            if fold:  # the Events follow the grant, off its path
+                _grant_holder(view, lease.index, "", roll.group_held.get(name, []), out,
+                              after_acquire=True, taken=True)
+                continue
+            out.add(LabelBeforeReboot(name, view.resource_version,
+                                      policy.before_reboot_annotations))
             out.event(
                 name, EventType.NORMAL, Reason.SLOT_ACQUIRED,
                 f"Reboot slot {lease.index} taken; running before-reboot hooks.",

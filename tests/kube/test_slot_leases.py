@@ -86,3 +86,22 @@ def test_stale_resource_version_cannot_take_release_or_mark(
     admin = KubeSlots(kube_client, "cluo-system")
     admin.delete(8)
     admin.delete(8)  # deleting a missing slot is not an error
+
+
+def test_a_retake_is_one_patch_carrying_the_record_and_counting_the_holders(
+    coord_api: Callable[[], KubeClient],
+    kube_client: KubeClient,
+) -> None:
+    slots = KubeSlots(coord_api(), "cluo-system")
+    created = slots.acquire(AcquireSlot(9, "node-a", None, "boot-a", T0))
+    assert created.transitions == 0 and created.resource_version is not None
+    released = slots.release(ReleaseSlot(9, "node-a", created.resource_version, T0))
+    assert released.resource_version is not None
+    record = '{"controllers":[],"node":"node-b","pdbs":{}}'
+    retaken = slots.acquire(AcquireSlot(9, "node-b", released.resource_version, "boot-b", T0,
+                                        transitions=released.transitions + 1,
+                                        grant_follows=True), record)
+    assert (retaken.holder, retaken.transitions, retaken.released_at) == ("node-b", 1, None)
+    assert slots.workloads(9) == record
+    admin = KubeSlots(kube_client, "cluo-system")
+    admin.delete(9)

@@ -401,10 +401,13 @@ class FakeSlots:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
-    def acquire(self, change: AcquireSlot) -> SlotLease:
-        return self._write("acquire", change.node, change.slot, change.expected_resource_version,
+    def acquire(self, change: AcquireSlot, workloads: str | None = None) -> SlotLease:
+        slot = self._write("acquire", change.node, change.slot, change.expected_resource_version,
                            lambda version: SlotLease(change.slot, change.node, version,
                                                      change.at, change.holder_boot_id))
+        if workloads is not None:  # the health gate's record, in the same write
+            self.cluster.journal.add("acquire_workloads", change.node, workloads)
+        return slot
 
     def release(self, change: ReleaseSlot) -> SlotLease:
         return self._write("release", change.node, change.slot, change.expected_resource_version,

@@ -15,9 +15,11 @@ from datetime import timedelta
 
 from cluo.protocol import TRUE
 from cluo_coord.health import GATE_EVENT_REASON, HOLD_EVENT_REASON
-from cluo_coord.planner import NodeView, SlotLease
+from cluo_coord.planner import NodeView, Policy, SlotLease
 from cluo_coord.workloads import GATE_RECHECK
 from tests.unit.coord_fakes import KEYS, T0, Cluster, CoordRig, FakeSlots, patched
+
+BEFORE_HOOK = "hooks.example.com/before-check"
 
 
 class FakeGates:
@@ -28,6 +30,13 @@ class FakeGates:
         self.cluster = Cluster.__new__(Cluster)  # the rig's, once it exists
         self.closing: dict[str, str] = {}
         self.checks = 0
+        self.read_ahead: list[tuple[str, ...]] = []
+
+    def grant_record(self, node: str) -> str:
+        return f"workloads of {node}"
+
+    def prefetch(self, queue: tuple[str, ...]) -> None:
+        self.read_ahead.append(queue)
 
     def record_grant(self, node: str, slot: int, expected_lease_version: str) -> SlotLease:
         return FakeSlots(self.cluster)._write(
@@ -40,9 +49,9 @@ class FakeGates:
         return {node: why for node, why in self.closing.items() if node in held}
 
 
-def gated_rig() -> tuple[CoordRig, FakeGates]:
+def gated_rig(policy: Policy | None = None) -> tuple[CoordRig, FakeGates]:
     gates = FakeGates()
-    rig = CoordRig(gates=gates)
+    rig = CoordRig(policy, gates=gates)
     gates.cluster = rig.cluster
     return rig, gates
 
@@ -61,13 +70,53 @@ class FakeBlockers:
 
 
 def test_the_grant_records_the_workloads_and_that_write_is_its_lease_check() -> None:
-    rig, _ = gated_rig()
-    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    rig, _ = gated_rig(Policy(before_reboot_annotations=(BEFORE_HOOK,)))
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE, BEFORE_HOOK: TRUE})
+    rig.cluster.nodes["a"].labels[KEYS.before_reboot] = TRUE  # hooks done: next, the grant
+    rig.cluster.hold(0, "a", acquired_at=T0 - timedelta(minutes=1))
     journal = rig.run(until=5)
     (record,) = journal.of("record_workloads")
     (grant,) = patched(journal.entries, KEYS.reboot_ok)
     assert journal.index(record) < journal.index(grant)
     assert not journal.of("read_lease"), "the global slot Lease read again after its CAS"
+
+
+def test_without_hooks_the_acquisition_carries_the_record_and_is_the_lease_check() -> None:
+    rig, gates = gated_rig()
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    journal = rig.run(until=5)
+    (acquire,) = journal.of("acquire")
+    (record,) = journal.of("acquire_workloads")
+    (grant,) = patched(journal.entries, KEYS.reboot_ok)
+    assert record.node == "a" and record.detail == gates.grant_record("a")
+    assert journal.index(acquire) < journal.index(grant)
+    assert rig.cluster.nodes["a"].labels.get(KEYS.before_reboot) is None
+    assert not journal.of("record_workloads") and not journal.of("read_lease")
+    assert not rig.cluster.unbacked_grants
+
+
+def test_without_hooks_a_lease_moved_since_the_plan_fails_the_acquisition_and_the_grant(
+) -> None:
+    rig, _ = gated_rig()
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: TRUE})
+    rig.cache.lag()  # the cache has not seen the slot change below yet
+    rig.cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+    rig.cluster.hold(0, "b", acquired_at=T0)
+    journal = rig.run(until=30)
+    refused = journal.of("acquire", ok=False)
+    assert refused and refused[0].failed == "conflict"
+    assert not rig.cluster.unbacked_grants, "reboot-ok=true while no slot Lease named the node"
+    assert not patched(journal.entries[:journal.index(journal.of("refresh")[0])],
+                       KEYS.reboot_ok)
+
+
+def test_the_queue_is_offered_for_reading_ahead_at_every_plan_without_hooks() -> None:
+    rig, gates = gated_rig()
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: "false"})
+    rig.cluster.hold(0, "a", acquired_at=T0 - timedelta(minutes=5), holder_boot_id="boot-old")
+    rig.cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+    rig.run(until=5)
+    assert gates.read_ahead[0] == ("b",)
 
 
 def test_a_lease_moved_since_the_plan_fails_the_record_and_so_the_grant() -> None:

@@ -157,7 +157,7 @@ def kinds(result: Plan) -> list[str]:
 def test_grants_one_node_at_a_time_by_default() -> None:
     result = run([node("a", needed=True), node("b", needed=True), node("c", needed=True)])
     assert acquired(result) == [(0, "a")]
-    assert of(result, LabelBeforeReboot) == [LabelBeforeReboot("a", "100", ())]
+    assert [grant.node for grant in of(result, GrantRebootOk)] == ["a"]
     assert result.queue == ("a", "b", "c")
 
 
@@ -165,13 +165,30 @@ def test_first_grant_creates_the_slot_lease_and_records_the_boot_id_and_uid() ->
     result = run([node("a", needed=True, boot="boot-A", uid="uid-A")])
     assert of(result, AcquireSlot) == [
         AcquireSlot(slot=0, node="a", expected_resource_version=None, holder_boot_id="boot-A",
-                    at=NOW, holder_uid="uid-A")
+                    at=NOW, holder_uid="uid-A", transitions=1, grant_follows=True)
     ]
 
 
 def test_slot_is_taken_before_the_node_is_labelled() -> None:
-    result = run([node("a", needed=True)])
+    result = run([node("a", needed=True)], base=HOOKS)
     assert kinds(result) == ["AcquireSlot", "LabelBeforeReboot", "EmitEvent"]
+    assert not of(result, AcquireSlot)[0].grant_follows
+
+
+def test_without_hooks_the_grant_follows_the_slot_in_one_plan_without_the_label() -> None:
+    result = run([node("a", needed=True), node("b", needed=True)], [slot(0, rv="42")])
+    assert kinds(result) == ["AcquireSlot", "GrantRebootOk", "EmitEvent", "EmitEvent"]
+    (acquire,) = of(result, AcquireSlot)
+    assert acquire.grant_follows and acquire.expected_resource_version == "42"
+    # Rule 3: the Lease version to expect is the one the acquisition's CAS returns.
+    assert of(result, GrantRebootOk) == [GrantRebootOk(
+        "a", 0, "100", "", (), after_acquire=True)]
+    assert reasons(result) == [Reason.SLOT_ACQUIRED, Reason.REBOOT_APPROVED]
+
+
+def test_the_acquisition_counts_the_lease_transitions_on() -> None:
+    result = run([node("a", needed=True)], [replace(slot(0, rv="42"), transitions=6)])
+    assert of(result, AcquireSlot)[0].transitions == 7
 
 
 def test_max_concurrent_two_grants_two() -> None:
@@ -345,9 +362,20 @@ def test_restart_between_slot_and_grant_continues_same_node() -> None:
     result = run(
         [node("a", needed=True, since=NOW),
          node("b", needed=True, since=NOW - timedelta(days=1))],
-        [slot(0, "a")],
+        [slot(0, "a")], base=HOOKS,
     )
-    assert of(result, LabelBeforeReboot) == [LabelBeforeReboot("a", "100", ())]
+    assert of(result, LabelBeforeReboot) == [LabelBeforeReboot("a", "100", (BEFORE_HOOK,))]
+    assert acquired(result) == []
+
+
+def test_without_hooks_a_restart_between_slot_and_grant_grants_at_the_lease_version() -> None:
+    result = run(
+        [node("a", needed=True, since=NOW),
+         node("b", needed=True, since=NOW - timedelta(days=1))],
+        [slot(0, "a", rv="8")],
+    )
+    assert of(result, LabelBeforeReboot) == []
+    assert of(result, GrantRebootOk) == [GrantRebootOk("a", 0, "100", "8", ())]
     assert acquired(result) == []
 
 
