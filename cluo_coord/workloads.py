@@ -41,7 +41,7 @@ from cluo_coord.health import (
     record_workloads,
 )
 from cluo_coord.leases import KubeSlots
-from cluo_coord.planner import NodeView, SlotLease
+from cluo_coord.planner import NodeIndex, NodeView, SlotLease
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class WorkloadGates:
     def closed(self, nodes: Iterable[NodeView], slots: Iterable[SlotLease]) -> dict[str, str]:
         """Holder -> why its gate is closed, for every holder back from its reboot whose
         workloads have not recovered."""
-        views = {view.name: view for view in nodes}
+        views = NodeIndex.of(nodes).by_name  # the cache's index: no pass over the nodes
         now = self._monotonic()
         closed: dict[str, str] = {}
         seen = set()
