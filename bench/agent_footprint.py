@@ -361,8 +361,8 @@ def _result(context: BenchContext, artifact: Artifact, measured: Footprint,
                "was copied, not rebuilt" if artifact.reused else
                f"artifact build took {artifact.build_seconds:.0f} s (PyInstaller cache in "
                "$CLUO_CACHE/agent-artifact-work)",
-               *([f"Profile of the missed target(s) (py-spy and pyinstrument are not "
-                  f"installed; this is a memory and import-time breakdown): {profile}"]
+               *([f"Profile of the missed target(s), a memory and import-time breakdown "
+                  f"(docs/agent.md, Footprint, has the bundle's own): {profile}"]
                  if profile else [])),
         seconds=seconds,
         setup={"starts": str(len(ready)), "idle window": f"{measured.window:.0f} s"},
