@@ -16,9 +16,11 @@ planner's safety rules (see cluo_coord.planner):
   refused unless it is still at the resourceVersion the planner saw and names the node
   (rule 3); or, instead of that read, it was written right before by a compare-and-swap
   (the health gate's record, or the acquisition the grant follows in the same plan);
-- changes are applied in the planner's order and the first error stops the plan, so a
-  ``ReleaseSlot`` never runs without the ``ResetRebootOk`` before it (rule 4), and an
-  Event is posted only when the change it reports was applied.
+- each node's changes are applied in the planner's order and the first error stops the
+  plan, so a ``ReleaseSlot`` never runs without the ``ResetRebootOk`` before it (rule 4),
+  and an Event is posted only when the change it reports was applied. Changes of
+  different nodes may be applied at the same time (cluo_coord.apply: which change waits
+  for which, and the pool); after an error no change starts, the ones running finish.
 
 A conflict means the view was stale: both collections are re-listed (uncached) before
 planning again, so a stale cache cannot loop. Other errors back off exponentially.
@@ -45,6 +47,7 @@ from cluo.errors import CluoError, KubeError
 from cluo.kube.nodes import EventType as KubeEventType
 from cluo.kube.nodes import KubeNodes
 from cluo.protocol import MetadataPatch
+from cluo_coord.apply import InOrder, Runner, schedule
 from cluo_coord.blockers import BlockerWatch
 from cluo_coord.brake import FailedReboot, RollState
 from cluo_coord.cluster import ClusterCache, ClusterSnapshot, ClusterWriter
@@ -284,9 +287,12 @@ class Coordinator:
         roll: RollStore | None = None,
         status: StatusSink | None = None,
         notifier: RollNotifier | None = None,
+        runner: Runner | None = None,
     ) -> None:
         """``clock`` is the planner's (wall) time; ``monotonic`` measures the waits,
-        which go through ``waiter`` (a fresh ``threading.Event`` by default)."""
+        which go through ``waiter`` (a fresh ``threading.Event`` by default).
+        ``runner`` applies a plan's changes (cluo_coord.apply): ``InOrder`` by default,
+        ``Pooled`` in cluo-coord."""
         self._cache = cache
         self._writer = writer
         self._slots = slots
@@ -306,6 +312,7 @@ class Coordinator:
         self._roll = roll
         self._status = status
         self._notifier: RollNotifier = notifier or NoNotifier()  # webhooks
+        self._runner: Runner = runner or InOrder()
         self._last_tick = monotonic()
         self._plan_due = True  # plan at the next tick whatever the deadline
         self._deadline: Deadline | None = None
@@ -313,7 +320,9 @@ class Coordinator:
         # snapshots found to give the same plan; None: plan on the next event.
         self._baseline: ClusterSnapshot | None = None
         self.plans = 0  # plans made so far (tests and profiles read it)
-        self._released_at: dict[int, float] = {}  # slot -> monotonic time of its release
+        # slot -> monotonic time of its release; a slot's entry is touched only by the
+        # changes of that slot, which cluo_coord.apply runs one at a time
+        self._released_at: dict[int, float] = {}
         # global slot -> the Lease as this plan's AcquireSlot wrote it, for the grant that
         # follows it (GrantRebootOk.after_acquire); touched only by that slot's changes
         self._taken: dict[int, SlotLease] = {}
@@ -527,13 +536,12 @@ class Coordinator:
         self._notifier.planned(snapshot.nodes, snapshot.slots, current, now)
         released = {s.index: s.released_at for s in snapshot.slots
                     if s.released_at and not s.group}
-        writes = 0
-        for change in current.changes:
-            if not self._leadership.is_leader:
-                log.info("lost leadership, stopping the plan")
-                break
-            if self._apply(change, released):
-                writes += 1
+        applied = self._runner.run(schedule(current.changes),
+                                   lambda change: self._apply(change, released),
+                                   lambda: self._leadership.is_leader)
+        if applied.cut_short:
+            log.info("lost leadership, stopping the plan")
+        writes = applied.writes
         if self._status is not None:
             self._status.offer(current, snapshot, now)
         recheck_after = current.recheck_after

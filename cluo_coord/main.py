@@ -45,6 +45,7 @@ from cluo.protocol import (
     drain_backoff_annotations,
 )
 from cluo.settings import CommandLineExit, log_aliases_used
+from cluo_coord.apply import Pooled
 from cluo_coord.blockers import (
     AlertBlocker,
     Blocker,
@@ -175,6 +176,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
     blockers = BlockerWatch(blockers_of(api, settings.health),
                             settings.health.blocker_interval.total_seconds(), on_change=on_change)
     events = EventPoster(KubeNodes(api, keys))  # node Events off the grant's path
+    runner = Pooled()  # different nodes' changes side by side (cluo_coord.apply)
     coordinator = Coordinator(
         cache, writer=ClusterWriter(api, settings.namespace, keys),
         slots=KubeSlots(api, settings.namespace), nodes=events,
@@ -182,6 +184,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         roll=KubeRollState(api, settings.namespace, written=cache.put_lease), status=status,
         notifier=webhooks,
         gates=health_gates(api, settings), blockers=blockers if blockers.active else None,
+        runner=runner,
     )
     coordinator_box.append(coordinator)
     server: HealthServer | None = None
@@ -223,6 +226,7 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
             server.stop()
         webhooks.stop()  # the events queued last get SHUTDOWN_GRACE to go out
         events.stop()  # the same for the Kubernetes Events
+        runner.close()
         blockers.stop()
         log.info("coordinator stopped")
 
