@@ -16,9 +16,9 @@ cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resol
 - *handoff* of node A to node B: from the completion of the coordinator's write of
   ``reboot-ok=false`` on A (A is done: the after-reboot phase completed) to the completion
   of its write of ``reboot-ok=true`` on B, the next node granted. In between the
-  coordinator releases A's slot, takes it for B, labels B before-reboot, records B's
-  workloads on the slot Lease (the health gate; that compare-and-swap is also rule 3's
-  check of the Lease) and writes the grant; Events go out beside, from their own queue.
+  coordinator releases A's slot, then takes it for B by a compare-and-swap that carries
+  B's workloads record (the health gate's, read ahead; that write is also rule 3's check
+  of the Lease) and writes the grant; Events go out beside, from their own queue.
   The coordinator's requests inside each handoff are counted from the audit log.
 - for a concurrent roll the coordinator is sampled by py-spy (``PROFILE_RATE`` Hz,
   non-blocking) and the summary goes into the notes.
@@ -221,13 +221,11 @@ def run_handoff(context: BenchContext) -> BenchResult:
             "completion of its write of reboot-ok=true on B, the next node granted; both "
             "times are the API server's (audit log stageTimestamp, microseconds). In "
             "between, one after the other: release A's slot Lease (a merge patch with the "
-            "planned resourceVersion as precondition), take it for B (a read, then a "
-            "compare-and-swap PUT: the read keeps leaseTransitions counting), label B "
-            "before-reboot (a node PATCH), the health gate's record of B's workloads "
-            "(list B's pods, and the PodDisruptionBudgets of each namespace with a pod to "
-            "evict, then a "
-            "merge patch of the slot Lease with the planned resourceVersion, which is also "
-            "rule 3's check that the Lease is as planned), the grant (a node PATCH); the "
+            "planned resourceVersion as precondition), then, in the next plan, take it for "
+            "B (one such merge patch, carrying the health gate's record of B's workloads, "
+            "read ahead while A was finishing; that compare-and-swap is also rule 3's "
+            "check that the Lease is as planned) and the grant (a node PATCH); no "
+            "before-reboot label without hooks. The "
             "Events go out from a queue of their own beside them. The round trips "
             "counted are the "
             "coordinator's non-watch requests that began after A's reset and ended "
