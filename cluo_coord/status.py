@@ -42,6 +42,7 @@ from cluo.errors import KubeError
 from cluo.kube.client import KubeClient
 from cluo.kube.objects import api_time, seconds_time
 from cluo.kube.resources import NODES_PATH
+from cluo.kube.watch import LIST_PAGE
 from cluo.protocol import STATUS_CONFIGMAP_NAME, Keys
 from cluo_coord.brake import FailedReboot, RollState
 from cluo_coord.cluster import ClusterSnapshot, node_view
@@ -60,7 +61,6 @@ INTERVAL = 5.0  # s: at most one write this often
 CONFIRM_WAIT = INTERVAL + 10.0
 CONFIRM_POLL = 1.0  # s: how often the status command looks for that publication
 STALE_AFTER = timedelta(minutes=2)  # a document without inputs (an older coordinator's)
-NODE_PAGE = 500  # Nodes per list request of the status command
 _TIMES = ("computed_at", "published_at", "next_check_at")
 
 
@@ -432,11 +432,12 @@ def _read_published(api: KubeClient, namespace: str
 
 
 def _list_node_views(api: KubeClient, keys: Keys, selector: str) -> Iterator[NodeView]:
-    """The Nodes the coordinator manages, as its planner views them, page by page."""
+    """The Nodes the coordinator manages, as its planner views them, a page at a time
+    (as large as the reflector's)."""
     token: str | None = None
     while True:
         page = api.call("listing nodes", "GET", NODES_PATH, query={
-            "labelSelector": selector or None, "limit": str(NODE_PAGE), "continue": token})
+            "labelSelector": selector or None, "limit": str(LIST_PAGE), "continue": token})
         for obj in (page or {}).get("items") or []:
             yield node_view(obj, keys)
         token = ((page or {}).get("metadata") or {}).get("continue") or None
