@@ -1,8 +1,9 @@
 """The coordinator's pure planning core: ``plan(nodes, leases, now, policy) -> Plan``.
 
 The reconcile driver reads the whole cluster (Nodes and slot Leases), calls ``plan`` and
-applies the returned changes in order, stopping at the first error; then it runs again on
-the next watch event or after ``Plan.recheck_after``. Nothing here does I/O or reads a
+applies the returned changes: each node's (and each Lease's) in the plan's order, different
+nodes' side by side, nothing new started after the first error (cluo_coord.apply); then it
+runs again on the next watch event or after ``Plan.recheck_after``. Nothing here does I/O or reads a
 clock: ``now`` is an aware ``datetime`` (any zone; UTC is what the driver passes).
 
 One reboot cycle, CLUO compatible (docs/protocol.md)::

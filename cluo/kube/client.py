@@ -93,7 +93,9 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 TOKEN_REFRESH_PERIOD = 60.0  # seconds between re-reads of a token file (as client-go)
 IDLE_LIMIT = 45.0  # seconds a kept-alive connection may idle and still be reused
-MAX_IDLE_CONNECTIONS = 4
+# Kept-alive connections kept for reuse: as many as the coordinator's apply pool has
+# workers (cluo_coord.apply.WORKERS), so its writes in parallel need no new TLS handshake.
+MAX_IDLE_CONNECTIONS = 8
 READ_SIZE = 64 * 1024  # bytes asked for per read of a watch stream
 # Reads (RFC 9110 safe methods): sent again after a connection broke before the answer,
 # or after a Retry-After. Idempotent writes are not: a PUT sent twice with the same
