@@ -1006,7 +1006,7 @@ observations = st.builds(
 )
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(observation=observations, now=st.floats(0, 4000))
 def test_decide_is_total_and_never_acts_unsafely(observation: Observation, now: float) -> None:
     decision = decide(observation, now)  # raises on an illegal move
