@@ -78,9 +78,13 @@ def test_recorder_relists_after_an_api_server_restart_and_reports_the_gap(
         # Right after the restart, while the recorder may still be waiting to retry.
         hand_slot(first, second)
 
+        # Granted too, not only in flight: the slot Lease alone makes it in flight, and its
+        # event may come before the Node's reboot-ok=true.
         wait_for(lambda: (recorder.history()[-1].in_flight == {second}
+                          and recorder.history()[-1].granted == {second}
                           and not recorder.history()[-1].blind), 30,
-                 "the recorder to see the second node in flight, and only it, after the restart")
+                 "the recorder to see the second node in flight and granted, and only it, "
+                 "after the restart")
     finally:
         recorder.stop()
 
