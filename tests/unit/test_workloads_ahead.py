@@ -11,7 +11,8 @@ import threading
 from typing import cast
 
 from cluo.errors import KubeError
-from cluo_coord.health import ControllerRef, WorkloadRecord
+from cluo.kube.client import KubeClient
+from cluo_coord.health import BudgetScope, ControllerRef, WorkloadRecord
 from cluo_coord.leases import KubeSlots
 from cluo_coord.workloads import RECORD_MAX_AGE, RECORD_REFRESH, KubeWorkloads, WorkloadGates
 from testbed.waiting import wait_for
@@ -134,3 +135,34 @@ def test_a_failed_reading_ahead_is_done_again_at_the_grant() -> None:
     workloads.failing = False
     assert WorkloadRecord.from_json(gate.grant_record("b")).node == "b"
     assert workloads.reads == ["b", "b"]
+
+
+class RecordingApi:
+    """A KubeClient stand-in: answers each GET with one pod of ReplicaSet web-5d9 (or no
+    budget), recording the path and query of each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+
+    def call(self, action: str, method: str, path: str, *, query: dict[str, str] | None = None,
+             body: object = None) -> dict[str, object]:
+        self.calls.append((path, dict(query or {})))
+        if path.endswith("/pods"):
+            return {"items": [{"metadata": {
+                "name": "web-5d9-x", "namespace": "shop",
+                "ownerReferences": [{"kind": "ReplicaSet", "name": "web-5d9",
+                                     "controller": True}]}}]}
+        return {"items": []}
+
+
+def test_the_record_is_read_from_the_api_servers_cache_not_as_a_consistent_read() -> None:
+    """A consistent list waits for the watch cache to be proven fresh (about 90 ms on the
+    test bed after writes to other resources), on the grant's path; the record is a
+    baseline, so it takes the cache as it stands: resourceVersion=0 on both lists."""
+    api = RecordingApi()
+    record = KubeWorkloads(cast(KubeClient, api), BudgetScope("app=web")).record("n1")
+    assert record.controllers == (WEB,)
+    assert [path.rsplit("/", 1)[-1] for path, _ in api.calls] == ["pods", "poddisruptionbudgets"]
+    pods, budgets = (query for _, query in api.calls)
+    assert pods == {"fieldSelector": "spec.nodeName=n1", "resourceVersion": "0"}
+    assert budgets == {"labelSelector": "app=web", "resourceVersion": "0"}
