@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 MIRROR_POD_ANNOTATION = "kubernetes.io/config.mirror"
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+DEFAULT_GRACE_SECONDS = 30  # spec.terminationGracePeriodSeconds when the pod sets none
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class PodSummary:
     mirror: bool = False  # has the kubernetes.io/config.mirror annotation
     phase: str = "Running"  # status.phase
     deleting: bool = False  # metadata.deletionTimestamp is set
+    grace_seconds: int = DEFAULT_GRACE_SECONDS  # spec.terminationGracePeriodSeconds
 
     @property
     def ref(self) -> str:
@@ -137,7 +139,10 @@ class DrainPlan:
 
 
 def plan_drain(pods: Iterable[PodSummary], options: DrainOptions) -> DrainPlan:
-    """Classify the node's pods. Each output is sorted by namespace/name."""
+    """Classify the node's pods. ``evict`` is in the order to evict them: the longest
+    termination grace period first (a drain cannot end before each pod's eviction plus its
+    grace period, so the long ones are started first), then by namespace/name; the other
+    outputs are sorted by namespace/name."""
     evict: list[PodSummary] = []
     wait_for: list[PodSummary] = []
     skipped: list[SkippedPod] = []
@@ -156,6 +161,7 @@ def plan_drain(pods: Iterable[PodSummary], options: DrainOptions) -> DrainPlan:
             blocking.append(PodBlocker(pod.namespace, pod.name, BlockReason.NO_CONTROLLER))
         else:
             evict.append(pod)
+    evict.sort(key=lambda p: -p.grace_seconds)  # stable: namespace/name within a grace
     return DrainPlan(tuple(evict), tuple(wait_for), tuple(skipped), tuple(blocking))
 
 

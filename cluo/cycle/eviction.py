@@ -15,7 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cluo.cycle.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
+from cluo.cycle.drain_plan import (
+    DEFAULT_GRACE_SECONDS,
+    MIRROR_POD_ANNOTATION,
+    OwnerRef,
+    PodSummary,
+)
 from cluo.errors import KubeError, status_details
 from cluo.kube.client import REQUEST_ERRORS, TRANSPORT_ERRORS, ApiError, KubeClient, kube_error
 from cluo.kube.resources import PODS_PATH, REQUEST_TIMEOUT, Timeout, pod_path
@@ -115,7 +120,15 @@ def pod_summary(obj: Mapping[str, Any]) -> PodSummary:
         mirror=MIRROR_POD_ANNOTATION in (metadata.get("annotations") or {}),
         phase=str((obj.get("status") or {}).get("phase") or "Pending"),
         deleting=bool(metadata.get("deletionTimestamp")),
+        grace_seconds=_grace_seconds((obj.get("spec") or {}).get("terminationGracePeriodSeconds")),
     )
+
+
+def _grace_seconds(value: object) -> int:
+    """spec.terminationGracePeriodSeconds; the API server's default when unset."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return DEFAULT_GRACE_SECONDS
 
 
 class KubePods:

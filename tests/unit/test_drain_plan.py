@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluo.cycle.drain_plan import (
     BlockReason,
@@ -92,6 +96,60 @@ def test_plan_is_sorted_and_done_only_when_nothing_must_leave() -> None:
     ]
     assert plan.blocking == (PodBlocker("a", "debug", BlockReason.NO_CONTROLLER),)
     assert not plan.done
+
+
+def test_pods_with_the_longest_grace_period_are_evicted_first() -> None:
+    pods = [
+        pod("web-a", owners=REPLICA_SET),
+        pod("db", owners=STATEFUL_SET, grace_seconds=300),
+        pod("web-b", owners=REPLICA_SET, grace_seconds=0),
+        pod("queue", owners=STATEFUL_SET, grace_seconds=300),
+        pod("cache", owners=REPLICA_SET, grace_seconds=60),
+    ]
+
+    plan = plan_drain(pods, DrainOptions())
+
+    assert [p.name for p in plan.evict] == ["db", "queue", "cache", "web-a", "web-b"]
+
+
+_PODS = st.lists(
+    st.builds(
+        PodSummary,
+        namespace=st.sampled_from(["a", "b"]),
+        name=st.sampled_from(["p1", "p2", "p3", "p4"]),
+        uid=st.uuids().map(str),
+        owners=st.sampled_from([(), REPLICA_SET, DAEMON_SET, NON_CONTROLLER_OWNER]),
+        mirror=st.booleans(),
+        phase=st.sampled_from(["Running", "Pending", "Succeeded"]),
+        deleting=st.booleans(),
+        grace_seconds=st.sampled_from([0, 1, 30, 300]),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pods=_PODS, evict_orphans=st.booleans())
+def test_the_grace_period_orders_the_evictions_and_changes_nothing_else(
+    pods: list[PodSummary], evict_orphans: bool
+) -> None:
+    options = DrainOptions(evict_pods_without_controller=evict_orphans)
+    plan = plan_drain(pods, options)
+    same_grace = plan_drain([replace(p, grace_seconds=30) for p in pods], options)
+
+    def without_grace(summaries: tuple[PodSummary, ...]) -> list[PodSummary]:
+        return sorted((replace(p, grace_seconds=30) for p in summaries),
+                      key=lambda p: (p.namespace, p.name, p.uid))
+
+    assert without_grace(plan.evict) == without_grace(same_grace.evict)
+    assert [(p.namespace, p.name) for p in same_grace.evict] == sorted(
+        (p.namespace, p.name) for p in same_grace.evict)
+    assert [replace(p, grace_seconds=30) for p in plan.wait_for] == list(same_grace.wait_for)
+    assert plan.blocking == same_grace.blocking
+    assert [(s.pod.uid, s.reason) for s in plan.skipped] == [
+        (s.pod.uid, s.reason) for s in same_grace.skipped]
+    order = [(-p.grace_seconds, p.namespace, p.name) for p in plan.evict]
+    assert order == sorted(order)
 
 
 def test_node_with_only_daemonset_mirror_and_finished_pods_is_drained() -> None:

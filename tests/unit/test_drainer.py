@@ -23,7 +23,7 @@ import pytest
 from cluo.cycle.agent_core import DrainStatus
 from cluo.cycle.drain_plan import BlockReason, DrainOptions, PodSummary
 from cluo.cycle.drainer import Drainer, DrainTuning
-from cluo.cycle.eviction import BlockedByBudget, KubePods, PodApi
+from cluo.cycle.eviction import BlockedByBudget, KubePods, PodApi, pod_summary
 from cluo.errors import KubeError
 from cluo.kube.client import ApiError
 from cluo.kube.nodes import NodeApi
@@ -163,6 +163,19 @@ def test_the_eviction_adapter_hands_on_the_retry_after_of_a_429(body: str, outco
         with pytest.raises(KubeError) as caught:
             pods.evict(pod)
         assert (caught.value.kind, caught.value.retry_after) == ("blocked", 6.0)
+
+
+@pytest.mark.parametrize(("spec", "grace"), [
+    ({"terminationGracePeriodSeconds": 300}, 300),
+    ({"terminationGracePeriodSeconds": 0}, 0),
+    ({}, 30),  # unset: the API server's default
+])
+def test_the_pod_summary_carries_the_termination_grace_period(
+    spec: dict[str, Any], grace: int
+) -> None:
+    summary = pod_summary({"metadata": {"namespace": "default", "name": "db-0", "uid": "u"},
+                           "spec": spec, "status": {"phase": "Running"}})
+    assert summary.grace_seconds == grace
 
 
 def test_a_refused_pod_keeps_its_own_retry_delay_while_others_terminate() -> None:
