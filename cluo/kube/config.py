@@ -52,7 +52,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -68,6 +67,7 @@ from cluo.kube.client import (
     TlsSource,
     TokenSource,
 )
+from cluo.version import VERSION
 
 __all__ = [
     "CERT_FILE_CHECK_PERIOD",
@@ -127,10 +127,7 @@ class _Invalid(Exception):
 
 
 def version() -> str:
-    try:
-        return metadata.version("cluo")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    return VERSION
 
 
 def user_agent(component: Component) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -407,3 +408,12 @@ def test_a_proxy_in_the_environment_is_named_at_start_not_silently_ignored(
     proxied = [r for r in caplog.records if "proxy" in r.getMessage()]
     assert [getattr(r, "VARIABLE", None) for r in proxied] == ([warned] if warned else [])
     assert all("pw@" not in r.getMessage() + str(vars(r)) for r in caplog.records)
+
+
+def test_the_user_agent_names_the_version_pyproject_gives() -> None:
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    with pyproject.open("rb") as file:
+        released = tomllib.load(file)["project"]["version"]
+
+    assert kube_config.version() == released
+    assert kube_config.user_agent("cluo-agent") == f"cluo-agent/{released}"
