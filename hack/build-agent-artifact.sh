@@ -82,17 +82,19 @@ started=$(date +%s)
 # bundle PyInstaller adds a runtime hook for each that imports them (and pickle, runpy,
 # ...) before the agent's first line: 30 modules, 1 MB of the idle agent's RSS and some
 # of its start-up time, for nothing (docs/agent.md "Footprint").
+# systemd (systemd-python) is left out too: cluo_host/journal.py speaks journald's native
+# protocol itself, and the package would bring libsystemd and its libraries.
 "$venv/bin/python" -m PyInstaller \
     --noconfirm --log-level WARN --onedir --name cluo-agent \
     --distpath "$work/dist" --workpath "$work/build" --specpath "$work" \
     --paths "$root" \
     --collect-submodules cluo \
     --collect-submodules cluo_host \
-    --hidden-import systemd.journal \
     --exclude-module kubernetes \
     --exclude-module urllib3 \
     --exclude-module multiprocessing \
     --exclude-module pkgutil \
+    --exclude-module systemd \
     "$here/cluo-agent-entry.py" >"$work/pyinstaller.log" 2>&1 \
     || { tail -40 "$work/pyinstaller.log" >&2; die "PyInstaller failed (log: $work/pyinstaller.log)"; }
 
