@@ -12,6 +12,9 @@ touch the same thing:
   it (rule 14);
 - the same slot Lease (a grant checks its Leases, rule 3), or the leader Lease (the
   brake's records, one after another);
+- a hand-over (an ``AcquireSlot`` with ``handed_from``) touches the node it takes the
+  slot from as well: it is that node's release, so it waits for its ``ResetRebootOk``
+  (rule 4), and the taker's grant waits for it through the slot and the taker;
 - an ``EmitEvent`` and the change it reports, the one just before it in the plan (an
   Event is posted only once its change was applied);
 - ``PauseRoll``: it waits for every change before it, and every change after it waits
@@ -93,6 +96,9 @@ def touches(change: Change) -> frozenset[Key]:
                           *(_slot(group, index) for group, index, _ in change.group_slots)})
     if isinstance(change, LabelBeforeReboot | LabelAfterReboot | ResetRebootOk | EmitEvent):
         return frozenset({_node(change.node)})
+    if isinstance(change, AcquireSlot) and change.handed_from:  # also the giver's release
+        return frozenset({_node(change.node), _node(change.handed_from),
+                          _slot(change.group, change.slot)})
     if isinstance(change, AcquireSlot | ReleaseSlot | MarkStuck):
         return frozenset({_node(change.node), _slot(change.group, change.slot)})
     if isinstance(change, RecordFailedReboot):
@@ -130,8 +136,21 @@ def schedule(changes: Sequence[Change]) -> tuple[Step, ...]:
 
 
 def one_chain(steps: Sequence[Step]) -> bool:
-    """Whether each step waits for the one before it: no two can run at the same time."""
-    return all(step.after == ((step.index - 1,) if i else ()) for i, step in enumerate(steps))
+    """Whether no two writes can run at the same time: each write waits, directly or
+    through the Events between them, for the write before it. (An ``EmitEvent`` beside a
+    write is only put on the event poster's queue, cluo_coord.event_poster: running it in
+    the plan's order costs nothing.)"""
+    latest: dict[int, int] = {}  # step -> the latest write it follows (a write: itself)
+    previous = -1  # the latest write so far
+    for step in steps:
+        follows = max((latest[before] for before in step.after), default=-1)
+        if isinstance(step.change, EmitEvent):
+            latest[step.index] = follows
+            continue
+        if follows != previous:
+            return False
+        latest[step.index] = previous = step.index
+    return True
 
 
 @dataclass(frozen=True)

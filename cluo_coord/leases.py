@@ -115,7 +115,8 @@ class KubeSlots:
 
     def acquire(self, change: AcquireSlot, workloads: str | None = None) -> SlotLease:
         """A create, or one merge patch at the planned resourceVersion (no read first:
-        the planner saw the Lease free at that version, and its leaseTransitions, which
+        the planner saw the Lease free at that version, or naming the holder it hands the
+        slot over from (``change.handed_from``), and its leaseTransitions, which
         ``change.transitions`` counts on). ``workloads``: the health gate's record of the
         node (JSON), written in the same compare-and-swap (the grant follows at once)."""
         name = lease_name(change.slot, change.group)

@@ -22,7 +22,9 @@ One reboot cycle, CLUO compatible (docs/protocol.md)::
     ResetRebootOk        reboot-ok=false, remove labels + hook annotations  (node CAS)
       ... agent: uncordons the node if it cordoned it, clears agent-made-unschedulable
     ReleaseSlot          once the node is schedulable again (rule 10), after a no-op
-                         ResetRebootOk (rule 4); the next node gets it on the next plan
+                         ResetRebootOk (rule 4); the next node gets it on the next plan,
+                         or in this one: the hand-over, an AcquireSlot for the head of
+                         the queue at the version naming this node (``_handed``)
 
 The rules that keep "never more than ``max_concurrent`` in flight" true whatever the
 cluster looks like (stale caches, restarts, partially applied plans, old coordinators):
@@ -50,9 +52,16 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    the release of a holder whose Node is gone, rule 11), even when the view says there
    is nothing to reset: the node write is then a no-op that still
    checks the node's resource version. A slot is released only if the node really is in
-   the reset state the planner saw. ``reboot-ok=false`` is never written while the node
-   reports ``reboot-in-progress=true`` (the cycle waits for the agent), except for an
-   admin release (rule 7) or pause (rule 12). The release itself waits for rule 10.
+   the reset state the planner saw. A hand-over (``AcquireSlot.handed_from``) is such a
+   release: it takes the place of the ReleaseSlot after the same reset, and is made
+   only for a holder whose cycle is done (it needs no reboot, is not rebooting and not
+   cordoned by cluo: once reset it counts only through its slot, rule 1), only without
+   ``delay_between_reboots``, and by the grant walk under the same rules as any take,
+   the holder's slot offered before any free one: a take that counts the holder out is
+   always that hand-over, which the driver writes after the reset. ``reboot-ok=false``
+   is never written while the node reports ``reboot-in-progress=true`` (the cycle
+   waits for the agent), except for an admin release (rule 7) or pause (rule 12). The
+   release itself waits for rule 10.
 5. Restarts need no memory: the Lease is the source of truth. A slot that names a node
    continues that node's cycle from whatever the node shows (a crash between AcquireSlot
    and GrantRebootOk resumes the same grant); a taken slot is never given to another node.
@@ -431,6 +440,10 @@ class AcquireSlot:
     # A GrantRebootOk with ``after_acquire`` follows in this plan: the health gate's
     # record of the node's workloads goes into this compare-and-swap.
     grant_follows: bool = False
+    # The hand-over: the Lease at ``expected_resource_version`` still names this node,
+    # whose cycle this plan ends (its ResetRebootOk comes first, rule 4); this one
+    # compare-and-swap is its release and the take for ``node`` (``_handed``).
+    handed_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -771,6 +784,7 @@ class _Builder:
         self.failures: list[FailedReboot] = []  # rule 14: recorded by this plan
         self.roll = _Roll({}, set(), {}, {}, set())  # rule 15: set by plan
         self.pause_reason = ""  # rule 14: this plan pauses the roll
+        self.handing: dict[int, _Handing] = {}  # global slots a finished cycle frees
 
     def add(self, *changes: Change) -> None:
         self.changes.extend(changes)
@@ -799,10 +813,12 @@ class _Builder:
     def reset_and_release(
         self, view: NodeView, slots: list[SlotLease], type_: EventType, reason: Reason,
         message: str, *, clear_release_slot: bool = False,
-        drain_backoff: DrainBackoff | None = None,
+        drain_backoff: DrainBackoff | None = None, done: bool = False,
     ) -> None:
         """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release;
-        then the Event that reports it."""
+        then the Event that reports it. ``done``: the holder's cycle ended (it no longer
+        needs a reboot); its one global slot may go straight to the next node
+        (``_handed``)."""
         self.add(
             ResetRebootOk(
                 view.name,
@@ -816,11 +832,42 @@ class _Builder:
             self.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now,
                                  group=lease.group))
         self.event(view.name, type_, reason, message)
+        if done and len(slots) == 1 and not slots[0].group and _free_after_reset(view):
+            self.handing[slots[0].index] = _Handing(
+                view.name, slots[0], self.changes[-2], self.changes[-1])
+
+    def hand_over(self, index: int) -> None:
+        """The hand-over of slot ``index`` was just added: it replaces the holder's
+        ReleaseSlot, and the Event that reported the release now follows it."""
+        handing = self.handing.pop(index)
+        self.changes = [change for change in self.changes
+                        if change is not handing.release and change is not handing.event]
+        self.changes.append(handing.event)
 
     def recheck_after(self) -> timedelta | None:
         if not self.wake_times:
             return None
         return max(min(self.wake_times) - self.now, timedelta(0))
+
+
+@dataclass(frozen=True)
+class _Handing:
+    """A global slot this plan releases at the end of its holder's cycle: the Lease as
+    the view has it, and the ReleaseSlot and Event a hand-over replaces."""
+
+    holder: str
+    lease: SlotLease
+    release: Change
+    event: Change
+
+
+def _free_after_reset(view: NodeView) -> bool:
+    """Once its reset is written, the holder no longer counts in flight but for its slot
+    (rule 1: no grant, no reboot in progress, not cordoned by cluo, rule 10) and queues
+    for no new one (it needs no reboot)."""
+    state = view.state
+    return not (state.reboot_needed or state.reboot_in_progress or state.release_slot
+                or cordoned_by_cluo(view))
 
 
 def _lease_rv(lease: SlotLease) -> str:
@@ -1129,7 +1176,7 @@ def _advance_holder(
                     view, slots, EventType.NORMAL, Reason.REBOOT_FINISHED,
                     f"After-reboot hooks done: {policy.keys.reboot_ok}=false, reboot slot "
                     f"{primary.index} released.",
-                    drain_backoff=_clear_drain_failures(view),
+                    drain_backoff=_clear_drain_failures(view), done=True,
                 )
         else:
             _wait(name, primary, "waiting for the after-reboot hooks", out)
@@ -1191,7 +1238,7 @@ def _advance_holder(
             (f"The node rebooted and is schedulable again; reboot slot {primary.index} "
              "released.") if rebooted else
             f"The node no longer needs a reboot; reboot slot {primary.index} released.",
-            drain_backoff=_clear_drain_failures(view),
+            drain_backoff=_clear_drain_failures(view), done=True,
         )
     elif not state.before_reboot and drain_backoff_until(state, policy, out.now)[0]:
         # Rule 5's abort case, now told apart: the reset recorded a drain failure and the
@@ -1547,8 +1594,9 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
     cap = policy.max_concurrent
     if policy.max_unavailable is not None:
         cap = min(cap, policy.max_unavailable.of(len(views)))
-    room = cap - in_flight
-    rested = _rested(slots, cap, out)
+    handed = _handed(cap, out)  # first: a finished holder's unit goes only to its slot
+    room = cap - in_flight + len(handed)
+    rested = handed + _rested(slots, cap, out)
     taken: dict[str, set[int]] = {}  # group slots this plan takes
     busy: dict[str, set[str]] = {}  # group -> its nodes in flight or holding its slots
 
@@ -1570,9 +1618,14 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
         group = roll.group_of(view, policy)
         if new and (room <= 0 or not rested):
             break
+        # A hand-over: the slot's holder is out of the count once it is taken (its reset
+        # comes first), unless it is unavailable for a reason of its own.
+        giver = out.handing[rested[0].index].holder if new and rested[0].index in out.handing \
+            else ""
+        leaving = {giver} - set(reasons) if giver else set()
         if new and policy.max_unavailable is not None:
             allowed = policy.max_unavailable.of(len(views))
-            after = len(unavailable | {name})
+            after = len((unavailable - leaving) | {name})
             if after > allowed:
                 out.hold(f"max-unavailable: {len(unavailable)} of {len(views)} nodes "
                          f"unavailable ({_describe(unavailable, reasons)}), max-unavailable "
@@ -1606,13 +1659,17 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
             lease = rested.pop(0)
             room -= 1
             unavailable.add(name)
+            unavailable -= leaving
             # No before-reboot hooks and every group slot held: the grant follows the
             # acquisition in this plan, without the before-reboot label (no hook waits
             # for it); its rule 3 check is the acquisition's own compare-and-swap.
             fold = not policy.before_reboot_annotations and not picks
             out.add(AcquireSlot(lease.index, name, lease.resource_version, view.boot_id, now,
                                 view.uid, announced_version=view.state.new_version,
-                                transitions=lease.transitions + 1, grant_follows=fold))
+                                transitions=lease.transitions + 1, grant_follows=fold,
+                                handed_from=giver))
+            if giver:
+                out.hand_over(lease.index)
             if fold:  # the Events follow the grant, off its path
                 _grant_holder(view, lease.index, "", roll.group_held.get(name, []), out,
                               after_acquire=True, taken=True)
@@ -1623,6 +1680,20 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
                 name, EventType.NORMAL, Reason.SLOT_ACQUIRED,
                 f"Reboot slot {lease.index} taken; running before-reboot hooks.",
             )
+
+
+def _handed(cap: int, out: _Builder) -> list[SlotLease]:
+    """The global slots this plan frees at the end of their holders' cycles, each as the
+    Lease the hand-over writes: one compare-and-swap from the holder to the next node, in
+    place of the release and a take in the next plan (which would see the holder reset
+    and out of the count, and the slot free and rested: so only without
+    ``delay_between_reboots``). The walk gives these first, so a take that counts on a
+    finished holder being out is always its hand-over, written after its reset."""
+    if out.policy.delay_between_reboots:
+        return []
+    return [SlotLease(index, resource_version=handing.lease.resource_version,
+                      transitions=handing.lease.transitions)
+            for index, handing in sorted(out.handing.items()) if index < cap]
 
 
 def _rested(slots: Mapping[int, SlotLease], cap: int, out: _Builder) -> list[SlotLease]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -68,6 +69,8 @@ changes = st.one_of(
     st.builds(lambda n: ResetRebootOk(n, "1"), node_names),
     st.builds(lambda s, n, g: AcquireSlot(s, n, "1", "boot", NOW, group=g),
               slot_indices, node_names, groups),
+    st.builds(lambda s, n, giver: AcquireSlot(s, n, "1", "boot", NOW, handed_from=giver),
+              slot_indices, node_names, node_names),
     st.builds(lambda s, n, g: ReleaseSlot(s, n, "1", NOW, group=g),
               slot_indices, node_names, groups),
     st.builds(lambda s, n: MarkStuck(s, n, "1"), slot_indices, node_names),
@@ -126,6 +129,22 @@ def test_a_node_cycle_end_is_one_chain_and_other_nodes_run_beside_it() -> None:
     assert [step.after for step in steps] == [(), (0,), (1,), (), (3,), (4,), (5,)]
     assert not one_chain(steps)
     assert one_chain(steps[:3])
+
+
+def test_a_hand_over_waits_for_the_givers_reset_and_the_grant_waits_for_it() -> None:
+    handover = AcquireSlot(0, "b", "5", "boot", NOW, grant_follows=True, handed_from="a")
+    plan: list[Change] = [
+        ResetRebootOk("a", "1"), handover, _event("a"),
+        GrantRebootOk("b", 0, "2", "", after_acquire=True), _event("b"), _event("b"),
+    ]
+    steps = schedule(plan)
+    assert [step.after for step in steps] == [(), (0,), (1,), (1,), (3,), (4,)]
+    assert one_chain(steps)  # the Events beside the grant are only queued
+
+    # Without the giver's key the take would not wait for the reset (rule 4).
+    taken = schedule([plan[0], replace(handover, handed_from=""), *plan[2:]])
+    assert taken[1].after == ()
+    assert not one_chain(taken)
 
 
 def test_a_failed_reboot_is_recorded_before_the_mark_that_goes_with_it() -> None:

@@ -554,9 +554,11 @@ def test_slot_waits_until_the_agent_has_uncordoned_the_node() -> None:
     assert waiting.recheck_after == timedelta(minutes=55)  # the reboot timeout
 
     uncordoned = node("a", boot="boot-2", marked=True)  # W6 done, W7 (the mark) not yet
-    released = run([uncordoned, node("b", needed=True)], leases, base=HOOKS)
+    released = run([uncordoned], leases, base=HOOKS)
     assert kinds(released) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
     assert reasons(released) == [Reason.REBOOT_FINISHED]
+    handed = run([uncordoned, node("b", needed=True)], leases, base=HOOKS)
+    assert [(c.node, c.handed_from) for c in of(handed, AcquireSlot)] == [("b", "a")]
 
 
 def test_holder_cordoned_by_an_admin_is_released_with_its_reset() -> None:
@@ -595,14 +597,15 @@ def test_reset_sets_reboot_ok_false_and_removes_labels_and_hook_annotations() ->
     }
 
 
-def test_released_slot_is_not_reused_in_the_same_plan() -> None:
-    # The release may fail; the next plan (woken by the Lease watch) hands it on.
+def test_finished_holder_hands_its_slot_to_the_next_node_in_one_write() -> None:
+    # No ReleaseSlot: the take of a's slot for b, at the version naming a, is its release
+    # (tests/unit/test_planner_handover.py).
     result = run(
         [node("a", ok=True, after_label=True, boot="boot-2"), node("b", needed=True)],
         [slot(0, "a")],
     )
-    assert [c.node for c in of(result, ReleaseSlot)] == ["a"]
-    assert acquired(result) == []
+    assert of(result, ReleaseSlot) == []
+    assert [(c.node, c.handed_from) for c in of(result, AcquireSlot)] == [("b", "a")]
 
 
 def test_restart_between_reset_and_release_releases_the_slot() -> None:
