@@ -7,6 +7,13 @@ the terminating ones. A round that finds nothing left to move completes the drai
 restart simply starts the rounds again: evictions of pods already terminating are
 harmless.
 
+The evictions go out longest grace period first (``plan_drain``'s order). While pods
+terminate, the next round comes when the last of them is gone, seen by a watch of the
+node's pods where the pod API offers one (``PodDepartures``; at least every
+``departure_wait``), otherwise by polling every ``poll_interval``; a watch that fails
+(a credential that may list pods but not watch them) falls back to polling for the rest
+of the drain.
+
 A 429 from a PodDisruptionBudget is retried with a per-pod exponential backoff, and
 never sooner than the server's Retry-After (so is a failed eviction's retry). The
 drain itself never gives up: the agent's core owns the timeout and the policy (abort, or
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 
 from cluo.cycle.agent_core import DrainStatus
 from cluo.cycle.drain_plan import BlockReason, DrainOptions, PodBlocker, PodSummary, plan_drain
-from cluo.cycle.eviction import BlockedByBudget, PodApi
+from cluo.cycle.eviction import BlockedByBudget, PodApi, PodDepartures
 from cluo.errors import CluoError
 
 log = logging.getLogger(__name__)
@@ -35,7 +42,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DrainTuning:
     concurrency: int = 8  # evictions in flight at once
-    poll_interval: float = 0.25  # seconds between rounds while pods terminate
+    poll_interval: float = 0.25  # seconds between rounds while pods terminate (no watch)
+    departure_wait: float = 2.0  # longest wait for terminating pods to go, when watching
     budget_retry_base: float = 1.0  # first retry of a 429, doubling per refusal
     budget_retry_max: float = 10.0
     error_retry: float = 2.0  # after a failed list or eviction (API unavailable, ...)
@@ -71,6 +79,8 @@ class Drainer:
         # retry is not due (so the reason keeps naming the budget that refused it)
         self._last_blocker: dict[str, PodBlocker] = {}
         self._evicted = 0
+        self._departing: frozenset[str] = frozenset()  # uids of the pods terminating
+        self._departures = pods if isinstance(pods, PodDepartures) else None
 
     @property
     def status(self) -> DrainStatus:
@@ -103,13 +113,41 @@ class Drainer:
             if done:
                 log.info("drain complete", extra={"NODE": self._node, "EVICTED": self._evicted})
                 return
-            await self._pause(self._next_wait())
+            if self._departing and self._departures is not None:
+                await self._await_departures(self._departures)
+            else:
+                await self._pause(self._next_wait())
 
     async def _pause(self, seconds: float) -> None:
         """Sleep until the next round is due, or until force() asks for one now."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._kick.wait(), seconds)
         self._kick.clear()
+
+    async def _await_departures(self, departures: PodDepartures) -> None:
+        """Until the terminating pods are gone, a retry is due, or force() asks for a round."""
+        now = self._clock()
+        due = min((at - now for at in self._retry_at.values() if at > now),
+                  default=self._tuning.departure_wait)
+        seconds = max(0.0, min(due, self._tuning.departure_wait))
+        watching = asyncio.ensure_future(asyncio.to_thread(
+            departures.await_departures, self._node, self._departing, seconds))
+        kicked = asyncio.ensure_future(self._kick.wait())
+        try:
+            await asyncio.wait((watching, kicked), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            kicked.cancel()
+            # A watch left behind (force() or cancel) ends by itself within `seconds`.
+            watching.add_done_callback(_retrieved)
+        self._kick.clear()
+        if watching.done() and not watching.cancelled():
+            err = watching.exception()
+            if isinstance(err, CluoError):
+                log.info("cannot watch the pods on the node, polling instead",
+                         extra={"NODE": self._node, "ERROR": str(err), "ERROR_KIND": err.kind})
+                self._departures = None
+            elif err is not None:
+                raise err
 
     async def _round(self) -> bool:
         pods = await asyncio.to_thread(self._pods.pods_on_node, self._node)
@@ -145,6 +183,9 @@ class Drainer:
             for pod, result in zip(due, results, strict=True)
             if result is None
         ]
+        self._departing = frozenset(
+            [pod.uid for pod in plan.wait_for]
+            + [pod.uid for pod, result in zip(due, results, strict=True) if result is None])
         self._report(DrainStatus(self._status.started_at, False, self._status.forced_at,
                                  tuple(sorted(set(blockers), key=_blocker_key))))
         return False
@@ -207,6 +248,12 @@ class Drainer:
             return
         self._status = status
         self._on_progress(status)
+
+
+def _retrieved(future: asyncio.Future[bool]) -> None:
+    """Fetch an abandoned watch's outcome, so that its error is not reported as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _blocker_key(blocker: PodBlocker) -> tuple[str, str, str]:

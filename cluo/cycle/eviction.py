@@ -6,24 +6,33 @@ carry the pod's UID as a precondition, so a replacement pod that took the same n
 StatefulSet's) is never hit by a request meant for its predecessor.
 
 The calls are synchronous; the async agent runs them with ``asyncio.to_thread``.
+
+``KubePods`` also lets a drain see its pods go as it happens (``PodDepartures``): a watch
+of the node's pods from the drain's last list, which returns once every pod the drain
+waits for is gone, instead of the drain polling with lists. The drain still completes only
+on a list that finds nothing left; the watch only says when to list.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from cluo.cycle.drain_plan import (
     DEFAULT_GRACE_SECONDS,
+    FINISHED_PHASES,
     MIRROR_POD_ANNOTATION,
     OwnerRef,
     PodSummary,
 )
-from cluo.errors import KubeError, status_details
+from cluo.errors import KubeError, WatchExpired, status_details
 from cluo.kube.client import REQUEST_ERRORS, TRANSPORT_ERRORS, ApiError, KubeClient, kube_error
 from cluo.kube.resources import PODS_PATH, REQUEST_TIMEOUT, Timeout, pod_path
+from cluo.kube.watch import Watch
 
 __all__ = [
     "BlockedByBudget",
@@ -34,6 +43,7 @@ __all__ = [
     "Gone",
     "KubePods",
     "PodApi",
+    "PodDepartures",
     "PodState",
     "Present",
     "pod_summary",
@@ -101,6 +111,17 @@ class PodApi(Protocol):
     def pod_state(self, namespace: str, name: str, uid: str) -> PodState: ...
 
 
+@runtime_checkable
+class PodDepartures(Protocol):
+    """A ``PodApi`` that can also wait for pods to go without polling."""
+
+    def await_departures(self, node: str, uids: frozenset[str], timeout: float) -> bool:
+        """Block until each pod of ``uids`` has gone (or finished) since the last
+        ``pods_on_node(node)``, or a pod was bound to the node since; False after
+        ``timeout`` seconds without that. Raises ``CluoError`` if it cannot watch."""
+        ...
+
+
 def pod_summary(obj: Mapping[str, Any]) -> PodSummary:
     """Summarise a Pod object as the API server sends it (JSON, camelCase keys)."""
     metadata = obj.get("metadata") or {}
@@ -142,12 +163,14 @@ class KubePods:
     ) -> None:
         self._client = client
         self._timeout = request_timeout
+        self._listed_at: dict[str, str] = {}  # node -> resourceVersion of its last list
 
     def pods_on_node(self, node: str) -> list[PodSummary]:
         """Every pod bound to ``node`` (spec.nodeName), in all namespaces."""
         action = f"listing the pods on node {node!r}"
         pods: list[PodSummary] = []
         token: str | None = None
+        version = ""
         try:
             while True:
                 page = self._client.request("GET", PODS_PATH, query={
@@ -156,11 +179,47 @@ class KubePods:
                     "continue": token,
                 }, timeout=self._timeout)
                 pods.extend(pod_summary(item) for item in page.get("items") or [])
-                token = (page.get("metadata") or {}).get("continue") or None
+                metadata = page.get("metadata") or {}
+                version = version or str(metadata.get("resourceVersion") or "")
+                token = metadata.get("continue") or None
                 if token is None:
+                    self._listed_at[node] = version
                     return pods
         except REQUEST_ERRORS as err:
             raise kube_error(action, err) from err
+
+    def await_departures(self, node: str, uids: frozenset[str], timeout: float) -> bool:
+        """``PodDepartures``: a watch of the node's pods (the same field selector as the
+        list, which is all a node's credential may watch) from its last list."""
+        since = self._listed_at.get(node)
+        if not since:
+            return True  # nothing to watch from: list
+        watch = Watch(self._client, PODS_PATH, action=f"watching the pods on node {node!r}",
+                      resource_version=since,
+                      selectors={"fieldSelector": f"spec.nodeName={node}"},
+                      timeout_seconds=max(1, math.ceil(timeout)))
+        # Ends the watch at the timeout even if nothing happens (close() works from any thread).
+        timer = threading.Timer(timeout, watch.close)
+        timer.daemon = True
+        timer.start()
+        waiting = set(uids)
+        try:
+            for event in watch:
+                metadata = event.object.get("metadata") or {}
+                uid = str(metadata.get("uid") or "")
+                phase = (event.object.get("status") or {}).get("phase")
+                if event.type == "ADDED" and uid not in waiting:
+                    return True  # bound to the node after the list: a pod to move
+                if event.type == "DELETED" or phase in FINISHED_PHASES:
+                    waiting.discard(uid)
+                if not waiting:
+                    return True
+            return False
+        except WatchExpired:
+            return True  # the list is older than the watch cache: list again
+        finally:
+            timer.cancel()
+            watch.close()
 
     def evict(self, pod: PodSummary, grace_period_seconds: int | None = None) -> EvictionOutcome:
         """Ask the Eviction API to remove the pod; PodDisruptionBudgets are respected.

@@ -1,7 +1,10 @@
-"""The pod adapter (list, evict, delete, check) against a real kube-apiserver, PDBs and RBAC."""
+"""The pod adapter (list, evict, delete, check, wait for pods to go) against a real
+kube-apiserver, PDBs and RBAC; and the drain waiting on it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -28,7 +31,8 @@ from kubernetes.client import (
 )
 from kubernetes.client.exceptions import ApiException
 
-from cluo.cycle.drain_plan import MIRROR_POD_ANNOTATION, OwnerRef, PodSummary
+from cluo.cycle.drain_plan import MIRROR_POD_ANNOTATION, DrainOptions, OwnerRef, PodSummary
+from cluo.cycle.drainer import Drainer, DrainTuning
 from cluo.cycle.eviction import (
     BlockedByBudget,
     Deleted,
@@ -118,6 +122,22 @@ def running_and_ready(api: kubernetes.client.ApiClient, pod: PodSummary) -> bool
     )
 
 
+def held_pod(api: kubernetes.client.ApiClient, namespace: str, node: EmulatedNode
+             ) -> PodSummary:
+    """A Running pod "held" whose deletion a finalizer holds up until ``release``."""
+    held = create(api, namespace, make_pod("held", node.name,
+                                           finalizers=[HOLD_FINALIZER], grace=0))
+    wait_for(lambda: running_and_ready(api, held), timeout=30, what="pod held Running")
+    return held
+
+
+def release(api: kubernetes.client.ApiClient, pod: PodSummary) -> None:
+    CoreV1Api(api).patch_namespaced_pod(
+        pod.name, pod.namespace, {"metadata": {"finalizers": None}},
+        _content_type="application/merge-patch+json",
+    )
+
+
 def guarded_pair(
     api: kubernetes.client.ApiClient, namespace: str, node: EmulatedNode
 ) -> tuple[PodSummary, PodSummary]:
@@ -187,9 +207,7 @@ def test_pods_on_node_lists_exactly_the_pods_bound_to_it(
 def test_a_terminating_pod_is_listed_as_deleting(
     kube_admin: kubernetes.client.ApiClient, node: EmulatedNode, namespace: str, pods: KubePods
 ) -> None:
-    held = create(kube_admin, namespace, make_pod("held", node.name,
-                                                  finalizers=[HOLD_FINALIZER], grace=0))
-    wait_for(lambda: running_and_ready(kube_admin, held), timeout=30, what="pod held Running")
+    held = held_pod(kube_admin, namespace, node)
     assert pods.delete(held) == Deleted()
     try:
         listed = wait_for(
@@ -199,12 +217,80 @@ def test_a_terminating_pod_is_listed_as_deleting(
         assert [p.ref for p in listed] == [held.ref]
         assert pods.pod_state(namespace, "held", held.uid) == Present(held.uid, deleting=True)
     finally:
-        CoreV1Api(kube_admin).patch_namespaced_pod(
-            "held", namespace, {"metadata": {"finalizers": None}},
-            _content_type="application/merge-patch+json",
-        )
+        release(kube_admin, held)
     wait_for(lambda: pods.pod_state(namespace, "held", held.uid) == Gone(), timeout=30,
              what="the held pod gone once its finalizer is removed")
+
+
+# -- waiting for pods to go ------------------------------------------------------------------
+
+
+def test_awaiting_departures_returns_once_the_pods_waited_for_are_gone(
+    kube_admin: kubernetes.client.ApiClient, node: EmulatedNode, namespace: str, pods: KubePods
+) -> None:
+    web = create(kube_admin, namespace, make_pod("web", node.name))
+    db = create(kube_admin, namespace, make_pod("db", node.name, grace=6))
+    for pod in (web, db):
+        wait_for(lambda pod=pod: running_and_ready(kube_admin, pod), timeout=30,
+                 what=f"pod {pod.ref} Running")
+    assert {p.uid for p in pods.pods_on_node(node.name)} == {web.uid, db.uid}
+    assert pods.evict(web) == Evicted()
+    assert pods.evict(db) == Evicted()
+
+    # Each wait watches from the last list, so a pod gone before the wait began counts.
+    wait_for(lambda: pods.await_departures(node.name, frozenset({web.uid, db.uid}), 2.0),
+             timeout=60, what="both evicted pods seen gone by the watch")
+
+    assert pods.pods_on_node(node.name) == []
+
+
+def test_awaiting_departures_times_out_while_a_pod_stays_and_wakes_for_a_new_pod(
+    kube_admin: kubernetes.client.ApiClient, node: EmulatedNode, namespace: str, pods: KubePods
+) -> None:
+    held = held_pod(kube_admin, namespace, node)
+    try:
+        pods.pods_on_node(node.name)
+        assert pods.delete(held) == Deleted()
+        assert pods.await_departures(node.name, frozenset({held.uid}), 1.0) is False
+
+        pods.pods_on_node(node.name)
+        create(kube_admin, namespace, make_pod("late", node.name))
+        assert pods.await_departures(node.name, frozenset({held.uid}), 30.0) is True
+        assert "late" in {p.name for p in pods.pods_on_node(node.name)}
+    finally:
+        release(kube_admin, held)
+
+
+class CountingPods(KubePods):
+    """KubePods counting its lists."""
+
+    lists = 0
+
+    def pods_on_node(self, node: str) -> list[PodSummary]:
+        self.lists += 1
+        return super().pods_on_node(node)
+
+
+def test_the_drain_lists_again_when_the_watch_sees_the_pods_gone_not_every_poll(
+    kube_admin: kubernetes.client.ApiClient, node: EmulatedNode, namespace: str,
+    kube_client: KubeClient,
+) -> None:
+    web = create(kube_admin, namespace, make_pod("web", node.name))
+    db = create(kube_admin, namespace, make_pod("db", node.name, grace=12))  # 6 s here
+    for pod in (web, db):
+        wait_for(lambda pod=pod: running_and_ready(kube_admin, pod), timeout=30,
+                 what=f"pod {pod.ref} Running")
+    pods = CountingPods(kube_client)
+    tuning = DrainTuning()
+    drainer = Drainer(pods, node.name, DrainOptions(), lambda _status: None,
+                      started_at=time.monotonic(), clock=time.monotonic, tuning=tuning)
+
+    asyncio.run(asyncio.wait_for(drainer.run(), 60))
+
+    assert pods.pods_on_node(node.name) == []
+    # Polling would have listed every poll_interval for the 6 s: 24 times. Watching: the
+    # first list, one after each departure_wait without news, one once both are gone.
+    assert pods.lists - 1 <= 2 + 6 / tuning.departure_wait
 
 
 # -- evicting --------------------------------------------------------------------------------

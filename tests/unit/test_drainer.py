@@ -58,14 +58,15 @@ class DrainRun:
 
 
 def drain(setup: Callable[[FakePods], object], *, until: float = 300.0,
-          force_at: float | None = None, list_failures: int = 0) -> DrainRun:
+          force_at: float | None = None, list_failures: int = 0,
+          pods_type: type[FakePods] = FakePods) -> DrainRun:
     """Run a Drainer on the pods ``setup`` adds until it completes or ``until`` fake
     seconds pass (then it is cancelled, as the agent's AbortDrain does); ``force()`` it at
     ``force_at``; its first ``list_failures`` lists fail."""
     result = DrainRun(Journal(), [], None)
 
     async def main() -> None:
-        pods = FakePods(result.journal)
+        pods = pods_type(result.journal)
         setup(pods)
         pods.list_failures = [KubeError("listing pods", "connection refused",
                                         kind="unavailable")] * list_failures
@@ -99,6 +100,25 @@ def test_evicts_what_must_leave_and_completes_once_those_pods_are_gone() -> None
     assert {(b.name, b.reason) for b in waiting} == {
         ("web-1", BlockReason.TERMINATING), ("web-2", BlockReason.TERMINATING),
         ("leaving", BlockReason.TERMINATING)}
+
+
+class UnwatchablePods(FakePods):
+    """Pods whose watch the API server refuses (a credential that may list pods but not
+    watch them, as cluo-coord's for FleetLock nodes)."""
+
+    def await_departures(self, node: str, uids: frozenset[str], timeout: float) -> bool:
+        self.journal.add("watch", "refused")
+        raise KubeError(f"watching the pods on node {node!r}", "forbidden", kind="forbidden",
+                        status=403)
+
+
+def test_a_drain_that_may_not_watch_the_pods_polls_for_them_instead() -> None:
+    result = drain(workload, pods_type=UnwatchablePods)
+    assert result.journal.times("watch") == [0]  # tried once, then never again
+    assert sorted(c.detail for c in result.journal.of("evict")) == ["web-1", "web-2"]
+    assert result.done_at is not None
+    assert GRACE <= result.done_at <= GRACE + TUNING.poll_interval
+    assert len(result.journal.of("list")) >= GRACE / TUNING.poll_interval
 
 
 def test_a_drain_with_nothing_to_move_completes_at_once() -> None:
