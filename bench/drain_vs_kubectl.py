@@ -156,8 +156,9 @@ def run(context: BenchContext) -> BenchResult:
             "(both tools). "
             "kubectl: `kubectl drain NODE --ignore-daemonsets --delete-emptydir-data "
             f"--timeout={int(DRAIN_TIMEOUT)}s` (admin kubeconfig). cluo: cordon, then "
-            "`cluo.cycle.drainer.Drainer` with the agent's default tuning (8 evictions in "
-            "flight, 429 retried after 1 s doubling to 10 s, 0.25 s polls), admin credentials. "
+            "`cluo.cycle.drainer.Drainer` with the agent's default tuning (longest grace "
+            "period first, 8 evictions in flight, 429 retried after 1 s doubling to 10 s, "
+            "terminating pods awaited with a watch of the node's pods), admin credentials. "
             "Timed from the cordon to all pods gone; tools alternate which goes first; "
             f"{repeats} run(s) each."
         ),
