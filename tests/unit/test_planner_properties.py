@@ -26,8 +26,7 @@ canary group is not done or soaking.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,7 +42,6 @@ from hypothesis.stateful import (
 )
 
 from cluo.protocol import FALSE, TRUE, Keys, NodeProtocolState
-from cluo_coord.apply import schedule
 from cluo_coord.groups import CONTROL_PLANE_LABEL, CONTROL_PLANE_SLOTS, Budget, Groups
 from cluo_coord.planner import (
     AcquireSlot,
@@ -312,37 +310,16 @@ class FakeCluster:
             case _:  # pragma: no cover - every Change is handled above
                 raise AssertionError(f"unknown change {change!r}")
 
-    def apply_plan(self, result: Plan, limit: int | None = None, seed: int | None = None
-                   ) -> int:
-        """Apply in order, stopping at the first conflict or after ``limit`` changes; with
-        ``seed``, in one of the orders cluo_coord.apply's schedule allows (the pooled
-        runner applies different nodes' changes side by side: any interleaving of its
-        writes is such an order)."""
+    def apply_plan(self, result: Plan, limit: int | None = None) -> int:
+        """Apply in order, stopping at the first conflict or after ``limit`` changes."""
         applied = 0
-        changes = result.changes if seed is None else _some_order(result.changes, seed)
-        for change in changes[:limit]:
+        for change in result.changes[:limit]:
             try:
                 self.apply(change)
             except Conflict:
                 break
             applied += 1
         return applied
-
-
-def _some_order(changes: Sequence[Change], seed: int) -> list[Change]:
-    """The changes in an order their schedule allows, picked at random among the ready."""
-    steps = schedule(changes)
-    waiting = {step.index: set(step.after) for step in steps}
-    chosen = random.Random(seed)
-    order: list[Change] = []
-    while waiting:
-        ready = sorted(index for index, after in waiting.items() if not after)
-        index = chosen.choice(ready)
-        del waiting[index]
-        for after in waiting.values():
-            after.discard(index)
-        order.append(changes[index])
-    return order
 
 
 def _merge(target: dict[str, str], patch: dict[str, str | None]) -> bool:
@@ -742,16 +719,14 @@ class PlannerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ the coordinator
 
-    @rule(limit=st.none() | st.integers(min_value=0, max_value=6),
-          seed=st.none() | st.integers(min_value=0, max_value=2**16))
-    def coordinator_reconciles(self, limit: int | None, seed: int | None) -> None:
-        """A fresh plan (after a restart too: the planner has no memory), maybe cut short,
-        maybe applied in another order the schedule allows."""
+    @rule(limit=st.none() | st.integers(min_value=0, max_value=6))
+    def coordinator_reconciles(self, limit: int | None) -> None:
+        """A fresh plan (after a restart too: the planner has no memory), maybe cut short."""
         result = plan(self.cluster.node_views(), self.cluster.lease_views(), self.now, self.policy)
         self.cluster.planned_at = self.now
         self.cluster.on_acquire = self.takes_a_slot_only_within_the_limits
         try:
-            self.cluster.apply_plan(result, limit, seed)
+            self.cluster.apply_plan(result, limit)
         finally:
             self.cluster.on_acquire = None
 
