@@ -15,7 +15,10 @@ node's pods where the pod API offers one (``PodDepartures``; at least every
 of the drain.
 
 A 429 from a PodDisruptionBudget is retried with a per-pod exponential backoff, and
-never sooner than the server's Retry-After (so is a failed eviction's retry). The
+never sooner than the server's Retry-After (so is a failed eviction's retry). Each time
+a refused pod is evicted after all, the budgets are moving (one replacement healthy, one
+more disruption allowed): the pods still refused start their backoff again from its first
+delay, rather than each waiting out a delay that doubled while the others went first. The
 drain itself never gives up: the agent's core owns the timeout and the policy (abort, or
 ``force()``, which deletes the remaining pods ignoring budgets).
 
@@ -75,6 +78,10 @@ class Drainer:
         self._kick = asyncio.Event()  # set by force(): start the next round now
         self._retry_at: dict[str, float] = {}  # pod uid -> earliest next eviction
         self._refusals: dict[str, int] = {}
+        # pod uid -> refusals since a budget last let a refused pod go (sets the delay),
+        # and the Retry-After of its last refusal (no retry before it, whatever happens)
+        self._streak: dict[str, int] = {}
+        self._not_before: dict[str, float] = {}
         # pod uid -> why its last eviction did not go through, reported again while its
         # retry is not due (so the reason keeps naming the budget that refused it)
         self._last_blocker: dict[str, PodBlocker] = {}
@@ -210,10 +217,13 @@ class Drainer:
         if isinstance(outcome, BlockedByBudget):
             refusals = self._refusals.get(pod.uid, 0) + 1
             self._refusals[pod.uid] = refusals
+            streak = self._streak[pod.uid] = self._streak.get(pod.uid, 0) + 1
+            now = self._clock()
+            self._not_before[pod.uid] = now + (outcome.retry_after or 0.0)
             delay = max(min(
-                self._tuning.budget_retry_base * 2 ** (refusals - 1), self._tuning.budget_retry_max
+                self._tuning.budget_retry_base * 2 ** (streak - 1), self._tuning.budget_retry_max
             ), outcome.retry_after or 0.0)
-            self._retry_at[pod.uid] = self._clock() + delay
+            self._retry_at[pod.uid] = now + delay
             if refusals == 1:
                 log.info(
                     "eviction refused by a disruption budget",
@@ -227,7 +237,21 @@ class Drainer:
             "pod deleted ignoring disruption budgets" if self._force else "pod evicted",
             extra={"NODE": self._node, "POD": pod.ref},
         )
+        if self._streak.pop(pod.uid, None) is not None:
+            self._budgets_moved()
         return None
+
+    def _budgets_moved(self) -> None:
+        """A pod a budget had refused was evicted: the budgets are letting pods go one by
+        one (a replacement became healthy). The pods still refused start their backoff
+        again from its first delay, so none waits out a delay doubled while the others
+        went first; a budget that lets nothing go keeps doubling them."""
+        soon = self._clock() + self._tuning.budget_retry_base
+        for uid in self._streak:
+            self._streak[uid] = 0
+            if uid in self._retry_at:
+                self._retry_at[uid] = min(self._retry_at[uid],
+                                          max(soon, self._not_before.get(uid, 0.0)))
 
     def _next_wait(self) -> float:
         """Poll fast while pods terminate; otherwise sleep until the next retry is due."""

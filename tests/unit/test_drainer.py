@@ -209,6 +209,30 @@ def test_a_refused_pod_keeps_its_own_retry_delay_while_others_terminate() -> Non
     assert len(result.journal.of("list")) > 100, "the drain polled the terminating pod"
 
 
+def test_once_a_budget_lets_a_refused_pod_go_the_others_retry_from_the_first_delay() -> None:
+    def budget_moving_slowly(pods: FakePods) -> None:
+        pods.add("db-0", refusals=1)
+        pods.add("db-1", refusals=4)
+
+    result = drain(budget_moving_slowly)
+    assert result.journal.times("evict", "db-0 refused") == [0]
+    assert result.journal.times("evict", "db-0") == [1]
+    # Refused at 0 and 1 (the 1 s retry, in the round db-0 went): its backoff starts again
+    # from 1 s there, instead of doubling on to 2, 4 and 8 s (retries at 3, 7 and 15).
+    assert result.journal.times("evict", "db-1 refused") == [0, 1, 2, 4]
+    assert result.journal.times("evict", "db-1") == [8]
+
+
+def test_a_budget_moving_does_not_bring_a_retry_before_its_retry_after() -> None:
+    def budget_and_a_slow_one(pods: FakePods) -> None:
+        pods.add("db-0", refusals=1)
+        pods.add("db-1", refusals=1, retry_after=5.0)
+
+    result = drain(budget_and_a_slow_one)
+    assert result.journal.times("evict", "db-0") == [1]
+    assert result.journal.times("evict", "db-1") == [5]
+
+
 def test_force_deletes_at_once_even_while_a_budget_retry_is_pending() -> None:
     # Refused at 0, 1, 3: the next retry is due at 7. Forced at 5, the drain does not
     # sleep on until then.
