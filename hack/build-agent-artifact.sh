@@ -84,6 +84,12 @@ started=$(date +%s)
 # of its start-up time, for nothing (docs/agent.md "Footprint").
 # systemd (systemd-python) is left out too: cluo_host/journal.py speaks journald's native
 # protocol itself, and the package would bring libsystemd and its libraries.
+# bz2 and lzma: zipfile, which PyInstaller's inspect runtime hook imports at start, loads
+# them (and libbz2, liblzma) if they are there and does without them if not; the agent
+# never reads such archives: 0.4 MB.
+# --debug noarchive: the modules as .pyc files in _internal/ rather than in the
+# zlib-compressed PYZ archive, which starts 10 to 15 % faster (no decompression; the
+# files are in the squashfs image, itself compressed) and 0.2 MB smaller.
 "$venv/bin/python" -m PyInstaller \
     --noconfirm --log-level WARN --onedir --name cluo-agent \
     --distpath "$work/dist" --workpath "$work/build" --specpath "$work" \
@@ -95,6 +101,9 @@ started=$(date +%s)
     --exclude-module multiprocessing \
     --exclude-module pkgutil \
     --exclude-module systemd \
+    --exclude-module bz2 \
+    --exclude-module lzma \
+    --debug noarchive \
     "$here/cluo-agent-entry.py" >"$work/pyinstaller.log" 2>&1 \
     || { tail -40 "$work/pyinstaller.log" >&2; die "PyInstaller failed (log: $work/pyinstaller.log)"; }
 
