@@ -5,10 +5,10 @@ election on as deployed, --max-concurrent 1) rolls N nodes of the kubelet emulat
 all report ``reboot-needed=true`` (queued by last-checked-time). A fast fake agent per node
 (``FastAgents``, authenticated as the stand-in account of bench/coord_rig.py) reacts to
 one Node watch: on ``reboot-ok=true`` it writes ``reboot-in-progress=true`` and
-``boot-id-before-reboot`` as the real agent does, powers the emulated host off, waits
-``DRAIN_REBOOT`` seconds (the simulated drain + reboot), boots it with a new boot id,
-waits for the Node to show it, and reports ``reboot-needed=false,
-reboot-in-progress=false``.
+``boot-id-before-reboot`` as the real agent does, powers the emulated host off and boots
+it with a new boot id ``DRAIN_REBOOT`` seconds after it began (the simulated drain + reboot,
+the host's going down included), waits for the Node to show it, and reports
+``reboot-needed=false, reboot-in-progress=false``.
 
 Every time is the API server's, from its audit log (the bodies of Node patches and of
 cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resolution:
@@ -99,6 +99,7 @@ FAKE_AGENT_USER_AGENT = "cluo-bench-fake-agent"  # the roll's agents, as the API
 GROUP_LABEL = "bench.cluo.test/group"
 APF_REJECTED = "apiserver_flowcontrol_rejected_requests_total"
 PROFILE_RATE = 50  # py-spy samples per second of the coordinator in a concurrent roll
+EMULATOR_WORKERS = 8  # the kubelet emulator's default, for a roll one node at a time
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,11 @@ def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
         kubeconfig = coord_rig.coordinator_kubeconfig(plane, workdir / "coord.kubeconfig")
         coord_rig.clean_leases(admin)
         stack.callback(coord_rig.clean_leases, admin)
-        emulator = KubeletEmulator(admin, heartbeat_interval=HEARTBEAT).start()
+        # As many emulator workers (its client's connections and KWOK's parallelism) as
+        # hosts reboot at once: real kubelets boot side by side, and a request beyond the
+        # client's pool would open a TLS connection of its own.
+        emulator = KubeletEmulator(admin, heartbeat_interval=HEARTBEAT,
+                                   workers=max(EMULATOR_WORKERS, plan.max_concurrent)).start()
         stack.callback(emulator.stop, delete_nodes=True)
         for g, group in enumerate(groups or [""]):
             emulator.add_nodes(names[g::len(groups) or 1], timeout=120 + count * 0.2,
@@ -400,7 +405,9 @@ def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
             plane.service_account_api_client(coord_rig.NAMESPACE, coord_rig.FAKE_AGENT_ACCOUNT))
         # Named apart from the real agent in the audit log the later benchmarks read.
         agent_api.user_agent = FAKE_AGENT_USER_AGENT
+        # The client's pool is sized when it is made: one connection kept per agent at work.
         agent_api.configuration.connection_pool_maxsize = plan.max_concurrent + 2
+        agent_api.rest_client = kubernetes.client.rest.RESTClientObject(agent_api.configuration)
         agents = FastAgents(agent_api, emulator, selector, plan.drain_reboot)
         stack.callback(agents.stop)
         agents.start()
@@ -526,9 +533,10 @@ class FastAgents:
     """Plays cluo-agent on every node of ``selector``, driven by one Node watch.
 
     On reboot-ok=true (with reboot-needed=true, not in progress): reboot-in-progress=true
-    and boot-id-before-reboot, host off, ``drain_reboot`` seconds, host on with a new boot
-    id, wait for the Node to show it Ready, then reboot-needed=false and
-    reboot-in-progress=false. Writes as the stand-in account of bench/coord_rig.py.
+    and boot-id-before-reboot, host off, host on with a new boot id ``drain_reboot``
+    seconds after its going off began, wait for the Node to show it Ready, then
+    reboot-needed=false and reboot-in-progress=false. Writes as the stand-in account of
+    bench/coord_rig.py.
     """
 
     def __init__(self, api: kubernetes.client.ApiClient, emulator: KubeletEmulator,
@@ -635,8 +643,10 @@ class FastAgents:
             self._annotate(name, {KEYS.reboot_in_progress: "true",
                                   KEYS.boot_id_before_reboot: old_boot})
             host = self._emulator.node(name)
+            # The host going down is part of its drain + reboot, not time on top of it.
+            rebooted_at = time.monotonic() + self._drain_reboot
             host.shutdown()
-            time.sleep(self._drain_reboot)
+            time.sleep(max(0.0, rebooted_at - time.monotonic()))
             new_boot = host.boot()
             with self._changed:
                 shown = self._changed.wait_for(
@@ -651,4 +661,8 @@ class FastAgents:
                 self._busy.discard(name)
 
     def _annotate(self, name: str, values: dict[str, str]) -> None:
-        self._core.patch_node(name, {"metadata": {"annotations": values}})
+        # The answer is read as bytes, not into the client's models (milliseconds a Node,
+        # on the one interpreter all the agents share); the agent has no use for it.
+        response = self._core.patch_node(name, {"metadata": {"annotations": values}},
+                                         _preload_content=False)
+        response.read()  # type: ignore[attr-defined]  # the connection goes back to the pool
