@@ -1,5 +1,5 @@
-"""EventPoster: node Events posted from their own thread, in order, none dropped, and the
-caller never waits for a POST."""
+"""EventPoster: node Events posted from threads of their own, each node's in order, those
+of different nodes side by side, none dropped, and the caller never waits for a POST."""
 
 from __future__ import annotations
 
@@ -13,16 +13,25 @@ TIMEOUT = 10.0
 
 
 class _HeldSink:
-    """Records Events; each post waits until ``release`` is set (a slow API server)."""
+    """Records Events; each post waits until ``release`` is set (a slow API server).
+    ``most_at_once``: the most posts that were in progress at the same time."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.posted: list[tuple[str, str, str, str, str]] = []
+        self._lock = threading.Lock()
+        self._posting = 0
+        self.most_at_once = 0
 
     def emit_event(self, node_name: str, reason: str, message: str, *, type: EventType,
                    component: str) -> None:
+        with self._lock:
+            self._posting += 1
+            self.most_at_once = max(self.most_at_once, self._posting)
         self.release.wait(TIMEOUT)
-        self.posted.append((node_name, reason, message, type, component))
+        with self._lock:
+            self._posting -= 1
+            self.posted.append((node_name, reason, message, type, component))
 
 
 def test_emit_returns_before_the_event_is_posted_and_posts_it_later() -> None:
@@ -50,6 +59,37 @@ def test_events_are_posted_in_the_order_they_were_emitted() -> None:
         poster.emit_event("n1", reason, "m", type="Normal", component="cluo-coord")
     poster.stop()
     assert [posted[1] for posted in sink.posted] == reasons
+
+
+def test_each_nodes_events_keep_their_order_among_other_nodes_events() -> None:
+    sink = _HeldSink()
+    sink.release.set()
+    poster = EventPoster(sink)
+    poster.start()
+    nodes = [f"n{i}" for i in range(20)]
+    for step in range(10):
+        for node in nodes:
+            poster.emit_event(node, f"R{step}", "m", type="Normal", component="cluo-coord")
+    poster.stop()
+    assert len(sink.posted) == len(nodes) * 10
+    for node in nodes:
+        assert [p[1] for p in sink.posted if p[0] == node] == [f"R{s}" for s in range(10)]
+
+
+def test_events_of_different_nodes_are_posted_side_by_side() -> None:
+    sink = _HeldSink()
+    poster = EventPoster(sink, workers=4)
+    poster.start()
+    try:
+        for i in range(20):  # twenty names: more than one of the four threads gets some
+            poster.emit_event(f"n{i}", "RebootApproved", "m", type="Normal",
+                              component="cluo-coord")
+        wait_for(lambda: sink.most_at_once >= 2, TIMEOUT,
+                 "a second Event posted while the first is still in progress")
+    finally:
+        sink.release.set()
+        poster.stop()
+    assert len(sink.posted) == 20
 
 
 def test_a_full_queue_makes_emit_wait_instead_of_dropping_an_event() -> None:
