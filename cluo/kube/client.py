@@ -93,9 +93,11 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 TOKEN_REFRESH_PERIOD = 60.0  # seconds between re-reads of a token file (as client-go)
 IDLE_LIMIT = 45.0  # seconds a kept-alive connection may idle and still be reused
-# Kept-alive connections kept for reuse: as many as the coordinator's apply pool has
-# workers (cluo_coord.apply.WORKERS), so its writes in parallel need no new TLS handshake.
-MAX_IDLE_CONNECTIONS = 8
+# Kept-alive connections kept for reuse: as many as the coordinator has requests in
+# flight at once (its apply pool's 8 workers, cluo_coord.apply.WORKERS, its 4 Event
+# posters, cluo_coord.event_poster.WORKERS, the health gate's read-ahead and the status
+# loop), so its requests in parallel need no new TLS handshake.
+MAX_IDLE_CONNECTIONS = 16
 READ_SIZE = 64 * 1024  # bytes asked for per read of a watch stream
 # Reads (RFC 9110 safe methods): sent again after a connection broke before the answer,
 # or after a Retry-After. Idempotent writes are not: a PUT sent twice with the same
