@@ -8,8 +8,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 
 # Debian packages:
-#  - libsystemd-dev, libdbus-1-dev, libglib2.0-dev, pkg-config: systemd-python
-#    and dbus-python (python-dbusmock's dependency) build from source.
+#  - libdbus-1-dev, libglib2.0-dev, pkg-config: dbus-python (python-dbusmock's
+#    dependency) builds from source.
 #  - dbus-daemon: private system buses for the dbus tests.
 #  - openssl: certificates and keys for the test control plane.
 #  - systemd-container, mmdebstrap: real systemd hosts for the e2e tests.
@@ -26,7 +26,7 @@ root=$(dirname "$here")
 #    (tests/kube/test_blockers.py); testbed/prometheus.py runs the binary itself, in a
 #    directory of its own. Its Debian service is not used.
 packages=(
-    libsystemd-dev libdbus-1-dev libglib2.0-dev pkg-config dbus-daemon
+    libdbus-1-dev libglib2.0-dev pkg-config dbus-daemon
     openssl systemd-container mmdebstrap squashfs-tools ignition
     podman buildah runc docker-registry skopeo prometheus
 )
