@@ -1635,6 +1635,12 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
             _hold_once(out, canary_hold)
             continue
         held = {lease.group for lease in roll.group_held.get(name, [])}
+        if new and CONTROL_PLANE_SLOTS in held and (why := _control_plane_hold(
+                view, roll, unavailable - leaving, reasons)):
+            # Its control-plane slot taken in a plan cut short: the global slot waits
+            # as a fresh take would.
+            _hold_once(out, why)
+            continue
         needed = [g for g in _slot_groups(view, roll, policy) if g not in held]
         picks: list[SlotLease] = []
         for needed_group in needed:
@@ -1724,13 +1730,9 @@ def _group_room(
     policy, roll = out.policy, out.roll
     count, budget = _group_limits(policy, group, lambda: total(group))
     label = "control-plane" if group == CONTROL_PLANE_SLOTS else f"group {group}"
-    if group == CONTROL_PLANE_SLOTS:
-        others = {name for name in unavailable
-                  if name != view.name and name in roll.views
-                  and is_control_plane(roll.views[name].labels)}
-        if others:
-            return (f"control-plane: one control-plane node at a time, and none while "
-                    f"another is unavailable ({_describe(others, reasons)})"), None
+    if group == CONTROL_PLANE_SLOTS and (why := _control_plane_hold(
+            view, roll, unavailable, reasons)):
+        return why, None
     if budget is not None:
         members = {name for name in unavailable if name in roll.views
                    and roll.group_of(roll.views[name], policy) == group}
@@ -1756,6 +1758,18 @@ def _group_room(
             continue
         return "", lease
     return f"max-concurrent: {label} has no free slot of its {limit}", None
+
+
+def _control_plane_hold(view: NodeView, roll: _Roll, unavailable: set[str],
+                        reasons: Mapping[str, str]) -> str:
+    """Rule 15: why a control-plane node takes no slot now ("" when it may)."""
+    others = {name for name in unavailable
+              if name != view.name and name in roll.views
+              and is_control_plane(roll.views[name].labels)}
+    if not others:
+        return ""
+    return (f"control-plane: one control-plane node at a time, and none while "
+            f"another is unavailable ({_describe(others, reasons)})")
 
 
 def _canary_hold(roll: _Roll, out: _Builder) -> str:

@@ -348,6 +348,16 @@ def test_no_control_plane_node_goes_while_another_is_unhealthy() -> None:
                             "while another is unavailable (cp2 NotReady)",)
 
 
+def test_control_plane_node_holding_its_slot_waits_for_the_global_one_too() -> None:
+    # Its control-plane slot taken in a plan cut short; then cp2 went NotReady.
+    nodes = [member("cp1", cp=True, needed=True), member("cp2", cp=True, ready=False)]
+    result = plan(nodes, [group_slot(CONTROL_PLANE_SLOTS, 0, "cp1")], NOW,
+                  Policy(max_concurrent=2))
+    assert acquired(result) == []
+    assert result.holds == ("control-plane: one control-plane node at a time, and none "
+                            "while another is unavailable (cp2 NotReady)",)
+
+
 # --- the canary
 
 
