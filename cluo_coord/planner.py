@@ -145,7 +145,14 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     shows no part of a cycle and that a holder of a global slot would release too from
     the same Node version (no reboot needed, released by an admin, out of the roll:
     ``_gives_back``), again after a reset, so no plan from another view of the Leases can
-    label or grant it from that version. So, as rule 1 says of the global slots, never
+    label or grant it from that version; or by a queued node that the grant walk holds
+    back (any hold: the canary, a budget, the control-plane rule, no room), again after a
+    reset (``_give_back_held_back``): kept while it waits, they could be the very slots
+    the node it waits behind needs (a control-plane node of the canary group, the
+    control-plane slot of one that waits for the canary), and nothing would move. It takes
+    them again with its global slot, in one plan, when its turn comes; a plan from an older
+    view of the Leases may label it meanwhile, but grants it only with every slot checked
+    (rule 3). So, as rule 1 says of the global slots, never
     more than min(m, u) nodes of a group, and one control-plane node, are granted
     (reboot-ok, in progress, cordoned by cluo), whatever the views; a node of the group
     may hold a global slot, and run its before-reboot hooks, while it waits for its group
@@ -1099,7 +1106,8 @@ def _gives_back(view: NodeView, policy: Policy) -> bool:
     of a cycle and, from the same Node version, a holder of a global slot too would
     release (it no longer needs a reboot, an admin released it, it is out of the roll):
     a plan from another view of the Leases can then neither label nor grant it from that
-    version. Otherwise (NotReady, paused, backing off) it keeps them until it queues."""
+    version. Otherwise (NotReady, paused, backing off) it keeps them until it queues, and
+    queued, until the walk takes its global slot or holds it back (``_give_back_held_back``)."""
     state = view.state
     no_cycle = not (state.reboot_ok or state.reboot_in_progress or state.before_reboot
                     or state.after_reboot or cordoned_by_cluo(view))
@@ -1612,6 +1620,7 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
         return busy[group]
 
     canary_hold = _canary_hold(roll, out)
+    went: set[str] = set()  # the nodes that take a global slot in this plan
     for view in queue:
         name = view.name
         new = name not in roll.global_held
@@ -1664,6 +1673,7 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
                 continue
             lease = rested.pop(0)
             room -= 1
+            went.add(name)
             unavailable.add(name)
             unavailable -= leaving
             # No before-reboot hooks and every group slot held: the grant follows the
@@ -1686,6 +1696,26 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
                 name, EventType.NORMAL, Reason.SLOT_ACQUIRED,
                 f"Reboot slot {lease.index} taken; running before-reboot hooks.",
             )
+    _give_back_held_back(queue, went, out)
+
+
+def _give_back_held_back(queue: list[NodeView], went: set[str], out: _Builder) -> None:
+    """Rule 15: a queued node that holds group slots but no global one (a plan cut short
+    between the two) and takes no global slot in this plan gives its group slots back,
+    reset first (``_release_group_slots``). Kept while it waits, they could be the very
+    slots the node it waits behind needs: a control-plane node of the canary group waits
+    for the control-plane slot of one that waits for the canary. Taking nothing while it
+    waits, it takes them again with its global slot, in one plan, when its turn comes."""
+    roll = out.roll
+    held_back = [view for view in queue if view.name in roll.group_held
+                 and view.name not in roll.global_held and view.name not in went]
+    if not held_back:
+        return
+    written = {change.node for change in out.changes if isinstance(
+        change, LabelBeforeReboot | GrantRebootOk | LabelAfterReboot | ResetRebootOk)}
+    for view in held_back:
+        if view.name not in written:  # rule 2: one write per node; the next plan, then
+            _release_group_slots(view, roll.group_held[view.name], out)
 
 
 def _handed(cap: int, out: _Builder) -> list[SlotLease]:

@@ -40,6 +40,15 @@ from cluo_coord.planner import (
 from cluo_coord.status import slot_json
 from tests.unit.coord_fakes import CoordRig
 from tests.unit.test_planner import KEYS, NOW, node, slot
+from tests.unit.test_planner_properties import (
+    AFTER_HOOK,
+    BEFORE_HOOK,
+    START,
+    Agents,
+    FakeCluster,
+    FakeLease,
+    settle,
+)
 
 # --------------------------------------------------------------------------- parsers
 
@@ -395,6 +404,45 @@ def test_a_canary_node_in_flight_holds_the_others() -> None:
                                                                   needed=True)]
     result = plan(nodes, [slot(0, "c1"), group_slot("canary", 0, "c1")], NOW, CANARY)
     assert acquired(result) == []
+
+
+def test_holder_of_only_a_control_plane_slot_held_by_the_canary_gives_it_back() -> None:
+    """node-2 holds the control-plane slot alone (a plan cut short) and waits behind the
+    canary; node-3, of the canary group, needs that very slot: node-2 gives it back (after
+    a reset, as rule 15 says) and takes it again when its turn comes, so the roll ends."""
+    grouping = {"node-0": "b", "node-1": "b", "node-2": "c", "node-3": "a"}
+    labels = {name: {KEYS.group: group} for name, group in grouping.items()}
+    for name in ("node-2", "node-3"):
+        labels[name][CONTROL_PLANE_LABEL] = ""
+    cluster = FakeCluster(list(grouping), None, labels)
+    agents = Agents(cluster)
+    for name in grouping:
+        agents.request_reboot(name, START)
+    holder = cluster.nodes["node-2"]
+    cluster.leases[CONTROL_PLANE_SLOTS, 0] = FakeLease(
+        0, cluster.bump(), "node-2", START, holder.boot_id, holder_uid=holder.uid,
+        group=CONTROL_PLANE_SLOTS)
+    policy = Policy(max_concurrent=3, before_reboot_annotations=(BEFORE_HOOK,),
+                    after_reboot_annotations=(AFTER_HOOK,), reboot_timeout=timedelta(hours=1),
+                    groups=Groups(canary="a"))
+    booted = {name: node.boot_id for name, node in cluster.nodes.items()}
+    first = plan(cluster.node_views(), cluster.lease_views(), START, policy)
+    assert [(c.node, c.group) for c in first.changes if isinstance(c, ReleaseSlot)] == [
+        ("node-2", CONTROL_PLANE_SLOTS)]
+    settle(cluster, agents, policy, START)  # fails when nothing moves
+    assert all(node.boot_id != booted[name] for name, node in cluster.nodes.items())
+
+
+def test_holder_of_only_a_group_slot_waiting_for_room_gives_it_back() -> None:
+    # cp1's role came after it took the global slot; cp2's control-plane slot was taken
+    # in a plan cut short. cp1 waits for that slot, cp2 for cp1's global one.
+    nodes = [member("cp1", cp=True, needed=True, before_label=True, since=NOW),
+             member("cp2", cp=True, needed=True, rv="7")]
+    leases = [slot(0, "cp1"), group_slot(CONTROL_PLANE_SLOTS, 0, "cp2", rv="9")]
+    result = plan(nodes, leases, NOW, Policy(max_concurrent=1))
+    assert acquired(result) == []
+    assert result.changes == (ResetRebootOk("cp2", "7", ()),
+                              ReleaseSlot(0, "cp2", "9", NOW, group=CONTROL_PLANE_SLOTS))
 
 
 def test_label_before_reboot_follows_the_global_slot() -> None:
