@@ -16,9 +16,10 @@ cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resol
 - *handoff* of node A to node B: from the completion of the coordinator's write of
   ``reboot-ok=false`` on A (A is done: the after-reboot phase completed) to the completion
   of its write of ``reboot-ok=true`` on B, the next node granted. In between the
-  coordinator releases A's slot, then takes it for B by a compare-and-swap that carries
-  B's workloads record (the health gate's, read ahead; that write is also rule 3's check
-  of the Lease) and writes the grant; Events go out beside, from their own queue.
+  coordinator hands A's slot to B by one compare-and-swap at the Lease version naming A
+  that carries B's workloads record (the health gate's, read ahead; that write is also
+  rule 3's check of the Lease) and writes the grant; Events go out beside, from their
+  own queue.
   The coordinator's requests inside each handoff are counted from the audit log.
 - for a concurrent roll the coordinator is sampled by py-spy (``PROFILE_RATE`` Hz,
   non-blocking) and the summary goes into the notes.
@@ -231,12 +232,12 @@ def run_handoff(context: BenchContext) -> BenchResult:
             "reboot-ok=false on A (A is done: its after-reboot phase completed) to the "
             "completion of its write of reboot-ok=true on B, the next node granted; both "
             "times are the API server's (audit log stageTimestamp, microseconds). In "
-            "between, one after the other: release A's slot Lease (a merge patch with the "
-            "planned resourceVersion as precondition), then, in the next plan, take it for "
-            "B (one such merge patch, carrying the health gate's record of B's workloads, "
-            "read ahead while A was finishing; that compare-and-swap is also rule 3's "
-            "check that the Lease is as planned) and the grant (a node PATCH); no "
-            "before-reboot label without hooks. The "
+            "between, one after the other, in the plan that resets A: the hand-over of "
+            "A's slot Lease to B (a merge patch with the resourceVersion naming A as "
+            "precondition, carrying the health gate's record of B's workloads, read ahead "
+            "while A was finishing; that compare-and-swap is also rule 3's check that the "
+            "Lease is as planned) and the grant (a node PATCH); no before-reboot label "
+            "without hooks. The "
             "Events go out from a queue of their own beside them. The round trips "
             "counted are the "
             "coordinator's non-watch requests that began after A's reset and ended "
