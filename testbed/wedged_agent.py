@@ -47,7 +47,7 @@ ExecStart=/usr/bin/python3 -m testbed.wedged_agent
 """
 # What cluo-agent imports beyond the standard library (.importlinter: agent-third-party
 # and shared-third-party).
-THIRD_PARTY = ("dbus_fast", "systemd", "yaml")
+THIRD_PARTY = ("dbus_fast", "yaml")
 RESTART_TIMEOUT = 60.0  # Type=notify: `systemctl restart` returns once READY=1 came
 
 _reboot = Logind.reboot
