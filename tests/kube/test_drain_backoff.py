@@ -104,10 +104,11 @@ def budget_keeping_every_pod(admin: kubernetes.client.ApiClient, namespace: str)
 
 
 def slot_grants(coord: CoordProcess) -> list[tuple[str, datetime]]:
-    """Each slot the coordinator took, in order: the node and when (its log line)."""
+    """Each slot the coordinator took, in order: the node and when (its log line; a slot
+    handed over from a finished node is taken too)."""
     grants = []
     for entry in coord.entries():
-        if entry.get("msg") == "reboot slot taken":
+        if entry.get("msg") in ("reboot slot taken", "reboot slot handed over"):
             at = datetime.fromisoformat(entry["time"])
             grants.append((entry["node"], at))
     return grants
