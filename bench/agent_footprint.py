@@ -13,8 +13,9 @@ bench reads, and ``WATCHDOG_USEC`` is the unit's ``WatchdogSec=30s``, so the idl
 pings as it does on a node.
 
 - *start to READY=1*: from just before the exec to the arrival of the ``READY=1``
-  datagram (the agent sends it once update_engine answered and the node is read and
-  labelled); the agent is stopped with SIGTERM between starts.
+  datagram (the agent sends it once its host side is set up and update_engine answered;
+  the node is read and labelled after it); the agent is stopped with SIGTERM between
+  starts.
 - *idle RSS*: ``VmRSS`` of the process (and of any child) ``IDLE_SETTLE`` seconds after
   READY=1.
 - *idle CPU*: utime + stime over a window after that, as a share of one CPU and as CPU

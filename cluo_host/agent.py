@@ -18,16 +18,18 @@ the loop beats with how long the await may take, one watchdog interval for an id
 task of its own and the loop waits for it in those steps, enforcing its timeout; so a
 long drain keeps the watchdog fed, and a loop stuck in an await past its bound does not.
 
-Start-up ends with ``READY=1`` once update_engine answered and the API server answered
-about the node. When its answer is that no Node has this name (the kubelet has not
-registered yet, or registered under another name), that is an answer, not a start-up
-failure: the agent sends ``READY=1`` with a ``STATUS=`` naming the node name, where it
-came from and how to set it, and waits for the Node (its watch ends the wait as soon as
-the Node is added; a read every ``Backoff.maximum`` at most keeps the reason honest).
-Holding ``READY=1`` back would hold up ``multi-user.target`` on every boot where the
-kubelet registers late, and after ``TimeoutStartSec=`` systemd would restart an agent
-that a restart cannot help. Any other failure to read the node (forbidden, API server
-down) is reported as that, and ``READY=1`` waits for it as before.
+Start-up ends with ``READY=1`` once the host side is set up: settings read, the kube
+client configured, the system bus connected, update_engine answered and its signals
+subscribed. Reading and labelling the node come after it: they need the API server, and
+a unit whose start waited for the network would hold up ``multi-user.target`` on every
+boot where the control plane is late, and after ``TimeoutStartSec=`` systemd would
+restart an agent that a restart cannot help. What goes wrong afterwards stays loud: a
+warning in the journal when the kind of failure changes, ``STATUS=`` saying it
+(``starting: cannot read node: …``), and the agent retries until it works. When the
+answer is that no Node has this name (the kubelet has not registered yet, or registered
+under another name), ``STATUS=`` names the node name, where it came from and how to set
+it, and the agent waits for the Node (its watch ends the wait as soon as the Node is
+added; a read every ``Backoff.maximum`` at most keeps the reason honest).
 """
 
 from __future__ import annotations
@@ -168,7 +170,6 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_phase = ""
         self._last_status = ""
-        self._ready_sent = False
         self.decisions = 0  # how many decisions were made (for tests and benchmarks)
 
     # -- life cycle --------------------------------------------------------------------
@@ -181,13 +182,13 @@ class Agent:
             watchdog = asyncio.create_task(watchdog_loop(self._notifier, self._heartbeat))
         self._login_message.take()
         try:
-            if not await self._start(stop):
+            if not await self._connect_engine(stop) or not await self._find_node(stop):
                 return 0
-            self._ready(self._last_status or "started")
-            # The watches are not part of what READY=1 says (module docstring): they start
-            # after it, so their connections do not delay it. Neither misses a change: the
-            # node watch's first event is the node as it is, and the reboot-required file
-            # is read once its inotify watch is in place.
+            self._notifier.status(self._last_status or "started")
+            # The watches start once the node is read and labelled, so their connections do
+            # not compete with it. Neither misses a change: the node watch's first event is
+            # the node as it is, and the reboot-required file is read once its inotify watch
+            # is in place.
             self._start_watch()
             self._watch_reboot_required()
             log.info("agent ready", extra={"NODE": self._name,
@@ -206,9 +207,9 @@ class Agent:
                     await watchdog
             self._login_message.close()
 
-    async def _start(self, stop: asyncio.Event) -> bool:
-        """Connect to update_engine, read the node (waiting for it while no Node has its
-        name), label it: what READY=1 waits for. False if stopped meanwhile."""
+    async def _connect_engine(self, stop: asyncio.Event) -> bool:
+        """Connect to update_engine, retrying until it answers: what READY=1 waits for.
+        False if stopped meanwhile."""
         self._notifier.status("starting: connecting to update_engine")
         failures = 0
         while not stop.is_set():
@@ -223,7 +224,7 @@ class Agent:
                                    "ERROR_KIND": err.kind})
                 self._notifier.status(f"starting: update_engine unreachable: {err}")
                 await self._sleep_or_stop(stop, self._backoff.delay(failures))
-        return not stop.is_set() and await self._find_node(stop)
+        return not stop.is_set()
 
     def _watch_reboot_required(self) -> None:
         """Start the inotify watch of /run/reboot-required; without it (turned off, or
@@ -242,11 +243,12 @@ class Agent:
                                "ERROR_KIND": err.kind})
 
     async def _find_node(self, stop: asyncio.Event) -> bool:
-        """Read the node and label it, retrying until it works. False if stopped first.
+        """READY=1, then read the node and label it, retrying until it works. False if
+        stopped first.
 
         Logs once per change of what is wrong (its error kind), not once per retry.
         """
-        self._notifier.status("starting: reading the node")
+        self._notifier.ready("starting: reading the node")
         failures = 0
         problem: str | None = None  # the error kind last reported
         was_missing = False
@@ -274,7 +276,7 @@ class Agent:
 
     def _report_unreadable_node(self, err: CluoError, *, first: bool) -> None:
         """Log (``first``: this kind of failure is new) and say in STATUS= why the node
-        cannot be read; no such Node is the end of start-up (module doc): READY=1."""
+        cannot be read (module docstring)."""
         extra = {"NODE": self._name, "ERROR": str(err), "ERROR_KIND": err.kind}
         if err.kind != "not_found":
             log.log(logging.WARNING if first else logging.DEBUG,
@@ -285,16 +287,8 @@ class Agent:
         if first:
             log.warning(NO_NODE_MESSAGE, extra={**extra, "NODE_NAME_SOURCE": source})
         origin = "the hostname" if source == NODE_NAME_FROM_HOSTNAME else source
-        self._ready(f"waiting for Node {self._name!r} (name from {origin}): "
+        self._notifier.status(f"waiting for Node {self._name!r} (name from {origin}): "
                     f"no Node of this name; {NODE_NAME_HINT}")
-
-    def _ready(self, status: str) -> None:
-        """READY=1 with ``status`` the first time, ``status`` alone after that."""
-        if self._ready_sent:
-            self._notifier.status(status)
-        else:
-            self._ready_sent = True
-            self._notifier.ready(status)
 
     def _start_watch(self) -> None:
         self._node_watch.start()  # once; later calls do nothing

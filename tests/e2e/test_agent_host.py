@@ -149,7 +149,8 @@ class Cycle:
     # -- the cycle -----------------------------------------------------------------------
 
     def wait_until_agent_ready(self) -> None:
-        """Type=notify: active once the agent sent READY=1 (update_engine and Node read)."""
+        """Type=notify: active once the agent sent READY=1 (update_engine answered), then the
+        node shows update_engine's status."""
         self.wait(lambda: self.agent_property("ActiveState") == "active",
                   "cluo-agent.service to be active (READY=1)")
         self.wait(lambda: self.annotation("status") == "UPDATE_STATUS_IDLE",

@@ -37,6 +37,7 @@ IDLE = UpdateEngineStatus(1_700_000_100, 0.0, "UPDATE_STATUS_IDLE", "0.0.0", 0)
 HOST = HostFacts(boot_id="b-1", os_id="flatcar", os_version="4081.2.0", group="stable")
 CANNOT_READ = "cannot read or label the node, retrying"
 HINT = "set --node-name or CLUO_AGENT_NODE_NAME in /etc/cluo/agent.env"
+READING = "starting: reading the node"  # the STATUS= sent with READY=1
 FAST = Backoff(initial=0.01, maximum=0.05)  # the agent reads the node again quickly
 
 
@@ -220,6 +221,10 @@ class FakeNotifier:
                 return message[1].removeprefix("STATUS=") if len(message) > 1 else ""
         return None
 
+    def waiting_for_node(self) -> str | None:
+        """The first STATUS= saying no Node has the agent's name, None before it."""
+        return next((s for s in self.statuses() if s.startswith("waiting for Node ")), None)
+
     @staticmethod
     def _status(text: str | None) -> list[str]:
         return [] if text is None else [f"STATUS={text}"]
@@ -315,7 +320,8 @@ def test_a_missing_node_is_reported_once_and_the_agent_carries_on_when_it_appear
     caplog.set_level(logging.DEBUG, logger="cluo_host")
     rig = start_agent(["--node-name", NAME])
 
-    status = wait_for(rig.notifier.ready_status, TIMEOUT, "READY=1 while no Node has the name")
+    status = wait_for(rig.notifier.waiting_for_node, TIMEOUT, "STATUS= for the missing Node")
+    assert rig.notifier.ready_status() == READING, "READY=1 came before the node was read"
     assert status == (f"waiting for Node {NAME!r} (name from --node-name): no Node of this "
                       f"name; if the kubelet registered this host under another name, {HINT}")
     wait_for(lambda: rig.nodes.gets >= 5, TIMEOUT, "the agent to read again, and again")
@@ -348,7 +354,7 @@ def test_the_watch_ends_the_wait_for_the_node_without_the_next_read(
 ) -> None:
     # The next read would come an hour later: only the watch can end the wait in time.
     rig = start_agent(["--node-name", NAME], backoff=Backoff(initial=3600, maximum=3600))
-    wait_for(rig.notifier.ready_status, TIMEOUT, "READY=1 while no Node has the name")
+    wait_for(rig.notifier.waiting_for_node, TIMEOUT, "STATUS= for the missing Node")
     rig.nodes.create(NAME)
     wait_for(rig.mirrored_idle, TIMEOUT, "update_engine's status mirrored onto the Node")
     assert rig.nodes.gets == 1
@@ -367,7 +373,7 @@ def test_the_report_says_where_the_name_came_from(
     caplog.set_level(logging.INFO, logger="cluo_host")
     monkeypatch.setattr(socket, "gethostname", lambda: "Worker-1.Example.COM")
     rig = start_agent(argv, env)
-    status = wait_for(rig.notifier.ready_status, TIMEOUT, "READY=1 while no Node has the name")
+    status = wait_for(rig.notifier.waiting_for_node, TIMEOUT, "STATUS= for the missing Node")
     assert status.startswith(f"waiting for Node {NAME!r} (name from {origin}): ")
     [missing] = wait_for(lambda: records(caplog, NO_NODE_MESSAGE), TIMEOUT, "the journal line")
     assert fields_of(missing)["NODE"] == NAME
@@ -385,8 +391,11 @@ def test_a_node_that_may_not_be_read_is_reported_as_such_not_as_missing(
     status = rig.notifier.statuses()[-1]
     assert status.startswith("starting: cannot read node: ")
     assert refusal in status and "HTTP 403" in status
-    assert_stays(lambda: rig.notifier.ready_status() is None, 0.2,
-                 "no READY=1 while the node may not be read")
+    # Start-up does not wait for the API server: READY=1 came first, the failure is loud
+    # in STATUS= and the journal.
+    assert rig.notifier.ready_status() == READING
+    assert_stays(lambda: rig.agent.running() and "started" not in rig.notifier.statuses(), 0.2,
+                 "the agent retrying, not started while the node may not be read")
     assert not records(caplog, NO_NODE_MESSAGE)
     assert not any(NAME in s and "no Node of this name" in s for s in rig.notifier.statuses())
     unreadable = records(caplog, CANNOT_READ)
@@ -397,4 +406,5 @@ def test_a_node_that_may_not_be_read_is_reported_as_such_not_as_missing(
 
     rig.nodes.refusal = None  # the RBAC is fixed
     wait_for(rig.mirrored_idle, TIMEOUT, "update_engine's status mirrored onto the Node")
-    assert rig.notifier.ready_status() == "started"
+    assert rig.notifier.count("READY=1") == 1
+    wait_for(lambda: "started" in rig.notifier.statuses(), TIMEOUT, "STATUS=started")
