@@ -12,9 +12,10 @@ touch the same thing:
   it (rule 14);
 - the same slot Lease (a grant checks its Leases, rule 3), or the leader Lease (the
   brake's records, one after another);
-- a hand-over (an ``AcquireSlot`` with ``handed_from``) touches the node it takes the
-  slot from as well: it is that node's release, so it waits for its ``ResetRebootOk``
-  (rule 4), and the taker's grant waits for it through the slot and the taker;
+- a hand-over (an ``AcquireSlot`` with ``handed_from``, of a global or a group slot)
+  touches the node it takes the slot from as well: it is that node's release, so it
+  waits for its ``ResetRebootOk`` (rule 4), and the taker's grant waits for it through
+  the slot and the taker;
 - an ``EmitEvent`` and the change it reports, the one just before it in the plan (an
   Event is posted only once its change was applied);
 - ``PauseRoll``: it waits for every change before it, and every change after it waits

@@ -58,7 +58,11 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    cordoned by cluo: once reset it counts only through its slot, rule 1), only without
    ``delay_between_reboots``, and by the grant walk under the same rules as any take,
    the holder's slot offered before any free one: a take that counts the holder out is
-   always that hand-over, which the driver writes after the reset. ``reboot-ok=false``
+   always that hand-over, which the driver writes after the reset. A holder of one
+   global slot and at most one slot of each group (rule 15) hands each group slot over
+   the same way, in a compare-and-swap of its own, to a taker that needs a slot of that
+   group (and only then is the holder out of that group's counts), and releases the
+   others; the taker's cycle goes on after all of them. ``reboot-ok=false``
    is never written while the node reports ``reboot-in-progress=true`` (the cycle
    waits for the agent), except for an admin release (rule 7) or pause (rule 12). The
    release itself waits for rule 10.
@@ -152,7 +156,9 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     control-plane slot of one that waits for the canary), and nothing would move. It takes
     them again with its global slot, in one plan, when its turn comes; a plan from an older
     view of the Leases may label it meanwhile, but grants it only with every slot checked
-    (rule 3). So, as rule 1 says of the global slots, never
+    (rule 3). A finished holder's group slot may also go to the next node of its
+    group in the plan that resets it: the hand-over of rule 4, with the global slot. So,
+    as rule 1 says of the global slots, never
     more than min(m, u) nodes of a group, and one control-plane node, are granted
     (reboot-ok, in progress, cordoned by cluo), whatever the views; a node of the group
     may hold a global slot, and run its before-reboot hooks, while it waits for its group
@@ -835,20 +841,28 @@ class _Builder:
                 drain_backoff=drain_backoff,
             )
         )
+        releases: dict[str, tuple[SlotLease, Change]] = {}  # group ("": global) -> its
         for lease in slots:
-            self.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now,
-                                 group=lease.group))
+            release = ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now,
+                                  group=lease.group)
+            self.add(release)
+            releases.setdefault(lease.group, (lease, release))
         self.event(view.name, type_, reason, message)
-        if done and len(slots) == 1 and not slots[0].group and _free_after_reset(view):
-            self.handing[slots[0].index] = _Handing(
-                view.name, slots[0], self.changes[-2], self.changes[-1])
+        # One global slot, at most one of each group: what a fresh take would hold.
+        if (done and len(releases) == len(slots) and "" in releases
+                and _free_after_reset(view)):
+            primary, freed = releases.pop("")
+            self.handing[primary.index] = _Handing(view.name, primary, freed,
+                                                   self.changes[-1], releases)
 
-    def hand_over(self, index: int) -> None:
-        """The hand-over of slot ``index`` was just added: it replaces the holder's
-        ReleaseSlot, and the Event that reported the release now follows it."""
+    def hand_over(self, index: int, groups: Iterable[str] = ()) -> None:
+        """The hand-over of global slot ``index``, and of the holder's slots of
+        ``groups``, was just added: it replaces the holder's ReleaseSlots of those, and
+        the Event that reported the release now follows it."""
         handing = self.handing.pop(index)
-        self.changes = [change for change in self.changes
-                        if change is not handing.release and change is not handing.event]
+        gone = {id(handing.release), id(handing.event),
+                *(id(handing.groups[group][1]) for group in groups)}
+        self.changes = [change for change in self.changes if id(change) not in gone]
         self.changes.append(handing.event)
 
     def recheck_after(self) -> timedelta | None:
@@ -860,12 +874,15 @@ class _Builder:
 @dataclass(frozen=True)
 class _Handing:
     """A global slot this plan releases at the end of its holder's cycle: the Lease as
-    the view has it, and the ReleaseSlot and Event a hand-over replaces."""
+    the view has it, and the ReleaseSlot and Event a hand-over replaces; ``groups``: the
+    holder's group slots (group -> the Lease and its ReleaseSlot), handed over with the
+    global one to a taker that needs a slot of that group, else released."""
 
     holder: str
     lease: SlotLease
     release: Change
     event: Change
+    groups: Mapping[str, tuple[SlotLease, Change]] = field(default_factory=dict)
 
 
 def _free_after_reset(view: NodeView) -> bool:
@@ -1627,10 +1644,14 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
         group = roll.group_of(view, policy)
         if new and (room <= 0 or not rested):
             break
+        held = {lease.group for lease in roll.group_held.get(name, [])}
+        needed = [g for g in _slot_groups(view, roll, policy) if g not in held]
         # A hand-over: the slot's holder is out of the count once it is taken (its reset
-        # comes first), unless it is unavailable for a reason of its own.
-        giver = out.handing[rested[0].index].holder if new and rested[0].index in out.handing \
-            else ""
+        # comes first), unless it is unavailable for a reason of its own; and out of its
+        # group's count too where its slot of the group is handed over with it.
+        at = _pick_handed(rested, needed, out) if new else 0
+        handing = out.handing.get(rested[at].index) if new else None
+        giver = handing.holder if handing else ""
         leaving = {giver} - set(reasons) if giver else set()
         if new and policy.max_unavailable is not None:
             allowed = policy.max_unavailable.of(len(views))
@@ -1643,35 +1664,42 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
         if canary_hold and group != policy.groups.canary:
             _hold_once(out, canary_hold)
             continue
-        held = {lease.group for lease in roll.group_held.get(name, [])}
         if new and CONTROL_PLANE_SLOTS in held and (why := _control_plane_hold(
                 view, roll, unavailable - leaving, reasons)):
             # Its control-plane slot taken in a plan cut short: the global slot waits
             # as a fresh take would.
             _hold_once(out, why)
             continue
-        needed = [g for g in _slot_groups(view, roll, policy) if g not in held]
         picks: list[SlotLease] = []
         for needed_group in needed:
+            offered = handing.groups.get(needed_group) if handing else None
             why, lease = _group_room(view, needed_group, out, total=group_total,
                                      busy=group_busy(needed_group), unavailable=unavailable,
                                      reasons=reasons,
-                                     taken=taken.setdefault(needed_group, set()))
+                                     taken=taken.setdefault(needed_group, set()),
+                                     offered=offered[0] if offered else None,
+                                     leaving=leaving)
             if why:
                 _hold_once(out, why)
                 break
             assert lease is not None
             picks.append(lease)
         else:
+            handed_groups = []
             for lease in picks:
                 taken[lease.group].add(lease.index)
                 busy[lease.group].add(name)
+                # ``_group_room`` returns the giver's slot (it names the giver) only
+                # as its hand-over, which counts the giver out of the group.
+                from_ = giver if lease.holder else ""
+                if from_:
+                    handed_groups.append(lease.group)
                 out.add(AcquireSlot(lease.index, name, lease.resource_version, view.boot_id,
                                     now, view.uid, group=lease.group,
-                                    transitions=lease.transitions + 1))
+                                    transitions=lease.transitions + 1, handed_from=from_))
             if not new:
                 continue
-            lease = rested.pop(0)
+            lease = rested.pop(at)
             room -= 1
             went.add(name)
             unavailable.add(name)
@@ -1685,7 +1713,7 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
                                 transitions=lease.transitions + 1, grant_follows=fold,
                                 handed_from=giver))
             if giver:
-                out.hand_over(lease.index)
+                out.hand_over(lease.index, handed_groups)
             if fold:  # the Events follow the grant, off its path
                 _grant_holder(view, lease.index, "", roll.group_held.get(name, []), out,
                               after_acquire=True, taken=True)
@@ -1732,6 +1760,19 @@ def _handed(cap: int, out: _Builder) -> list[SlotLease]:
             for index, handing in sorted(out.handing.items()) if index < cap]
 
 
+def _pick_handed(rested: list[SlotLease], needed: list[str], out: _Builder) -> int:
+    """Which of the slots on offer (``rested``: the handed ones first) a queued node
+    that needs slots of ``needed`` groups takes: the first one handed over by a holder
+    of a slot of one of those groups (its group slot goes along), else the first."""
+    for at, lease in enumerate(rested):
+        handing = out.handing.get(lease.index)
+        if handing is None:
+            break
+        if any(group in handing.groups for group in needed):
+            return at
+    return 0
+
+
 def _rested(slots: Mapping[int, SlotLease], cap: int, out: _Builder) -> list[SlotLease]:
     """The free global slots below ``cap`` that have rested ``delay_between_reboots``."""
     rested: list[SlotLease] = []
@@ -1755,11 +1796,18 @@ def _hold_once(out: _Builder, reason: str) -> None:
 def _group_room(
     view: NodeView, group: str, out: _Builder, *, total: Callable[[str], int],
     busy: set[str], unavailable: set[str], reasons: Mapping[str, str], taken: set[int],
+    offered: SlotLease | None = None, leaving: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[str, SlotLease | None]:
-    """A free slot of ``group`` for ``view``, or why there is none (rule 15)."""
+    """A free slot of ``group`` for ``view``, or why there is none (rule 15). ``offered``:
+    the slot of ``group`` a finished holder hands over with its global slot; taken
+    first, and only then are ``leaving`` (that holder) out of the group's counts."""
     policy, roll = out.policy, out.roll
     count, budget = _group_limits(policy, group, lambda: total(group))
     label = "control-plane" if group == CONTROL_PLANE_SLOTS else f"group {group}"
+    if offered is not None and offered.index < (count or 0) and offered.index not in taken:
+        busy, unavailable = busy - leaving, unavailable - leaving
+    else:
+        offered = None
     if group == CONTROL_PLANE_SLOTS and (why := _control_plane_hold(
             view, roll, unavailable, reasons)):
         return why, None
@@ -1776,6 +1824,8 @@ def _group_room(
     if len(others) >= limit:
         return (f"max-concurrent: {label} has {len(others)} node(s) in flight, its "
                 f"max-concurrent {limit}"), None
+    if offered is not None:
+        return "", offered
     slots = roll.group_slots.get(group, {})
     for index in range(limit):
         lease = slots.get(index) or SlotLease(index, group=group)

@@ -267,6 +267,8 @@ class FakeCluster:
                     raise Conflict(f"lease {key}")
                 if change.handed_from and lease.holder != change.handed_from:
                     raise AssertionError(f"{change} hands over a slot {lease.holder} holds")
+                if change.handed_from in self.granted():  # global and group slots alike
+                    raise AssertionError(f"{change} hands over before its giver's reset")
                 if self.on_acquire is not None and change.node in self.nodes:
                     self.on_acquire(self.nodes[change.node], change.group, change.handed_from)
                 lease.holder = change.node
