@@ -608,8 +608,8 @@ class Coordinator:
             folded = change.grant_follows and not change.group
             if folded:
                 self._taken.pop(change.slot, None)
-            if change.handed_from:  # the giver's release too: the handoff metric starts
-                self._released_at[change.slot] = self._monotonic()
+            if change.handed_from and not change.group:  # the giver's release too:
+                self._released_at[change.slot] = self._monotonic()  # the handoff starts
             # The grant follows at once: the health gate's record goes into this CAS.
             slot = self._slots.acquire(change, None if not folded or self._gates is None
                                        else self._gates.grant_record(change.node))
@@ -624,7 +624,8 @@ class Coordinator:
                 self._released_at[change.slot] = self._monotonic() - max(age, 0.0)
             if change.handed_from:
                 log.info("reboot slot handed over", extra={
-                    "NODE": change.node, "SLOT": change.slot, "FROM": change.handed_from})
+                    "NODE": change.node, "SLOT": change.slot, "FROM": change.handed_from,
+                    **({"GROUP": change.group} if change.group else {})})
             else:
                 log.info("reboot slot taken", extra={"NODE": change.node, "SLOT": change.slot})
             return True
