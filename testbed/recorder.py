@@ -29,7 +29,7 @@ from kubernetes.client import CoordinationV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
-from cluo.protocol import SLOT_LEASE_LABEL, Keys
+from cluo.protocol import SLOT_LEASE_LABEL, SLOT_LEASE_PREFIX, Keys
 
 KINDS = ("node", "lease")
 # Each watch's timeoutSeconds. A watch stays open as long as it can: a watched set that
@@ -56,9 +56,11 @@ class Moment:
     """One state of the cluster, as the watches saw it."""
 
     at: float  # time.monotonic() when the event arrived
-    in_flight: frozenset[str]  # nodes with reboot-ok or reboot-in-progress, or holding a slot
+    # nodes with reboot-ok or reboot-in-progress, or holding a global slot (planner rule 1:
+    # a node named only by group slots, rule 15, is not in flight)
+    in_flight: frozenset[str]
     granted: frozenset[str]  # nodes with reboot-ok=true
-    holders: frozenset[str]  # slot Lease holders
+    holders: frozenset[str]  # slot Lease holders, group slots' included
     blind: frozenset[str] = frozenset()  # kinds whose view may be stale here (inside a gap)
 
 
@@ -303,8 +305,11 @@ class InFlightRecorder:
             else:
                 holders[name] = state
             holding = frozenset(h for h in holders.values() if h)
+            global_holding = frozenset(h for lease, h in holders.items()
+                                       if h and lease.startswith(SLOT_LEASE_PREFIX))
             blind = frozenset(gap.kind for gap in gaps if gap.covers(version))
-            moments.append(Moment(at, frozenset(n for n, f in flying.items() if f) | holding,
+            moments.append(Moment(at, frozenset(n for n, f in flying.items() if f)
+                                  | global_holding,
                                   frozenset(n for n, g in granted.items() if g), holding,
                                   blind))
         return moments

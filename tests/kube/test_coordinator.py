@@ -282,25 +282,33 @@ def test_crash_between_slot_and_grant_resumes_the_same_node(
     assert recorder.max_in_flight() == 1
 
 
+@pytest.mark.parametrize("flags", [(), ("--group-max-concurrent", "1")],
+                         ids=["global-slot", "with-group-slot"])
 def test_crash_between_a_reset_and_the_hand_over_resumes_with_the_hand_over(
-    rig: Rig, recorder: InFlightRecorder
+    rig: Rig, recorder: InFlightRecorder, flags: tuple[str, ...]
 ) -> None:
     first, second = rig.add_nodes(2)
-    crashing = rig.start(crash_after="ResetRebootOk", name="crashing")
+    crashing = rig.start(*flags, crash_after="ResetRebootOk", name="crashing")
     with rig.agents() as agents:
         wait_for(lambda: crashing.process.poll() is not None, 40,
                  "the crash hook to exit after the first node's reset")
         assert crashing.process.returncode == CRASH_EXIT_CODE, crashing.log_tail()
-        # The state a crash leaves: the first node reset, its slot still naming it.
+        # The state a crash leaves: the first node reset, its slots (the global one, and
+        # with a group limit its group's) still naming it.
         assert rig.annotations(first).get(KEYS.reboot_ok) == "false"
-        assert list(rig.slot_holders().values()) == [first]
-        restarted = rig.start(name="restarted")
+        assert list(rig.slot_holders().values()) == [first] * (2 if flags else 1)
+        restarted = rig.start(*flags, name="restarted")
         wait_for(_all_done(rig, [first, second]), 40, "both nodes to reboot and finish")
     assert not agents.errors
     assert recorder.grant_order() == [first, second]
     assert recorder.max_in_flight() == 1
-    # The slot went from the first node to the second in one write.
-    assert "reboot slot handed over" in restarted.log_tail(200_000)
+    # Each slot went from the first node to the second in one write, none released.
+    entries = restarted.entries()
+    handed = [(e["node"], e["from"], bool(e.get("group"))) for e in entries
+              if e.get("msg") == "reboot slot handed over"]
+    assert handed == [(second, first, True)] * bool(flags) + [(second, first, False)]
+    assert not [e for e in entries if e.get("msg") == "reboot slot released"
+                and e.get("node") == first]
 
 
 @pytest.mark.parametrize("leader_elect", [False, True], ids=["cas-only", "leader-election"])
