@@ -34,6 +34,14 @@ KWOK does not register nodes and knows nothing of hosts going down, so this wrap
   waits until KWOK reports the node Ready; KWOK then runs its pods again. A pod whose
   deletion began while the host was down is removed right after the boot.
 
+With ``node_monitor_grace_period`` (seconds, 0 by default) the wrapper plays the controller
+with its grace period instead: a host down for less than it is left as the kubelet last
+reported it (still Ready, no taints, its pods Ready), as the real controller leaves a host
+that reboots quickly, and one down for longer is marked down as above once the period has
+passed. Booting a host that was never marked down is the kubelet's first status after a
+short reboot: one status write with the new ``bootID`` and a Ready heartbeat, and the label
+back; its pods keep their status (the kubelet restarting their containers is not modelled).
+
 Requests the wrapper makes carry the user agent ``cluo-kubelet-emulator``; KWOK's carry its
 own. A restarted KWOK process waits one lease duration before it takes over a node Lease
 another process renewed, so nodes are served by the process that registered them.
@@ -193,6 +201,7 @@ class _Host:
     boot_id: str
     up: bool = True
     downs: int = 0  # shutdowns so far: a late re-assert of an earlier one is dropped
+    marked_down: bool = False  # the down state was written since the last boot
     machine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     system_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -253,7 +262,9 @@ class KubeletEmulator:
     """KWOK plus the registration and the node lifecycle controller's part, for many nodes.
 
     Use as a context manager, or call start() and stop(). `workers` is KWOK's parallelism
-    (and the wrapper's when it registers many nodes at once).
+    (and the wrapper's when it registers many nodes at once). A host is marked down
+    `node_monitor_grace_period` seconds after it went down (at once with 0, the default),
+    unless it booted in between.
     """
 
     def __init__(
@@ -264,11 +275,13 @@ class KubeletEmulator:
         status_report_interval: float = 300.0,
         grace_period_scale: float = 1.0,
         workers: int = 8,
+        node_monitor_grace_period: float = 0.0,
     ) -> None:
         if heartbeat_interval <= 0 or status_report_interval <= 0:
             raise ValueError("heartbeat and status report intervals must be positive")
-        if grace_period_scale < 0:
-            raise ValueError("grace_period_scale must not be negative")
+        if grace_period_scale < 0 or node_monitor_grace_period < 0:
+            raise ValueError("grace_period_scale and node_monitor_grace_period must not be "
+                             "negative")
         if workers < 1:
             raise ValueError("workers must be at least 1")
         configuration = copy.deepcopy(api_client.configuration)
@@ -284,6 +297,7 @@ class KubeletEmulator:
         self._status_report_interval = status_report_interval
         self._grace_period_scale = grace_period_scale
         self._workers = workers
+        self._node_monitor_grace_period = node_monitor_grace_period
         self._instance = uuid.uuid4().hex[:12]
         self._kubelet_version = ""
 
@@ -566,11 +580,16 @@ class KubeletEmulator:
             self._core.patch_node(host.name, {"metadata": {"labels": {KWOK_LABEL: None}}})
             host.up = False
             host.downs += 1
-            self._write_down_state(host)
+            if not self._node_monitor_grace_period:
+                self._write_down_state(host)
+                host.marked_down = True
             downs = host.downs
         log.info("emulated host shut down", extra={"NODE": host.name})
+        # At once, the down state again once a KWOK write in flight has landed; with a grace
+        # period, the down state once the host has been down that long.
         timer = threading.Timer(
-            REASSERT_DOWN_AFTER, lambda: self._reassert_down(host, downs, timer)
+            self._node_monitor_grace_period or REASSERT_DOWN_AFTER,
+            lambda: self._write_down_state_later(host, downs, timer),
         )
         timer.daemon = True
         with self._lock:
@@ -579,15 +598,18 @@ class KubeletEmulator:
             self._timers.add(timer)
         timer.start()
 
-    def _reassert_down(self, host: _Host, downs: int, timer: threading.Timer) -> None:
-        """Write the down state again: undo what a KWOK write in flight at the shutdown did."""
+    def _write_down_state_later(self, host: _Host, downs: int, timer: threading.Timer) -> None:
+        """Write the down state of a host still down since shutdown number `downs`: again
+        (undoing what a KWOK write in flight at the shutdown did), or for the first time
+        once the node monitor grace period has passed."""
         try:
             with host.lock:
                 if host.up or host.downs != downs or self._stopping:
                     return
                 if self._write_down_state(host):
-                    log.info("down state written again after a late kwok write",
-                             extra={"NODE": host.name})
+                    log.info("down state written", extra={
+                        "NODE": host.name, "AGAIN": host.marked_down})
+                host.marked_down = True
         except Exception as err:
             log.warning("could not re-check a down node", extra={"NODE": host.name,
                                                                  "ERROR": repr(err)})
@@ -609,18 +631,31 @@ class KubeletEmulator:
             self._shut_down(host)
         with host.lock:
             self._check_kwok()
-            self._core.patch_node_status(
-                host.name, {"status": {"nodeInfo": {"bootID": boot_id}}},
-                _content_type=STRATEGIC_MERGE,
-            )
-            self._set_unreachable_taints(host.name, present=False)
+            if host.marked_down:
+                self._core.patch_node_status(
+                    host.name, {"status": {"nodeInfo": {"bootID": boot_id}}},
+                    _content_type=STRATEGIC_MERGE,
+                )
+                self._set_unreachable_taints(host.name, present=False)
+                ready = None
+            else:  # down too briefly to be marked: the kubelet posts its status at once
+                ready = _ready_status(self._core.patch_node_status(
+                    host.name, {"status": {
+                        "nodeInfo": {"bootID": boot_id},
+                        "conditions": [{"type": "Ready", "status": "True",
+                                        "lastHeartbeatTime": _now()}],
+                    }},
+                    _content_type=STRATEGIC_MERGE,
+                ))
             self._core.patch_node(
                 host.name, {"metadata": {"labels": {KWOK_LABEL: self._instance}}}
             )
             host.boot_id = boot_id
             host.up = True
+            host.marked_down = False
         log.info("emulated host booted", extra={"NODE": host.name, "BOOT_ID": boot_id})
-        self._wait_ready([host.name], BOOT_TIMEOUT, f"to report Ready after boot {boot_id}")
+        if ready != "True":
+            self._wait_ready([host.name], BOOT_TIMEOUT, f"to report Ready after boot {boot_id}")
 
     def _mark_conditions_unknown(self, name: str) -> bool:
         node = self._core.read_node_status(name)

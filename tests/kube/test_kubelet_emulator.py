@@ -323,6 +323,60 @@ def test_boot_reports_a_new_boot_id_and_runs_the_pods_again(
     )
 
 
+def test_with_a_grace_period_a_short_reboot_leaves_the_node_as_it_was_and_a_long_one_not(
+    kube_admin: kubernetes.client.ApiClient,
+    core: kubernetes.client.CoreV1Api,
+    leases: kubernetes.client.CoordinationV1Api,
+    namespace: str,
+) -> None:
+    grace = 6.0  # the node lifecycle controller's node-monitor-grace-period, seconds
+    emulator = KubeletEmulator(
+        kube_admin, heartbeat_interval=HEARTBEAT, grace_period_scale=GRACE_SCALE,
+        node_monitor_grace_period=grace,
+    ).start()
+    try:
+        node = emulator.add_node(f"{namespace}-n1")
+        first_boot = node.boot_id
+        bind_pod(core, namespace, "web", node.name)
+        wait_for(lambda: pod_ready(core, namespace, "web"), TIMEOUT, "pod web to be Ready")
+
+        node.shutdown()  # a reboot shorter than the grace period: nobody marks the node
+        assert not node.is_up
+        assert_lease_frozen(leases, node.name)  # the kubelet is silent all the same
+        assert node_condition(core, node.name).status == "True"
+        assert unreachable_taints(core, node.name) == []
+        assert pod_ready(core, namespace, "web")
+        second_boot = node.boot()
+
+        assert second_boot != first_boot
+        assert core.read_node_status(node.name).status.node_info.boot_id == second_boot
+        assert node_condition(core, node.name).status == "True"
+        assert_stays(
+            lambda: node_condition(core, node.name).status == "True"
+            and unreachable_taints(core, node.name) == [] and pod_ready(core, namespace, "web"),
+            grace,
+            "the briefly rebooted node Ready and untainted, its pod Ready, past the grace period",
+        )
+
+        node.shutdown()  # down for longer than the grace period: marked as at once without
+        wait_unknown(core, node.name)
+        assert node_condition(core, node.name).reason == "NodeStatusUnknown"
+        wait_for(
+            lambda: unreachable_taints(core, node.name) == ["NoExecute", "NoSchedule"],
+            TIMEOUT,
+            "the unreachable taints once the grace period has passed",
+        )
+        wait_for(lambda: pod_not_ready(core, namespace, "web"), TIMEOUT, "pod web NotReady")
+        third_boot = node.boot()
+        assert core.read_node_status(node.name).status.node_info.boot_id == third_boot
+        assert node_condition(core, node.name).status == "True"
+        assert unreachable_taints(core, node.name) == []
+        wait_for(lambda: pod_ready(core, namespace, "web"), TIMEOUT, "pod web Ready again")
+    finally:
+        core.delete_collection_namespaced_pod(namespace, grace_period_seconds=0)
+        emulator.stop(delete_nodes=True)
+
+
 def test_pod_readiness_is_what_the_disruption_controller_counts(
     kubelet: KubeletEmulator, core: kubernetes.client.CoreV1Api, namespace: str,
     kube_admin: kubernetes.client.ApiClient,
