@@ -8,7 +8,10 @@ one Node watch: on ``reboot-ok=true`` it writes ``reboot-in-progress=true`` and
 ``boot-id-before-reboot`` as the real agent does, powers the emulated host off and boots
 it with a new boot id ``DRAIN_REBOOT`` seconds after it began (the simulated drain + reboot,
 the host's going down included), waits for the Node to show it, and reports
-``reboot-needed=false, reboot-in-progress=false``.
+``reboot-needed=false, reboot-in-progress=false``. The emulator plays the node lifecycle
+controller with its default node-monitor-grace-period (``NODE_MONITOR_GRACE_PERIOD``): a host
+down for a few seconds is never marked NotReady, tainted or its pods not Ready, as in a
+real cluster; its kubelet goes silent and, booted, posts the new boot id and Ready.
 
 Every time is the API server's, from its audit log (the bodies of Node patches and of
 cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resolution:
@@ -101,6 +104,9 @@ GROUP_LABEL = "bench.cluo.test/group"
 APF_REJECTED = "apiserver_flowcontrol_rejected_requests_total"
 PROFILE_RATE = 50  # py-spy samples per second of the coordinator in a concurrent roll
 EMULATOR_WORKERS = 8  # the kubelet emulator's default, for a roll one node at a time
+# kube-controller-manager's default --node-monitor-grace-period from Kubernetes 1.32 on (40 s
+# before): a host down for less is left as its kubelet last reported it.
+NODE_MONITOR_GRACE_PERIOD = 50.0
 
 
 @dataclass(frozen=True)
@@ -228,7 +234,9 @@ def run_handoff(context: BenchContext) -> BenchResult:
             f"One roll of {outcome.nodes} emulated nodes by the real cluo-coord process "
             "(cluo-coord ServiceAccount, leader election on, --max-concurrent 1), a fast fake "
             f"agent per node driven by a Node watch (simulated drain + reboot {DRAIN_REBOOT} "
-            "s). Handoff of A to B: from the completion of the coordinator's write of "
+            "s; the kubelet emulator leaves a host down for less than node-monitor-grace-"
+            f"period, {NODE_MONITOR_GRACE_PERIOD:g} s, unmarked, as in a real cluster). "
+            "Handoff of A to B: from the completion of the coordinator's write of "
             "reboot-ok=false on A (A is done: its after-reboot phase completed) to the "
             "completion of its write of reboot-ok=true on B, the next node granted; both "
             "times are the API server's (audit log stageTimestamp, microseconds). In "
@@ -327,7 +335,11 @@ def run_overhead(context: BenchContext) -> BenchResult:
             "API server answered 429 during the roll (audit log), and the growth of "
             f"{APF_REJECTED} (API priority and fairness, the API server's /metrics). The "
             "fake agents are one process: one Node watch for all nodes and a thread per "
-            "node being rebooted."
+            "node being rebooted. The kubelet emulator stands in for the node lifecycle "
+            f"controller with node-monitor-grace-period {NODE_MONITOR_GRACE_PERIOD:g} s (the "
+            "default since Kubernetes 1.32): a host down for the few seconds of its "
+            "reboot is not marked NotReady or tainted, as in a real cluster; its kubelet "
+            "goes silent, then posts the new boot id and Ready."
         ),
         notes=tuple(notes),
         seconds=time.monotonic() - started,
@@ -391,7 +403,8 @@ def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
         # hosts reboot at once: real kubelets boot side by side, and a request beyond the
         # client's pool would open a TLS connection of its own.
         emulator = KubeletEmulator(admin, heartbeat_interval=HEARTBEAT,
-                                   workers=max(EMULATOR_WORKERS, plan.max_concurrent)).start()
+                                   workers=max(EMULATOR_WORKERS, plan.max_concurrent),
+                                   node_monitor_grace_period=NODE_MONITOR_GRACE_PERIOD).start()
         stack.callback(emulator.stop, delete_nodes=True)
         for g, group in enumerate(groups or [""]):
             emulator.add_nodes(names[g::len(groups) or 1], timeout=120 + count * 0.2,
