@@ -323,9 +323,9 @@ class Coordinator:
         # slot -> monotonic time of its release; a slot's entry is touched only by the
         # changes of that slot, which cluo_coord.apply runs one at a time
         self._released_at: dict[int, float] = {}
-        # global slot -> the Lease as this plan's AcquireSlot wrote it, for the grant that
+        # (group, slot) -> the Lease as this plan's AcquireSlot wrote it, for the grant that
         # follows it (GrantRebootOk.after_acquire); touched only by that slot's changes
-        self._taken: dict[int, SlotLease] = {}
+        self._taken: dict[tuple[str, int], SlotLease] = {}
         self._malformed: dict[str, frozenset[str]] = {}  # node -> the problems reported
         self._malformed_seen = False  # every node's values were looked at since acting
 
@@ -574,12 +574,14 @@ class Coordinator:
             return False
         if isinstance(change, GrantRebootOk):
             recorded = None
-            if change.after_acquire:  # rule 3: the acquisition's CAS, just before
-                recorded = self._taken.pop(change.slot, None)
-                if recorded is None or recorded.holder != change.node:
-                    raise KubeError(f"granting reboot-ok to node {change.node!r}",
-                                    f"reboot slot {change.slot} was not taken for it in "
-                                    "this plan: not granted", kind="conflict", status=409)
+            if change.after_acquire:  # rule 3: the acquisitions' CAS, just before
+                recorded = self._taken_for(change.node, "", change.slot)
+                # Each group slot taken in this plan too: its CAS was the check.
+                for group, index, version in change.group_slots:
+                    if not version:
+                        self._taken_for(change.node, group, index)
+                change = replace(change, group_slots=tuple(
+                    slot for slot in change.group_slots if slot[2]))
             elif self._gates is not None:  # the health gate's record: a CAS on the slot
                 recorded = self._gates.record_grant(
                     change.node, change.slot, change.expected_lease_resource_version)
@@ -605,17 +607,18 @@ class Coordinator:
                 "NODE": change.node, "CHANGE": type(change).__name__})
             return True
         if isinstance(change, AcquireSlot):
-            folded = change.grant_follows and not change.group
+            folded = change.grant_follows
             if folded:
-                self._taken.pop(change.slot, None)
+                self._taken.pop((change.group, change.slot), None)
             if change.handed_from and not change.group:  # the giver's release too:
                 self._released_at[change.slot] = self._monotonic()  # the handoff starts
             # The grant follows at once: the health gate's record goes into this CAS.
-            slot = self._slots.acquire(change, None if not folded or self._gates is None
-                                       else self._gates.grant_record(change.node))
+            slot = self._slots.acquire(
+                change, None if not folded or change.group or self._gates is None
+                else self._gates.grant_record(change.node))
             self._cache.put_slot(slot)
             if folded:
-                self._taken[change.slot] = slot
+                self._taken[change.group, change.slot] = slot
             if (not change.group and change.slot not in self._released_at
                     and change.slot in released):
                 # Released by an earlier process (or before a restart): count from the
@@ -720,6 +723,16 @@ class Coordinator:
                 f"freeing reboot slot {change.slot} of node {change.node!r}",
                 "the node exists but is not in the coordinator's view (outside "
                 "--node-selector?): the slot is kept", kind="blocked")
+
+    def _taken_for(self, node: str, group: str, index: int) -> SlotLease:
+        """The slot Lease an AcquireSlot of this plan took for ``node``, as it wrote it
+        (GrantRebootOk.after_acquire), or a conflict."""
+        recorded = self._taken.pop((group, index), None)
+        if recorded is None or recorded.holder != node:
+            raise KubeError(f"granting reboot-ok to node {node!r}",
+                            f"reboot slot {lease_name(index, group)!r} was not taken for it "
+                            "in this plan: not granted", kind="conflict", status=409)
+        return recorded
 
     def _check_slot_unchanged(self, change: GrantRebootOk, *,
                               global_slot_written: bool = False) -> None:

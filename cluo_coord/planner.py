@@ -143,7 +143,9 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     slot (rule 2), then a global slot, in the same plan or a later one; the before-reboot
     label follows the global slot. ``GrantRebootOk`` is planned only for a holder the view
     shows holding every slot its group and role need, and carries each one's resource
-    version: the driver checks each of those Leases as rule 3 checks the global one. A
+    version: the driver checks each of those Leases as rule 3 checks the global one
+    (without before-reboot hooks, one taken in the same plan by the acquisition's
+    compare-and-swap, as the global one, ``after_acquire``). A
     group slot is released only with its holder's global slots, after the reset of
     rule 4; or, held alone (a plan cut short between the two acquisitions), by a node that
     shows no part of a cycle and that a holder of a global slot would release too from
@@ -393,7 +395,8 @@ class GrantRebootOk:
     # The grant folded into the acquisition (no before-reboot hooks): ``slot`` was taken
     # by the AcquireSlot right before it in this plan, and the Lease version to expect
     # (``expected_lease_resource_version`` is then empty) is the one that compare-and-swap
-    # returned, which is also rule 3's check of it.
+    # returned, which is also rule 3's check of it; so for each group slot with an empty
+    # version, taken by an AcquireSlot of this plan too.
     after_acquire: bool = False
 
     def patch(self, keys: Keys) -> MetadataPatch:
@@ -451,7 +454,8 @@ class AcquireSlot:
     group: str = ""  # "": the global slot ``slot``; else that group's slot (rule 15)
     transitions: int = 0  # spec.leaseTransitions to write: the view's plus one
     # A GrantRebootOk with ``after_acquire`` follows in this plan: the health gate's
-    # record of the node's workloads goes into this compare-and-swap.
+    # record of the node's workloads goes into this compare-and-swap (a global slot's;
+    # a group slot's returns the version the grant expects of it).
     grant_follows: bool = False
     # The hand-over: the Lease at ``expected_resource_version`` still names this node,
     # whose cycle this plan ends (its ResetRebootOk comes first, rule 4); this one
@@ -1685,6 +1689,10 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
             assert lease is not None
             picks.append(lease)
         else:
+            # No before-reboot hooks: the grant follows the acquisitions in this plan,
+            # without the before-reboot label (no hook waits for it); its rule 3 checks
+            # are the acquisitions' own compare-and-swaps.
+            fold = new and not policy.before_reboot_annotations
             handed_groups = []
             for lease in picks:
                 taken[lease.group].add(lease.index)
@@ -1696,7 +1704,8 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
                     handed_groups.append(lease.group)
                 out.add(AcquireSlot(lease.index, name, lease.resource_version, view.boot_id,
                                     now, view.uid, group=lease.group,
-                                    transitions=lease.transitions + 1, handed_from=from_))
+                                    transitions=lease.transitions + 1, handed_from=from_,
+                                    grant_follows=fold))
             if not new:
                 continue
             lease = rested.pop(at)
@@ -1704,10 +1713,6 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
             went.add(name)
             unavailable.add(name)
             unavailable -= leaving
-            # No before-reboot hooks and every group slot held: the grant follows the
-            # acquisition in this plan, without the before-reboot label (no hook waits
-            # for it); its rule 3 check is the acquisition's own compare-and-swap.
-            fold = not policy.before_reboot_annotations and not picks
             out.add(AcquireSlot(lease.index, name, lease.resource_version, view.boot_id, now,
                                 view.uid, announced_version=view.state.new_version,
                                 transitions=lease.transitions + 1, grant_follows=fold,
@@ -1715,8 +1720,10 @@ def _grant(queue: list[NodeView], slots: Mapping[int, SlotLease], in_flight: int
             if giver:
                 out.hand_over(lease.index, handed_groups)
             if fold:  # the Events follow the grant, off its path
-                _grant_holder(view, lease.index, "", roll.group_held.get(name, []), out,
-                              after_acquire=True, taken=True)
+                _grant_holder(view, lease.index, "", [
+                    *roll.group_held.get(name, []),
+                    *(SlotLease(pick.index, resource_version="", group=pick.group)
+                      for pick in picks)], out, after_acquire=True, taken=True)
                 continue
             out.add(LabelBeforeReboot(name, view.resource_version,
                                       policy.before_reboot_annotations))

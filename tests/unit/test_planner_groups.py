@@ -25,6 +25,7 @@ from cluo_coord.leases import SLOT_GROUP, lease_name, slot_from_object
 from cluo_coord.metrics import CoordMetrics
 from cluo_coord.planner import (
     AcquireSlot,
+    EmitEvent,
     GrantRebootOk,
     LabelBeforeReboot,
     NodeView,
@@ -446,10 +447,31 @@ def test_holder_of_only_a_group_slot_waiting_for_room_gives_it_back() -> None:
 
 
 def test_label_before_reboot_follows_the_global_slot() -> None:
-    result = plan([member("a1", "a", needed=True)], [], NOW, GROUPED)
+    hooks = replace(GROUPED, before_reboot_annotations=("hook",))
+    result = plan([member("a1", "a", needed=True)], [], NOW, hooks)
     kinds = [type(c).__name__ for c in result.changes if isinstance(
-        c, AcquireSlot | LabelBeforeReboot)]
+        c, AcquireSlot | LabelBeforeReboot | GrantRebootOk)]
     assert kinds == ["AcquireSlot", "AcquireSlot", "LabelBeforeReboot"]
+
+
+def test_without_hooks_the_grant_follows_the_group_and_global_slots_in_one_plan() -> None:
+    result = plan([member("a1", "a", needed=True, rv="50")],
+                  [slot(0, rv="3"), group_slot("a", 0, rv="4")], NOW, GROUPED)
+    assert [(type(c).__name__, getattr(c, "group", None)) for c in result.changes
+            if not isinstance(c, EmitEvent)] == [
+        ("AcquireSlot", "a"), ("AcquireSlot", ""), ("GrantRebootOk", None)]
+    assert all(c.grant_follows for c in result.changes if isinstance(c, AcquireSlot))
+    grant = next(c for c in result.changes if isinstance(c, GrantRebootOk))
+    assert grant == GrantRebootOk("a1", 0, "50", "", (), group_slots=(("a", 0, ""),),
+                                  after_acquire=True)
+
+
+def test_a_group_slot_held_before_is_checked_at_its_version_in_a_folded_grant() -> None:
+    # a1's group slot was taken in a plan cut short: the grant expects its version.
+    result = plan([member("a1", "a", needed=True)], [group_slot("a", 0, "a1", rv="9")],
+                  NOW, GROUPED)
+    grant = next(c for c in result.changes if isinstance(c, GrantRebootOk))
+    assert grant.after_acquire and grant.group_slots == (("a", 0, "9"),)
 
 
 # --- the driver: rule 3 for the group slots
@@ -498,3 +520,45 @@ def test_group_gauges_follow_the_plan_and_a_group_gone_reads_zero() -> None:
     assert "cluo_nodes_unavailable 1.0" in text
     metrics.observe_groups((), 0)
     assert 'cluo_group_nodes_queued{group="a"} 0.0' in metrics.exposition().decode()
+
+
+def test_a_folded_grant_checks_its_group_slots_by_the_acquisitions_compare_and_swaps() -> None:
+    """Without hooks: the group and global slots taken, then the grant, in one plan; the
+    group slot taken in this plan is not read again (its CAS was the check), one held
+    before is; a grant for which this plan took no such slot is refused."""
+    done: list[tuple[str, ...]] = []
+    leases = {lease_name(1, "b"): lease_object(1, "b", "a1", "8")}
+
+    class Slots:
+        def acquire(self, change: AcquireSlot, workloads: str | None = None) -> SlotLease:
+            done.append(("acquire", change.group, str(change.slot)))
+            return SlotLease(change.slot, change.node, f"v{len(done)}", group=change.group)
+
+    class Writer:
+        def read_lease(self, name: str) -> dict[str, Any] | None:
+            done.append(("read", name))
+            return leases.get(name)
+
+        def patch_node(self, name: str, patch: object, version: str) -> dict[str, Any]:
+            done.append(("grant", name, version))
+            return {}
+
+    class Cache:
+        def put_slot(self, slot: object) -> None: ...
+        def put_node(self, obj: object) -> None: ...
+
+    rig = CoordRig()
+    coordinator = rig.coordinator
+    coordinator._slots, coordinator._writer = Slots(), Writer()  # type: ignore[assignment]
+    coordinator._cache = Cache()  # type: ignore[assignment]
+    grant = GrantRebootOk("a1", 0, "50", "", group_slots=(("a", 0, ""), ("b", 1, "8")),
+                          after_acquire=True)
+    for change in (AcquireSlot(0, "a1", "4", "boot", NOW, group="a", grant_follows=True),
+                   AcquireSlot(0, "a1", "3", "boot", NOW, grant_follows=True), grant):
+        coordinator._apply(change, {})
+    assert done == [("acquire", "a", "0"), ("acquire", "", "0"),
+                    ("read", lease_name(1, "b")), ("grant", "a1", "50")]
+    coordinator._apply(AcquireSlot(0, "a1", "3", "boot", NOW, grant_follows=True), {})
+    with pytest.raises(KubeError) as refused:  # no group slot a taken for it this plan
+        coordinator._apply(grant, {})
+    assert refused.value.kind == "conflict" and lease_name(0, "a") in str(refused.value)

@@ -183,9 +183,11 @@ def test_a_taker_of_its_group_gets_both_slots_after_the_holders_reset() -> None:
     group_take, global_take = of(result, AcquireSlot)
     assert reset.node == "a"
     assert waits_for(result, group_take, reset) and waits_for(result, global_take, reset)
-    label = of(result, LabelBeforeReboot)[0]  # b's cycle goes on after both
-    assert label.node == "b" and waits_for(result, label, global_take)
-    assert waits_for(result, label, group_take)
+    grant = of(result, GrantRebootOk)[0]  # no hooks: b's grant follows both
+    assert grant.node == "b" and grant.after_acquire
+    assert grant.group_slots == (("g", 0, ""),)  # the group take's CAS is its check
+    assert group_take.grant_follows and global_take.grant_follows
+    assert waits_for(result, grant, global_take) and waits_for(result, grant, group_take)
     finished = [e for e in of(result, EmitEvent) if e.node == "a"]
     assert [e.reason.value for e in finished] == ["RebootFinished"]
     assert result.changes.index(finished[0]) > result.changes.index(global_take)

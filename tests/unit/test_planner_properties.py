@@ -131,6 +131,9 @@ class FakeCluster:
         # view and the slot's group); None for plans from old views.
         self.on_acquire: Callable[[FakeNode, str, str], None] | None = None
         self.events: list[EmitEvent] = []
+        # (group, index) -> the version an AcquireSlot with grant_follows wrote, for the
+        # grant that follows it in the plan (GrantRebootOk.after_acquire), as the driver
+        self.taken: dict[LeaseKey, int] = {}
         # Sees each node a grant is about to be written to (its state before the grant),
         # and the time of the plan being applied.
         self.on_grant: Callable[[FakeNode], None] = lambda node: None
@@ -278,6 +281,8 @@ class FakeCluster:
                 lease.released_at = None
                 lease.stuck = False
                 lease.resource_version = self.bump()
+                if change.grant_follows:
+                    self.taken[key] = lease.resource_version
             case ReleaseSlot(slot=index) | MarkStuck(slot=index):
                 lease = self.leases.get((change.group, index))
                 if lease is None or str(lease.resource_version) != change.expected_resource_version:
@@ -300,10 +305,13 @@ class FakeCluster:
                 if node is None or str(node.resource_version) != change.expected_resource_version:
                     raise Conflict(f"node {change.node}")
                 if isinstance(change, GrantRebootOk):
-                    for group, index, expected in (
+                    for group, index, planned in (
                             ("", change.slot, change.expected_lease_resource_version),
                             *change.group_slots):
                         lease = self.leases.get((group, index))
+                        expected = planned  # or, empty: as taken in this plan
+                        if change.after_acquire and not planned:
+                            expected = str(self.taken.pop((group, index), "none"))
                         if lease is None or str(lease.resource_version) != expected:
                             raise Conflict(f"lease {(group, index)} (grant precondition)")
                     self.on_grant(node)
