@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -61,11 +62,16 @@ def running_audited_plane() -> Iterator[AuditedControlPlane]:
     workdir = Path(tempfile.mkdtemp(prefix="cluo-bench-cp-", dir=base))
     policy = workdir / "audit-policy.yaml"
     policy.write_text(AUDIT_POLICY)
-    plane = AuditedControlPlane.start(workdir, extra_apiserver_args=(
-        "--audit-policy-file", str(policy), "--audit-log-path", str(workdir / "audit.log"),
-        # Never rotated (0 means lumberjack's 100 MB, which a roll of 1,000 nodes passes):
-        # the benchmarks read the one file.
-        "--audit-log-maxsize", str(AUDIT_LOG_MAX_MB)))
+    try:
+        plane = AuditedControlPlane.start(workdir, extra_apiserver_args=(
+            "--audit-policy-file", str(policy), "--audit-log-path", str(workdir / "audit.log"),
+            # Never rotated (0 means lumberjack's 100 MB, which a roll of 1,000 nodes
+            # passes): the benchmarks read the one file.
+            "--audit-log-maxsize", str(AUDIT_LOG_MAX_MB)))
+    except BaseException:
+        # start() stops what it started, but the folder is ours (in /dev/shm: memory).
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     assert isinstance(plane, AuditedControlPlane)  # start() is a classmethod: cls(...)
     try:
         yield plane
