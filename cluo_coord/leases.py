@@ -99,6 +99,9 @@ class KubeSlots:
     def __init__(self, api: KubeClient, namespace: str) -> None:
         self._api = api
         self._namespace = namespace
+        # Lease name -> (the resourceVersion of this process's last write of it, the health
+        # gate's record on that version): a Lease at a version is what was written then.
+        self._written: dict[str, tuple[str, str | None]] = {}
 
     @property
     def namespace(self) -> str:
@@ -171,9 +174,16 @@ class KubeSlots:
             "resourceVersion": expected_resource_version,
             "annotations": {WORKLOADS: record}}})
 
-    def workloads(self, index: int) -> str | None:
-        """The health gate's baseline on slot ``index``, read uncached (None: none)."""
-        lease = self.read(slot_lease_name(index)) or {}
+    def workloads(self, index: int, resource_version: str | None = None) -> str | None:
+        """The health gate's baseline on slot ``index`` (None: none): as this process
+        wrote it if its last write of the Lease made ``resource_version`` (the version
+        the caller sees), else read uncached."""
+        name = slot_lease_name(index)
+        written = self._written.get(name)
+        if resource_version is not None and written is not None \
+                and written[0] == resource_version:
+            return written[1]
+        lease = self.read(name) or {}
         return ((lease.get("metadata") or {}).get("annotations") or {}).get(WORKLOADS)
 
     def mark_stuck(self, change: MarkStuck) -> SlotLease:
@@ -273,6 +283,10 @@ class KubeSlots:
             raise
         slot = slot_from_object(written)
         assert slot is not None
+        metadata = written.get("metadata") or {}
+        self._written[str(metadata.get("name") or "")] = (
+            str(metadata.get("resourceVersion") or ""),
+            (metadata.get("annotations") or {}).get(WORKLOADS))
         log.info("reboot slot written", extra={"SLOT": slot.index, "HOLDER": slot.holder or "",
                                                "ACTION": action})
         return slot

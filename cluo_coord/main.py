@@ -177,13 +177,14 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
                             settings.health.blocker_interval.total_seconds(), on_change=on_change)
     events = EventPoster(KubeNodes(api, keys))  # node Events off the grant's path
     runner = Pooled()  # different nodes' changes side by side (cluo_coord.apply)
+    slots = KubeSlots(api, settings.namespace)  # one: the gate knows the records it writes
     coordinator = Coordinator(
         cache, writer=ClusterWriter(api, settings.namespace, keys),
-        slots=KubeSlots(api, settings.namespace), nodes=events,
+        slots=slots, nodes=events,
         policy=settings.policy, metrics=metrics, leadership=leadership,
         roll=KubeRollState(api, settings.namespace, written=cache.put_lease), status=status,
         notifier=webhooks,
-        gates=health_gates(api, settings), blockers=blockers if blockers.active else None,
+        gates=health_gates(api, settings, slots), blockers=blockers if blockers.active else None,
         runner=runner,
     )
     coordinator_box.append(coordinator)
@@ -231,12 +232,13 @@ def run(settings: CoordSettings, api: KubeClient, stop: threading.Event) -> None
         log.info("coordinator stopped")
 
 
-def health_gates(api: KubeClient, settings: CoordSettings) -> WorkloadGates | None:
-    """The health gate's adapter (None: --health-gate=false)."""
+def health_gates(api: KubeClient, settings: CoordSettings,
+                 slots: KubeSlots) -> WorkloadGates | None:
+    """The health gate's adapter (None: --health-gate=false), on the coordinator's
+    ``slots``."""
     if not settings.health.gate:
         return None
-    return WorkloadGates(KubeWorkloads(api, settings.health.pdbs),
-                         KubeSlots(api, settings.namespace))
+    return WorkloadGates(KubeWorkloads(api, settings.health.pdbs), slots)
 
 
 def blockers_of(api: KubeClient, config: HealthConfig) -> list[Blocker]:

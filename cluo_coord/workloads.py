@@ -6,7 +6,9 @@ and budgets when its cycle is finished (``verdict``). The decisions are
 cluo_coord.health's. ``WorkloadGates`` decides *when* to look: only for slot holders back
 from their reboot (the only ones a finished cycle can release), at most once every
 ``recheck`` seconds per holder, so a big cluster's reconciles cost nothing extra. A gate
-that cannot be evaluated (an API error, an unreadable record) is closed, and says why.
+that cannot be evaluated (an API error, an unreadable record) is closed, and says why. The
+record comes from the slot Lease: as this process wrote it when the plan sees the Lease at
+the version that write made (no read on the plan's path), else read uncached.
 
 Off the grant's path: while a holder is back from its reboot (its slot is about to be
 released), the record of the node queued next is read ahead on a thread of its own
@@ -200,7 +202,8 @@ class WorkloadGates:
             seen.add(key)
             checked = self._verdicts.get(key)
             if checked is None or now - checked[0] >= self._recheck:
-                checked = (now, self._evaluate(view.name, slot.index))
+                checked = (now, self._evaluate(view.name, slot.index,
+                                               None if slot.group else slot.resource_version))
                 self._verdicts[key] = checked
             if checked[1] is not None:
                 closed[view.name] = "; ".join(filter(None, (closed.get(view.name),
@@ -209,9 +212,12 @@ class WorkloadGates:
             del self._verdicts[key]
         return closed
 
-    def _evaluate(self, node: str, slot: int) -> str | None:
+    def _evaluate(self, node: str, slot: int, resource_version: str | None) -> str | None:
         try:
-            text = self._slots.workloads(slot)
+            # The record as this process wrote it at the Lease version the plan sees, when
+            # it did: no read on the plan's path (the release is a compare-and-swap at that
+            # version anyway); else read uncached.
+            text = self._slots.workloads(slot, resource_version)
             if text is None:
                 return None  # granted with the gate off, or by an older coordinator
             record = WorkloadRecord.from_json(text)

@@ -10,7 +10,7 @@ import pytest
 
 from cluo.errors import KubeError
 from cluo.kube.client import KubeClient
-from cluo_coord.leases import KubeSlots
+from cluo_coord.leases import WORKLOADS, KubeSlots
 from cluo_coord.planner import AcquireSlot, MarkStuck, ReleaseSlot
 from testbed.controlplane import ControlPlane
 
@@ -105,3 +105,31 @@ def test_a_retake_is_one_patch_carrying_the_record_and_counting_the_holders(
     assert slots.workloads(9) == record
     admin = KubeSlots(kube_client, "cluo-system")
     admin.delete(9)
+
+
+def test_the_record_at_the_version_of_its_own_write_is_known_without_a_read(
+    coord_api: Callable[[], KubeClient],
+    kube_client: KubeClient,
+) -> None:
+    slots = KubeSlots(coord_api(), "cluo-system")
+    admin = KubeSlots(kube_client, "cluo-system")
+    record = '{"controllers":[],"node":"node-a","pdbs":{}}'
+    taken = slots.acquire(AcquireSlot(10, "node-a", None, "boot-a", T0, grant_follows=True),
+                          record)
+    assert taken.resource_version is not None
+    assert slots.workloads(10, taken.resource_version) == record
+    # An admin removes the record (docs/coordinator.md: to open a gate): a new version.
+    kube_client.call("removing the record", "PATCH",
+                     "/apis/coordination.k8s.io/v1/namespaces/cluo-system/leases/"
+                     "cluo-reboot-slot-10",
+                     body={"metadata": {"annotations": {WORKLOADS: None}}},
+                     content_type="application/merge-patch+json")
+    moved = admin.read("cluo-reboot-slot-10")
+    assert moved is not None
+    version = moved["metadata"]["resourceVersion"]
+    assert version != taken.resource_version
+    assert slots.workloads(10, version) is None, "a version it did not write is read"
+    assert slots.workloads(10) is None
+    # The version of its own write still answers from that write: no read was made.
+    assert slots.workloads(10, taken.resource_version) == record
+    admin.delete(10)

@@ -7,6 +7,7 @@ follows the next acquisition uses that reading only while it is fresh.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import cast
 
@@ -42,7 +43,11 @@ class FakeWorkloads:
 
 
 class NoRecords:
-    def workloads(self, index: int) -> str | None:
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, str | None]] = []
+
+    def workloads(self, index: int, resource_version: str | None = None) -> str | None:
+        self.asked.append((index, resource_version))
         return None  # every finished holder's gate is open
 
 
@@ -166,3 +171,14 @@ def test_the_record_is_read_from_the_api_servers_cache_not_as_a_consistent_read(
     pods, budgets = (query for _, query in api.calls)
     assert pods == {"fieldSelector": "spec.nodeName=n1", "resourceVersion": "0"}
     assert budgets == {"labelSelector": "app=web", "resourceVersion": "0"}
+
+
+def test_a_finished_holders_record_is_asked_for_at_the_slot_version_the_plan_sees() -> None:
+    records = NoRecords()
+    gate = WorkloadGates(cast(KubeWorkloads, FakeWorkloads()), cast(KubeSlots, records),
+                         monotonic=Clock())
+    gate.closed([node("a"), node("b")],
+                [slot(3, "a", rv="41"), dataclasses.replace(slot(0, "b", rv="42"), group="g")])
+    # The global slot's version lets KubeSlots answer from its own write; a group slot's
+    # never names the global Lease's, so that one is read.
+    assert records.asked == [(3, "41"), (0, None)]
