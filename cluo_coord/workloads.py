@@ -193,17 +193,17 @@ class WorkloadGates:
         seen = set()
         self._finishing = 0
         for slot in slots:
+            if slot.group:
+                continue  # the record is on the holder's global slot Lease, checked there
             view = views.get(slot.holder or "")
             if view is None or not _back(view):
                 continue
-            if not slot.group:
-                self._finishing += 1
+            self._finishing += 1
             key = (view.name, slot.index, slot.acquired_at)
             seen.add(key)
             checked = self._verdicts.get(key)
             if checked is None or now - checked[0] >= self._recheck:
-                checked = (now, self._evaluate(view.name, slot.index,
-                                               None if slot.group else slot.resource_version))
+                checked = (now, self._evaluate(view.name, slot.index, slot.resource_version))
                 self._verdicts[key] = checked
             if checked[1] is not None:
                 closed[view.name] = "; ".join(filter(None, (closed.get(view.name),

@@ -179,6 +179,7 @@ def test_a_finished_holders_record_is_asked_for_at_the_slot_version_the_plan_see
                          monotonic=Clock())
     gate.closed([node("a"), node("b")],
                 [slot(3, "a", rv="41"), dataclasses.replace(slot(0, "b", rv="42"), group="g")])
-    # The global slot's version lets KubeSlots answer from its own write; a group slot's
-    # never names the global Lease's, so that one is read.
-    assert records.asked == [(3, "41"), (0, None)]
+    # The global slot's version lets KubeSlots answer from its own write. A group slot
+    # carries no record (the grant writes it on the global slot Lease): nothing is read
+    # for it, least of all the global Lease that has the group slot's number.
+    assert records.asked == [(3, "41")]
