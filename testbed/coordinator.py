@@ -6,7 +6,9 @@ and its metrics on a free loopback port, and returns once /readyz answers 200 (i
 are synced). The environment it inherits has no ``CLUO_COORD_*`` variable but the ones the
 caller passes. With ``crash_after`` it runs cluo-coord through the test bed's crash wrapper
 (testbed/crashing_coord.py), which exits right after the first change of that type
-is applied. `stop` sends SIGTERM, then kills.
+is applied. Either way it runs this tree's code (``PYTHONPATH`` starts with the tree this
+module is in), so a copy of the tree with a shared venv measures the copy. `stop` sends
+SIGTERM, then kills.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from testbed.controlplane import free_port
 from testbed.waiting import wait_for
 
 COORD = Path(sys.executable).parent / "cluo-coord"
-ROOT = Path(__file__).resolve().parents[1]  # where the crash wrapper is importable from
+ROOT = Path(__file__).resolve().parents[1]  # the tree whose cluo_coord (and crash wrapper) runs
 CRASH_EXIT_CODE = crashing_coord.CRASH_EXIT_CODE
 NAMESPACE = "cluo-system"  # deploy/namespace.yaml
 ENV_PREFIX = "CLUO_COORD_"
@@ -82,9 +84,9 @@ class CoordProcess:
                 "--identity", identity, *flags]
         environment = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         environment.update(env or {})
+        environment["PYTHONPATH"] = os.pathsep.join(
+            filter(None, (str(ROOT), environment.get("PYTHONPATH"))))
         if crash_after:
-            environment["PYTHONPATH"] = os.pathsep.join(
-                filter(None, (str(ROOT), environment.get("PYTHONPATH"))))
             may_exit = True
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
