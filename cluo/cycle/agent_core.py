@@ -26,7 +26,7 @@ anything else raises ``IllegalTransition``. Moves made by others (update_engine 
 a reboot, the coordinator grants or withdraws, the host reboots) are not in the table:
 the next ``derive_state`` simply sees them.
 
-The cycle and its writes, one write per decision, in this order:
+The cycle and its writes, one write (one request) per decision, in this order:
 
     Idle
       │ update_engine says UPDATED_NEED_REBOOT, /run/reboot-required exists
@@ -35,54 +35,63 @@ The cycle and its writes, one write per decision, in this order:
     RebootNeeded ── W1 reboot-needed=true (annotation + label), reboot-reason
     WaitingForGrant
       │ the coordinator sets reboot-ok=true
-    Granted ─────── W2 reboot-in-progress=true, agent-made-unschedulable=true unless
-      │                already cordoned, blocked-reason cleared (one patch)
-    Cordoning ───── W3 spec.unschedulable=true
-    Draining ────── start the drain (local); when complete: W4 boot-id-before-reboot=<boot id>
+    Granted ─────── W2 reboot-in-progress=true, blocked-reason cleared and, unless already
+      │                cordoned, agent-made-unschedulable=true + spec.unschedulable=true
+      │                (one patch of metadata and spec)
+    Draining ────── start the drain (local); when complete: W3 boot-id-before-reboot=<boot id>
     Rebooting ───── check logind inhibitors, Reboot(false); a refusal is reported
       │                (Event + blocked-reason) and retried with exponential backoff
       │ the host reboots: the boot id differs from boot-id-before-reboot
-    Rebooted ────── W5 reboot-needed=false (annotation + label), reboot-in-progress=false,
+    Rebooted ────── W4 reboot-needed=false (annotation + label), reboot-in-progress=false,
       │                reboot-reason removed
     WaitingForAfterReboot
       │ the coordinator sets reboot-ok=false (after-reboot hooks done)
-    Uncordoning ─── W6 spec.unschedulable=false, only if agent-made-unschedulable=true
-                    W7 agent-made-unschedulable=false, boot-id-before-reboot removed
+    Uncordoning ─── W5 agent-made-unschedulable=false, boot-id-before-reboot removed and,
+                       only if agent-made-unschedulable=true and cordoned,
+                       spec.unschedulable=false (one patch of metadata and spec)
     Idle
+
+Cordoning is off this path: it is an open cycle on a schedulable node (someone uncordoned
+it mid-cycle, or an older agent, which marked and cordoned in two writes, stopped in
+between). One patch cordons it, marking it too if the mark is missing, after stopping any
+drain that ran meanwhile.
 
 Crash points (a restart re-derives the state from the node and the host):
 
 - before W1: update_engine repeats NEED_REBOOT (it survives an update_engine restart and
   is re-read with GetStatus on start), so W1 is redone.
-- before W2: reboot-ok=true, reboot-needed=true, nothing else: Granted again.
-- between W2 and W3: reboot-in-progress=true, agent-made-unschedulable=true, not cordoned:
-  Cordoning, which cordons. The mark is written *before* the cordon, so the node is never
-  cordoned by us without the mark; the worst case is a mark without a cordon, which W6
-  handles (it uncordons only a node that is cordoned).
-- during the drain (after W3, before W4): in progress, cordoned, no boot id recorded:
+- before W2: reboot-ok=true, reboot-needed=true, nothing else: Granted again. W2 is one
+  request, so the mark and the cordon land together or not at all: the node is never
+  cordoned by us without the mark, nor marked without the cordon. (A mark without a
+  cordon, left by an older agent, reads as Cordoning; W5 uncordons only a node that is
+  cordoned.)
+- during the drain (after W2, before W3): in progress, cordoned, no boot id recorded:
   Draining with no drain running in this process, so the drain starts again (evictions
   are idempotent; the drain timeout starts again).
-- between W4 and the reboot call: the recorded boot id is the current one: Rebooting,
+- between W3 and the reboot call: the recorded boot id is the current one: Rebooting,
   which calls Reboot without draining again (the node stayed cordoned; if someone
   uncordoned it meanwhile, Cordoning clears the recorded boot id and the drain is redone).
 - the reboot is refused or fails: still Rebooting, the slot is kept, it is reported and
   retried; a restart only restarts the backoff.
 - logind accepted the reboot but the host stays up for ``reboot_timeout``: reported as a
   failed attempt and retried.
-- after the reboot, before W5: reboot-in-progress=true and the boot id differs: Rebooted,
-  W5 again. A different boot id is the proof; the same boot id with reboot-in-progress
+- after the reboot, before W4: reboot-in-progress=true and the boot id differs: Rebooted,
+  W4 again. A different boot id is the proof; the same boot id with reboot-in-progress
   means the agent restarted without a reboot and resumes (Draining or Rebooting), never
   starting a new cycle.
-- W5 keeps boot-id-before-reboot, so the coordinator can compare it with the kubelet's
-  bootID, and so the agent still knows the cycle is open until W7.
-- between W6 and W7: not cordoned, mark still set: Uncordoning, which skips W6 and does
-  W7. Uncordoning *before* clearing the mark means the right to uncordon is never lost.
+- W4 keeps boot-id-before-reboot, so the coordinator can compare it with the kubelet's
+  bootID, and so the agent still knows the cycle is open until W5.
+- before W5: the mark set, cordoned: Uncordoning again. W5 is one request, so the
+  uncordon and the mark's removal land together: the right to uncordon is never lost
+  before the uncordon is done. (Uncordoned with the mark still set, left by an older
+  agent or by an admin's uncordon, reads as Uncordoning too, whose W5 then leaves
+  spec.unschedulable alone.)
 
 Abort paths:
 
 - Drain timeout (policy ``abort``, the default): stop the drain, then one patch
   reboot-in-progress=false + blocked-reason=<which pods blocked and why>, keeping
-  reboot-needed=true and agent-made-unschedulable; then W6/W7 (Uncordoning). The patch
+  reboot-needed=true and agent-made-unschedulable; then W5 (Uncordoning). The patch
   comes *before* the uncordon: had we uncordoned first and crashed, in-progress + mark +
   not cordoned would read as Cordoning and restart the drain. After the mark is cleared
   the node reads as GrantReturned (reboot-ok=true, not in progress, blocked-reason set):
@@ -94,8 +103,8 @@ Abort paths:
   more timeout before it aborts the same way.
 - Grant withdrawn (reboot-ok=false while in progress, before the reboot): stop the drain,
   forget reboot attempts, one patch reboot-in-progress=false + boot-id-before-reboot
-  removed, then Uncordoning. A reboot logind already accepted cannot be taken back: the
-  agent waits ``reboot_timeout`` for it first.
+  removed, then Uncordoning (W5). A reboot logind already accepted cannot be taken back:
+  the agent waits ``reboot_timeout`` for it first.
 - Reboot refused or failed: never aborted by the agent (see above); an admin can release
   the slot, which withdraws the grant.
 
@@ -266,19 +275,12 @@ class Action:
 
 @dataclass(frozen=True)
 class PatchNode(Action):
-    """One patch of the node's metadata (``patch.to_metadata(keys)``, cluo.protocol)."""
+    """One write of the node, one request: its metadata (``patch.to_metadata(keys)``,
+    cluo.protocol) and, unless ``unschedulable`` is None, spec.unschedulable (True
+    cordons, False uncordons). The API server applies all of it or none."""
 
     patch: NodePatch
-
-
-@dataclass(frozen=True)
-class Cordon(Action):
-    """Set spec.unschedulable=true."""
-
-
-@dataclass(frozen=True)
-class Uncordon(Action):
-    """Set spec.unschedulable=false."""
+    unschedulable: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -439,16 +441,16 @@ TRANSITIONS: Mapping[type[State], frozenset[type[State]]] = {
     Idle:                  frozenset({Idle}),
     RebootNeeded:          frozenset({WaitingForGrant, Granted}),
     WaitingForGrant:       frozenset({WaitingForGrant}),
-    Granted:               frozenset({Cordoning, Draining}),
-    Cordoning:             frozenset({Cordoning, Draining}),
+    Granted:               frozenset({Draining}),
+    Cordoning:             frozenset({Draining}),
     Draining:              frozenset({Draining, Rebooting, Uncordoning, GrantReturned}),
     Rebooting:             frozenset({Rebooting}),
     Rebooted:              frozenset({WaitingForAfterReboot, Uncordoning}),
     WaitingForAfterReboot: frozenset({WaitingForAfterReboot}),
     GrantWithdrawn:        frozenset({GrantWithdrawn, Uncordoning, WaitingForGrant,
                                       RebootNeeded, Idle}),
-    Uncordoning:           frozenset({Uncordoning, Idle, RebootNeeded, WaitingForGrant,
-                                      Granted, GrantReturned}),
+    Uncordoning:           frozenset({Idle, RebootNeeded, WaitingForGrant, Granted,
+                                      GrantReturned}),
     GrantReturned:         frozenset({GrantReturned}),
 }  # fmt: skip
 
@@ -664,30 +666,29 @@ def _wait_for_grant(state: WaitingForGrant) -> _Step:
 
 def _take_grant(state: Granted) -> _Step:
     if state.already_cordoned:
-        patch = NodePatch(reboot_in_progress=True, blocked_reason="")
+        write = PatchNode(NodePatch(reboot_in_progress=True, blocked_reason=""))
         message = ("reboot granted; draining (the node was already cordoned and stays "
                    "cordoned after the reboot)")
     else:
-        patch = NodePatch(reboot_in_progress=True, agent_made_unschedulable=True,
-                          blocked_reason="")
+        # The mark and the cordon in one write: never one without the other.
+        write = PatchNode(NodePatch(reboot_in_progress=True, agent_made_unschedulable=True,
+                                    blocked_reason=""), unschedulable=True)
         message = "reboot granted; cordoning and draining"
     return _Step(
-        (PatchNode(patch), EmitEvent(EventReason.REBOOT_GRANTED, message)),
+        (write, EmitEvent(EventReason.REBOOT_GRANTED, message)),
         0.0,
         "reboot granted: starting",
     )
 
 
 def _cordon(state: Cordoning, obs: Observation) -> _Step:
-    if not state.marked:
-        # The mark goes first: a crash after it leaves a mark without a cordon, never
-        # a cordon without a mark. A stale recorded boot id goes too: the node was
-        # schedulable, so it must be drained again before any reboot.
-        patch = NodePatch(agent_made_unschedulable=True, boot_id_before_reboot="")
-        return _Step((PatchNode(patch),), 0.0, "cordoning")
+    # The mark, if missing, goes with the cordon (one write). A stale recorded boot id
+    # goes too: the node was schedulable, so it must be drained again before any reboot.
+    patch = NodePatch() if state.marked else NodePatch(agent_made_unschedulable=True,
+                                                       boot_id_before_reboot="")
     # A drain that ran while the node was schedulable proves nothing: start over.
     restart: tuple[Action, ...] = (AbortDrain(),) if obs.drain is not None else ()
-    return _Step((*restart, Cordon()), 0.0, "cordoning")
+    return _Step((*restart, PatchNode(patch, unschedulable=True)), 0.0, "cordoning")
 
 
 def _drain(state: Draining, obs: Observation, now: float) -> _Step:
@@ -809,15 +810,16 @@ def _abandon_after_withdrawal(state: GrantWithdrawn, obs: Observation, now: floa
 
 
 def _uncordon(state: Uncordoning) -> _Step:
+    patch = NodePatch(agent_made_unschedulable=False, boot_id_before_reboot="")
     if state.agent_cordoned and state.unschedulable:
-        # Uncordon first, clear the mark after: a crash in between keeps the right to
-        # uncordon (and the next decision finds the node uncordoned and only clears).
+        # The uncordon and the mark's removal in one write: the right to uncordon is
+        # never lost before the uncordon is done.
         return _Step(
-            (Uncordon(), EmitEvent(EventReason.UNCORDONED, "uncordoned (the agent cordoned it)")),
+            (PatchNode(patch, unschedulable=False),
+             EmitEvent(EventReason.UNCORDONED, "uncordoned (the agent cordoned it)")),
             0.0,
             "uncordoning",
         )
-    patch = NodePatch(agent_made_unschedulable=False, boot_id_before_reboot="")
     return _Step((PatchNode(patch),), 0.0, "finishing the cycle")
 
 
@@ -869,14 +871,12 @@ def _expected_observation(obs: Observation, actions: Iterable[Action], now: floa
     attempts = obs.reboot_attempts
     for action in actions:
         match action:
-            case PatchNode(patch=patch):
+            case PatchNode(patch=patch, unschedulable=spec):
                 node = patch.apply_to(node)
                 if patch.reboot_needed is not None:
                     label = patch.reboot_needed
-            case Cordon():
-                unschedulable = True
-            case Uncordon():
-                unschedulable = False
+                if spec is not None:
+                    unschedulable = spec
             case StartDrain():
                 drain = DrainStatus(started_at=now)
             case ForceDrain():

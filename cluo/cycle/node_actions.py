@@ -2,9 +2,10 @@
 cluo-agent for its own node (cluo_host/agent.py) and cluo-coord for a FleetLock client's
 node (cluo_coord/fleetlock_nodes.py).
 
-``NodeActions.act`` does ``PatchNode``, ``Cordon``, ``Uncordon``, ``EmitEvent`` through the
-``NodeApi`` (in threads: its calls are synchronous) and runs the drain (``StartDrain``,
-``ForceDrain``, ``AbortDrain``) in a task of its own; it returns False for the actions
+``NodeActions.act`` does ``PatchNode`` (one request: metadata and spec.unschedulable
+together, ``NodeApi.patch``) and ``EmitEvent`` through the ``NodeApi`` (in threads: its
+calls are synchronous) and runs the drain (``StartDrain``, ``ForceDrain``,
+``AbortDrain``) in a task of its own; it returns False for the actions
 that are the driver's own (``Reboot``, ``ClearRebootAttempts``). Every node it gets back
 from a write goes to ``on_node``; drain progress goes to ``on_drain_progress``. A failed
 Kubernetes call raises its ``CluoError``; an Event that cannot be posted is logged by
@@ -21,17 +22,15 @@ from collections.abc import Callable
 from cluo.cycle.agent_core import (
     AbortDrain,
     Action,
-    Cordon,
     DrainStatus,
     EmitEvent,
     ForceDrain,
     PatchNode,
     StartDrain,
-    Uncordon,
 )
 from cluo.cycle.drainer import Drainer, DrainTuning
 from cluo.cycle.eviction import PodApi
-from cluo.kube.nodes import NodeApi, NodeSnapshot
+from cluo.kube.nodes import NodeApi, NodeChange, NodeSnapshot
 from cluo.protocol import Keys
 
 log = logging.getLogger(__name__)
@@ -66,15 +65,13 @@ class NodeActions:
         """Do ``action`` if it is one of the node's; False if it is the driver's own."""
         name = self._name
         match action:
-            case PatchNode(patch=patch):
+            case PatchNode(patch=patch, unschedulable=unschedulable):
                 written = patch.to_metadata(self._keys)
-                self._on_node(await asyncio.to_thread(
-                    self._nodes.patch_metadata, name, written.annotations, written.labels))
-            case Cordon() | Uncordon():
-                cordon = isinstance(action, Cordon)
-                self._on_node(await asyncio.to_thread(self._nodes.set_unschedulable, name,
-                                                      cordon))
-                log.info("node cordoned" if cordon else "node uncordoned", extra={"NODE": name})
+                change = NodeChange(written.annotations, written.labels, unschedulable)
+                self._on_node(await asyncio.to_thread(self._nodes.patch, name, change))
+                if unschedulable is not None:
+                    log.info("node cordoned" if unschedulable else "node uncordoned",
+                             extra={"NODE": name})
             case StartDrain(options=options):
                 await self.stop_drain()
                 self._drainer = Drainer(self._pods, name, options, self._on_drain_progress,

@@ -4,7 +4,9 @@ Every write touches only the fields it names: annotations and labels go out as a
 merge patch (a key set to ``None`` is deleted, every other key is left alone), cordoning
 patches ``spec.unschedulable`` only. A change that depends on what the node said
 (``update``) carries the resourceVersion it was computed from, so the API server refuses
-it (409) if anyone wrote in between; it is then recomputed from a fresh read.
+it (409) if anyone wrote in between; it is then recomputed from a fresh read. ``patch``
+writes metadata and spec.unschedulable in one request, so a mark and the cordon it
+stands for (or an uncordon and the mark's removal) land together or not at all.
 
 Objects are read and written as plain JSON (``kube.client``), so a newer API server's
 unknown fields can neither break parsing nor be dropped on a write. A Node object is
@@ -197,7 +199,7 @@ class NodeApi(Protocol):
         labels: Mapping[str, str | None] | None = None,
     ) -> NodeSnapshot: ...
 
-    def set_unschedulable(self, name: str, value: bool) -> NodeSnapshot: ...
+    def patch(self, name: str, change: NodeChange) -> NodeSnapshot: ...
 
     def update(
         self,
@@ -261,16 +263,26 @@ class KubeNodes:
         labels: Mapping[str, str | None] | None = None,
     ) -> NodeSnapshot:
         """Set (or, with None, delete) the given annotations and labels; nothing else."""
-        return self._patch(
-            name,
-            node_patch(annotations=annotations, labels=labels),
-            action=f"patching annotations and labels of node {name!r}",
-        )
+        return self.patch(name, NodeChange(annotations or {}, labels or {}))
 
     def set_unschedulable(self, name: str, value: bool) -> NodeSnapshot:
         """Cordon (True) or uncordon (False) the node; patches spec.unschedulable only."""
-        verb = "cordoning" if value else "uncordoning"
-        return self._patch(name, node_patch(unschedulable=value), action=f"{verb} node {name!r}")
+        return self.patch(name, NodeChange(unschedulable=value))
+
+    def patch(self, name: str, change: NodeChange) -> NodeSnapshot:
+        """Write ``change`` as one merge patch, whatever it holds: annotations, labels and
+        spec.unschedulable change together or not at all."""
+        if change.unschedulable is None:
+            action = f"patching annotations and labels of node {name!r}"
+        else:
+            verb = "cordoning" if change.unschedulable else "uncordoning"
+            action = f"{verb} node {name!r}"
+        return self._patch(
+            name,
+            node_patch(annotations=change.annotations, labels=change.labels,
+                       unschedulable=change.unschedulable),
+            action=action,
+        )
 
     def update(
         self,

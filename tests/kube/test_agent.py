@@ -386,6 +386,7 @@ def test_happy_path_drains_reboots_once_and_uncordons(rig: Rig) -> None:
     assert labels[KEYS.id] == "flatcar"
     assert labels[KEYS.version] == "4081.2.0"  # quotes stripped
 
+    history = rig.history()
     rig.update_engine.mock.SetStatus(*NEED_REBOOT)
     rig.wait(lambda: rig.annotation("reboot-needed") == "true", "reboot-needed=true")
     node = rig.read()
@@ -418,6 +419,12 @@ def test_happy_path_drains_reboots_once_and_uncordons(rig: Rig) -> None:
              "the agent-made-unschedulable mark cleared")
     assert rig.reboots() == 1
     assert rig.read().metadata.labels[KEYS.reboot_needed] == "false"
+    # The mark and the cordon are one write each way: no version of the node had one
+    # without the other.
+    halves = [(v.unschedulable, v.annotation("agent-made-unschedulable"))
+              for v in history.snapshot()
+              if v.unschedulable is not (v.annotation("agent-made-unschedulable") == "true")]
+    assert halves == [], halves
 
 
 @pytest.mark.parametrize("rig", [("--drain-timeout", "3s")], indirect=True)
@@ -682,8 +689,7 @@ def test_notify_socket_ready_status_watchdog_stopping(
         "started",
         "idle",
         WAITING_STATUS,
-        "reboot granted: starting",
-        "cordoning",
+        "reboot granted: starting",  # and cordoned, in the same write
         "draining: starting",
         "drained: recording the boot id",
         "rebooting: attempt 1",

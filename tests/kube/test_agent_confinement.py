@@ -330,14 +330,21 @@ def test_node_may_do_everything_the_agent_does_on_itself(
     nodes.patch_metadata(pair.a, written.annotations, written.labels)
     for name in ("id", "version", "group"):
         nodes.patch_metadata(pair.a, labels={keys.key(name): "x"})
-    assert nodes.set_unschedulable(pair.a, True).unschedulable
+    # The grant taken and the cycle's end: the mark and spec.unschedulable in one patch.
+    granted = NodePatch(reboot_in_progress=True, agent_made_unschedulable=True,
+                        blocked_reason="").to_metadata(keys)
+    node = nodes.patch(pair.a, NodeChange(granted.annotations, granted.labels, True))
+    assert node.unschedulable and node.state.agent_made_unschedulable
     cleared = NodePatch(reboot_needed=False, reboot_in_progress=False,
                         agent_made_unschedulable=False, boot_id_before_reboot="",
                         blocked_reason="").to_metadata(keys)
-    node = nodes.update(pair.a, lambda _node: NodeChange(
-        annotations=cleared.annotations, labels=cleared.labels, unschedulable=False))
+    node = nodes.patch(pair.a, NodeChange(cleared.annotations, cleared.labels, False))
     assert not node.unschedulable
     assert node.annotations.get(keys.boot_id_before_reboot) is None
+    # A read-modify-write with the node's resourceVersion is allowed as well.
+    node = nodes.update(pair.a, lambda _node: NodeChange(
+        annotations={keys.agent_made_unschedulable: "true"}, unschedulable=True))
+    assert node.unschedulable
     nodes.emit_event(pair.a, "ConfinementCheck", "from the node's own credential")
     events = CoreV1Api(kube_admin).list_namespaced_event(
         "default", field_selector=f"involvedObject.name={pair.a},reason=ConfinementCheck")

@@ -285,6 +285,33 @@ def test_cordon_and_uncordon_touch_only_spec_unschedulable(
     assert uncordoned.annotations[FOREIGN] == "keep"
 
 
+def test_patch_writes_annotations_and_spec_unschedulable_in_one_version(
+    kube_admin: kubernetes.client.ApiClient, node: EmulatedNode, nodes: KubeNodes
+) -> None:
+    """The agent's grant (mark + cordon) and its end (uncordon + unmark): no watcher ever
+    sees the node with one half and not the other."""
+    admin_patch(kube_admin, node.name, {FOREIGN: "keep"})
+    before = nodes.get(node.name)
+    mark = KEYS.agent_made_unschedulable
+
+    cordoned = nodes.patch(node.name, NodeChange(annotations={mark: "true"}, unschedulable=True))
+    uncordoned = nodes.patch(node.name, NodeChange(
+        annotations={mark: "false", KEYS.boot_id_before_reboot: None}, unschedulable=False))
+
+    assert cordoned.unschedulable and cordoned.annotations[mark] == "true"
+    assert not uncordoned.unschedulable and uncordoned.annotations[mark] == "false"
+    assert uncordoned.annotations[FOREIGN] == "keep"
+    seen: list[tuple[bool, str | None]] = []
+    with nodes.watch(node.name, before.resource_version, timeout_seconds=30) as watch:
+        for event in watch:
+            seen.append((event.node.unschedulable, event.node.annotations.get(mark)))
+            if event.node.resource_version == uncordoned.resource_version:
+                break
+    assert seen[-1] == (False, "false"), f"the watch never reached the uncordon: {seen}"
+    assert (True, "true") in seen
+    assert (True, "false") not in seen and (False, "true") not in seen, seen
+
+
 def test_update_cordons_and_records_it_in_one_write_unless_an_admin_cordoned_first(
     kube_admin: kubernetes.client.ApiClient, node: EmulatedNode, nodes: KubeNodes
 ) -> None:

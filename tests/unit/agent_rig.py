@@ -28,7 +28,7 @@ from cluo.cycle.eviction import (
 )
 from cluo.cycle.update_status import UpdateEngineStatus
 from cluo.errors import KubeError
-from cluo.kube.nodes import NodeEvent, NodeSnapshot
+from cluo.kube.nodes import NodeChange, NodeEvent, NodeSnapshot
 from cluo.protocol import Keys
 from cluo_host.agent import Agent
 from cluo_host.config import AgentSettings, load_settings
@@ -210,20 +210,23 @@ class FakeNode:
 
     def patch_metadata(self, name: str, annotations: Mapping[str, str | None] | None = None,
                        labels: Mapping[str, str | None] | None = None) -> NodeSnapshot:
-        for target, values in ((self.annotations, annotations), (self.labels, labels)):
-            for key, value in (values or {}).items():
+        return self.patch(name, NodeChange(annotations or {}, labels or {}))
+
+    def patch(self, name: str, change: NodeChange) -> NodeSnapshot:
+        """One write, journaled as "cordon" or "uncordon" when it sets spec.unschedulable,
+        else as "patch"; the detail lists the annotations it writes."""
+        for target, values in ((self.annotations, change.annotations),
+                               (self.labels, change.labels)):
+            for key, value in values.items():
                 if value is None:
                     target.pop(key, None)
                 else:
                     target[key] = value
-        self.journal.add("patch", " ".join(sorted(
-            f"{k.rsplit('/', 1)[-1]}={v}" for k, v in (annotations or {}).items())))
-        self.version += 1
-        return self.snapshot()
-
-    def set_unschedulable(self, name: str, value: bool) -> NodeSnapshot:
-        self.journal.add("cordon" if value else "uncordon")
-        self.unschedulable = value
+        if change.unschedulable is not None:
+            self.unschedulable = change.unschedulable
+        call = {None: "patch", True: "cordon", False: "uncordon"}[change.unschedulable]
+        self.journal.add(call, " ".join(sorted(
+            f"{k.rsplit('/', 1)[-1]}={v}" for k, v in change.annotations.items())))
         self.version += 1
         return self.snapshot()
 

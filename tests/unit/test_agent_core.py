@@ -22,7 +22,6 @@ from cluo.cycle.agent_core import (
     Action,
     AgentConfig,
     ClearRebootAttempts,
-    Cordon,
     Cordoning,
     Decision,
     Draining,
@@ -48,7 +47,6 @@ from cluo.cycle.agent_core import (
     RebootOutcome,
     StartDrain,
     State,
-    Uncordon,
     Uncordoning,
     WaitingForAfterReboot,
     WaitingForGrant,
@@ -135,17 +133,18 @@ class World:
         self.actions.append(action)
         node = self.node
         match action:
-            case PatchNode(patch=patch):
+            case PatchNode(patch=patch, unschedulable=unschedulable):
+                if unschedulable is False:
+                    assert node.agent_made_unschedulable, \
+                        "uncordoned a node the agent did not cordon"
                 written = patch.to_metadata(KEYS)
                 annotations, labels = written.annotations, written.labels
                 _merge(self.annotations, annotations)
                 _merge(self.labels, labels)
-            case Cordon():
-                assert node.agent_made_unschedulable, "cordoned without the mark"
-                self.unschedulable = True
-            case Uncordon():
-                assert node.agent_made_unschedulable, "uncordoned a node the agent did not cordon"
-                self.unschedulable = False
+                if unschedulable is not None:
+                    self.unschedulable = unschedulable
+                if unschedulable is True:
+                    assert self.node.agent_made_unschedulable, "cordoned without the mark"
             case StartDrain():
                 assert self.unschedulable, "drain started on a schedulable node"
                 self.drain = DrainStatus(started_at=self.now, blockers=self.drain_blockers)
@@ -288,6 +287,11 @@ def obs(**node_fields: object) -> Observation:
 
 def writes(decision: Decision) -> list[NodePatch]:
     return [a.patch for a in decision.actions if isinstance(a, PatchNode)]
+
+
+def cordon_writes(actions: list[Action] | tuple[Action, ...], value: bool) -> list[PatchNode]:
+    """The writes that cordon (True) or uncordon (False) the node."""
+    return [a for a in actions if isinstance(a, PatchNode) and a.unschedulable is value]
 
 
 def granted_world(**fields: object) -> World:
@@ -497,16 +501,18 @@ def test_waits_for_the_grant_without_writing() -> None:
 # --- the grant, cordon and drain --------------------------------------------------------
 
 
-def test_grant_marks_the_node_before_cordoning_it() -> None:
+def test_grant_marks_and_cordons_the_node_in_one_write() -> None:
     world = granted_world()
-    patches: list[NodePatch] = []
 
-    while not world.actions_of(Cordon):
-        patches += writes(world.step())
+    decision = world.step()
 
-    assert patches[0] == NodePatch(reboot_in_progress=True, agent_made_unschedulable=True,
-                                   blocked_reason="")
+    assert [a for a in decision.actions if isinstance(a, PatchNode)] == [PatchNode(
+        NodePatch(reboot_in_progress=True, agent_made_unschedulable=True, blocked_reason=""),
+        unschedulable=True,
+    )]
     assert world.unschedulable
+    assert isinstance(decision.next_state, Draining)
+    assert isinstance(world.state(), Draining)
 
 
 def test_grant_on_a_node_an_admin_cordoned_does_not_mark_or_cordon_it() -> None:
@@ -514,7 +520,8 @@ def test_grant_on_a_node_an_admin_cordoned_does_not_mark_or_cordon_it() -> None:
 
     decision = world.step()
 
-    assert writes(decision) == [NodePatch(reboot_in_progress=True, blocked_reason="")]
+    assert [a for a in decision.actions if isinstance(a, PatchNode)] == [
+        PatchNode(NodePatch(reboot_in_progress=True, blocked_reason=""))]
     assert isinstance(world.state(), Draining)
     assert not world.node.agent_made_unschedulable
 
@@ -530,8 +537,83 @@ def test_uncordons_only_when_agent_cordoned(cordoned_by_admin: bool, ends_cordon
     world.run()
 
     assert world.unschedulable is ends_cordoned
-    assert bool(world.actions_of(Uncordon)) is not cordoned_by_admin
+    assert bool(cordon_writes(world.actions, False)) is not cordoned_by_admin
     assert world.annotations[KEYS.agent_made_unschedulable] == "false"
+
+
+def test_after_the_reboot_uncordons_and_clears_the_marks_in_one_write() -> None:
+    world = World(coordinator=False)
+    world.set_annotation("reboot-ok", "true")
+    world.run_until(WaitingForAfterReboot)
+    world.set_annotation("reboot-ok", "false")
+
+    decision = world.step()
+
+    assert isinstance(decision.state, Uncordoning)
+    assert [a for a in decision.actions if isinstance(a, PatchNode)] == [PatchNode(
+        NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""),
+        unschedulable=False,
+    )]
+    assert isinstance(decision.next_state, Idle)
+    assert isinstance(world.state(), Idle)
+    assert not world.unschedulable
+
+
+def test_a_cycle_writes_the_node_once_per_step() -> None:
+    world = World(engine=None, labels={}, annotations={})
+    world.set_annotation("reboot-needed", "true")
+
+    world.run()
+
+    cycle = [a for a in world.actions_of(PatchNode)
+             if isinstance(a, PatchNode) and a.patch.status is None]  # not the mirror's
+    reason = "reboot-needed=true set on the node"
+    assert cycle == [
+        PatchNode(NodePatch(reboot_needed=True, reboot_reason=reason)),
+        PatchNode(NodePatch(reboot_in_progress=True, agent_made_unschedulable=True,
+                            blocked_reason=""), unschedulable=True),
+        PatchNode(NodePatch(boot_id_before_reboot="boot-0", blocked_reason="")),
+        PatchNode(NodePatch(reboot_needed=False, reboot_in_progress=False, blocked_reason="",
+                            reboot_reason="")),
+        PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""),
+                  unschedulable=False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "node_fields", "cordoned", "expected"),
+    [
+        ("marked, not cordoned, in progress",
+         {**RECORDED, "agent_made_unschedulable": True}, False,
+         PatchNode(NodePatch(), unschedulable=True)),
+        ("marked, not cordoned, drained before",
+         {**RECORDED, "agent_made_unschedulable": True, "boot_id_before_reboot": "boot-0"},
+         False,
+         PatchNode(NodePatch(agent_made_unschedulable=True, boot_id_before_reboot=""),
+                   unschedulable=True)),
+        ("rebooted, uncordoned, mark still set",
+         {"agent_made_unschedulable": True, "boot_id_before_reboot": "boot-before"}, False,
+         PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""))),
+        ("aborted, uncordoned, mark still set",
+         {"reboot_needed": True, "reboot_ok": True, "agent_made_unschedulable": True,
+          "blocked_reason": "drain timed out"}, False,
+         PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""))),
+        ("aborted, our cordon still on",
+         {"reboot_needed": True, "reboot_ok": True, "agent_made_unschedulable": True,
+          "blocked_reason": "drain timed out"}, True,
+         PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""),
+                   unschedulable=False)),
+    ],
+)
+def test_states_an_agent_that_wrote_mark_and_cordon_apart_left_end_in_one_write(
+    case: str, node_fields: dict[str, object], cordoned: bool, expected: PatchNode
+) -> None:
+    observation = replace(obs(**node_fields), unschedulable=cordoned)
+
+    decision = decide(observation, T0)
+
+    assert [a for a in decision.actions if isinstance(a, PatchNode)] == [expected], case
+    assert not isinstance(decision.next_state, Cordoning | Uncordoning), case
 
 
 def test_happy_path_walks_every_phase_in_order_and_cleans_up() -> None:
@@ -540,8 +622,8 @@ def test_happy_path_walks_every_phase_in_order_and_cleans_up() -> None:
     world.run()
 
     assert world.phases == [
-        "RebootNeeded", "WaitingForGrant", "Granted", "Cordoning", "Draining", "Rebooting",
-        "Rebooted", "WaitingForAfterReboot", "Uncordoning",
+        "RebootNeeded", "WaitingForGrant", "Granted", "Draining", "Rebooting", "Rebooted",
+        "WaitingForAfterReboot", "Uncordoning",
     ]
     assert isinstance(world.state(), Idle)
     assert world.reboots == 1
@@ -665,7 +747,7 @@ def test_admin_uncordoning_mid_drain_makes_the_agent_cordon_and_drain_again() ->
     decision = world.step()
 
     assert isinstance(decision.state, Cordoning)
-    assert decision.actions == (AbortDrain(), Cordon())
+    assert decision.actions == (AbortDrain(), PatchNode(NodePatch(), unschedulable=True))
 
 
 def test_uncordoned_after_boot_id_recorded_clears_it_and_drains_again() -> None:
@@ -677,7 +759,8 @@ def test_uncordoned_after_boot_id_recorded_clears_it_and_drains_again() -> None:
     decision = world.step()
 
     assert isinstance(decision.state, Cordoning)
-    assert writes(decision) == [NodePatch(agent_made_unschedulable=True, boot_id_before_reboot="")]
+    assert decision.actions == (PatchNode(
+        NodePatch(agent_made_unschedulable=True, boot_id_before_reboot=""), unschedulable=True),)
     world.run()
     assert world.reboots == 1
     assert len(world.actions_of(StartDrain)) == 2
@@ -712,7 +795,7 @@ def test_drain_timeout_on_admin_cordoned_node_leaves_it_cordoned() -> None:
     world.run_until(GrantReturned)
 
     assert world.unschedulable
-    assert not world.actions_of(Uncordon)
+    assert not cordon_writes(world.actions, False)
 
 
 def test_aborted_grant_is_not_taken_again_until_the_coordinator_takes_it_back() -> None:
@@ -757,7 +840,7 @@ def test_crash_in_abort_between_patch_and_uncordon_uncordons_instead_of_draining
     after = world.step()
 
     assert isinstance(after.state, Uncordoning)
-    assert Uncordon() in after.actions
+    assert cordon_writes(after.actions, False)
     world.run_until(GrantReturned)
     assert not world.observe().unschedulable
     assert len(world.actions_of(StartDrain)) == 1
@@ -1016,8 +1099,10 @@ def test_decide_is_total_and_never_acts_unsafely(observation: Observation, now: 
         if isinstance(action, Reboot):
             assert node.reboot_ok and node.reboot_in_progress and observation.unschedulable
             assert node.boot_id_before_reboot == observation.boot_id
-        if isinstance(action, (Cordon, Uncordon)):
-            assert node.agent_made_unschedulable
+        if isinstance(action, PatchNode) and action.unschedulable is False:
+            assert node.agent_made_unschedulable  # uncordons only what the agent cordoned
+        if isinstance(action, PatchNode) and action.unschedulable is True:
+            assert action.patch.apply_to(node).agent_made_unschedulable  # with the mark
     assert decision.recheck_after is None or decision.recheck_after >= timedelta(0)
 
 

@@ -82,20 +82,21 @@ class FakeNodes:
         annotations: Mapping[str, str | None] | None = None,
         labels: Mapping[str, str | None] | None = None,
     ) -> NodeSnapshot:
+        return self.patch(name, NodeChange(annotations or {}, labels or {}))
+
+    def patch(self, name: str, change: NodeChange) -> NodeSnapshot:
         with self._lock:
-            obj = self._existing(f"patching annotations and labels of node {name!r}", name)
-            for key, values in (("annotations", annotations), ("labels", labels)):
+            obj = self._existing(f"patching node {name!r}", name)
+            for key, values in (("annotations", change.annotations),
+                                ("labels", change.labels)):
                 target = obj["metadata"][key]
-                for k, v in (values or {}).items():
+                for k, v in values.items():
                     if v is None:
                         target.pop(k, None)
                     else:
                         target[k] = v
-            return self._publish("MODIFIED", name)
-
-    def set_unschedulable(self, name: str, value: bool) -> NodeSnapshot:
-        with self._lock:
-            self._existing(f"cordoning node {name!r}", name)["spec"]["unschedulable"] = value
+            if change.unschedulable is not None:
+                obj["spec"]["unschedulable"] = change.unschedulable
             return self._publish("MODIFIED", name)
 
     def update(
