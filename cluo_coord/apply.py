@@ -29,6 +29,15 @@ and only while ``go_on()`` (leadership) holds; the first error stops the plan: n
 starts after it, the ones already running finish, and the error is raised to the loop
 (which re-lists on a conflict and backs off on anything else, as for one change).
 
+The Events go after the writes: an ``EmitEvent`` whose change was applied is held, and
+the runner posts the held Events in the plan's order once the plan's writes are done,
+also when a write failed (the Event reports a change that was applied; the error is
+raised after them), while ``go_on()`` holds. So no Event is built or posted between two
+writes of a chain: a hand-over's Event about the giver (its ``RebootFinished``, which
+also drives the roll's ``done`` webhook) goes out after the taker's grant instead of
+beside it, and is not lost when the grant fails. A write never waits for an Event: the
+next change of the Event's node follows the change the Event reports.
+
 ``WORKERS``: the pool's size. Every change is one or two API round trips of a few ms on
 the API server; a node's chain in one plan is one to four of them. Eight at a time lets
 fifty nodes in flight be served in a few rounds instead of one after another. It stays
@@ -138,9 +147,8 @@ def schedule(changes: Sequence[Change]) -> tuple[Step, ...]:
 
 def one_chain(steps: Sequence[Step]) -> bool:
     """Whether no two writes can run at the same time: each write waits, directly or
-    through the Events between them, for the write before it. (An ``EmitEvent`` beside a
-    write is only put on the event poster's queue, cluo_coord.event_poster: running it in
-    the plan's order costs nothing.)"""
+    through the Events between them, for the write before it. (The Events run after the
+    writes whatever the runner.)"""
     latest: dict[int, int] = {}  # step -> the latest write it follows (a write: itself)
     previous = -1  # the latest write so far
     for step in steps:
@@ -173,16 +181,33 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+def _post(events: Sequence[Change], apply: Apply, go_on: Callable[[], bool]) -> None:
+    """The held Events (each one's change applied), in the plan's order, in the caller's
+    thread, while ``go_on()`` holds."""
+    for event in events:
+        if not go_on():
+            return
+        apply(event)
+
+
 class InOrder:
-    """One change after another, in the plan's order, in the caller's thread."""
+    """One change after another, in the plan's order, in the caller's thread; the Events
+    after the writes (the module docstring)."""
 
     def run(self, steps: Sequence[Step], apply: Apply, go_on: Callable[[], bool]
             ) -> Applied:
         writes = 0
-        for step in sorted(steps, key=lambda step: step.index):
-            if not go_on():
-                return Applied(writes, cut_short=True)
-            writes += apply(step.change)
+        events: list[Change] = []  # of the changes applied, posted after the writes
+        try:
+            for step in sorted(steps, key=lambda step: step.index):
+                if isinstance(step.change, EmitEvent):
+                    events.append(step.change)  # everything before it was applied
+                    continue
+                if not go_on():
+                    return Applied(writes, cut_short=True)
+                writes += apply(step.change)
+        finally:
+            _post(events, apply, go_on)
         return Applied(writes)
 
     def close(self) -> None:
@@ -230,10 +255,21 @@ class Pooled:
                 stop.set()  # before this thread takes another change
                 raise
 
+        def applied(index: int) -> None:
+            for follower in followers[index]:
+                waiting[follower] -= 1
+                if not waiting[follower]:
+                    ready.append(follower)
+
+        events: list[int] = []  # Events whose change was applied: posted after the writes
         while ready or running:
-            while ready and not stop.is_set():
+            while ready:
                 index = ready.popleft()
-                running[self._pool.submit(one, by_index[index].change)] = index
+                if isinstance(by_index[index].change, EmitEvent):
+                    events.append(index)  # a write after it waits for its change only
+                    applied(index)
+                elif not stop.is_set():
+                    running[self._pool.submit(one, by_index[index].change)] = index
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -250,12 +286,12 @@ class Pooled:
                 if wrote is None:
                     continue
                 writes += wrote
-                for follower in followers[index]:
-                    waiting[follower] -= 1
-                    if not waiting[follower]:
-                        ready.append(follower)
-        if error is not None:
-            raise error
+                applied(index)
+        try:
+            _post([by_index[index].change for index in sorted(events)], apply, go_on)
+        finally:
+            if error is not None:
+                raise error
         return Applied(writes, cut_short=cut_short.is_set())
 
     def close(self) -> None:

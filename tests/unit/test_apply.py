@@ -139,7 +139,7 @@ def test_a_hand_over_waits_for_the_givers_reset_and_the_grant_waits_for_it() -> 
     ]
     steps = schedule(plan)
     assert [step.after for step in steps] == [(), (0,), (1,), (1,), (3,), (4,)]
-    assert one_chain(steps)  # the Events beside the grant are only queued
+    assert one_chain(steps)  # the Events go after the writes
 
     # Without the giver's key the take would not wait for the reset (rule 4).
     taken = schedule([plan[0], replace(handover, handed_from=""), *plan[2:]])
@@ -315,3 +315,79 @@ def test_in_order_applies_the_plan_in_its_order_and_stops_at_the_first_error() -
     assert applied == TWO_NODES[:1]
     assert InOrder().run(schedule(TWO_NODES), lambda _: True, lambda: False) == Applied(
         0, cut_short=True)
+
+
+# -- the Events after the writes --------------------------------------------------------
+
+HAND_OVER: list[Change] = [
+    ResetRebootOk("a", "1"),
+    AcquireSlot(0, "b", "5", "boot", NOW, grant_follows=True, handed_from="a"), _event("a"),
+    GrantRebootOk("b", 0, "2", "", after_acquire=True), _event("b"),
+]
+
+
+def started(gates: Gates) -> list[str]:
+    return [name for what, name in gates.log if what == "start"]
+
+
+def test_in_order_posts_the_givers_event_after_the_grant_also_when_the_grant_fails() -> None:
+    gates = Gates()
+    for node in "ab":
+        gates.gate(node).set()
+    assert InOrder().run(schedule(HAND_OVER), gates, lambda: True) == Applied(3)
+    assert started(gates) == ["ResetRebootOk(a)", "AcquireSlot(b)", "GrantRebootOk(b)",
+                              "EmitEvent(a)", "EmitEvent(b)"]
+
+    error = KubeError("patching node 'b'", "conflict", kind="conflict", status=409)
+    gates = Gates(fail={"GrantRebootOk(b)": error})
+    for node in "ab":
+        gates.gate(node).set()
+    with pytest.raises(KubeError) as raised:
+        InOrder().run(schedule(HAND_OVER), gates, lambda: True)
+    assert raised.value is error
+    assert started(gates) == ["ResetRebootOk(a)", "AcquireSlot(b)", "GrantRebootOk(b)",
+                              "EmitEvent(a)"], "the Event of the applied hand-over was lost"
+
+
+def test_the_pool_posts_the_givers_event_after_the_grant_also_when_the_grant_fails(
+        pooled: Pooled) -> None:
+    error = KubeError("patching node 'b'", "conflict", kind="conflict", status=409)
+    gates = Gates(fail={"GrantRebootOk(b)": error})
+    for node in "abc":
+        gates.gate(node).set()
+    granting, grant = threading.Event(), threading.Event()
+
+    def apply(change: Change) -> bool:
+        if isinstance(change, GrantRebootOk):  # the hand-over was applied
+            granting.set()
+            assert grant.wait(WAIT), "the grant was never let go"
+        return gates(change)
+
+    plan = [*HAND_OVER, ResetRebootOk("c", "3")]  # not one chain: the pool runs it
+    thread, outcome = run_in_thread(lambda: pooled.run(schedule(plan), apply, lambda: True))
+    assert granting.wait(WAIT), "the grant did not start"
+    grant.set()
+    thread.join(WAIT)
+    assert outcome == [error]
+    assert gates.log.index(("end", "GrantRebootOk(b)")) < gates.log.index(
+        ("start", "EmitEvent(a)")), "the giver's Event ran beside the grant"
+    assert "EmitEvent(b)" not in started(gates), "an Event of a change not applied"
+    assert len(gates.threads) > 1
+
+
+def test_the_held_events_are_not_posted_once_leadership_is_lost(pooled: Pooled) -> None:
+    leader = threading.Event()
+    leader.set()
+
+    def apply(change: Change) -> bool:
+        if isinstance(change, GrantRebootOk):
+            leader.clear()
+        return not isinstance(change, EmitEvent)
+
+    assert InOrder().run(schedule(HAND_OVER), apply, leader.is_set) == Applied(3)
+    posted: list[Change] = []
+    leader.set()
+    plan = [*HAND_OVER, ResetRebootOk("c", "3")]
+    assert pooled.run(schedule(plan), lambda change: posted.append(change) or apply(change),
+                      leader.is_set) == Applied(4)
+    assert not [change for change in posted if isinstance(change, EmitEvent)]

@@ -66,6 +66,20 @@ def test_an_event_is_posted_only_once_the_change_it_reports_was_applied() -> Non
     assert journal.index(failed) < journal.index(release) < journal.index(finished)
 
 
+def test_the_givers_event_follows_the_takers_grant_and_survives_its_failure() -> None:
+    rig = CoordRig()
+    rebooted_holder(rig)
+    rig.cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+    # The hand-over of a's slot to b is applied; b's grant fails once.
+    rig.cluster.after("acquire", lambda: rig.cluster.fail(
+        "patch_node", unavailable("patching node 'b'")))
+    journal = rig.run(until=30)
+    (failed,) = journal.of("patch_node", ok=False)
+    (finished,) = [e for e in journal.of("event") if e.detail == "RebootFinished"]
+    assert journal.index(failed) < journal.index(finished), "posted between the writes"
+    assert rig.cluster.nodes["b"].annotations[KEYS.reboot_ok] == TRUE  # granted next plan
+
+
 def test_a_plan_stops_when_leadership_is_lost_midway() -> None:
     leadership = Switch()
     rig = CoordRig(Policy(before_reboot_annotations=(BEFORE_HOOK,)), leadership=leadership)
