@@ -4,26 +4,32 @@ The real ``cluo-coord`` process (console script, cluo-coord ServiceAccount, lead
 election on as deployed, --max-concurrent 1) rolls N nodes of the kubelet emulator that
 all report ``reboot-needed=true`` (queued by last-checked-time). A fast fake agent per node
 (``FastAgents``, authenticated as the stand-in account of bench/coord_rig.py) reacts to
-one Node watch: on ``reboot-ok=true`` it writes ``reboot-in-progress=true`` and
-``boot-id-before-reboot`` as the real agent does, powers the emulated host off and boots
-it with a new boot id ``DRAIN_REBOOT`` seconds after it began (the simulated drain + reboot,
-the host's going down included), waits for the Node to show it, and reports
-``reboot-needed=false, reboot-in-progress=false``. The emulator plays the node lifecycle
-controller with its default node-monitor-grace-period (``NODE_MONITOR_GRACE_PERIOD``): a host
-down for a few seconds is never marked NotReady, tainted or its pods not Ready, as in a
-real cluster; its kubelet goes silent and, booted, posts the new boot id and Ready.
+one Node watch and makes the real agent's Node writes (cluo/cycle/agent_core.py),
+in its order and grouped into requests as it groups them (the ``PatchNode`` actions of the
+fake agents' section, sent as ``node_patch`` builds them): on
+``reboot-ok=true`` it takes the grant and cordons the node, records the boot id, powers the
+emulated host off and boots it with a new boot id ``DRAIN_REBOOT`` seconds after it began
+(the simulated drain + reboot, the host's going down included), waits for the Node to show
+it, and reports the reboot; on the coordinator's ``reboot-ok=false`` it uncordons the node
+and clears its marks. The emulator plays the node lifecycle controller with its default
+node-monitor-grace-period (``NODE_MONITOR_GRACE_PERIOD``): a host down for a few seconds is
+never marked NotReady, tainted or its pods not Ready, as in a real cluster; its kubelet
+goes silent and, booted, posts the new boot id and Ready.
 
 Every time is the API server's, from its audit log (the bodies of Node patches and of
 cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resolution:
 
-- *handoff* of node A to node B: from the completion of the coordinator's write of
-  ``reboot-ok=false`` on A (A is done: the after-reboot phase completed) to the completion
-  of its write of ``reboot-ok=true`` on B, the next node granted. In between the
-  coordinator hands A's slot to B by one compare-and-swap at the Lease version naming A
-  that carries B's workloads record (the health gate's, read ahead; that write is also
-  rule 3's check of the Lease) and writes the grant; Events go out beside, from their
-  own queue.
-  The coordinator's requests inside each handoff are counted from the audit log.
+- *handoff* of node A to node B: from the completion of the agent's uncordon of A (A is
+  schedulable again, which planner rule 10 waits for before A's slot may go to another
+  node) to the completion of the coordinator's write of ``reboot-ok=true`` on B, the next
+  node granted. In between, the uncordon's watch event reaches the coordinator, whose plan
+  writes a no-op reset of A at the version it saw (rule 4), hands A's slot to B by one
+  compare-and-swap at the Lease version naming A that carries B's workloads record (the
+  health gate's, read ahead; that write is also rule 3's check of the Lease) and writes
+  the grant; Events go out beside, from their own queue. The coordinator's requests inside
+  each handoff are counted from the audit log. Before the handoff, and measured apart, is
+  the agent's share: from the completion of the coordinator's reset of A (``reboot-ok=
+  false``, A's after-reboot phase completed) to the completion of A's uncordon.
 - for a concurrent roll the coordinator is sampled by py-spy (``PROFILE_RATE`` Hz,
   non-blocking) and the summary goes into the notes.
 - *makespan*: from the coordinator's first slot acquisition (request received) to its last
@@ -35,14 +41,16 @@ cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resol
   trips and the emulated kubelet's boot report included. With C > 1 a round trip of one
   node overlaps the others' drains: the slot time per node beyond the agent's cycle
   (C x makespan - the sum of the agents' cycles) / N is reported beside it, as the
-  measure of how long a slot stands empty.
+  measure of how long a slot stands empty. The agent's cycle is its part of a slot's time:
+  from the grant to its report of the reboot, and from the coordinator's reset to its
+  uncordon.
 - *throttled requests*: requests the API server answered 429 during the roll (any client,
   its audit log) and the growth of ``apiserver_flowcontrol_rejected_requests_total`` (API
   priority and fairness rejections, the API server's /metrics) over the roll.
 
 The concurrent rolls (1,000 nodes, 50 at a time; and the same split in two ``--group``s of
 25 at a time each) run the same fake agents: one thread that watches every Node of the run
-and a short-lived thread per node being rebooted, not a process per node.
+and a thread per node in its cycle (grant to uncordon), not a process per node.
 
 The coordinator's own ``cluo_handoff_seconds`` histogram (slot release to next grant,
 measured in the process) is read from /metrics as a cross-check.
@@ -61,7 +69,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -82,7 +90,9 @@ from bench.records import (
     expect,
 )
 from bench.testbed import AuditedWrite, read_audit_log, read_audited_writes
-from cluo.protocol import SLOT_LEASE_LABEL, Keys, slot_lease_name
+from cluo.cycle.agent_core import PatchNode
+from cluo.kube.nodes import node_patch
+from cluo.protocol import SLOT_LEASE_LABEL, Keys, NodePatch, slot_lease_name
 from testbed.controlplane import ControlPlane
 from testbed.kubelet import KubeletEmulator
 from testbed.waiting import wait_for
@@ -140,6 +150,8 @@ class RollPlan:
 
 
 HANDOFF_NODES = {False: 20, True: 5}  # by quick
+ROUND_TRIPS = "coordinator's API round trips inside a handoff, mean"
+AGENT_SHARE = "before a handoff, the agent's share: A's reset to A's uncordon, p50"
 OVERHEAD_PLANS = {
     False: (RollPlan(20), RollPlan(200),
             RollPlan(1000, 50, drain_reboot=CONCURRENT_DRAIN_REBOOT[False]),
@@ -149,6 +161,7 @@ OVERHEAD_PLANS = {
 }
 HEARTBEAT = 30.0  # node Lease renewals of the emulator (the coordinator does not watch them)
 WATCH_SECONDS = 60
+AGENT_WAIT = 120.0  # seconds a fake agent waits for its Node to show a reboot or a reset
 KEYS = Keys()
 
 
@@ -156,8 +169,11 @@ KEYS = Keys()
 class RollOutcome:
     plan: RollPlan
     makespan: float  # seconds, API server clock
-    handoffs: tuple[float, ...]  # seconds, in grant order (one at a time only)
-    agent_cycles: tuple[float, ...]  # grant -> agent reported back, per node
+    # seconds, in grant order (one at a time only): A's uncordon completed -> B's grant completed
+    handoffs: tuple[float, ...]
+    agent_cycles: tuple[float, ...]  # grant -> agent reported back, per node in grant order
+    # the coordinator's reset -> the agent's uncordon, per node in grant order
+    agent_uncordons: tuple[float, ...]
     metrics: dict[str, float] = field(default_factory=dict)  # /metrics after the roll
     wall: float = 0.0
     throttled: int = 0  # 429 answers during the roll, any client
@@ -165,8 +181,9 @@ class RollOutcome:
     profile: str = ""  # py-spy's summary of the coordinator over a concurrent roll
     # the coordinator's requests inside a handoff ("verb resource" -> mean per handoff)
     handoff_requests: dict[str, float] = field(default_factory=dict)
-    # per handoff, seconds the API server spent in the coordinator's writes on the path
-    # (received -> completed of each: the slot Lease writes and the grant itself)
+    # per handoff, seconds the API server spent in the coordinator's requests on the path
+    # (received -> completed of each: its Node and slot Lease requests inside the handoff,
+    # such as the no-op reset of A and the hand-over, and the grant itself)
     handoff_server: tuple[float, ...] = ()
 
     @property
@@ -178,14 +195,19 @@ class RollOutcome:
         return (self.makespan - self.plan.shortest) / self.nodes
 
     @property
+    def agent_time(self) -> float:
+        """The agent's time in all the slots, seconds: its cycles and its uncordons."""
+        return sum(self.agent_cycles) + sum(self.agent_uncordons)
+
+    @property
     def agent_overhead_per_node(self) -> float:
         """What the fake agent and the emulated kubelet add to the drain + reboot, per node."""
-        return statistics.mean(self.agent_cycles) - self.plan.drain_reboot
+        return self.agent_time / self.nodes - self.plan.drain_reboot
 
     @property
     def coordinator_overhead_per_node(self) -> float:
-        """Slot time per node beyond the agent's cycle (the coordinator's share with C = 1)."""
-        return (self.plan.max_concurrent * self.makespan - sum(self.agent_cycles)) / self.nodes
+        """Slot time per node beyond the agent's (the coordinator's share with C = 1)."""
+        return (self.plan.max_concurrent * self.makespan - self.agent_time) / self.nodes
 
 
 def roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
@@ -204,6 +226,8 @@ def run_handoff(context: BenchContext) -> BenchResult:
     outcome = roll(context, RollPlan(HANDOFF_NODES[context.quick]))
     handoffs = outcome.handoffs
     ms = [h * 1000 for h in handoffs]
+    # The agent's share comes before a handoff: A's uncordon, once the coordinator reset A.
+    uncordons = outcome.agent_uncordons[:-1]
     count = outcome.metrics.get("cluo_handoff_seconds_count", math.nan)
     total = outcome.metrics.get("cluo_handoff_seconds_sum", math.nan)
     under_1s = outcome.metrics.get('cluo_handoff_seconds_bucket{le="1.0"}', math.nan)
@@ -219,45 +243,59 @@ def run_handoff(context: BenchContext) -> BenchResult:
             Measurement("cross-check: cluo_handoff_seconds mean (release to grant)",
                         total / count if count else math.nan, "s",
                         detail=f"count {count:.0f}, {under_1s:.0f} in the le=1.0 bucket"),
-            Measurement("of a handoff, the API server's time in the path's writes, p50",
-                        statistics.median(outcome.handoff_server), "s",
-                        detail="slot Lease writes and the grant, received to completed"),
+            Measurement("of a handoff, the API server's time in the coordinator's requests "
+                        "on the path, p50", statistics.median(outcome.handoff_server), "s",
+                        detail="its Node and slot Lease requests inside the handoff and the "
+                        "grant, received to completed"),
             Measurement("of a handoff, the rest (the coordinator, its client, the wire), p50",
                         statistics.median(h - s for h, s in zip(handoffs, outcome.handoff_server,
                                                                 strict=True)), "s"),
-            Measurement("coordinator's API round trips inside a handoff, mean",
+            Measurement(ROUND_TRIPS,
                         sum(outcome.handoff_requests.values()), "",
                         detail="; ".join(f"{kind} {mean:.2g}" for kind, mean
                                          in sorted(outcome.handoff_requests.items()))),
+            Measurement(AGENT_SHARE,
+                        statistics.median(uncordons), "s",
+                        detail=f"{len(uncordons)} uncordons, max {max(uncordons) * 1000:.0f} ms"),
         ),
         method=(
             f"One roll of {outcome.nodes} emulated nodes by the real cluo-coord process "
             "(cluo-coord ServiceAccount, leader election on, --max-concurrent 1), a fast fake "
             f"agent per node driven by a Node watch (simulated drain + reboot {DRAIN_REBOOT} "
             "s; the kubelet emulator leaves a host down for less than node-monitor-grace-"
-            f"period, {NODE_MONITOR_GRACE_PERIOD:g} s, unmarked, as in a real cluster). "
-            "Handoff of A to B: from the completion of the coordinator's write of "
-            "reboot-ok=false on A (A is done: its after-reboot phase completed) to the "
-            "completion of its write of reboot-ok=true on B, the next node granted; both "
-            "times are the API server's (audit log stageTimestamp, microseconds). In "
-            "between, one after the other, in the plan that resets A: the hand-over of "
-            "A's slot Lease to B (a merge patch with the resourceVersion naming A as "
-            "precondition, carrying the health gate's record of B's workloads, read ahead "
-            "while A was finishing; that compare-and-swap is also rule 3's check that the "
-            "Lease is as planned) and the grant (a node PATCH); no before-reboot label "
-            "without hooks. The "
-            "Events go out from a queue of their own beside them. The round trips "
-            "counted are the "
-            "coordinator's non-watch requests that began after A's reset and ended "
-            "before B's grant, from the audit log; the floor is one compare-and-swap on "
-            "the slot Lease and the grant. Each handoff is split into the API server's "
-            "time in the writes on the path (received to completed of the slot Lease "
-            "writes and of the grant: what the server itself took to store and answer "
-            "them) and the rest (the coordinator's plans and dispatch, its client, the "
-            "loopback wire). The coordinator's own cluo_handoff_seconds "
-            "histogram (slot release to grant, in-process) is the cross-check."
+            f"period, {NODE_MONITOR_GRACE_PERIOD:g} s, unmarked, as in a real cluster). The "
+            "fake agents make the real agent's Node writes in its order and grouping: "
+            f"{describe_agent_writes()}; the uncordon on the watch event of the coordinator's "
+            "reset of A (reboot-ok=false, A's after-reboot phase completed). The "
+            "coordinator hands A's slot over only once A is schedulable again "
+            "(planner rule 10), so the handoff of A to B runs from the completion of A's "
+            "uncordon write to the completion of the coordinator's write of reboot-ok=true "
+            "on B, the next node granted; both times are the API server's (audit log "
+            "stageTimestamp, microseconds). In between: the uncordon's watch event reaching "
+            "the coordinator and its plan, a no-op reset of A at the version it saw (rule "
+            "4's check that A is still as planned), the hand-over of A's slot Lease to B (a "
+            "merge patch with the resourceVersion naming A as precondition, carrying the "
+            "health gate's record of B's workloads, read ahead; that compare-and-swap is "
+            "also rule 3's check that the Lease is as planned) and the grant (a node "
+            "PATCH). The Events go out from a queue of their own beside them. The round "
+            "trips counted are the coordinator's non-watch requests that began after A's "
+            "uncordon was received and ended inside the handoff, before B's grant, from the "
+            "audit log (its watch can show A's uncordon before the API server has finished "
+            "answering the agent); the issue's floor is one compare-and-swap on the slot "
+            "Lease and the grant. Each handoff is split into the API server's time in the "
+            "coordinator's requests on the path (received to completed of its Node and slot "
+            "Lease requests, their part inside the handoff, and of the grant: what the "
+            "server itself took to store and answer them) and "
+            "the rest (the watch delivery, the coordinator's plan and dispatch, its client, "
+            "the loopback wire). Measured apart, before the handoff: the agent's share, "
+            "from the completion of the coordinator's reset of A to the completion of A's "
+            "uncordon (the watch event reaching the agent and its write). The "
+            "coordinator's own cluo_handoff_seconds histogram (slot release to grant, "
+            "in-process) is the cross-check."
         ),
-        notes=(f"handoffs in ms, in grant order: {', '.join(f'{v:.0f}' for v in ms)}",),
+        notes=(f"handoffs in ms, in grant order: {', '.join(f'{v:.0f}' for v in ms)}",
+               "the agent's share (A's reset to A's uncordon) in ms, in grant order: "
+               f"{', '.join(f'{v * 1000:.0f}' for v in uncordons)}"),
         seconds=time.monotonic() - started,
         setup={"nodes": str(outcome.nodes), "simulated drain + reboot": f"{DRAIN_REBOOT} s",
                "max concurrent": "1"},
@@ -292,7 +330,8 @@ def run_overhead(context: BenchContext) -> BenchResult:
             notes.append(
                 f"{n}: handoff p50 {statistics.median(outcome.handoffs) * 1000:.0f} ms, max "
                 f"{max(outcome.handoffs) * 1000:.0f} ms; agent cycle (grant to reported "
-                f"back) p50 {statistics.median(outcome.agent_cycles):.2f} s")
+                f"back) p50 {statistics.median(outcome.agent_cycles):.2f} s, reset to "
+                f"uncordoned p50 {statistics.median(outcome.agent_uncordons) * 1000:.0f} ms")
         else:
             measurements += [
                 Measurement(f"{n}: slot time per node beyond the agent's cycle",
@@ -308,8 +347,10 @@ def run_overhead(context: BenchContext) -> BenchResult:
             notes.append(
                 f"{n}: drain + reboot {plan.drain_reboot} s per node; agent cycle (grant to "
                 f"reported back) p50 {statistics.median(outcome.agent_cycles):.2f} s, max "
-                f"{max(outcome.agent_cycles):.2f} s; wall time of the roll with its set-up "
-                f"{outcome.wall:.0f} s")
+                f"{max(outcome.agent_cycles):.2f} s; reset to uncordoned p50 "
+                f"{statistics.median(outcome.agent_uncordons) * 1000:.0f} ms, max "
+                f"{max(outcome.agent_uncordons) * 1000:.0f} ms; wall time of the roll with "
+                f"its set-up {outcome.wall:.0f} s")
             if outcome.profile:
                 notes.append(f"{n}: {outcome.profile}")
     return BenchResult(
@@ -326,16 +367,22 @@ def run_overhead(context: BenchContext) -> BenchResult:
             "(makespan - ceil(N/C) x drain+reboot) / N: the wall time beyond the shortest "
             "possible roll, in which every slot goes from one node's drain + reboot "
             "straight to the next's, per node; with C = 1, (makespan - N x drain+reboot) "
-            "/ N. Split for C = 1: the agent's part is the mean time from the grant to the "
-            "fake agent's report minus the simulated drain + reboot (its two Node patches "
-            "and the emulated kubelet posting the new boot id, which a real kubelet also "
-            "does); the coordinator's part is the rest. For C > 1, the slot time per node "
-            "beyond the agent's cycle, (C x makespan - sum of the agents' cycles) / N, "
-            "tells how long a slot stood empty. Throttled: the requests of any client the "
-            "API server answered 429 during the roll (audit log), and the growth of "
+            "/ N. The fake agents make the real agent's Node writes in its order and "
+            f"grouping ({describe_agent_writes()}), and the coordinator hands a slot over or "
+            "releases it only once its holder is uncordoned (planner rule 10): both are in "
+            "the makespan, as with the real agent. The agent's cycle is the time from the "
+            "grant to the fake agent's report plus the time from the coordinator's reset to "
+            "the agent's uncordon. Split for C = 1: the agent's part is the mean of its "
+            "cycles minus the simulated drain + reboot (its "
+            f"{len(agent_cycle_writes(''))} Node patches, the watch events it waits for and the "
+            "emulated kubelet posting the new boot id, which a real kubelet also does); the "
+            "coordinator's part is the rest. For C > 1, the slot time per node beyond the "
+            "agent's cycle, (C x makespan - sum of the agents' cycles) / N, tells how long "
+            "a slot stood empty. Throttled: the requests of any client the API server "
+            "answered 429 during the roll (audit log), and the growth of "
             f"{APF_REJECTED} (API priority and fairness, the API server's /metrics). The "
             "fake agents are one process: one Node watch for all nodes and a thread per "
-            "node being rebooted. The kubelet emulator stands in for the node lifecycle "
+            "node in its cycle. The kubelet emulator stands in for the node lifecycle "
             f"controller with node-monitor-grace-period {NODE_MONITOR_GRACE_PERIOD:g} s (the "
             "default since Kubernetes 1.32): a host down for the few seconds of its "
             "reboot is not marked NotReady or tainted, as in a real cluster; its kubelet "
@@ -356,6 +403,14 @@ def check_handoff(result: BenchResult) -> None:
     p50 = result.measurement("handoff p50")
     expect(f"{nodes - 1} handoffs" in p50.detail,
            f"{HANDOFF_NAME}: {nodes} nodes rolled, but the p50 is of {p50.detail!r}")
+    share = result.measurement(AGENT_SHARE)
+    expect(f"{nodes - 1} uncordons" in share.detail and share.value > 0,
+           f"{HANDOFF_NAME}: {nodes} nodes rolled, but the agent's share is "
+           f"{share.value!r} s of {share.detail!r}")
+    trips = result.measurement(ROUND_TRIPS)
+    expect(trips.value >= 1,
+           f"{HANDOFF_NAME}: {trips.value!r} coordinator round trips inside a handoff, but the "
+           "hand-over's compare-and-swap at least is inside it")
 
 
 def check_overhead(result: BenchResult) -> None:
@@ -411,10 +466,10 @@ def _roll(context: BenchContext, plan: RollPlan) -> RollOutcome:
                                labels={coord_rig.SELECTOR_LABEL: run_id,
                                        **({GROUP_LABEL: group} if group else {})})
         core = CoreV1Api(admin)
+        announce = request_body(ANNOUNCE)
         for i, name in enumerate(names):  # last-checked-time orders the queue: node 0 first
-            core.patch_node(name, {"metadata": {"annotations": {
-                KEYS.reboot_needed: "true", KEYS.last_checked_time: str(1_700_000_000 + i)}}},
-                _preload_content=False)
+            announce["metadata"]["annotations"][KEYS.last_checked_time] = str(1_700_000_000 + i)
+            core.patch_node(name, announce, _preload_content=False)
         agent_api = stack.enter_context(
             plane.service_account_api_client(coord_rig.NAMESPACE, coord_rig.FAKE_AGENT_ACCOUNT))
         # Named apart from the real agent in the audit log the later benchmarks read.
@@ -491,51 +546,70 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
     ours = set(names)
     grants: dict[str, datetime] = {}
     grant_served: dict[str, float] = {}  # the grant's own received -> completed
-    resets: dict[str, datetime] = {}
-    back: dict[str, datetime] = {}
+    resets: dict[str, datetime] = {}  # the reset ending the cycle, not a no-op one after it
+    back: dict[str, datetime] = {}  # the agent's report of the reboot
+    uncordons: dict[str, datetime] = {}  # the agent's uncordon completed: schedulable again
+    uncordons_sent: dict[str, datetime] = {}  # the same write received
     acquires: list[datetime] = []
     releases: list[datetime] = []
     for write in writes:
         if not write.ok:
             continue
-        if write.resource == "nodes" and write.name in ours:
+        name = write.name
+        if write.resource == "nodes" and name in ours:
             value = write.annotations
             if write.user == coord_rig.COORD_USER:
-                if value.get(KEYS.reboot_ok) == "true" and write.name not in grants:
-                    grants[write.name] = write.completed
-                    grant_served[write.name] = (write.completed - write.received).total_seconds()
-                elif value.get(KEYS.reboot_ok) == "false":
-                    resets[write.name] = write.completed
-            elif write.user == coord_rig.AGENT_USER and value.get(KEYS.reboot_needed) == "false":
-                back[write.name] = write.completed
+                if value.get(KEYS.reboot_ok) == "true" and name not in grants:
+                    grants[name] = write.completed
+                    grant_served[name] = (write.completed - write.received).total_seconds()
+                elif (value.get(KEYS.reboot_ok) == "false" and name in grants
+                      and name not in resets):
+                    resets[name] = write.completed
+            elif write.user == coord_rig.AGENT_USER:
+                if value.get(KEYS.reboot_needed) == "false":
+                    back[name] = write.completed
+                if (write.body.get("spec") or {}).get("unschedulable") is False:
+                    uncordons[name] = write.completed
+                    uncordons_sent[name] = write.received
         elif (write.resource == "leases" and write.user == coord_rig.COORD_USER
-              and write.name.startswith(slot_lease_name(0).rsplit("-", 1)[0])):
+              and name.startswith(slot_lease_name(0).rsplit("-", 1)[0])):
             spec = write.body.get("spec")  # none in a patch of annotations only
             holder = (spec or {}).get("holderIdentity")
             if holder in ours:
                 acquires.append(write.received)
             elif spec is not None and not holder and acquires:
                 releases.append(write.completed)
-    missing = [n for n in names if n not in grants or n not in resets or n not in back]
+    missing = [n for n in names if not all(n in d for d in (grants, resets, back, uncordons))]
     if missing or not acquires or not releases:
         raise RuntimeError(f"the audit log lacks writes for {len(missing)} node(s) "
                            f"(first: {missing[:3]}), {len(acquires)} acquires, "
                            f"{len(releases)} releases")
     order = sorted(names, key=lambda n: grants[n])
     pairs = [] if plan.max_concurrent > 1 else list(itertools.pairwise(order))
-    handoffs = tuple((grants[b] - resets[a]).total_seconds() for a, b in pairs)
+    # Planner rule 10: A's slot goes to B only once A is schedulable again.
+    early = [(a, b) for a, b in pairs if grants[b] <= uncordons[a]]
+    if early:
+        raise RuntimeError(f"{len(early)} node(s) granted before the one before them was "
+                           f"uncordoned (first: {early[0]})")
+    handoffs = tuple((grants[b] - uncordons[a]).total_seconds() for a, b in pairs)
     on_path: Counter[str] = Counter()  # the coordinator's requests inside the handoffs
     served: list[float] = []
     for a, b in pairs:
-        inside = [(received, completed, kind) for received, completed, kind in requests
-                  if resets[a] < received and completed < grants[b]]
+        # The coordinator's watch may show A's uncordon before the API server has finished
+        # answering the agent: a request sent after the uncordon was received that ends
+        # inside the handoff is on its path, and counts with its part inside the handoff.
+        start, end = uncordons[a], grants[b]
+        inside = [(max(received, start), completed, kind)
+                  for received, completed, kind in requests
+                  if uncordons_sent[a] < received and start < completed < end]
         on_path.update(kind for _, _, kind in inside)
         served.append(grant_served[b] + sum((completed - received).total_seconds()
                                             for received, completed, kind in inside
-                                            if kind.endswith(" leases")))
+                                            if kind.endswith((" nodes", " leases"))))
     cycles = tuple((back[n] - grants[n]).total_seconds() for n in order)
+    agent_uncordons = tuple((uncordons[n] - resets[n]).total_seconds() for n in order)
     makespan = (max(releases) - min(acquires)).total_seconds()
-    return RollOutcome(plan, makespan, handoffs, cycles, metrics,
+    return RollOutcome(plan, makespan, handoffs, cycles, agent_uncordons, metrics,
                        handoff_requests={k: v / len(pairs) for k, v in on_path.items()}
                        if pairs else {}, handoff_server=tuple(served))
 
@@ -543,14 +617,73 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
 # -- the fake agents --------------------------------------------------------------------------
 
 
+# cluo-agent's writes in a normal cycle (cluo/cycle/agent_core.py: its docstring's list of
+# writes, and the decision of each state named below), as its PatchNode actions, one a
+# request, grouped into requests as the agent groups them: the one place that says what the
+# fake agents write.
+# RebootNeeded: reboot-needed (annotation and label) with its reason; the roll's set-up.
+ANNOUNCE = PatchNode(NodePatch(reboot_needed=True, reboot_reason="cluo bench: roll"))
+# Granted, at reboot-ok=true: the grant taken and the node cordoned by the agent.
+TAKE_GRANT = (PatchNode(NodePatch(reboot_in_progress=True, agent_made_unschedulable=True,
+                                  blocked_reason=""), unschedulable=True),)
+
+
+def drained(boot_id: str) -> tuple[PatchNode, ...]:
+    """Draining, the drain complete: the boot id before the reboot recorded."""
+    return (PatchNode(NodePatch(boot_id_before_reboot=boot_id, blocked_reason="")),)
+
+
+# Rebooted, booted with a new boot id: the reboot reported.
+REPORT_REBOOT = (PatchNode(NodePatch(reboot_needed=False, reboot_in_progress=False,
+                                     blocked_reason="", reboot_reason="")),)
+# Uncordoning, at reboot-ok=false (the coordinator's reset): uncordoned, the agent's mark and
+# the boot id removed.
+UNCORDON = (PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""),
+                      unschedulable=False),)
+
+
+def agent_cycle_writes(boot_id: str) -> tuple[PatchNode, ...]:
+    """Every request of a node's cycle, in order."""
+    return TAKE_GRANT + drained(boot_id) + REPORT_REBOOT + UNCORDON
+
+
+def request_body(write: PatchNode) -> dict[str, Any]:
+    """The merge patch cluo-agent sends for ``write`` (cluo/cycle/node_actions.py: one
+    request of its metadata and spec.unschedulable, ``cluo.kube.nodes.node_patch``)."""
+    metadata = write.patch.to_metadata(KEYS)
+    return node_patch(annotations=metadata.annotations, labels=metadata.labels,
+                      unschedulable=write.unschedulable)
+
+
+def describe_agent_writes() -> str:
+    """The cycle's writes as the benchmarks' methods tell them."""
+    def patches(writes: tuple[PatchNode, ...]) -> str:
+        return "one patch" if len(writes) == 1 else f"{len(writes)} patches"
+    return (f"at the grant, the grant taken and the node cordoned ({patches(TAKE_GRANT)}); "
+            f"the boot id recorded ({patches(drained(''))}); after the reboot, its report "
+            f"({patches(REPORT_REBOOT)}); at the coordinator's reset, the node uncordoned and "
+            f"its marks cleared ({patches(UNCORDON)})")
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A node as the fake agents' watch last showed it."""
+
+    annotations: dict[str, str]
+    boot: str
+    ready: bool
+    unschedulable: bool
+
+
 class FastAgents:
     """Plays cluo-agent on every node of ``selector``, driven by one Node watch.
 
-    On reboot-ok=true (with reboot-needed=true, not in progress): reboot-in-progress=true
-    and boot-id-before-reboot, host off, host on with a new boot id ``drain_reboot``
-    seconds after its going off began, wait for the Node to show it Ready, then
-    reboot-needed=false and reboot-in-progress=false. Writes as the stand-in account of
-    bench/coord_rig.py.
+    A node's cycle makes the real agent's Node writes, in its order and grouping (the
+    PatchNodes above): on reboot-ok=true (with reboot-needed=true, not in progress)
+    TAKE_GRANT, then ``drained``; the host off, and on with a new boot id ``drain_reboot``
+    seconds after its going off began; once the Node shows it Ready, REPORT_REBOOT; then,
+    when the watch shows the coordinator's reboot-ok=false, UNCORDON, as agent_core's
+    Uncordoning. Writes as the stand-in account of bench/coord_rig.py.
     """
 
     def __init__(self, api: kubernetes.client.ApiClient, emulator: KubeletEmulator,
@@ -559,8 +692,12 @@ class FastAgents:
         self._emulator = emulator
         self._selector = selector
         self._drain_reboot = drain_reboot
-        self._changed = threading.Condition()
-        self._seen: dict[str, tuple[dict[str, str], str, bool]] = {}  # annotations, boot, ready
+        self._lock = threading.Lock()
+        # One condition a node, all on the one lock: a Node event wakes only the worker of
+        # its node, as a real agent watches only its own (a condition for all would wake
+        # every waiting worker on every event of a 1,000-node roll).
+        self._changed: dict[str, threading.Condition] = {}
+        self._seen: dict[str, _Seen] = {}
         self._busy: set[str] = set()
         self._stop = threading.Event()
         self._watch: Any = None
@@ -576,8 +713,9 @@ class FastAgents:
 
     def stop(self) -> None:
         self._stop.set()
-        with self._changed:
-            self._changed.notify_all()
+        with self._lock:
+            for changed in self._changed.values():
+                changed.notify_all()
         if self._watch is not None:
             self._watch.stop()
         self._thread.join(WATCH_SECONDS + 5)
@@ -585,14 +723,17 @@ class FastAgents:
             worker.join(30)
 
     def all_back(self, names: Sequence[str]) -> bool:
-        with self._changed:
+        """Every node rebooted, reset by the coordinator and uncordoned, its marks cleared."""
+        with self._lock:
             for name in names:
                 seen = self._seen.get(name)
-                if seen is None or name in self._busy:
+                if seen is None or name in self._busy or seen.unschedulable:
                     return False
-                annotations = seen[0]
+                annotations = seen.annotations
                 if (annotations.get(KEYS.reboot_needed) != "false"
-                        or annotations.get(KEYS.reboot_ok) != "false"):
+                        or annotations.get(KEYS.reboot_ok) != "false"
+                        or annotations.get(KEYS.agent_made_unschedulable) == "true"
+                        or KEYS.boot_id_before_reboot in annotations):
                     return False
         return True
 
@@ -638,9 +779,10 @@ class FastAgents:
         boot = str((status.get("nodeInfo") or {}).get("bootID") or "")
         ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                     for c in status.get("conditions") or [])
-        with self._changed:
-            self._seen[name] = (annotations, boot, ready)
-            self._changed.notify_all()
+        unschedulable = bool((node.get("spec") or {}).get("unschedulable"))
+        with self._lock:
+            self._seen[name] = _Seen(annotations, boot, ready, unschedulable)
+            self._condition(name).notify_all()
             start = (annotations.get(KEYS.reboot_ok) == "true"
                      and annotations.get(KEYS.reboot_needed) == "true"
                      and annotations.get(KEYS.reboot_in_progress) != "true"
@@ -648,35 +790,49 @@ class FastAgents:
             if start:
                 self._busy.add(name)
         if start:
-            worker = threading.Thread(target=self._reboot, args=(name, boot), daemon=True)
+            worker = threading.Thread(target=self._cycle, args=(name, boot), daemon=True)
             self._workers.append(worker)
             worker.start()
 
-    def _reboot(self, name: str, old_boot: str) -> None:
+    def _cycle(self, name: str, old_boot: str) -> None:
         try:
-            self._annotate(name, {KEYS.reboot_in_progress: "true",
-                                  KEYS.boot_id_before_reboot: old_boot})
+            self._write(name, TAKE_GRANT)
+            self._write(name, drained(old_boot))
             host = self._emulator.node(name)
             # The host going down is part of its drain + reboot, not time on top of it.
             rebooted_at = time.monotonic() + self._drain_reboot
             host.shutdown()
             time.sleep(max(0.0, rebooted_at - time.monotonic()))
             new_boot = host.boot()
-            with self._changed:
-                shown = self._changed.wait_for(
-                    lambda: self._stop.is_set() or self._seen[name][1:] == (new_boot, True), 30)
-            if not shown:
-                raise TimeoutError(f"{name} did not show its new boot id within 30 s")
-            self._annotate(name, {KEYS.reboot_needed: "false", KEYS.reboot_in_progress: "false"})
+            self._wait(name, lambda seen: (seen.boot, seen.ready) == (new_boot, True),
+                       "the Node to show its new boot id, Ready")
+            self._write(name, REPORT_REBOOT)
+            self._wait(name, lambda seen: seen.annotations.get(KEYS.reboot_ok) == "false",
+                       "the coordinator's reset (reboot-ok=false)")
+            self._write(name, UNCORDON)
         except Exception as err:
-            self.errors.append(f"{name}: {err!r}")
+            if not self._stop.is_set():
+                self.errors.append(f"{name}: {err!r}")
         finally:
-            with self._changed:
+            with self._lock:
                 self._busy.discard(name)
 
-    def _annotate(self, name: str, values: dict[str, str]) -> None:
-        # The answer is read as bytes, not into the client's models (milliseconds a Node,
-        # on the one interpreter all the agents share); the agent has no use for it.
-        response = self._core.patch_node(name, {"metadata": {"annotations": values}},
-                                         _preload_content=False)
-        response.read()  # type: ignore[attr-defined]  # the connection goes back to the pool
+    def _wait(self, name: str, shown: Callable[[_Seen], bool], what: str) -> None:
+        with self._lock:
+            if not self._condition(name).wait_for(
+                    lambda: self._stop.is_set() or shown(self._seen[name]), AGENT_WAIT):
+                raise TimeoutError(f"{name}: waited {AGENT_WAIT:g} s for {what}")
+
+    def _condition(self, name: str) -> threading.Condition:
+        """The node's condition; call with the lock held."""
+        changed = self._changed.get(name)
+        if changed is None:
+            changed = self._changed[name] = threading.Condition(self._lock)
+        return changed
+
+    def _write(self, name: str, writes: Sequence[PatchNode]) -> None:
+        for write in writes:
+            # The answer is read as bytes, not into the client's models (milliseconds a
+            # Node, on the one interpreter all the agents share); the agent has no use for it.
+            response = self._core.patch_node(name, request_body(write), _preload_content=False)
+            response.read()  # type: ignore[attr-defined]  # the connection goes back to the pool
