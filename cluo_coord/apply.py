@@ -53,8 +53,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -216,7 +216,13 @@ class InOrder:
 
 class Pooled:
     """The steps on a pool of ``workers`` threads, each as soon as the ones it waits for
-    were applied; the caller's thread only dispatches and waits."""
+    were applied; the caller's thread only dispatches and waits. A worker that applied a
+    change goes on with the next change of its chain that this made ready (the node's
+    next write) itself, rather than through the pool's queue and the caller's thread: a
+    hop there costs two thread wake-ups between the two writes of a chain (0.15 to 0.23 ms
+    at the median, 0.24 to 0.35 ms at p90, on the 2-core test bed; 0.02 ms without), and
+    queues the write behind other chains' changes. The other changes it made ready go to
+    the caller's thread."""
 
     def __init__(self, workers: int = WORKERS) -> None:
         if workers < 1:
@@ -228,72 +234,104 @@ class Pooled:
             ) -> Applied:
         if one_chain(steps):  # nothing to run beside: no thread hop (a handoff's plans)
             return InOrder().run(steps, apply, go_on)
-        waiting = {step.index: len(step.after) for step in steps}
-        followers: dict[int, list[int]] = {step.index: [] for step in steps}
-        for step in steps:
-            for before in step.after:
-                followers[before].append(step.index)
-        by_index = {step.index: step for step in steps}
-        ready = deque(step.index for step in steps if not step.after)
-        running: dict[Future[bool | None], int] = {}
-        stop = threading.Event()
-        cut_short = threading.Event()
-        error: BaseException | None = None
-        writes = 0
-
-        def one(change: Change) -> bool | None:
-            """Apply one change; None: not started (the plan was stopped)."""
-            if stop.is_set():
-                return None
-            if not go_on():
-                cut_short.set()
-                stop.set()
-                return None
-            try:
-                return apply(change)
-            except BaseException:
-                stop.set()  # before this thread takes another change
-                raise
-
-        def applied(index: int) -> None:
-            for follower in followers[index]:
-                waiting[follower] -= 1
-                if not waiting[follower]:
-                    ready.append(follower)
-
-        events: list[int] = []  # Events whose change was applied: posted after the writes
-        while ready or running:
-            while ready:
-                index = ready.popleft()
-                if isinstance(by_index[index].change, EmitEvent):
-                    events.append(index)  # a write after it waits for its change only
-                    applied(index)
-                elif not stop.is_set():
-                    running[self._pool.submit(one, by_index[index].change)] = index
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                index = running.pop(future)
-                try:
-                    wrote = future.result()
-                except BaseException as err:  # raised below, once the running ones finished
-                    if error is None:
-                        log.info("a change failed, stopping the plan", extra={
-                            "ERROR": str(err), "RUNNING": len(running)})
-                        error = err
-                    continue
-                if wrote is None:
-                    continue
-                writes += wrote
-                applied(index)
-        try:
-            _post([by_index[index].change for index in sorted(events)], apply, go_on)
-        finally:
-            if error is not None:
-                raise error
-        return Applied(writes, cut_short=cut_short.is_set())
+        return _PooledRun(steps, apply, go_on).run(self._pool)
 
     def close(self) -> None:
         """Wait for the threads to end (no plan runs any more)."""
         self._pool.shutdown(wait=True)
+
+
+class _PooledRun:
+    """One plan on the pool: what waits for what, what is ready, what runs; every field
+    is read and written under ``_lock``."""
+
+    def __init__(self, steps: Sequence[Step], apply: Apply, go_on: Callable[[], bool]
+                 ) -> None:
+        self._apply = apply
+        self._go_on = go_on
+        self._changes = {step.index: step.change for step in steps}
+        self._waiting = {step.index: len(step.after) for step in steps}
+        self._followers: dict[int, list[int]] = {step.index: [] for step in steps}
+        for step in steps:
+            for before in step.after:
+                self._followers[before].append(step.index)
+        self._lock = threading.Condition()
+        self._ready: deque[int] = deque()
+        self._events: list[int] = []  # Events whose change was applied: posted at the end
+        self._running = 0  # changes handed to the pool and not finished
+        self._stop = False
+        self._cut_short = False
+        self._error: BaseException | None = None
+        self._writes = 0
+        with self._lock:
+            self._ready.extend(self._free(step.index for step in steps if not step.after))
+
+    def run(self, pool: ThreadPoolExecutor) -> Applied:
+        with self._lock:
+            while True:
+                while self._ready and not self._stop:
+                    self._running += 1
+                    pool.submit(self._chain, self._ready.popleft())
+                if not self._running:
+                    break
+                self._lock.wait()
+        try:
+            _post([self._changes[index] for index in sorted(self._events)], self._apply,
+                  self._go_on)
+        finally:
+            if self._error is not None:
+                raise self._error
+        return Applied(self._writes, cut_short=self._cut_short)
+
+    def _free(self, indices: Iterable[int]) -> list[int]:
+        """Of the steps whose predecessors were all applied, the writes; each Event is
+        held, and what waits for it only for the change it reports, so is freed too."""
+        writes: list[int] = []
+        for index in indices:
+            if isinstance(self._changes[index], EmitEvent):
+                self._events.append(index)
+                writes += self._free(self._applied(index))
+            else:
+                writes.append(index)
+        return writes
+
+    def _applied(self, index: int) -> list[int]:
+        """The followers of ``index`` that wait for nothing else any more."""
+        freed = []
+        for follower in self._followers[index]:
+            self._waiting[follower] -= 1
+            if not self._waiting[follower]:
+                freed.append(follower)
+        return freed
+
+    def _chain(self, index: int | None) -> None:
+        """On a pool thread: apply the change, then the first it made ready, and so on,
+        while the plan goes on; the others it made ready go to the caller's thread."""
+        try:
+            while index is not None:
+                with self._lock:
+                    if not self._stop and not self._go_on():
+                        self._stop = self._cut_short = True
+                    if self._stop:
+                        return
+                try:
+                    wrote = self._apply(self._changes[index])
+                except BaseException as err:  # raised by run() once the others finished
+                    with self._lock:
+                        self._stop = True  # before this thread takes another change
+                        if self._error is None:
+                            log.info("a change failed, stopping the plan", extra={
+                                "ERROR": str(err), "RUNNING": self._running - 1})
+                            self._error = err
+                    return
+                with self._lock:
+                    self._writes += wrote
+                    freed = self._free(self._applied(index))
+                    index = freed.pop(0) if freed else None
+                    if freed:  # for the caller's thread to hand to the pool
+                        self._ready.extend(freed)
+                        self._lock.notify()
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._lock.notify()

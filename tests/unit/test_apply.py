@@ -299,6 +299,24 @@ def test_a_single_chain_runs_in_the_callers_thread(pooled: Pooled) -> None:
     assert gates.threads == {threading.get_ident()}
 
 
+def test_a_worker_goes_on_with_its_chain_and_not_behind_other_changes() -> None:
+    gates = Gates()
+    gates.gate("a").set()
+    runner = Pooled(2)  # c's reset waits in the pool's queue while b's holds a worker
+    plan = [*TWO_NODES[:3], ResetRebootOk("c", "3")]
+    thread, outcome = run_in_thread(lambda: runner.run(schedule(plan), gates, lambda: True))
+    # b's and c's resets still held: through the pool's queue a's release would wait
+    # behind c's reset for a free worker.
+    gates.wait_started("ReleaseSlot(a)")
+    gates.gate("b").set()
+    gates.gate("c").set()
+    thread.join(WAIT)
+    runner.close()
+    assert outcome == [Applied(4)]
+    ends = [name for what, name in gates.log if what == "end"]
+    assert ends.index("ResetRebootOk(a)") < ends.index("ReleaseSlot(a)")
+
+
 def test_in_order_applies_the_plan_in_its_order_and_stops_at_the_first_error() -> None:
     applied: list[Change] = []
     error = KubeError("releasing reboot slot 0", "unavailable", kind="unavailable")
@@ -378,13 +396,19 @@ def test_the_pool_posts_the_givers_event_after_the_grant_also_when_the_grant_fai
 def test_the_held_events_are_not_posted_once_leadership_is_lost(pooled: Pooled) -> None:
     leader = threading.Event()
     leader.set()
+    other = threading.Event()  # c's reset, in the pooled plan, was applied
 
     def apply(change: Change) -> bool:
-        if isinstance(change, GrantRebootOk):
+        if isinstance(change, ResetRebootOk) and change.node == "c":
+            other.set()
+        if isinstance(change, GrantRebootOk):  # the last write: then leadership is lost
+            assert other.wait(WAIT), "c's reset did not run"
             leader.clear()
         return not isinstance(change, EmitEvent)
 
+    other.set()
     assert InOrder().run(schedule(HAND_OVER), apply, leader.is_set) == Applied(3)
+    other.clear()
     posted: list[Change] = []
     leader.set()
     plan = [*HAND_OVER, ResetRebootOk("c", "3")]
