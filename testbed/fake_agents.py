@@ -1,12 +1,13 @@
 """Stand-ins for cluo-agent on emulated nodes, for tests of the coordinator.
 
 `FakeAgents` plays the agent on every Node of a label selector: when the coordinator sets
-reboot-ok=true on a node that needs a reboot, it marks reboot-in-progress (with the boot id
-before, and agent-made-unschedulable unless the node was already cordoned), cordons the
-node, powers the emulated host off and on again (a new bootID), waits until the Node
-reports it, then reports reboot-needed=false, reboot-in-progress=false, as the agent does;
-once the coordinator has set reboot-ok=false it uncordons the node if it cordoned it
-(``uncordon_delay`` later: an agent is not instant) and clears its marks.
+reboot-ok=true on a node that needs a reboot, it makes the agent's Node writes
+(cluo/cycle/agent_core.py): reboot-in-progress with, unless the node was already cordoned,
+agent-made-unschedulable and the cordon, in one request; the boot id before the reboot;
+it powers the emulated host off and on again (a new bootID), waits until the Node reports
+it, then reports reboot-needed=false, reboot-in-progress=false; once the coordinator has
+set reboot-ok=false (``uncordon_delay`` later: an agent is not instant) it uncordons the
+node if it cordoned it and clears its marks, again in one request.
 ``cordoned_spans`` says from when to when each node was cordoned by its stand-in (from
 before the cordon request to after the uncordon answer: the real span lies within).
 Each node's stand-in writes with that node's own credential (a client certificate of
@@ -111,13 +112,15 @@ class FakeAgents:
         old_boot = before.status.node_info.boot_id
         we_cordon = not before.spec.unschedulable
         mark = {keys.agent_made_unschedulable: "true"} if we_cordon else {}
-        node.patch_node(name, {"metadata": {"annotations": {
-            keys.reboot_in_progress: "true", keys.boot_id_before_reboot: old_boot, **mark}}})
         if we_cordon:
             with self._spans_lock:
                 span = len(self.cordoned_spans)
                 self.cordoned_spans.append((name, time.monotonic(), None))
-            node.patch_node(name, {"spec": {"unschedulable": True}})
+        node.patch_node(name, {
+            "metadata": {"annotations": {keys.reboot_in_progress: "true", **mark}},
+            **({"spec": {"unschedulable": True}} if we_cordon else {})})
+        node.patch_node(name, {"metadata": {"annotations": {
+            keys.boot_id_before_reboot: old_boot}}})  # the drain is done
         host = self._emulator.node(name)
         host.shutdown()
         if name in self._never_return:
@@ -133,9 +136,11 @@ class FakeAgents:
                 return  # the test is over before the after-reboot phase
         if we_cordon:
             time.sleep(self._uncordon_delay)
-            node.patch_node(name, {"spec": {"unschedulable": False}})
+        node.patch_node(name, {
+            "metadata": {"annotations": {keys.agent_made_unschedulable: None,
+                                         keys.boot_id_before_reboot: None}},
+            **({"spec": {"unschedulable": False}} if we_cordon else {})})
+        if we_cordon:
             with self._spans_lock:
                 self.cordoned_spans[span] = (name, self.cordoned_spans[span][1],
                                              time.monotonic())
-        node.patch_node(name, {"metadata": {"annotations": {
-            keys.agent_made_unschedulable: None, keys.boot_id_before_reboot: None}}})

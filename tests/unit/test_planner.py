@@ -553,7 +553,7 @@ def test_slot_waits_until_the_agent_has_uncordoned_the_node() -> None:
     assert waiting.changes == ()
     assert waiting.recheck_after == timedelta(minutes=55)  # the reboot timeout
 
-    uncordoned = node("a", boot="boot-2", marked=True)  # W6 done, W7 (the mark) not yet
+    uncordoned = node("a", boot="boot-2", marked=True)  # uncordoned, the mark not cleared yet
     released = run([uncordoned], leases, base=HOOKS)
     assert kinds(released) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
     assert reasons(released) == [Reason.REBOOT_FINISHED]

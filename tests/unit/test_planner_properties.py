@@ -362,8 +362,9 @@ class Agents:
         self.cluster.write_node(name, {KEYS.reboot_needed: FALSE}, {KEYS.reboot_needed: FALSE})
 
     def start(self, name: str) -> None:
-        """W2 (the mark unless an admin cordoned the node), W3 the cordon, and the drain's
-        end (the boot id), as the agent does."""
+        """The grant taken (the mark and the cordon unless an admin cordoned the node) and
+        the drain's end (the boot id), as the agent does (the agent's W2 and W3; the mark
+        and the cordon are one write there, two here as an older agent made them)."""
         node = self.cluster.nodes[name]
         mark = {} if node.unschedulable else {KEYS.agent_made_unschedulable: TRUE}
         self.cluster.write_node(name, {
@@ -375,7 +376,8 @@ class Agents:
         self.cluster.write_node(name, {KEYS.boot_id_before_reboot: node.boot_id})
 
     def uncordon(self, name: str) -> None:
-        """W6 (only what the agent cordoned), then W7."""
+        """The uncordon (only what the agent cordoned) and the mark cleared: the agent's W5,
+        one write there, two here as an older agent made them."""
         node = self.cluster.nodes[name]
         if node.flag(KEYS.agent_made_unschedulable) and node.unschedulable:
             self.cluster.write_node(name, unschedulable=False)
