@@ -522,23 +522,15 @@ class Coordinator:
             self._gates.prefetch(current.queue)  # the next grants' records, read ahead
         self.plans += 1
         self._report_health(current, health)
-        self._metrics.observe_cluster(
-            NodeIndex.of(snapshot.nodes).reboot_needed,  # the cache's index: no pass
-            len(current.in_flight),
-            snapshot.slots,
-        )
-        self._metrics.observe_drain_backoff(len(current.drain_backoff),
-                                            len(current.out_of_roll))
-        self._metrics.observe_groups(current.groups, len(current.unavailable))
-        paused_by = ((snapshot.roll.paused_by or "admin") if snapshot.roll.paused
-                     else "admin" if policy.paused else "")
-        self._metrics.observe_roll(paused_by, len(snapshot.roll.failed))
         self._notifier.planned(snapshot.nodes, snapshot.slots, current, now)
         released = {s.index: s.released_at for s in snapshot.slots
                     if s.released_at and not s.group}
-        applied = self._runner.run(schedule(current.changes),
-                                   lambda change: self._apply(change, released),
-                                   lambda: self._leadership.is_leader)
+        try:
+            applied = self._runner.run(schedule(current.changes),
+                                       lambda change: self._apply(change, released),
+                                       lambda: self._leadership.is_leader)
+        finally:  # the plan's gauges, off the path to its first write
+            self._observe(current, snapshot, policy)
         if applied.cut_short:
             log.info("lost leadership, stopping the plan")
         writes = applied.writes
@@ -554,6 +546,20 @@ class Coordinator:
         deadline = None if recheck_after is None else Deadline.after(
             recheck_after, monotonic_now=monotonic_now, wall_now=now)
         return Reconciled(current, writes, deadline)
+
+    def _observe(self, current: Plan, snapshot: ClusterSnapshot, policy: Policy) -> None:
+        """The gauges of a plan (taken once its writes are done or stopped)."""
+        self._metrics.observe_cluster(
+            NodeIndex.of(snapshot.nodes).reboot_needed,  # the cache's index: no pass
+            len(current.in_flight),
+            snapshot.slots,
+        )
+        self._metrics.observe_drain_backoff(len(current.drain_backoff),
+                                            len(current.out_of_roll))
+        self._metrics.observe_groups(current.groups, len(current.unavailable))
+        paused_by = ((snapshot.roll.paused_by or "admin") if snapshot.roll.paused
+                     else "admin" if policy.paused else "")
+        self._metrics.observe_roll(paused_by, len(snapshot.roll.failed))
 
     # -- applying one change -------------------------------------------------------
 

@@ -447,7 +447,8 @@ class FakeEvents:
 
 
 class RecordingMetrics(CoordMetrics):
-    """The real metrics; each plan (one ``observe_cluster`` per plan) is journaled."""
+    """The real metrics; each plan (one ``observe_cluster`` per plan, once its writes are
+    done) is journaled."""
 
     def __init__(self, journal: Journal) -> None:
         super().__init__()

@@ -139,9 +139,10 @@ def test_a_conflict_relists_before_planning_again() -> None:
     assert stale.failed == "conflict"
     (label,) = patched(journal.entries, KEYS.before_reboot)
     refresh = journal.of("refresh")[0]
+    # A plan's "plan" entry comes once its writes are done (the gauges).
     replan = next(e for e in journal.entries[journal.index(refresh):] if e.call == "plan")
-    assert journal.index(stale) < journal.index(refresh) < journal.index(replan)
-    assert journal.index(replan) < journal.index(label)
+    assert journal.index(stale) < journal.index(refresh) < journal.index(label)
+    assert journal.index(label) < journal.index(replan)
     assert label.t == 0, "a conflict re-plans at once, with no backoff"
 
 
