@@ -14,8 +14,9 @@ response (``put_node``, ``put_slot``), so the next plan sees them without waitin
 the watch; an object never goes back to an older resourceVersion.
 
 ``ClusterWriter`` holds the node writes: JSON merge patches carrying the
-resourceVersion the planner saw (compare-and-swap), and the uncached slot read that
-guards every ``reboot-ok=true`` (planner rule 3).
+resourceVersion the planner saw (compare-and-swap), the uncached node read that stands
+in for a write that would change nothing (``check_node``), and the uncached slot read
+that guards every ``reboot-ok=true`` (planner rule 3).
 """
 
 from __future__ import annotations
@@ -301,6 +302,10 @@ class ClusterCache:
     def put_node(self, obj: Obj) -> None:
         self._nodes.put(obj)
 
+    def node(self, name: str) -> Obj | None:
+        """The cached Node (as ``_trimmed`` keeps it: its labels and annotations whole)."""
+        return self._nodes.by_name([name])[name]
+
     def put_lease(self, obj: Obj) -> None:
         """A Lease as this coordinator just wrote it (the leader Lease's roll state)."""
         self._leases.put(obj)
@@ -375,6 +380,16 @@ class ClusterWriter:
             name, body, action=f"patching node {name!r} at resourceVersion {resource_version}")
         assert isinstance(obj, dict)
         return obj
+
+    def check_node(self, name: str, resource_version: str) -> None:
+        """Fail as ``patch_node`` would if the node is no longer at ``resource_version``
+        (a conflict, 409; not found, 404), by an uncached read (a quorum read from etcd):
+        the check a write that would change nothing gives, without the write."""
+        action = f"checking node {name!r} at resourceVersion {resource_version}"
+        found = version_of(self._api.call(action, "GET", node_path(name)))
+        if found != resource_version:
+            raise KubeError(action, f"the node is at resourceVersion {found}",
+                            kind="conflict", status=409, reason="Conflict")
 
     def read_lease(self, name: str) -> Obj | None:
         """One Lease, read from the API server (not the cache); None if missing."""

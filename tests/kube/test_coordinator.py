@@ -637,6 +637,35 @@ def test_grant_is_refused_when_the_slot_lease_moved_since_the_plan(
         api.close()
 
 
+def test_node_check_passes_at_the_planned_version_and_fails_as_the_write_would(
+    rig: Rig, coord_kubeconfig: Path
+) -> None:
+    """Rule 4's no-op reset, as the coordinator's ServiceAccount: an uncached read that
+    fails with the write's 409 once the node moved on, and its 404 once it is gone."""
+    from cluo.errors import KubeError
+    from cluo.kube.config import kubeconfig_client
+    from cluo_coord.cluster import ClusterWriter
+
+    (name,) = rig.add_nodes(1)
+    api = kubeconfig_client(coord_kubeconfig, "cluo-coord")
+    try:
+        writer = ClusterWriter(api, NAMESPACE, KEYS)
+        planned = rig.node(name).metadata.resource_version
+        writer.check_node(name, planned)
+        rig.annotate(name, {KEYS.last_checked_time: "1800000000"})  # the agent checked
+        moved = rig.node(name).metadata.resource_version
+        with pytest.raises(KubeError) as stale:
+            writer.check_node(name, planned)
+        assert (stale.value.kind, stale.value.status) == ("conflict", 409)
+        assert name in str(stale.value)
+        assert planned in str(stale.value) and moved in str(stale.value)
+        with pytest.raises(KubeError) as gone:
+            writer.check_node(f"{name}-gone", moved)
+        assert (gone.value.kind, gone.value.status) == ("not_found", 404)
+    finally:
+        api.close()
+
+
 def test_node_view_is_rebuilt_only_when_its_resource_version_changes(
     rig: Rig, coord_kubeconfig: Path
 ) -> None:
