@@ -11,7 +11,9 @@ still ticks every ``IDLE_TICK`` for /healthz; a tick also checks the deadline ag
 planner's safety rules (see cluo_coord.planner):
 
 - every node write is a JSON merge patch carrying the resourceVersion the planner saw,
-  every Lease write a KubeSlots compare-and-swap (rule 2);
+  every Lease write a KubeSlots compare-and-swap (rule 2); a ``ResetRebootOk`` that would
+  change nothing on the cached Node the planner saw is an uncached read of the node
+  instead, which fails as the write would if the node moved on (rule 4);
 - before ``reboot-ok=true`` the slot Lease is read again, uncached, and the grant is
   refused unless it is still at the resourceVersion the planner saw and names the node
   (rule 3); or, instead of that read, it was written right before by a compare-and-swap
@@ -123,6 +125,9 @@ class ClusterView(Protocol):
 
     def put_slot(self, slot: SlotLease) -> None: ...
 
+    def node(self, name: str) -> Obj | None:
+        """The cached Node, its labels and annotations whole; None if not cached."""
+
 
 class NodeWriter(Protocol):
     """Node writes with compare-and-swap, and the uncached slot Lease read that guards
@@ -131,6 +136,10 @@ class NodeWriter(Protocol):
     def patch_node(self, name: str, patch: MetadataPatch, resource_version: str) -> Obj: ...
 
     def read_lease(self, name: str) -> Obj | None: ...
+
+    def check_node(self, name: str, resource_version: str) -> None:
+        """Uncached: fails as ``patch_node`` would if the node is no longer at
+        ``resource_version`` (instead of a write that would change nothing, rule 4)."""
 
     def node_exists(self, name: str) -> bool:
         """Uncached: before a slot whose holder is gone is freed (planner rule 11)."""
@@ -605,6 +614,13 @@ class Coordinator:
                 self._metrics.handoff_seconds.observe(self._monotonic() - started)
             log.info("reboot granted", extra={"NODE": change.node, "SLOT": change.slot})
             return True
+        if isinstance(change, ResetRebootOk) and self._changes_nothing(change):
+            # Rule 4's reset of a holder with nothing left to reset: all it needs of the
+            # write is the check that the node is still as planned, and a read gives it.
+            self._writer.check_node(change.node, change.expected_resource_version)
+            log.info("node checked", extra={
+                "NODE": change.node, "CHANGE": type(change).__name__})
+            return False
         if isinstance(change, LabelBeforeReboot | LabelAfterReboot | ResetRebootOk):
             obj = self._writer.patch_node(change.node, change.patch(keys),
                                           change.expected_resource_version)
@@ -661,6 +677,20 @@ class Coordinator:
                 "NODE": change.node, "SLOT": change.slot})
             return True
         raise TypeError(f"unknown change {change!r}")  # pragma: no cover
+
+    def _changes_nothing(self, change: ResetRebootOk) -> bool:
+        """Whether the reset would change nothing on the Node the planner saw: the
+        cache's Node at the change's resourceVersion (else unknown: False) already has
+        every label and annotation of the patch, and none of those it removes."""
+        obj = self._cache.node(change.node)
+        metadata = (obj or {}).get("metadata") or {}
+        if metadata.get("resourceVersion") != change.expected_resource_version:
+            return False
+        patch = change.patch(self._policy.keys)
+        return all(
+            (metadata.get(part) or {}).get(key) == value
+            for part, values in (("labels", patch.labels), ("annotations", patch.annotations))
+            for key, value in values.items())
 
     def _apply_brake(self, change: RecordFailedReboot | PauseRoll) -> bool:
         """Planner rule 14 on the leader Lease."""

@@ -150,7 +150,7 @@ class FakeTime:
 @dataclass(frozen=True)
 class Entry:
     t: float  # fake seconds since the start
-    call: str  # "plan", "snapshot", "refresh", "patch_node", "acquire", "event", ...
+    call: str  # "plan", "snapshot", "refresh", "patch_node", "check_node", ...
     node: str = ""
     detail: str = ""
     failed: str = ""  # the error kind, when the call raised
@@ -268,10 +268,7 @@ class Cluster:
             raise error
 
     def node_object(self, name: str) -> Obj:
-        node = self.nodes[name]
-        return {"metadata": {"name": name, "resourceVersion": str(node.version),
-                             "annotations": dict(node.annotations),
-                             "labels": dict(node.labels)}}
+        return node_object(name, self.nodes[name])
 
     def lease_object(self, index: int) -> Obj | None:
         slot = self.slots.get(index)
@@ -290,6 +287,12 @@ class Cluster:
         return {"metadata": {"name": slot_lease_name(index), "resourceVersion":
                              slot.resource_version, "labels": {SLOT_LEASE_LABEL: "true"},
                              "annotations": annotations}, "spec": spec}
+
+
+def node_object(name: str, node: FakeNode) -> Obj:
+    return {"metadata": {"name": name, "resourceVersion": str(node.version),
+                         "annotations": dict(node.annotations),
+                         "labels": dict(node.labels)}}
 
 
 def conflict(what: str) -> KubeError:
@@ -346,6 +349,10 @@ class FakeCache:
         if self._frozen is not None:
             self._frozen[1][slot.index] = slot
 
+    def node(self, name: str) -> Obj | None:
+        nodes = self._frozen[0] if self._frozen is not None else self.cluster.nodes
+        return None if name not in nodes else node_object(name, nodes[name])
+
 
 class FakeWriter:
     """Node merge patches with the resourceVersion precondition; uncached Lease reads."""
@@ -381,6 +388,19 @@ class FakeWriter:
         c.done("read_lease", detail=name)
         index = int(name.rsplit("-", 1)[1])
         return c.lease_object(index)
+
+    def check_node(self, name: str, resource_version: str) -> None:
+        c = self.cluster
+        c.check("check_node", name, resource_version)
+        node = c.nodes.get(name)
+        if node is None:
+            c.journal.add("check_node", name, resource_version, failed="not_found")
+            raise KubeError(f"checking node {name!r}", "not found", kind="not_found",
+                            status=404)
+        if str(node.version) != resource_version:
+            c.journal.add("check_node", name, resource_version, failed="conflict")
+            raise conflict(f"checking node {name!r} at resourceVersion {resource_version}")
+        c.done("check_node", name, resource_version)
 
     def node_exists(self, name: str) -> bool:
         c = self.cluster

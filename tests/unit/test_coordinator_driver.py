@@ -80,6 +80,55 @@ def test_the_givers_event_follows_the_takers_grant_and_survives_its_failure() ->
     assert rig.cluster.nodes["b"].annotations[KEYS.reboot_ok] == TRUE  # granted next plan
 
 
+def reset_holder(rig: CoordRig) -> None:
+    """Node a holds slot 0, back and uncordoned with nothing left to reset (its agent
+    cleared its marks, reboot-ok is already false); node b waits for the slot. The plan
+    is ResetRebootOk(a), a no-op, then the hand-over of slot 0 to b and b's grant."""
+    rig.cluster.add_node("a", **{KEYS.reboot_needed: "false", KEYS.reboot_ok: "false"})
+    rig.cluster.hold(0, "a", acquired_at=T0 - timedelta(minutes=5), holder_boot_id="boot-old")
+    rig.cluster.add_node("b", **{KEYS.reboot_needed: TRUE})
+
+
+def test_a_reset_that_changes_nothing_reads_the_node_instead_of_writing_it() -> None:
+    rig = CoordRig()
+    reset_holder(rig)
+    seen = str(rig.cluster.nodes["a"].version)
+    journal = rig.run(until=30)
+    (checked,) = journal.of("check_node")
+    assert (checked.node, checked.detail) == ("a", seen), "at the version the planner saw"
+    assert not [e for e in journal.of("patch_node") if e.node == "a"]
+    (handed,) = journal.of("acquire")
+    (grant,) = patched(journal.entries, KEYS.reboot_ok)
+    assert journal.index(checked) < journal.index(handed) < journal.index(grant)
+    assert rig.cluster.slots[0].holder == "b"
+
+
+def test_a_node_changed_since_the_plan_fails_the_no_op_reset_as_a_conflict() -> None:
+    rig = CoordRig()
+    reset_holder(rig)
+    rig.cache.lag()  # the cache has not seen a's change below yet
+    rig.cluster.annotate("a", **{KEYS.last_checked_time: "1700000000"})
+    journal = rig.run(until=30)
+    (stale,) = journal.of("check_node", ok=False)
+    assert stale.failed == "conflict"
+    refresh = journal.of("refresh")[0]
+    before_relist = journal.entries[:journal.index(refresh)]
+    assert journal.index(stale) < journal.index(refresh)
+    assert not [e for e in before_relist if e.call in ("acquire", "release", "patch_node")]
+    assert rig.cluster.slots[0].holder == "b"  # planned again, from the fresh list
+
+
+def test_a_reset_with_something_to_change_still_writes() -> None:
+    rig = CoordRig()
+    reset_holder(rig)
+    rig.cluster.nodes["a"].labels[KEYS.after_reboot] = TRUE  # the after-reboot hooks' label
+    journal = rig.run(until=30)
+    assert not journal.of("check_node")
+    (reset,) = [e for e in journal.of("patch_node", ok=True) if e.node == "a"]
+    assert journal.index(reset) < journal.index(journal.of("acquire")[0])
+    assert KEYS.after_reboot not in rig.cluster.nodes["a"].labels
+
+
 def test_a_plan_stops_when_leadership_is_lost_midway() -> None:
     leadership = Switch()
     rig = CoordRig(Policy(before_reboot_annotations=(BEFORE_HOOK,)), leadership=leadership)
