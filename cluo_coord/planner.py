@@ -50,8 +50,8 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    reboot-ok=true is only ever written while the Lease names the node.
 4. Every ``ReleaseSlot`` follows a ``ResetRebootOk`` of the holder in the same plan (but
    the release of a holder whose Node is gone, rule 11), even when the view says there
-   is nothing to reset: the node write is then a no-op that still
-   checks the node's resource version. A slot is released only if the node really is in
+   is nothing to reset: the driver then checks the node's resource version by an
+   uncached read. A slot is released only if the node really is in
    the reset state the planner saw. A hand-over (``AcquireSlot.handed_from``) is such a
    release: it takes the place of the ReleaseSlot after the same reset, and is made
    only for a holder whose cycle is done (it needs no reboot, is not rebooting and not
@@ -1138,7 +1138,7 @@ def _gives_back(view: NodeView, policy: Policy) -> bool:
 
 def _release_group_slots(view: NodeView, slots: list[SlotLease], out: _Builder) -> None:
     """Rule 15: a node that holds only group slots and shows no part of a cycle gives them
-    back: a reset first (a no-op CAS: the node still shows no cycle), as rule 4 says."""
+    back: a reset first (a no-op: the node still shows no cycle), as rule 4 says."""
     out.add(ResetRebootOk(view.name, view.resource_version, out.policy.hook_annotations))
     for lease in slots:
         out.add(ReleaseSlot(lease.index, view.name, _lease_rv(lease), out.now,
