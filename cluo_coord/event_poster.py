@@ -2,7 +2,8 @@
 the next node's grant.
 
 The driver posts an Event only after the change it reports was applied (planner's
-``EmitEvent``); posting it is a POST the next grant need not wait for. ``EventPoster`` is
+``EmitEvent``), and only once its plan's writes are done (cluo_coord.apply); posting it
+is a POST no grant need wait for. ``EventPoster`` is
 the driver's ``EventSink``: ``emit_event`` puts the Event on a queue and returns, and
 ``WORKERS`` threads post the queued Events through the real sink (``KubeNodes``, which
 never raises). The Events of one node all go to the same thread, which posts them in
