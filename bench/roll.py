@@ -23,10 +23,12 @@ cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resol
   schedulable again, which planner rule 10 waits for before A's slot may go to another
   node) to the completion of the coordinator's write of ``reboot-ok=true`` on B, the next
   node granted. In between, the uncordon's watch event reaches the coordinator, whose plan
-  writes a no-op reset of A at the version it saw (rule 4), hands A's slot to B by one
-  compare-and-swap at the Lease version naming A that carries B's workloads record (the
-  health gate's, read ahead; that write is also rule 3's check of the Lease) and writes
-  the grant; Events go out beside, from their own queue. The coordinator's requests inside
+  checks that A is still at the version it saw (rule 4's reset of A, which changes nothing
+  by then: an uncached read of A, or a no-op write of the reset by an older coordinator),
+  hands A's slot to B by one compare-and-swap at the Lease version naming A that carries
+  B's workloads record (the health gate's, read ahead; that write is also rule 3's check of
+  the Lease) and writes the grant; the plan's Events go out after its writes. The
+  coordinator's requests inside
   each handoff are counted from the audit log. Before the handoff, and measured apart, is
   the agent's share: from the completion of the coordinator's reset of A (``reboot-ok=
   false``, A's after-reboot phase completed) to the completion of A's uncordon.
@@ -185,7 +187,7 @@ class RollOutcome:
     handoff_requests: dict[str, float] = field(default_factory=dict)
     # per handoff, seconds the API server spent in the coordinator's requests on the path
     # (received -> completed of each: its Node and slot Lease requests inside the handoff,
-    # such as the no-op reset of A and the hand-over, and the grant itself)
+    # such as the check of A and the hand-over, and the grant itself)
     handoff_server: tuple[float, ...] = ()
 
     @property
@@ -275,12 +277,13 @@ def run_handoff(context: BenchContext) -> BenchResult:
             "uncordon write to the completion of the coordinator's write of reboot-ok=true "
             "on B, the next node granted; both times are the API server's (audit log "
             "stageTimestamp, microseconds). In between: the uncordon's watch event reaching "
-            "the coordinator and its plan, a no-op reset of A at the version it saw (rule "
-            "4's check that A is still as planned), the hand-over of A's slot Lease to B (a "
-            "merge patch with the resourceVersion naming A as precondition, carrying the "
-            "health gate's record of B's workloads, read ahead; that compare-and-swap is "
-            "also rule 3's check that the Lease is as planned) and the grant (a node "
-            "PATCH). The Events go out from a queue of their own beside them. The round "
+            "the coordinator and its plan, rule 4's check that A is still at the version "
+            "the plan saw (its reset changes nothing by then: an uncached read of A, or a "
+            "no-op write of the reset by an older coordinator), the hand-over of A's slot "
+            "Lease to B (a merge patch with the resourceVersion naming A as precondition, "
+            "carrying the health gate's record of B's workloads, read ahead; that "
+            "compare-and-swap is also rule 3's check that the Lease is as planned) and the "
+            "grant (a node PATCH). The plan's Events go out after its writes. The round "
             "trips counted are the coordinator's non-watch requests that began after A's "
             "uncordon was received and ended inside the handoff, before B's grant, from the "
             "audit log (its watch can show A's uncordon before the API server has finished "
