@@ -357,7 +357,14 @@ def test_first_boot_shows_the_merged_agent_ready_and_its_node_labelled(
     host = node.host
 
     assert "cluo-agent" in host.run("systemd-sysext", "status").stdout
-    assert "agent ready" in host.run("journalctl", "-u", "cluo-agent").stdout
+
+    def journal_says_ready() -> bool:
+        """systemd logs "Started" at READY=1, which comes before the agent has read and
+        labelled its Node; "agent ready" is logged after that."""
+        return "agent ready" in host.run("journalctl", "-u", "cluo-agent").stdout
+
+    wait_for(journal_says_ready, LABEL_TIMEOUT, f"'agent ready' in {node.name}'s journal",
+             interval=0.5)
 
     def labels() -> dict[str, str]:
         """The Node's labels once the agent has set its own (empty until then)."""
