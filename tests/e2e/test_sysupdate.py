@@ -28,7 +28,7 @@ from testbed.kubelet import KubeletEmulator
 from testbed.nspawn import EXIT_REBOOT, NspawnHost, RebootFollower
 from testbed.roll import AgentImage, build_agent_image, provision_host, sysext_problem
 from testbed.trixie import SYSUPDATE, build_trixie_root
-from testbed.waiting import assert_stays
+from testbed.waiting import assert_stays, wait_for
 from tests.e2e import test_agent_host
 from tests.e2e.conftest import unique_name
 from tests.e2e.test_agent_host import Cycle
@@ -47,6 +47,7 @@ MERGED_VERSION = "/usr/lib/cluo-agent/VERSION"
 SERVICE = "cluo-sysupdate.service"
 TIMER = "cluo-sysupdate.timer"
 SYSUPDATE_RUN_TIMEOUT = 120.0  # download of a ~20 MB image from loopback, and the check
+JOURNAL_TIMEOUT = 10.0  # journald's reading of a finished service's last output lines
 
 
 def image_file(version: str) -> str:
@@ -127,14 +128,27 @@ def exists(host: NspawnHost, path: str) -> bool:
     return host.run("test", "-e", path, check=False).returncode == 0
 
 
-def run_sysupdate(host: NspawnHost) -> str:
-    """Start the service as its timer would, wait until it has finished; its journal."""
+def run_sysupdate(host: NspawnHost, says: str, times: int = 1) -> str:
+    """Start the service as its timer would, wait until it has finished and this boot's
+    journal of it holds `says` at least `times` times (journald reads the service's output
+    stream on its own, so a line can arrive after the service has finished); its journal."""
     result = host.run("systemctl", "start", SERVICE, check=False,
                       timeout=SYSUPDATE_RUN_TIMEOUT)
-    journal = host.run("journalctl", "--boot", "--unit", SERVICE, "--no-pager",
-                       "--output=cat").stdout
-    assert result.returncode == 0, f"systemctl start {SERVICE}: {result.stderr}\n{journal}"
-    return journal
+
+    def journal() -> str:
+        return host.run("journalctl", "--boot", "--unit", SERVICE, "--no-pager",
+                        "--output=cat").stdout
+
+    assert result.returncode == 0, f"systemctl start {SERVICE}: {result.stderr}\n{journal()}"
+    def holds() -> str:
+        text = journal()
+        return text if text.count(says) >= times else ""
+
+    try:
+        return wait_for(holds, JOURNAL_TIMEOUT,
+                        f"{says!r} {times} time(s) in {SERVICE}'s journal", interval=0.2)
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{journal()}") from None
 
 
 def agent_sees(cycle: Cycle, path: str) -> str:
@@ -158,8 +172,7 @@ def test_a_newer_agent_image_is_downloaded_and_merged_after_a_coordinated_reboot
 
     # Nothing newer published: systemd-sysupdate finds the installed image current, and no
     # reboot is asked for.
-    journal = run_sysupdate(host)
-    assert "no reboot needed" in journal, journal
+    run_sysupdate(host, "no reboot needed")
     assert not exists(host, "/run/reboot-required")
 
     # A release: the newer image lands in the store, and SHA256SUMS lists both.
@@ -168,8 +181,7 @@ def test_a_newer_agent_image_is_downloaded_and_merged_after_a_coordinated_reboot
     sums = (published[0] / "SHA256SUMS").read_text()
     assert f"cluo-agent-{NEW_VERSION}-x86-64.raw" in sums, sums
 
-    journal = run_sysupdate(host)
-    assert "asked for a reboot" in journal, journal
+    run_sysupdate(host, "asked for a reboot")
     listing = host.run("ls", EXTENSIONS_DIR).stdout.split()
     assert sorted(listing) == sorted(Path(image_file(v)).name
                                      for v in (OLD_VERSION, NEW_VERSION)), listing
@@ -183,7 +195,7 @@ def test_a_newer_agent_image_is_downloaded_and_merged_after_a_coordinated_reboot
     # itself: a request lost after the download (here: removed) is made again by the next
     # run, though there is nothing new to download.
     host.run("rm", "/run/reboot-required", "/run/reboot-required.pkgs")
-    journal = run_sysupdate(host)
+    journal = run_sysupdate(host, "asked for a reboot", times=2)
     assert journal.count("asked for a reboot") == 2, journal
     assert read(host, "/run/reboot-required.pkgs").splitlines() == ["cluo-agent"]
     # Downloaded, not applied: the old image stays merged and nothing reboots before the
@@ -210,6 +222,5 @@ def test_a_newer_agent_image_is_downloaded_and_merged_after_a_coordinated_reboot
     assert agent_sees(cycle, MERGED_VERSION) == NEW_VERSION
     assert not exists(host, "/run/reboot-required"), "the reboot emptied /run"
     # And the next run of the timer's service finds nothing to do.
-    journal = run_sysupdate(host)
-    assert "no reboot needed" in journal, journal
+    run_sysupdate(host, "no reboot needed")
     assert not exists(host, "/run/reboot-required")
