@@ -10,8 +10,10 @@ fake agents' section, sent as ``node_patch`` builds them): on
 ``reboot-ok=true`` it takes the grant and cordons the node, records the boot id, powers the
 emulated host off and boots it with a new boot id ``DRAIN_REBOOT`` seconds after it began
 (the simulated drain + reboot, the host's going down included), waits for the Node to show
-it, and reports the reboot; on the coordinator's ``reboot-ok=false`` it uncordons the node
-and clears its marks. The emulator plays the node lifecycle controller with its default
+it, and reports the reboot; on the coordinator's ``reboot-ok=false`` it ends its cycle:
+its marks cleared and, if the coordinator's reset left the node cordoned with the agent's
+mark, the uncordon (the coordinator's reset at the end of a proven reboot uncordons the
+node itself, planner rule 10). The emulator plays the node lifecycle controller with its default
 node-monitor-grace-period (``NODE_MONITOR_GRACE_PERIOD``): a host down for a few seconds is
 never marked NotReady, tainted or its pods not Ready, as in a real cluster; its kubelet
 goes silent and, booted, posts the new boot id and Ready.
@@ -19,19 +21,18 @@ goes silent and, booted, posts the new boot id and Ready.
 Every time is the API server's, from its audit log (the bodies of Node patches and of
 cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resolution:
 
-- *handoff* of node A to node B: from the completion of the agent's uncordon of A (A is
-  schedulable again, which planner rule 10 waits for before A's slot may go to another
-  node) to the completion of the coordinator's write of ``reboot-ok=true`` on B, the next
-  node granted. In between, the uncordon's watch event reaches the coordinator, whose plan
-  checks that A is still at the version it saw (rule 4's reset of A, which changes nothing
-  by then: an uncached read of A, or a no-op write of the reset by an older coordinator),
-  hands A's slot to B by one compare-and-swap at the Lease version naming A that carries
-  B's workloads record (the health gate's, read ahead; that write is also rule 3's check of
-  the Lease) and writes the grant; the plan's Events go out after its writes. The
-  coordinator's requests inside
-  each handoff are counted from the audit log. Before the handoff, and measured apart, is
-  the agent's share: from the completion of the coordinator's reset of A (``reboot-ok=
-  false``, A's after-reboot phase completed) to the completion of A's uncordon.
+- *handoff* of node A to node B: from the completion of the write that made A schedulable
+  again (which planner rule 10 waits for before A's slot may go to another node) to the
+  completion of the coordinator's write of ``reboot-ok=true`` on B, the next node granted.
+  A's reboot proven and its after-reboot phase done, the coordinator's reset of A
+  (``reboot-ok=false``) uncordons it in the same write; its plan then hands A's slot to B
+  by one compare-and-swap at the Lease version naming A that carries B's workloads record
+  (the health gate's, read ahead; that write is also rule 3's check of the Lease) and
+  writes the grant; the plan's Events go out after its writes. Had the agent's uncordon
+  been needed (an older coordinator), the handoff would start at it. The coordinator's
+  requests inside each handoff are counted from the audit log. Measured apart, before the
+  handoff: the time from the completion of the coordinator's reset of A to A schedulable
+  again (zero when the reset uncordoned it).
 - for a concurrent roll the coordinator is sampled by py-spy (``PROFILE_RATE`` Hz,
   non-blocking) and the summary goes into the notes.
 - *makespan*: from the coordinator's first slot acquisition (request received) to its last
@@ -44,19 +45,19 @@ cluo-system Lease writes are logged, see bench/testbed.py), at microsecond resol
   node overlaps the others' drains: the slot time per node beyond the agent's cycle
   (C x makespan - the sum of the agents' cycles) / N is reported beside it, as the
   measure of how long a slot stands empty. The agent's cycle is its part of a slot's time:
-  from the grant to its report of the reboot, and from the coordinator's reset to its
-  uncordon.
+  from the grant to its report of the reboot (and from the coordinator's reset to its
+  uncordon, when the reset did not uncordon the node).
 - *throttled requests*: requests the API server answered 429 during the roll (any client,
   its audit log) and the growth of ``apiserver_flowcontrol_rejected_requests_total`` (API
   priority and fairness rejections, the API server's /metrics) over the roll.
 
 The concurrent rolls (1,000 nodes, 50 at a time; and the same split in two ``--group``s of
 25 at a time each) run the same fake agents: one thread that watches every Node of the run
-and a thread per node in its cycle (grant to uncordon), not a process per node.
+and a thread per node in its cycle (grant to the end of its cycle), not a process per node.
 
 The coordinator's own ``cluo_handoff_seconds`` histogram (slot release to next grant,
-measured in the process; a hand-over is timed from its request, so the uncordon's watch
-event, the plan and the reset of A come before it) is read from /metrics and reported
+measured in the process; a hand-over is timed from its request, so the reset of A that
+uncordons it comes before it) is read from /metrics and reported
 beside the handoff.
 """
 
@@ -155,7 +156,7 @@ class RollPlan:
 
 HANDOFF_NODES = {False: 20, True: 5}  # by quick
 ROUND_TRIPS = "coordinator's API round trips inside a handoff, mean"
-AGENT_SHARE = "before a handoff, the agent's share: A's reset to A's uncordon, p50"
+AGENT_SHARE = "before a handoff, A's reset to A schedulable again, p50"
 OVERHEAD_PLANS = {
     False: (RollPlan(20), RollPlan(200),
             RollPlan(1000, 50, drain_reboot=CONCURRENT_DRAIN_REBOOT[False]),
@@ -173,11 +174,15 @@ KEYS = Keys()
 class RollOutcome:
     plan: RollPlan
     makespan: float  # seconds, API server clock
-    # seconds, in grant order (one at a time only): A's uncordon completed -> B's grant completed
+    # seconds, in grant order (one at a time only): A schedulable again (its uncordon
+    # completed) -> B's grant completed
     handoffs: tuple[float, ...]
     agent_cycles: tuple[float, ...]  # grant -> agent reported back, per node in grant order
-    # the coordinator's reset -> the agent's uncordon, per node in grant order
+    # the coordinator's reset -> the node uncordoned, per node in grant order (0: the reset
+    # uncordoned it)
     agent_uncordons: tuple[float, ...]
+    # how many nodes the coordinator's reset uncordoned (the rest: their agents)
+    uncordoned_by_reset: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # /metrics after the roll
     wall: float = 0.0
     throttled: int = 0  # 429 answers during the roll, any client
@@ -230,7 +235,7 @@ def run_handoff(context: BenchContext) -> BenchResult:
     outcome = roll(context, RollPlan(HANDOFF_NODES[context.quick]))
     handoffs = outcome.handoffs
     ms = [h * 1000 for h in handoffs]
-    # The agent's share comes before a handoff: A's uncordon, once the coordinator reset A.
+    # Before a handoff: A's reset to A schedulable again (0 when the reset uncordoned it).
     uncordons = outcome.agent_uncordons[:-1]
     count = outcome.metrics.get("cluo_handoff_seconds_count", math.nan)
     total = outcome.metrics.get("cluo_handoff_seconds_sum", math.nan)
@@ -261,7 +266,9 @@ def run_handoff(context: BenchContext) -> BenchResult:
                                          in sorted(outcome.handoff_requests.items()))),
             Measurement(AGENT_SHARE,
                         statistics.median(uncordons), "s",
-                        detail=f"{len(uncordons)} uncordons, max {max(uncordons) * 1000:.0f} ms"),
+                        detail=f"{len(uncordons)} uncordons, {outcome.uncordoned_by_reset} of "
+                        f"{outcome.nodes} by the coordinator's reset, max "
+                        f"{max(uncordons) * 1000:.0f} ms"),
         ),
         method=(
             f"One roll of {outcome.nodes} emulated nodes by the real cluo-coord process "
@@ -270,39 +277,36 @@ def run_handoff(context: BenchContext) -> BenchResult:
             "s; the kubelet emulator leaves a host down for less than node-monitor-grace-"
             f"period, {NODE_MONITOR_GRACE_PERIOD:g} s, unmarked, as in a real cluster). The "
             "fake agents make the real agent's Node writes in its order and grouping: "
-            f"{describe_agent_writes()}; the uncordon on the watch event of the coordinator's "
-            "reset of A (reboot-ok=false, A's after-reboot phase completed). The "
-            "coordinator hands A's slot over only once A is schedulable again "
-            "(planner rule 10), so the handoff of A to B runs from the completion of A's "
-            "uncordon write to the completion of the coordinator's write of reboot-ok=true "
-            "on B, the next node granted; both times are the API server's (audit log "
-            "stageTimestamp, microseconds). In between: the uncordon's watch event reaching "
-            "the coordinator and its plan, rule 4's check that A is still at the version "
-            "the plan saw (its reset changes nothing by then: an uncached read of A, or a "
-            "no-op write of the reset by an older coordinator), the hand-over of A's slot "
+            f"{describe_agent_writes()}. The coordinator hands A's slot over only once A is "
+            "schedulable again (planner rule 10); A's reboot proven and its after-reboot "
+            "phase done, the coordinator's reset of A (reboot-ok=false) uncordons A in the "
+            "same write. So the handoff of A to B runs from the completion of the write "
+            "that made A schedulable again (that reset; an agent's uncordon, had the reset "
+            "not uncordoned A) to the completion of the coordinator's write of "
+            "reboot-ok=true on B, the next node granted; both times are the API server's "
+            "(audit log stageTimestamp, microseconds). In between: the hand-over of A's slot "
             "Lease to B (a merge patch with the resourceVersion naming A as precondition, "
             "carrying the health gate's record of B's workloads, read ahead; that "
             "compare-and-swap is also rule 3's check that the Lease is as planned) and the "
             "grant (a node PATCH). The plan's Events go out after its writes. The round "
-            "trips counted are the coordinator's non-watch requests that began after A's "
-            "uncordon was received and ended inside the handoff, before B's grant, from the "
-            "audit log (its watch can show A's uncordon before the API server has finished "
-            "answering the agent); the issue's floor is one compare-and-swap on the slot "
+            "trips counted are the coordinator's non-watch requests that began after the "
+            "write making A schedulable was received and ended inside the handoff, before "
+            "B's grant, from the audit log; the issue's floor is one compare-and-swap on the slot "
             "Lease and the grant. Each handoff is split into the API server's time in the "
             "coordinator's requests on the path (received to completed of its Node and slot "
             "Lease requests, their part inside the handoff, and of the grant: what the "
             "server itself took to store and answer them) and "
-            "the rest (the watch delivery, the coordinator's plan and dispatch, its client, "
-            "the loopback wire). Measured apart, before the handoff: the agent's share, "
-            "from the completion of the coordinator's reset of A to the completion of A's "
-            "uncordon (the watch event reaching the agent and its write). The "
-            "coordinator's own cluo_handoff_seconds histogram (in-process, from a slot's "
-            "release, or the hand-over's request, to the grant's answer) is reported beside "
-            "it: it leaves out what comes before the hand-over (the uncordon's watch event, "
-            "the plan, the reset of A)."
+            "the rest (the coordinator's dispatch, its client, the loopback wire, and any "
+            "watch delivery and plan on the path). Measured apart, before the handoff: the "
+            "time from the completion of the coordinator's reset of A to A schedulable "
+            "again (zero when the reset uncordoned A; else the agent's uncordon: its watch "
+            "event and its write). The coordinator's own cluo_handoff_seconds histogram "
+            "(in-process, from a slot's release, or the hand-over's request, to the grant's "
+            "answer) is reported beside it: it leaves out the reset of A before the "
+            "hand-over."
         ),
         notes=(f"handoffs in ms, in grant order: {', '.join(f'{v:.0f}' for v in ms)}",
-               "the agent's share (A's reset to A's uncordon) in ms, in grant order: "
+               "A's reset to A schedulable again in ms, in grant order: "
                f"{', '.join(f'{v * 1000:.0f}' for v in uncordons)}"),
         seconds=time.monotonic() - started,
         setup={"nodes": str(outcome.nodes), "simulated drain + reboot": f"{DRAIN_REBOOT} s",
@@ -339,7 +343,8 @@ def run_overhead(context: BenchContext) -> BenchResult:
                 f"{n}: handoff p50 {statistics.median(outcome.handoffs) * 1000:.0f} ms, max "
                 f"{max(outcome.handoffs) * 1000:.0f} ms; agent cycle (grant to reported "
                 f"back) p50 {statistics.median(outcome.agent_cycles):.2f} s, reset to "
-                f"uncordoned p50 {statistics.median(outcome.agent_uncordons) * 1000:.0f} ms")
+                f"uncordoned p50 {statistics.median(outcome.agent_uncordons) * 1000:.0f} ms "
+                f"({outcome.uncordoned_by_reset} of {outcome.nodes} uncordoned by the reset)")
         else:
             measurements += [
                 Measurement(f"{n}: slot time per node beyond the agent's cycle",
@@ -357,7 +362,8 @@ def run_overhead(context: BenchContext) -> BenchResult:
                 f"reported back) p50 {statistics.median(outcome.agent_cycles):.2f} s, max "
                 f"{max(outcome.agent_cycles):.2f} s; reset to uncordoned p50 "
                 f"{statistics.median(outcome.agent_uncordons) * 1000:.0f} ms, max "
-                f"{max(outcome.agent_uncordons) * 1000:.0f} ms; wall time of the roll with "
+                f"{max(outcome.agent_uncordons) * 1000:.0f} ms ({outcome.uncordoned_by_reset} "
+                f"of {outcome.nodes} uncordoned by the reset); wall time of the roll with "
                 f"its set-up {outcome.wall:.0f} s")
             if outcome.profile:
                 notes.append(f"{n}: {outcome.profile}")
@@ -377,10 +383,12 @@ def run_overhead(context: BenchContext) -> BenchResult:
             "straight to the next's, per node; with C = 1, (makespan - N x drain+reboot) "
             "/ N. The fake agents make the real agent's Node writes in its order and "
             f"grouping ({describe_agent_writes()}), and the coordinator hands a slot over or "
-            "releases it only once its holder is uncordoned (planner rule 10): both are in "
-            "the makespan, as with the real agent. The agent's cycle is the time from the "
-            "grant to the fake agent's report plus the time from the coordinator's reset to "
-            "the agent's uncordon. Split for C = 1: the agent's part is the mean of its "
+            "releases it only once its holder is uncordoned (planner rule 10; its reset "
+            "uncordons a node whose reboot is proven): both are in the makespan, as with "
+            "the real agent. The agent's cycle is the time from the grant to the fake "
+            "agent's report, plus the time from the coordinator's reset to the agent's "
+            "uncordon when the reset did not uncordon the node. Split for C = 1: the "
+            "agent's part is the mean of its "
             "cycles minus the simulated drain + reboot (its "
             f"{len(agent_cycle_writes(''))} Node patches, the watch events it waits for and the "
             "emulated kubelet posting the new boot id, which a real kubelet also does); the "
@@ -412,8 +420,8 @@ def check_handoff(result: BenchResult) -> None:
     expect(f"{nodes - 1} handoffs" in p50.detail,
            f"{HANDOFF_NAME}: {nodes} nodes rolled, but the p50 is of {p50.detail!r}")
     share = result.measurement(AGENT_SHARE)
-    expect(f"{nodes - 1} uncordons" in share.detail and share.value > 0,
-           f"{HANDOFF_NAME}: {nodes} nodes rolled, but the agent's share is "
+    expect(f"{nodes - 1} uncordons" in share.detail and share.value >= 0,
+           f"{HANDOFF_NAME}: {nodes} nodes rolled, but A's reset to A schedulable is "
            f"{share.value!r} s of {share.detail!r}")
     trips = result.measurement(ROUND_TRIPS)
     expect(trips.value >= 1,
@@ -556,8 +564,11 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
     grant_served: dict[str, float] = {}  # the grant's own received -> completed
     resets: dict[str, datetime] = {}  # the reset ending the cycle, not a no-op one after it
     back: dict[str, datetime] = {}  # the agent's report of the reboot
-    uncordons: dict[str, datetime] = {}  # the agent's uncordon completed: schedulable again
-    uncordons_sent: dict[str, datetime] = {}  # the same write received
+    # the write that made the node schedulable again completed (the coordinator's reset or
+    # the agent's uncordon), and received
+    uncordons: dict[str, datetime] = {}
+    uncordons_sent: dict[str, datetime] = {}
+    by_reset: set[str] = set()
     acquires: list[datetime] = []
     releases: list[datetime] = []
     for write in writes:
@@ -573,12 +584,14 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
                 elif (value.get(KEYS.reboot_ok) == "false" and name in grants
                       and name not in resets):
                     resets[name] = write.completed
-            elif write.user == coord_rig.AGENT_USER:
-                if value.get(KEYS.reboot_needed) == "false":
-                    back[name] = write.completed
-                if (write.body.get("spec") or {}).get("unschedulable") is False:
-                    uncordons[name] = write.completed
-                    uncordons_sent[name] = write.received
+            elif write.user == coord_rig.AGENT_USER and value.get(KEYS.reboot_needed) == "false":
+                back[name] = write.completed
+            if ((write.body.get("spec") or {}).get("unschedulable") is False
+                    and name in grants and name not in uncordons):
+                uncordons[name] = write.completed
+                uncordons_sent[name] = write.received
+                if write.user == coord_rig.COORD_USER:
+                    by_reset.add(name)
         elif (write.resource == "leases" and write.user == coord_rig.COORD_USER
               and name.startswith(slot_lease_name(0).rsplit("-", 1)[0])):
             spec = write.body.get("spec")  # none in a patch of annotations only
@@ -603,9 +616,9 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
     on_path: Counter[str] = Counter()  # the coordinator's requests inside the handoffs
     served: list[float] = []
     for a, b in pairs:
-        # The coordinator's watch may show A's uncordon before the API server has finished
-        # answering the agent: a request sent after the uncordon was received that ends
-        # inside the handoff is on its path, and counts with its part inside the handoff.
+        # A watch may show A's uncordon before the API server has finished answering its
+        # writer: a request sent after the uncordon was received that ends inside the
+        # handoff is on its path, and counts with its part inside the handoff.
         start, end = uncordons[a], grants[b]
         inside = [(max(received, start), completed, kind)
                   for received, completed, kind in requests
@@ -617,7 +630,8 @@ def _outcome(plan: RollPlan, names: Sequence[str], writes: Sequence[AuditedWrite
     cycles = tuple((back[n] - grants[n]).total_seconds() for n in order)
     agent_uncordons = tuple((uncordons[n] - resets[n]).total_seconds() for n in order)
     makespan = (max(releases) - min(acquires)).total_seconds()
-    return RollOutcome(plan, makespan, handoffs, cycles, agent_uncordons, metrics,
+    return RollOutcome(plan, makespan, handoffs, cycles, agent_uncordons, len(by_reset),
+                       metrics,
                        handoff_requests={k: v / len(pairs) for k, v in on_path.items()}
                        if pairs else {}, handoff_server=tuple(served))
 
@@ -644,15 +658,16 @@ def drained(boot_id: str) -> tuple[PatchNode, ...]:
 # Rebooted, booted with a new boot id: the reboot reported.
 REPORT_REBOOT = (PatchNode(NodePatch(reboot_needed=False, reboot_in_progress=False,
                                      blocked_reason="", reboot_reason="")),)
-# Uncordoning, at reboot-ok=false (the coordinator's reset): uncordoned, the agent's mark and
-# the boot id removed.
-UNCORDON = (PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""),
-                      unschedulable=False),)
+# Uncordoning, at reboot-ok=false (the coordinator's reset): the agent's mark and the boot id
+# removed, and the node uncordoned only if the reset left it cordoned with the agent's mark
+# (an older coordinator's reset; cluo-coord's reset of a proven reboot uncordons it).
+FINISH = (PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot="")),)
+UNCORDON = (PatchNode(FINISH[0].patch, unschedulable=False),)
 
 
 def agent_cycle_writes(boot_id: str) -> tuple[PatchNode, ...]:
-    """Every request of a node's cycle, in order."""
-    return TAKE_GRANT + drained(boot_id) + REPORT_REBOOT + UNCORDON
+    """Every request of a node's cycle, in order (the coordinator's reset uncordons it)."""
+    return TAKE_GRANT + drained(boot_id) + REPORT_REBOOT + FINISH
 
 
 def request_body(write: PatchNode) -> dict[str, Any]:
@@ -669,8 +684,9 @@ def describe_agent_writes() -> str:
         return "one patch" if len(writes) == 1 else f"{len(writes)} patches"
     return (f"at the grant, the grant taken and the node cordoned ({patches(TAKE_GRANT)}); "
             f"the boot id recorded ({patches(drained(''))}); after the reboot, its report "
-            f"({patches(REPORT_REBOOT)}); at the coordinator's reset, the node uncordoned and "
-            f"its marks cleared ({patches(UNCORDON)})")
+            f"({patches(REPORT_REBOOT)}); at the coordinator's reset, which uncordons the "
+            f"node, its marks cleared ({patches(FINISH)}; with the uncordon in it if the "
+            "reset left the node cordoned with the agent's mark)")
 
 
 @dataclass(frozen=True)
@@ -690,8 +706,9 @@ class FastAgents:
     PatchNodes above): on reboot-ok=true (with reboot-needed=true, not in progress)
     TAKE_GRANT, then ``drained``; the host off, and on with a new boot id ``drain_reboot``
     seconds after its going off began; once the Node shows it Ready, REPORT_REBOOT; then,
-    when the watch shows the coordinator's reboot-ok=false, UNCORDON, as agent_core's
-    Uncordoning. Writes as the stand-in account of bench/coord_rig.py.
+    when the watch shows the coordinator's reboot-ok=false, FINISH, or UNCORDON if the node
+    is still cordoned with the agent's mark, as agent_core's Uncordoning. Writes as the
+    stand-in account of bench/coord_rig.py.
     """
 
     def __init__(self, api: kubernetes.client.ApiClient, emulator: KubeletEmulator,
@@ -817,7 +834,11 @@ class FastAgents:
             self._write(name, REPORT_REBOOT)
             self._wait(name, lambda seen: seen.annotations.get(KEYS.reboot_ok) == "false",
                        "the coordinator's reset (reboot-ok=false)")
-            self._write(name, UNCORDON)
+            with self._lock:
+                seen = self._seen[name]
+            cordoned = (seen.unschedulable
+                        and seen.annotations.get(KEYS.agent_made_unschedulable) == "true")
+            self._write(name, UNCORDON if cordoned else FINISH)
         except Exception as err:
             if not self._stop.is_set():
                 self.errors.append(f"{name}: {err!r}")

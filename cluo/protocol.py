@@ -112,9 +112,11 @@ SPECS: tuple[KeySpec, ...] = (
     KeySpec("last-checked-time", Kind.ANNOTATION, Writer.AGENT, "Unix seconds",
             "update_engine's last_checked_time, mirrored."),
     KeySpec("agent-made-unschedulable", Kind.ANNOTATION, Writer.AGENT, "true/false",
-            "The agent cordoned the node, so it may uncordon it (after reboot-ok=false). "
-            "While a cordoned node carries it, the node counts against --max-concurrent "
-            "and keeps its slot. A node an admin cordoned stays cordoned."),
+            "The agent cordoned the node, so cluo may uncordon it: the coordinator in its "
+            "reset at the end of a proven reboot (removing this key in the same write), "
+            "the agent after an aborted or withdrawn cycle. While a cordoned node carries "
+            "it, the node counts against --max-concurrent and keeps its slot. A node an "
+            "admin cordoned stays cordoned."),
     KeySpec("boot-id-before-reboot", Kind.ANNOTATION, Writer.AGENT, "boot id",
             "/proc/sys/kernel/random/boot_id recorded just before the agent asked logind "
             "to reboot; a different boot id afterwards proves the reboot happened.",
@@ -535,14 +537,19 @@ def drain_backoff_annotations(keys: Keys, backoff: DrainBackoff) -> dict[str, st
 
 def reset_patch(keys: Keys, clear_annotations: Iterable[str], *,
                 clear_release_slot: bool = False,
-                drain_backoff: DrainBackoff | None = None) -> MetadataPatch:
+                drain_backoff: DrainBackoff | None = None,
+                uncordon: bool = False) -> MetadataPatch:
     """reboot-ok=false, both phase labels and every hook annotation removed; with
     ``clear_release_slot`` the admin's ``release-slot`` annotation too; with
-    ``drain_backoff`` the drain failures recorded (or cleared) in the same write."""
+    ``drain_backoff`` the drain failures recorded (or cleared) in the same write; with
+    ``uncordon`` the agent's ``agent-made-unschedulable`` removed, for the write that
+    also sets spec.unschedulable false (the coordinator's uncordon at the end of a cycle)."""
     annotations = _deleting(clear_annotations)
     annotations[keys.reboot_ok] = FALSE
     if clear_release_slot:
         annotations[keys.release_slot] = None
+    if uncordon:
+        annotations[keys.agent_made_unschedulable] = None
     if drain_backoff is not None:
         annotations.update(drain_backoff_annotations(keys, drain_backoff))
     return MetadataPatch(labels={keys.before_reboot: None, keys.after_reboot: None},

@@ -370,11 +370,13 @@ class ClusterWriter:
         self._nodes = KubeNodes(api, keys)
         self._slots = KubeSlots(api, namespace)
 
-    def patch_node(self, name: str, patch: MetadataPatch, resource_version: str) -> Obj:
-        """Apply ``patch`` only if the node is still at ``resource_version`` (else 409)."""
+    def patch_node(self, name: str, patch: MetadataPatch, resource_version: str, *,
+                   unschedulable: bool | None = None) -> Obj:
+        """Apply ``patch`` (and ``unschedulable`` to spec.unschedulable, unless None) in
+        one write, only if the node is still at ``resource_version`` (else 409)."""
         body = node_patch(
             annotations=patch.annotations, labels=patch.labels,
-            resource_version=resource_version,
+            unschedulable=unschedulable, resource_version=resource_version,
         )
         obj = self._nodes.patch_object(
             name, body, action=f"patching node {name!r} at resourceVersion {resource_version}")

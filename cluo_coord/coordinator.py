@@ -133,7 +133,8 @@ class NodeWriter(Protocol):
     """Node writes with compare-and-swap, and the uncached slot Lease read that guards
     every grant (rule 3) (``ClusterWriter``)."""
 
-    def patch_node(self, name: str, patch: MetadataPatch, resource_version: str) -> Obj: ...
+    def patch_node(self, name: str, patch: MetadataPatch, resource_version: str, *,
+                   unschedulable: bool | None = None) -> Obj: ...
 
     def read_lease(self, name: str) -> Obj | None: ...
 
@@ -622,11 +623,14 @@ class Coordinator:
                 "NODE": change.node, "CHANGE": type(change).__name__})
             return False
         if isinstance(change, LabelBeforeReboot | LabelAfterReboot | ResetRebootOk):
+            uncordon = isinstance(change, ResetRebootOk) and change.uncordon
             obj = self._writer.patch_node(change.node, change.patch(keys),
-                                          change.expected_resource_version)
+                                          change.expected_resource_version,
+                                          unschedulable=False if uncordon else None)
             self._cache.put_node(obj)
             log.info("node updated", extra={
-                "NODE": change.node, "CHANGE": type(change).__name__})
+                "NODE": change.node, "CHANGE": type(change).__name__,
+                **({"UNCORDONED": True} if uncordon else {})})
             return True
         if isinstance(change, AcquireSlot):
             folded = change.grant_follows
@@ -684,7 +688,7 @@ class Coordinator:
         every label and annotation of the patch, and none of those it removes."""
         obj = self._cache.node(change.node)
         metadata = (obj or {}).get("metadata") or {}
-        if metadata.get("resourceVersion") != change.expected_resource_version:
+        if change.uncordon or metadata.get("resourceVersion") != change.expected_resource_version:
             return False
         patch = change.patch(self._policy.keys)
         return all(

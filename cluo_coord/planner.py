@@ -19,12 +19,15 @@ One reboot cycle, CLUO compatible (docs/protocol.md)::
       ... agent: reboot-in-progress, drain, reboot; reboot-needed=false, in-progress=false
     LabelAfterReboot     once the reboot is proven (see ``reboot_proven``)
       ... after-reboot hook annotations become "true"
-    ResetRebootOk        reboot-ok=false, remove labels + hook annotations  (node CAS)
-      ... agent: uncordons the node if it cordoned it, clears agent-made-unschedulable
-    ReleaseSlot          once the node is schedulable again (rule 10), after a no-op
-                         ResetRebootOk (rule 4); the next node gets it on the next plan,
-                         or in this one: the hand-over, an AcquireSlot for the head of
-                         the queue at the version naming this node (``_handed``)
+    ResetRebootOk        reboot-ok=false, remove labels + hook annotations  (node CAS);
+                         and, if the agent cordoned the node, uncordon it and remove
+                         agent-made-unschedulable in the same write (rule 10)
+      ... agent: removes boot-id-before-reboot
+    ReleaseSlot          once the node is schedulable again (rule 10), after the reset
+                         (rule 4: in the same plan, or a no-op one in a later plan); the
+                         next node gets it on the next plan, or in this one: the
+                         hand-over, an AcquireSlot for the head of the queue at the
+                         version naming this node (``_handed``)
 
 The rules that keep "never more than ``max_concurrent`` in flight" true whatever the
 cluster looks like (stale caches, restarts, partially applied plans, old coordinators):
@@ -91,10 +94,15 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
    not. Its *primary* slot, the one taken first, carries the grant and the boot id.
 10. A slot is released only once its holder is schedulable again: ``spec.unschedulable``
     false, or cordoned without ``agent-made-unschedulable`` (an admin cordoned it before
-    cluo touched it; the agent never uncordons such a node). The agent uncordons only
-    after ``reboot-ok=false``, so a finished cycle is two plans: the reset, then (once the
-    agent has uncordoned) the release. With rule 1 this keeps "never more than
-    ``max_concurrent`` nodes unschedulable because of cluo" (admin releases excepted).
+    cluo touched it; cluo never uncordons such a node). At the end of a proven reboot
+    (after-reboot hooks done) the coordinator's reset itself uncordons a node the agent
+    cordoned: ``spec.unschedulable`` false and the mark removed, in the reset's one
+    compare-and-swap (``ResetRebootOk.uncordon``), so the release (or the hand-over)
+    follows in the same plan. Any other cycle's end (an abort, a withdrawn or cancelled
+    grant) is uncordoned by the agent after ``reboot-ok=false``, and the release waits
+    for it: the reset, then (once the agent has uncordoned) the release. With rule 1
+    this keeps "never more than ``max_concurrent`` nodes unschedulable because of cluo"
+    (admin releases excepted).
 11. A holder whose Node object is gone (deleted: nothing of it can be unschedulable or
     rebooting any more) frees its slots at once: the one release without a reset before
     it (rule 4), and the driver writes it only after an uncached read found no such Node
@@ -429,11 +437,14 @@ class ResetRebootOk:
     clear_annotations: tuple[str, ...] = ()
     clear_release_slot: bool = False
     drain_backoff: DrainBackoff | None = None
+    # The agent cordoned the node and its reboot is proven: the same write uncordons it
+    # (spec.unschedulable false) and removes agent-made-unschedulable (rule 10).
+    uncordon: bool = False
 
     def patch(self, keys: Keys) -> MetadataPatch:
         return reset_patch(keys, self.clear_annotations,
                            clear_release_slot=self.clear_release_slot,
-                           drain_backoff=self.drain_backoff)
+                           drain_backoff=self.drain_backoff, uncordon=self.uncordon)
 
 
 @dataclass(frozen=True)
@@ -831,11 +842,13 @@ class _Builder:
         self, view: NodeView, slots: list[SlotLease], type_: EventType, reason: Reason,
         message: str, *, clear_release_slot: bool = False,
         drain_backoff: DrainBackoff | None = None, done: bool = False,
+        uncordon: bool = False,
     ) -> None:
         """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release;
         then the Event that reports it. ``done``: the holder's cycle ended (it no longer
         needs a reboot); its one global slot may go straight to the next node
-        (``_handed``)."""
+        (``_handed``). ``uncordon``: the reset uncordons the node the agent cordoned
+        (rule 10)."""
         self.add(
             ResetRebootOk(
                 view.name,
@@ -843,6 +856,7 @@ class _Builder:
                 self.policy.hook_annotations,
                 clear_release_slot=clear_release_slot,
                 drain_backoff=drain_backoff,
+                uncordon=uncordon,
             )
         )
         releases: dict[str, tuple[SlotLease, Change]] = {}  # group ("": global) -> its
@@ -854,7 +868,7 @@ class _Builder:
         self.event(view.name, type_, reason, message)
         # One global slot, at most one of each group: what a fresh take would hold.
         if (done and len(releases) == len(slots) and "" in releases
-                and _free_after_reset(view)):
+                and _free_after_reset(view, uncordoned=uncordon)):
             primary, freed = releases.pop("")
             self.handing[primary.index] = _Handing(view.name, primary, freed,
                                                    self.changes[-1], releases)
@@ -889,13 +903,13 @@ class _Handing:
     groups: Mapping[str, tuple[SlotLease, Change]] = field(default_factory=dict)
 
 
-def _free_after_reset(view: NodeView) -> bool:
-    """Once its reset is written, the holder no longer counts in flight but for its slot
-    (rule 1: no grant, no reboot in progress, not cordoned by cluo, rule 10) and queues
-    for no new one (it needs no reboot)."""
+def _free_after_reset(view: NodeView, *, uncordoned: bool = False) -> bool:
+    """Once its reset is written (``uncordoned``: a reset that uncordons it), the holder
+    no longer counts in flight but for its slot (rule 1: no grant, no reboot in progress,
+    not cordoned by cluo, rule 10) and queues for no new one (it needs no reboot)."""
     state = view.state
     return not (state.reboot_needed or state.reboot_in_progress or state.release_slot
-                or cordoned_by_cluo(view))
+                or (cordoned_by_cluo(view) and not uncordoned))
 
 
 def _lease_rv(lease: SlotLease) -> str:
@@ -1192,20 +1206,22 @@ def _advance_holder(
             _wait(name, primary, "the agent started another reboot during the after-reboot phase",
                   out)
         elif hooks_done(policy.after_reboot_annotations, view.annotations):
-            if cordoned_by_cluo(view):
-                # Rule 10: the agent uncordons only after reboot-ok=false; the release
-                # follows once it has.
-                out.add(ResetRebootOk(name, view.resource_version, policy.hook_annotations))
-                _wait(name, primary, "waiting for the agent to uncordon the node", out)
-            elif (unrecovered := out.health.gate(name)) is not None:
+            # Rule 10: the reboot is proven, so the reset uncordons a node the agent
+            # cordoned, and the release can follow it in this plan.
+            uncordon = cordoned_by_cluo(view)
+            if (unrecovered := out.health.gate(name)) is not None:
+                if uncordon:  # the workloads may need the node to come back
+                    out.add(ResetRebootOk(name, view.resource_version,
+                                          policy.hook_annotations, uncordon=True))
                 _wait(name, primary, f"waiting for the workloads to recover: {unrecovered}",
                       out)
             else:
                 out.reset_and_release(
                     view, slots, EventType.NORMAL, Reason.REBOOT_FINISHED,
-                    f"After-reboot hooks done: {policy.keys.reboot_ok}=false, reboot slot "
+                    f"After-reboot hooks done: {policy.keys.reboot_ok}=false"
+                    f"{', node uncordoned' if uncordon else ''}, reboot slot "
                     f"{primary.index} released.",
-                    drain_backoff=_clear_drain_failures(view), done=True,
+                    drain_backoff=_clear_drain_failures(view), done=True, uncordon=uncordon,
                 )
         else:
             _wait(name, primary, "waiting for the after-reboot hooks", out)

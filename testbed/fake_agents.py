@@ -4,12 +4,12 @@
 reboot-ok=true on a node that needs a reboot, it makes the agent's Node writes
 (cluo/cycle/agent_core.py): reboot-in-progress with, unless the node was already cordoned,
 agent-made-unschedulable and the cordon, in one request; the boot id before the reboot;
-it powers the emulated host off and on again (a new bootID), waits until the Node reports
-it, then reports reboot-needed=false, reboot-in-progress=false; once the coordinator has
-set reboot-ok=false (``uncordon_delay`` later: an agent is not instant) it uncordons the
-node if it cordoned it and clears its marks, again in one request.
-``cordoned_spans`` says from when to when each node was cordoned by its stand-in (from
-before the cordon request to after the uncordon answer: the real span lies within).
+it powers the emulated host off (for ``down_for`` seconds) and on again (a new bootID),
+waits until the Node reports it, then reports reboot-needed=false,
+reboot-in-progress=false; once the coordinator has set reboot-ok=false (``finish_delay``
+later: an agent is not instant) it ends the cycle in one request: the mark and the boot
+id removed and, only if the mark is still there with the cordon (the coordinator's reset
+uncordons a node at the end of a proven reboot, planner rule 10), the uncordon.
 Each node's stand-in writes with that node's own credential (a client certificate of
 system:node:<name>, as the real agent uses its kubelet's), so the confinement of
 docs/security.md is exercised by the real authorizer and admission; the nodes are listed
@@ -44,7 +44,7 @@ class FakeAgents:
     def __init__(self, control_plane: ControlPlane, emulator: KubeletEmulator, selector: str,
                  *, keys: Keys | None = None,
                  never_return: frozenset[str] = frozenset(),
-                 uncordon_delay: float = 0.0) -> None:
+                 finish_delay: float = 0.0, down_for: float = 0.1) -> None:
         self._emulator = emulator
         self._selector = selector
         self._keys = keys or Keys()
@@ -52,9 +52,10 @@ class FakeAgents:
         self._api = control_plane.admin_api_client()
         self._core = CoreV1Api(self._api)
         self._never_return = never_return
-        self._uncordon_delay = uncordon_delay
-        self.cordoned_spans: list[tuple[str, float, float | None]] = []  # node, from, to
-        self._spans_lock = threading.Lock()
+        self._finish_delay = finish_delay
+        self._down_for = down_for
+        self.uncordoned = 0  # uncordons made by the stand-ins (the rest: the coordinator's)
+        self.finishing_at: dict[str, float] = {}  # node -> monotonic time of its last write
         self._stop = threading.Event()
         self._busy: set[str] = set()
         self._workers: list[threading.Thread] = []
@@ -112,10 +113,6 @@ class FakeAgents:
         old_boot = before.status.node_info.boot_id
         we_cordon = not before.spec.unschedulable
         mark = {keys.agent_made_unschedulable: "true"} if we_cordon else {}
-        if we_cordon:
-            with self._spans_lock:
-                span = len(self.cordoned_spans)
-                self.cordoned_spans.append((name, time.monotonic(), None))
         node.patch_node(name, {
             "metadata": {"annotations": {keys.reboot_in_progress: "true", **mark}},
             **({"spec": {"unschedulable": True}} if we_cordon else {})})
@@ -125,7 +122,7 @@ class FakeAgents:
         host.shutdown()
         if name in self._never_return:
             return
-        time.sleep(0.1)  # down for a moment, as a host is
+        time.sleep(self._down_for)  # down for a moment, as a host is
         new_boot = host.boot()
         wait_for(lambda: node.read_node(name).status.node_info.boot_id == new_boot,
                  BOOT_TIMEOUT, f"{name} to report its new bootID")
@@ -134,13 +131,14 @@ class FakeAgents:
         while (node.read_node(name).metadata.annotations or {}).get(keys.reboot_ok) == "true":
             if self._stop.wait(POLL_INTERVAL):
                 return  # the test is over before the after-reboot phase
-        if we_cordon:
-            time.sleep(self._uncordon_delay)
+        time.sleep(self._finish_delay)
+        now = node.read_node(name)
+        uncordon = bool(now.spec.unschedulable) and (
+            (now.metadata.annotations or {}).get(keys.agent_made_unschedulable) == "true")
+        self.finishing_at[name] = time.monotonic()
         node.patch_node(name, {
             "metadata": {"annotations": {keys.agent_made_unschedulable: None,
                                          keys.boot_id_before_reboot: None}},
-            **({"spec": {"unschedulable": False}} if we_cordon else {})})
-        if we_cordon:
-            with self._spans_lock:
-                self.cordoned_spans[span] = (name, self.cordoned_spans[span][1],
-                                             time.monotonic())
+            **({"spec": {"unschedulable": False}} if uncordon else {})})
+        if uncordon:
+            self.uncordoned += 1

@@ -56,12 +56,14 @@ class Moment:
     """One state of the cluster, as the watches saw it."""
 
     at: float  # time.monotonic() when the event arrived
-    # nodes with reboot-ok or reboot-in-progress, or holding a global slot (planner rule 1:
-    # a node named only by group slots, rule 15, is not in flight)
+    # nodes with reboot-ok or reboot-in-progress, cordoned by cluo, or holding a global
+    # slot (planner rule 1: a node named only by group slots, rule 15, is not in flight)
     in_flight: frozenset[str]
     granted: frozenset[str]  # nodes with reboot-ok=true
     holders: frozenset[str]  # slot Lease holders, group slots' included
     blind: frozenset[str] = frozenset()  # kinds whose view may be stale here (inside a gap)
+    # spec.unschedulable with agent-made-unschedulable=true (an admin release aside)
+    cordoned: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,11 @@ class _Broken:
 class InFlightRecorder:
     """Watches the Nodes of ``selector`` and the slot Leases of ``namespace`` until stopped.
 
-    A node counts as in flight while it has reboot-ok=true or reboot-in-progress=true,
-    unless an admin released its slot (release-slot=true), and while it holds a slot
-    Lease. Every failed list or watch is kept in ``errors``; the ones that cost the
-    history a stretch are in ``gaps`` (``lost_sight``, ``blind_seconds``).
+    A node counts as in flight while it has reboot-ok=true or reboot-in-progress=true or
+    is cordoned by cluo (spec.unschedulable with agent-made-unschedulable=true), unless an
+    admin released its slot (release-slot=true), and while it holds a slot Lease. Every
+    failed list or watch is kept in ``errors``; the ones that cost the history a stretch
+    are in ``gaps`` (``lost_sight``, ``blind_seconds``).
     """
 
     def __init__(self, admin: kubernetes.client.ApiClient, selector: str, namespace: str,
@@ -273,8 +276,11 @@ class InFlightRecorder:
         keys = self._keys
         granted = not deleted and annotations.get(keys.reboot_ok) == "true"
         released = annotations.get(keys.release_slot) == "true"
+        cordoned = (not deleted and not released and bool(obj.spec.unschedulable)
+                    and annotations.get(keys.agent_made_unschedulable) == "true")
         return (not deleted and not released and (
-            granted or annotations.get(keys.reboot_in_progress) == "true"), granted)
+            granted or cordoned or annotations.get(keys.reboot_in_progress) == "true"),
+            granted, cordoned)
 
     def _record(self, kind: str, obj: Any, *, deleted: bool = False) -> None:
         state = self._state(kind, obj, deleted=deleted)
@@ -291,6 +297,7 @@ class InFlightRecorder:
             gaps = list(self._gaps)
         flying: dict[str, bool] = {}
         granted: dict[str, bool] = {}
+        cordoned: dict[str, bool] = {}
         holders: dict[str, str | None] = {}
         moments = []
         for version, at, kind, name, state in events:
@@ -298,8 +305,9 @@ class InFlightRecorder:
                 if name is None:
                     flying = {n: s[0] for n, s in state.items()}
                     granted = {n: s[1] for n, s in state.items()}
+                    cordoned = {n: s[2] for n, s in state.items()}
                 else:
-                    flying[name], granted[name] = state
+                    flying[name], granted[name], cordoned[name] = state
             elif name is None:
                 holders = dict(state)
             else:
@@ -311,7 +319,7 @@ class InFlightRecorder:
             moments.append(Moment(at, frozenset(n for n, f in flying.items() if f)
                                   | global_holding,
                                   frozenset(n for n, g in granted.items() if g), holding,
-                                  blind))
+                                  blind, frozenset(n for n, c in cordoned.items() if c)))
         return moments
 
     def _sighted(self, allow_gaps: bool) -> list[Moment]:
@@ -325,6 +333,23 @@ class InFlightRecorder:
     def max_in_flight(self, *, allow_gaps: bool = False) -> int:
         """The most nodes in flight at once (with ``allow_gaps``: outside the gaps)."""
         return max((len(m.in_flight) for m in self._sighted(allow_gaps)), default=0)
+
+    def max_cordoned(self, *, allow_gaps: bool = False) -> int:
+        """The most nodes cordoned by cluo at once (with ``allow_gaps``: outside the gaps)."""
+        return max((len(m.cordoned) for m in self._sighted(allow_gaps)), default=0)
+
+    def uncordons(self, *, allow_gaps: bool = False) -> list[tuple[str, bool]]:
+        """Each time a node stopped being cordoned by cluo, in order: the node, and whether
+        its reboot-ok=true went in the same write (the coordinator's reset uncordoned it)."""
+        found: list[tuple[str, bool]] = []
+        previous: Moment | None = None
+        for moment in self._sighted(allow_gaps):
+            if previous is not None:
+                for name in sorted(previous.cordoned - moment.cordoned):
+                    found.append((name, name in previous.granted
+                                  and name not in moment.granted))
+            previous = moment
+        return found
 
     def grant_order(self, *, allow_gaps: bool = False) -> list[str]:
         """Nodes in the order reboot-ok became true (a node may appear more than once)."""

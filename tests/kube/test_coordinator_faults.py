@@ -56,10 +56,11 @@ def _boot_back(rig: Rig, name: str, boot_id: str | None = None) -> None:
 
 
 def _agent_finishes(rig: Rig, name: str) -> None:
-    """The rest of the agent's part: once reboot-ok=false, uncordon and clear its marks."""
+    """The rest of the agent's part: once reboot-ok=false (which uncordoned the node the
+    agent cordoned), remove the recorded boot id."""
     wait_for(lambda: rig.annotations(name).get(KEYS.reboot_ok) == "false", 60,
              f"the coordinator to set reboot-ok=false on {name}")
-    rig.core.patch_node(name, {"spec": {"unschedulable": False}})
+    assert not rig.node(name).spec.unschedulable, "the reset uncordons the node"
     rig.annotate(name, {KEYS.agent_made_unschedulable: None,
                         KEYS.boot_id_before_reboot: None})
 
@@ -187,8 +188,8 @@ def test_window_closing_mid_roll_grants_nothing_until_it_reopens(
     windows = (f"{minute:%H:%M} {(closes - minute).total_seconds():.0f}s, "
                f"{reopens:%H:%M} 1h")
     rig.start("--reboot-windows", windows, "--time-zone", "UTC")
-    # Agents that take 2 s to uncordon: the window closes before the last node's turn.
-    with rig.agents(uncordon_delay=2.0) as agents:
+    # Nodes that stay down for 2 s: the window closes before the last node's turn.
+    with rig.agents(down_for=2.0) as agents:
         wait_for(lambda: datetime.now(UTC) >= closes + WINDOW_MARGIN, 30,
                  "the first window to close")
         granted = _granted_or_done(rig, names)

@@ -186,6 +186,7 @@ class FakeNode:
     version: int = 0
     boot_id: str = ""
     ready: bool = True
+    unschedulable: bool = False
 
 
 def view_of(name: str, node: FakeNode) -> NodeView:
@@ -194,7 +195,8 @@ def view_of(name: str, node: FakeNode) -> NodeView:
     state = NodeProtocolState.from_metadata(KEYS, node.annotations, node.labels)
     return NodeView(name, state, str(node.version), ready=node.ready,
                     ready_since=T0 - timedelta(days=1) if node.ready else None,
-                    boot_id=node.boot_id, annotations=dict(node.annotations))
+                    boot_id=node.boot_id, annotations=dict(node.annotations),
+                    unschedulable=node.unschedulable)
 
 
 class Cluster:
@@ -292,7 +294,8 @@ class Cluster:
 def node_object(name: str, node: FakeNode) -> Obj:
     return {"metadata": {"name": name, "resourceVersion": str(node.version),
                          "annotations": dict(node.annotations),
-                         "labels": dict(node.labels)}}
+                         "labels": dict(node.labels)},
+            "spec": {"unschedulable": True} if node.unschedulable else {}}
 
 
 def conflict(what: str) -> KubeError:
@@ -360,9 +363,11 @@ class FakeWriter:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
-    def patch_node(self, name: str, patch: MetadataPatch, resource_version: str) -> Obj:
+    def patch_node(self, name: str, patch: MetadataPatch, resource_version: str, *,
+                   unschedulable: bool | None = None) -> Obj:
         c = self.cluster
-        detail = describe(patch)
+        detail = describe(patch) + ("" if unschedulable is None
+                                    else f" unschedulable={unschedulable}")
         c.check("patch_node", name, detail)
         node = c.nodes.get(name)
         if node is None or str(node.version) != resource_version:
@@ -375,6 +380,8 @@ class FakeWriter:
                     target.pop(key, None)
                 else:
                     target[key] = value
+        if unschedulable is not None:
+            node.unschedulable = unschedulable
         node.version = int(c.next_version())
         if patch.annotations.get(KEYS.reboot_ok) == TRUE and not any(
                 slot.holder == name for slot in c.slots.values()):

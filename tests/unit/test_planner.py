@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from cluo.protocol import FALSE, NO_DRAIN_FAILURES, TRUE, DrainBackoff, Keys, NodeProtocolState
+from cluo_coord.health import Health
 from cluo_coord.planner import (
     QUEUED_LAST,
     SKIPPED_UNTIL_FIXED,
@@ -541,31 +542,62 @@ def test_waits_for_after_reboot_hooks_then_resets_before_releasing() -> None:
     assert reasons(done) == [Reason.REBOOT_FINISHED]
 
 
-def test_slot_waits_until_the_agent_has_uncordoned_the_node() -> None:
+def test_reset_of_a_proven_reboot_uncordons_the_node_and_hands_its_slot_over() -> None:
+    # Rule 10: the node the agent cordoned is uncordoned by the reset itself (one write,
+    # the mark removed with it), so the slot goes to the next node in the same plan.
     leases = [slot(0, "a", rv="9")]
     done = run([node("a", ok=True, after_label=True, boot="boot-2", cordoned=True, marked=True,
                      extra={AFTER_HOOK: TRUE}), node("b", needed=True)], leases, base=HOOKS)
-    assert kinds(done) == ["ResetRebootOk"]
-    assert done.in_flight == ("a",)
+    assert kinds(done)[:2] == ["ResetRebootOk", "AcquireSlot"]
+    (reset,) = of(done, ResetRebootOk)
+    assert reset.uncordon
+    assert reset.patch(KEYS).annotations[KEYS.agent_made_unschedulable] is None
+    assert [(c.node, c.handed_from) for c in of(done, AcquireSlot)] == [("b", "a")]
+    message = next(e.message for e in of(done, EmitEvent) if e.reason is Reason.REBOOT_FINISHED)
+    assert "node uncordoned" in message
 
+
+def test_reset_uncordons_while_the_health_gate_holds_the_slot() -> None:
+    # The workloads may need the node back to recover: the reset uncordons it now, the
+    # slot waits for the gate.
+    leases = [slot(0, "a", rv="9")]
+    cordoned = node("a", ok=True, after_label=True, boot="boot-2", cordoned=True, marked=True,
+                    extra={AFTER_HOOK: TRUE})
+    held = plan([cordoned, node("b", needed=True)], leases, NOW, HOOKS,
+                health=Health(closed_gates={"a": "web: 1/2 ready"}))
+    assert kinds(held) == ["ResetRebootOk"]
+    assert of(held, ResetRebootOk)[0].uncordon
+    schedulable = node("a", ok=True, after_label=True, boot="boot-2", extra={AFTER_HOOK: TRUE})
+    waiting = plan([schedulable], leases, NOW, HOOKS,
+                   health=Health(closed_gates={"a": "web: 1/2 ready"}))
+    assert waiting.changes == ()
+
+
+def test_slot_waits_until_the_agent_has_uncordoned_the_node() -> None:
+    # A node reset without the uncordon (an older coordinator's reset, an aborted or
+    # withdrawn cycle): the agent uncordons it, and only then is the slot released.
+    leases = [slot(0, "a", rv="9")]
     reset = node("a", boot="boot-2", cordoned=True, marked=True)
     waiting = run([reset, node("b", needed=True)], leases, base=HOOKS)
     assert waiting.changes == ()
+    assert waiting.in_flight == ("a",)
     assert waiting.recheck_after == timedelta(minutes=55)  # the reboot timeout
 
     uncordoned = node("a", boot="boot-2", marked=True)  # uncordoned, the mark not cleared yet
     released = run([uncordoned], leases, base=HOOKS)
     assert kinds(released) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    assert not of(released, ResetRebootOk)[0].uncordon
     assert reasons(released) == [Reason.REBOOT_FINISHED]
     handed = run([uncordoned, node("b", needed=True)], leases, base=HOOKS)
     assert [(c.node, c.handed_from) for c in of(handed, AcquireSlot)] == [("b", "a")]
 
 
 def test_holder_cordoned_by_an_admin_is_released_with_its_reset() -> None:
-    # No agent-made-unschedulable: the agent will not uncordon it, so nothing to wait for.
+    # No agent-made-unschedulable: cluo will not uncordon it, so nothing to wait for.
     done = run([node("a", ok=True, after_label=True, boot="boot-2", cordoned=True,
                      extra={AFTER_HOOK: TRUE})], [slot(0, "a")], base=HOOKS)
     assert kinds(done) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
+    assert not of(done, ResetRebootOk)[0].uncordon
 
 
 def test_node_cordoned_by_cluo_without_a_slot_counts_in_flight() -> None:

@@ -539,7 +539,8 @@ def test_a_folded_grant_checks_its_group_slots_by_the_acquisitions_compare_and_s
             done.append(("read", name))
             return leases.get(name)
 
-        def patch_node(self, name: str, patch: object, version: str) -> dict[str, Any]:
+        def patch_node(self, name: str, patch: object, version: str, *,
+                       unschedulable: bool | None = None) -> dict[str, Any]:
             done.append(("grant", name, version))
             return {}
 

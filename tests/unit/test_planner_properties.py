@@ -316,7 +316,9 @@ class FakeCluster:
                             raise Conflict(f"lease {(group, index)} (grant precondition)")
                     self.on_grant(node)
                 patch = change.patch(KEYS)
-                self.write_node(change.node, dict(patch.annotations), dict(patch.labels))
+                uncordon = isinstance(change, ResetRebootOk) and change.uncordon
+                self.write_node(change.node, dict(patch.annotations), dict(patch.labels),
+                                **({"unschedulable": False} if uncordon else {}))
             case _:  # pragma: no cover - every Change is handled above
                 raise AssertionError(f"unknown change {change!r}")
 
@@ -953,16 +955,19 @@ def test_planner_walks_a_full_cycle_in_the_model() -> None:
     agents.come_back("a", now, ready_flaps=True)
     agents.report_after_boot("a")
     assert step() == ["LabelAfterReboot"]
+    assert cluster.nodes["a"].unschedulable
     cluster.write_node("a", {AFTER_HOOK: TRUE})
-    assert step() == ["ResetRebootOk"]
-    assert not cluster.nodes["a"].flag(KEYS.reboot_ok)
-    assert step() == []  # the slot waits until the agent has uncordoned the node
-    assert cluster.leases["", 0].holder == "a"
-    agents.uncordon("a")
-    # The hand-over: a's reset, then one compare-and-swap takes a's slot for b.
+    # The hand-over: a's reset uncordons the node its agent cordoned (rule 10), then one
+    # compare-and-swap takes a's slot for b.
     assert step() == ["ResetRebootOk", "AcquireSlot", "LabelBeforeReboot"]
+    assert not cluster.nodes["a"].flag(KEYS.reboot_ok)
+    assert not cluster.nodes["a"].unschedulable
+    assert KEYS.agent_made_unschedulable not in cluster.nodes["a"].annotations
     assert cluster.nodes["a"].labels == {KEYS.reboot_needed: FALSE}
     assert cluster.leases["", 0].holder == "b"
+    agents.uncordon("a")  # the agent's end of the cycle: only its boot id is left to remove
+    assert KEYS.boot_id_before_reboot not in cluster.nodes["a"].annotations
+    assert not cluster.nodes["a"].unschedulable
 
 
 def _kinds(result: Plan) -> list[str]:

@@ -135,7 +135,7 @@ def test_slot_lease_names() -> None:
 KEYS = Keys()
 HOOK = "example.com/drained"  # a user-chosen hook annotation
 # Keys of others that the coordinator deletes, as their meaning in SPECS says it does.
-CLEARED_BY_COORDINATOR = {"blocked-reason", "release-slot"}
+CLEARED_BY_COORDINATOR = {"blocked-reason", "release-slot", "agent-made-unschedulable"}
 
 
 def _spec(key: str, kind: Kind) -> tuple[str, Writer]:
@@ -163,7 +163,8 @@ def test_the_agent_writes_only_keys_the_table_gives_the_agent() -> None:
 def test_the_coordinator_sets_only_its_keys_and_clears_only_what_the_table_says() -> None:
     patches = [before_reboot_patch(KEYS, [HOOK]), grant_patch(KEYS, [HOOK]),
                after_reboot_patch(KEYS, [HOOK]),
-               reset_patch(KEYS, [HOOK], clear_release_slot=True)]
+               reset_patch(KEYS, [HOOK], clear_release_slot=True),
+               reset_patch(KEYS, [HOOK], uncordon=True)]
     for patch in patches:
         for key, kind, value in _writes(patch):
             if key == HOOK:
