@@ -48,7 +48,6 @@ from prometheus_client import CollectorRegistry
 from cluo.backoff import Backoff
 from cluo.cycle.agent_core import (
     Action,
-    AgentConfig,
     ClearRebootAttempts,
     Cordoning,
     Decision,
@@ -71,7 +70,7 @@ from cluo.cycle.agent_core import (
     decide,
     derive_state,
 )
-from cluo.cycle.drainer import DrainTuning
+from cluo.cycle.config import AgentConfig, DrainTuning
 from cluo.cycle.eviction import KubePods, PodApi
 from cluo.cycle.node_actions import NodeActions
 from cluo.errors import CluoError

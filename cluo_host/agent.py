@@ -1,11 +1,14 @@
 """The agent's driver: observe, ``decide``, act, and wait for the next change.
 
-All decisions are made by ``agent_core.decide``; this module only gathers the
+All decisions are made by ``agent_core.decide``; this module only starts up, gathers the
 observation (the node from a watch, update_engine's status from D-Bus, the boot id, the
-drain and the reboot attempts it runs) and performs the actions, through the adapters it
-was given (``NodeApi``, ``PodApi``, ``UpdateStatusSource``, ``Rebooter``,
-``ServiceNotifier``). Kubernetes calls are synchronous and run in threads; the node
-watch runs in a thread of its own and wakes the loop on every change.
+host's requests) and runs the loop, through the adapters it was given (``NodeApi``,
+``UpdateStatusSource``, ``Rebooter``, ``ServiceNotifier``, and a factory of the
+``PodApi``). Each turn of the loop is ``CycleDriver``'s (cluo_host/cycle.py): it adds the
+drain and the reboot attempts it runs, asks ``decide`` and performs the actions; it is
+imported after ``READY=1``, with the decision core and the drain under it, since the start
+needs neither. Kubernetes calls are synchronous and run in threads; the node watch runs in
+a thread of its own and wakes the loop on every change.
 
 The loop never sleeps blindly: it waits for a wake-up (node changed, update_engine
 status, drain progress) or for the decision's ``recheck_after``, whichever is first.
@@ -38,27 +41,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluo.backoff import Backoff
-from cluo.cycle.agent_core import (
-    Action,
-    ClearRebootAttempts,
-    Decision,
-    DrainStatus,
-    EmitEvent,
-    EventReason,
-    EventType,
-    Observation,
-    Reboot,
-    RebootAttempt,
-    RebootOutcome,
-    blocking_inhibitors,
-    decide,
-    describe_inhibitors,
-)
-from cluo.cycle.eviction import PodApi
-from cluo.cycle.node_actions import NodeActions
-from cluo.cycle.update_status import UpdateEngineStatus
 from cluo.errors import CluoError
 from cluo.kube.nodes import NodeApi, NodeEvent, NodeSnapshot
 from cluo.kube.objects import newer_or_same
@@ -73,8 +58,8 @@ from cluo_host.config import (
 )
 from cluo_host.host_facts import HostFacts
 from cluo_host.login_message import RELATIVE_PATH as LOGIN_MESSAGE_PATH
-from cluo_host.login_message import CoordinatorConf, login_state
-from cluo_host.logind import Rebooter, RebootError, RebootRefused
+from cluo_host.login_message import CoordinatorConf
+from cluo_host.logind import Rebooter
 from cluo_host.notify import Heartbeat, ServiceNotifier, watchdog_loop
 from cluo_host.reboot_required import RELATIVE_PATH as REBOOT_REQUIRED_PATH
 from cluo_host.reboot_required import RebootRequired, RebootRequiredWatch
@@ -87,9 +72,13 @@ from cluo_host.update_engine import (
     UpdateStatusSource,
 )
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cluo.cycle.agent_core import DrainStatus
+    from cluo.cycle.eviction import PodApi
+    from cluo.cycle.update_status import UpdateEngineStatus
+    from cluo_host.cycle import CycleDriver
 
-COMPONENT = "cluo-agent"  # the source of its Events
+log = logging.getLogger(__name__)
 
 AGENT_ENV_FILE = "/etc/cluo/agent.env"  # the unit's EnvironmentFile= (units/cluo-agent.service)
 # When no Node has the agent's node name: how to give it another (the Ignition generator's
@@ -111,7 +100,11 @@ MANUAL_TRIGGERS = ("To ask for a reboot by hand, run `systemctl kill --kill-whom
 
 
 class Agent:
-    """One agent for one node. ``await run(stop)`` until ``stop`` is set."""
+    """One agent for one node. ``await run(stop)`` until ``stop`` is set.
+
+    ``pods_factory`` makes the drain's ``PodApi`` when the first decision is made, after
+    ``READY=1``, like the decision core (``_start_cycle``).
+    """
 
     def __init__(
         self,
@@ -119,7 +112,7 @@ class Agent:
         *,
         host: HostFacts,
         nodes: NodeApi,
-        pods: PodApi,
+        pods_factory: Callable[[], PodApi],
         engine_factory: Callable[[Callable[[UpdateEngineEvent], None]], UpdateStatusSource],
         rebooter: Rebooter,
         notifier: ServiceNotifier,
@@ -129,7 +122,7 @@ class Agent:
         self._settings = settings
         self._host = host
         self._nodes = nodes
-        self._pods = pods
+        self._pods_factory = pods_factory
         self._engine = engine_factory(self._on_engine_event)
         self._rebooter = rebooter
         self._notifier = notifier
@@ -139,12 +132,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._node: NodeSnapshot | None = None
         self._engine_status: UpdateEngineStatus | None = None
-        # The node's side of the actions, and the drain (cluo/cycle/node_actions.py).
-        self._actions = NodeActions(
-            self._name, nodes=nodes, pods=pods, keys=settings.keys, tuning=settings.drain,
-            clock=self._now, on_node=self._set_node,
-            on_drain_progress=self._on_drain_progress, component=COMPONENT)
-        self._attempts: tuple[RebootAttempt, ...] = ()
+        # Deciding and acting, from the first decision on (cluo_host/cycle.py).
+        self._cycle: CycleDriver | None = None
         # StatusUpdates not accepted and not shown on the node yet: the latest, how many.
         self._ignored: tuple[StatusIgnored | None, int] = (None, 0)
         self._requested_on_host = False  # by request_reboot(), until the node carries it
@@ -168,8 +157,6 @@ class Agent:
             expired_message="node watch expired, watching again from now",
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_phase = ""
-        self._last_status = ""
         self.decisions = 0  # how many decisions were made (for tests and benchmarks)
 
     # -- life cycle --------------------------------------------------------------------
@@ -184,7 +171,8 @@ class Agent:
         try:
             if not await self._connect_engine(stop) or not await self._find_node(stop):
                 return 0
-            self._notifier.status(self._last_status or "started")
+            self._cycle = self._start_cycle()
+            self._notifier.status("started")
             # The watches start once the node is read and labelled, so their connections do
             # not compete with it. Neither misses a change: the node watch's first event is
             # the node as it is, and the reboot-required file is read once its inotify watch
@@ -290,12 +278,25 @@ class Agent:
         self._notifier.status(f"waiting for Node {self._name!r} (name from {origin}): "
                     f"no Node of this name; {NODE_NAME_HINT}")
 
+    def _start_cycle(self) -> CycleDriver:
+        # Imported after READY=1, with the decision core, the drain and the Eviction API
+        # adapter under it: none is needed to start (docs/agent.md, Footprint).
+        from cluo_host.cycle import CycleDriver  # noqa: PLC0415
+
+        return CycleDriver(
+            self._settings, self._host, nodes=self._nodes, pods=self._pods_factory(),
+            rebooter=self._rebooter, notifier=self._notifier,
+            login_message=self._login_message, clock=self._now, on_node=self._set_node,
+            on_drain_progress=self._on_drain_progress, on_result=self._wake.set,
+            on_action=lambda: self._beat(ACTION_BOUND))
+
     def _start_watch(self) -> None:
         self._node_watch.start()  # once; later calls do nothing
 
     async def _shutdown(self) -> None:
         self._reboot_required_watch.close()
-        await self._actions.stop_drain()
+        if self._cycle is not None:
+            await self._cycle.stop_drain()
         await asyncio.to_thread(self._node_watch.stop, 5.0)
         with contextlib.suppress(Exception):
             await self._engine.close()
@@ -351,14 +352,19 @@ class Agent:
     # -- the loop ----------------------------------------------------------------------
 
     async def _loop_until(self, stop: asyncio.Event) -> None:
+        cycle = self._cycle
+        assert cycle is not None
         failures = 0
         while not stop.is_set():
             self._wake.clear()
-            await self._show_ignored_updates()
-            decision = decide(self._observe(), self._now())
+            await self._show_ignored_updates(cycle)
+            node = self._node
+            assert node is not None
+            decision = cycle.decide(node, self._engine_status,
+                                    requested_on_host=self._requested_on_host,
+                                    reboot_required=self._reboot_required)
             self.decisions += 1
-            self._report(decision)
-            error = await self._perform(decision.actions)
+            error = await cycle.perform(decision.actions)
             if error is not None:
                 failures += 1
                 recheck: float | None = self._backoff.delay(failures)
@@ -377,7 +383,7 @@ class Agent:
                 continue
             await self._wait_for_wake(stop, recheck)
 
-    async def _show_ignored_updates(self) -> None:
+    async def _show_ignored_updates(self, cycle: CycleDriver) -> None:
         """The StatusUpdates update_engine's adapter did not accept since the last time, as
         one Warning Event (at most one per IGNORED_UPDATE_EVENT_INTERVAL; the log has all)."""
         (last, count), self._ignored = self._ignored, (None, 0)
@@ -387,91 +393,14 @@ class Agent:
             return
         self._ignored_shown_at = now
         more = f" (and {count - 1} more)" if count > 1 else ""
-        message = (f"a StatusUpdate signal from {last.sender or 'an unknown sender'} was "
-                   f"ignored{more}: {last.reason}; only update_engine and root connections "
-                   f"still connected when identified are accepted. {MANUAL_TRIGGERS}")
-        self._beat(ACTION_BOUND)
-        await self._act(EmitEvent(EventReason.STATUS_UPDATE_IGNORED, message,
-                                  EventType.WARNING))
+        await cycle.show_ignored_updates(
+            f"a StatusUpdate signal from {last.sender or 'an unknown sender'} was "
+            f"ignored{more}: {last.reason}; only update_engine and root connections "
+            f"still connected when identified are accepted. {MANUAL_TRIGGERS}")
 
     def _now(self) -> float:
         assert self._loop is not None
         return self._loop.time()
-
-    def _observe(self) -> Observation:
-        node = self._node
-        assert node is not None
-        return Observation(
-            node=node.state,
-            unschedulable=node.unschedulable,
-            reboot_needed_label=node.state.reboot_needed_label,
-            boot_id=self._host.boot_id,
-            engine=self._engine_status,
-            drain=self._actions.drain,
-            reboot_attempts=self._attempts,
-            config=self._settings.core,
-            requested_on_host=self._requested_on_host,
-            reboot_required=self._reboot_required,
-        )
-
-    def _report(self, decision: Decision) -> None:
-        self._login_message.show(login_state(decision.state))
-        if decision.phase != self._last_phase:
-            log.info("phase changed", extra={"NODE": self._name, "PHASE": decision.phase,
-                                             "PREVIOUS_PHASE": self._last_phase or "none"})
-            self._last_phase = decision.phase
-        if decision.status != self._last_status:
-            self._last_status = decision.status
-            self._notifier.status(decision.status)
-
-    async def _perform(self, actions: tuple[Action, ...]) -> CluoError | None:
-        for action in actions:
-            self._beat(ACTION_BOUND)
-            try:
-                await self._act(action)
-            except CluoError as err:
-                return err
-        return None
-
-    async def _act(self, action: Action) -> None:
-        if await self._actions.act(action):
-            return
-        match action:
-            case ClearRebootAttempts():
-                self._attempts = ()
-            case Reboot(attempt=attempt, accepted_message=accepted):
-                result = await self._reboot(attempt)
-                self._attempts += (result,)
-                # A recorded attempt is an action's result: decide again at once (report
-                # a refusal, schedule the retry) rather than after reboot_timeout.
-                self._wake.set()
-                if result.outcome is RebootOutcome.REQUESTED:
-                    await self._act(EmitEvent(EventReason.REBOOTING, accepted))
-            case _:  # pragma: no cover - a new action without a handler is a bug
-                raise NotImplementedError(f"no handler for {type(action).__name__}")
-
-    async def _reboot(self, attempt: int) -> RebootAttempt:
-        extra = {"NODE": self._name, "ATTEMPT": attempt, "BOOT_ID": self._host.boot_id}
-        try:
-            blocking = blocking_inhibitors(await self._rebooter.list_inhibitors())
-        except CluoError as err:
-            log.error("cannot list logind inhibitors", extra={**extra, "ERROR": str(err)})
-            return RebootAttempt(self._now(), RebootOutcome.FAILED, str(err))
-        if blocking:
-            detail = describe_inhibitors(blocking)
-            log.error("reboot blocked by an inhibitor", extra={**extra, "INHIBITORS": detail})
-            return RebootAttempt(self._now(), RebootOutcome.INHIBITED, detail)
-        log.info("rebooting", extra=extra)
-        self._notifier.status("rebooting")
-        try:
-            await self._rebooter.reboot()
-        except RebootRefused as err:
-            log.error("logind refused the reboot", extra={**extra, "ERROR": str(err)})
-            return RebootAttempt(self._now(), RebootOutcome.REFUSED, str(err))
-        except RebootError as err:
-            log.error("reboot call failed", extra={**extra, "ERROR": str(err)})
-            return RebootAttempt(self._now(), RebootOutcome.FAILED, str(err))
-        return RebootAttempt(self._now(), RebootOutcome.REQUESTED)
 
     # -- inputs ------------------------------------------------------------------------
 

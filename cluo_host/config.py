@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluo.cycle.agent_core import AgentConfig, DrainTimeoutPolicy
-from cluo.cycle.drainer import DrainTuning
+from cluo.cycle.config import AgentConfig, DrainTimeoutPolicy, DrainTuning
 from cluo.errors import ConfigError
 from cluo.protocol import DEFAULT_PREFIX, Keys
 from cluo.settings import (

@@ -8,7 +8,8 @@ while one does, it reads ``NAME`` and ``STATE`` from it and says nothing for ``r
 locksmithd introduced the file; FLUO never wrote it. The agent takes the lock when it
 starts (the kernel drops it when the process ends, however it ends) and rewrites the file
 in place, on the locked descriptor, when its phase moves to another login state: a
-rename would leave the lock on the old file.
+rename would leave the lock on the old file. Which phase shows which state is the cycle
+driver's (cluo_host/cycle.py, ``login_state``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,6 @@ import logging
 import os
 from pathlib import Path
 
-from cluo.cycle.agent_core import (
-    Cordoning,
-    Draining,
-    Granted,
-    Rebooting,
-    RebootNeeded,
-    State,
-    WaitingForGrant,
-)
-
 log = logging.getLogger(__name__)
 
 RELATIVE_PATH = "run/update-engine/coordinator.conf"  # below the host root
@@ -38,15 +29,6 @@ STARTING = "starting"
 RUNNING = "running"
 REBOOT_PLANNED = "reboot-planned"
 REBOOTING = "rebooting"
-
-
-def login_state(state: State) -> str:
-    """The profile's STATE for one of the agent's states."""
-    if isinstance(state, RebootNeeded | WaitingForGrant):
-        return REBOOT_PLANNED
-    if isinstance(state, Granted | Cordoning | Draining | Rebooting):
-        return REBOOTING
-    return RUNNING
 
 
 def render(state: str) -> str:

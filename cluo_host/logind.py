@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from cluo.cycle.agent_core import Inhibitor
+from cluo.cycle.inhibitors import Inhibitor
 from cluo.errors import CluoError, ErrorKind
 
 LOGIND_NAME = "org.freedesktop.login1"

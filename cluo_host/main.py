@@ -8,8 +8,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from cluo.cycle.eviction import KubePods
 from cluo.errors import CluoError
 from cluo.kube.config import kubeconfig_client
 from cluo.kube.nodes import KubeNodes
@@ -21,6 +21,9 @@ from cluo_host.journal import setup_logging
 from cluo_host.logind import Logind
 from cluo_host.notify import Notifier, watchdog_interval
 from cluo_host.update_engine import UpdateEngine, UpdateEngineEvent
+
+if TYPE_CHECKING:
+    from cluo.cycle.eviction import PodApi
 
 log = logging.getLogger("cluo_host")
 
@@ -55,12 +58,19 @@ async def _run(settings: AgentSettings) -> int:
     def engine(on_event: Callable[[UpdateEngineEvent], None]) -> UpdateEngine:
         return UpdateEngine(on_event)
 
+    def pods() -> PodApi:
+        # Imported after READY=1, with the drain it serves: not needed to start
+        # (docs/agent.md, Footprint).
+        from cluo.cycle.eviction import KubePods  # noqa: PLC0415
+
+        return KubePods(api)
+
     notifier = Notifier()
     agent = Agent(
         settings,
         host=host,
         nodes=KubeNodes(api, settings.keys),
-        pods=KubePods(api),
+        pods_factory=pods,
         engine_factory=engine,
         rebooter=Logind(settings.bus_address),
         notifier=notifier,

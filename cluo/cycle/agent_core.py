@@ -119,6 +119,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
+from cluo.cycle.config import AgentConfig, DrainTimeoutPolicy
 from cluo.cycle.drain_plan import DrainOptions, PodBlocker, describe_blockers
 from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation
 from cluo.protocol import NodePatch, NodeProtocolState
@@ -129,42 +130,6 @@ MAX_REASON_CHARS = 1000
 # A check that changes nothing else moves the node's last-checked-time only when the one
 # recorded is this much older (seconds), so an idle node is written at most once an hour.
 LAST_CHECKED_REFRESH = 3600
-
-
-# --- configuration ----------------------------------------------------------------------
-
-
-class DrainTimeoutPolicy(enum.Enum):
-    ABORT = "abort"  # uncordon if we cordoned, hand the grant back, retry later
-    FORCE = "force"  # delete the remaining pods ignoring PodDisruptionBudgets
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    drain_timeout: float = 600.0  # seconds for the whole drain
-    drain_timeout_policy: DrainTimeoutPolicy = DrainTimeoutPolicy.ABORT
-    drain_pods_without_controller: bool = False
-    reboot_retry_base: float = 10.0  # seconds before the 2nd attempt, doubling after
-    reboot_retry_max: float = 600.0
-    # After logind accepted Reboot(false), how long the host may stay up before the
-    # attempt counts as failed.
-    reboot_timeout: float = 300.0
-
-    def __post_init__(self) -> None:
-        for name in ("drain_timeout", "reboot_retry_base", "reboot_retry_max", "reboot_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.reboot_retry_max < self.reboot_retry_base:
-            raise ValueError("reboot_retry_max must not be below reboot_retry_base")
-
-    @property
-    def drain_options(self) -> DrainOptions:
-        return DrainOptions(evict_pods_without_controller=self.drain_pods_without_controller)
-
-    def reboot_backoff(self, failures: int) -> float:
-        """Seconds to wait after the ``failures``-th failed attempt (1, 2, ...)."""
-        exponent = min(max(failures - 1, 0), 30)
-        return float(min(self.reboot_retry_base * 2**exponent, self.reboot_retry_max))
 
 
 # --- what the driver observes on the host -----------------------------------------------
@@ -193,38 +158,6 @@ class RebootAttempt:
     at: float
     outcome: RebootOutcome
     detail: str = ""
-
-
-@dataclass(frozen=True)
-class Inhibitor:
-    """One entry of logind's ListInhibitors() -> a(ssssuu)."""
-
-    what: str  # colon-separated: shutdown:sleep:idle:...
-    who: str
-    why: str
-    mode: str  # "block" or "delay"
-    uid: int
-    pid: int
-
-    @property
-    def blocks_reboot(self) -> bool:
-        return self.mode == "block" and "shutdown" in self.what.split(":")
-
-    def describe(self) -> str:
-        return f"{self.who!r} (pid {self.pid}, uid {self.uid}): {self.why}"
-
-
-def blocking_inhibitors(inhibitors: Iterable[Inhibitor]) -> tuple[Inhibitor, ...]:
-    """The inhibitors that make logind refuse (systemd 257+) or delay a reboot.
-
-    The driver checks them right before calling Reboot; if any, it records a
-    ``RebootAttempt`` with outcome ``INHIBITED`` and ``describe_inhibitors`` as detail.
-    """
-    return tuple(inhibitor for inhibitor in inhibitors if inhibitor.blocks_reboot)
-
-
-def describe_inhibitors(inhibitors: Iterable[Inhibitor]) -> str:
-    return "; ".join(inhibitor.describe() for inhibitor in inhibitors)
 
 
 @dataclass(frozen=True)
@@ -307,7 +240,7 @@ class ClearRebootAttempts(Action):
 
 @dataclass(frozen=True)
 class Reboot(Action):
-    """Check logind inhibitors (``blocking_inhibitors``); if none, call Reboot(false).
+    """Check logind inhibitors (``inhibitors.blocking_inhibitors``); if none, call Reboot(false).
 
     Record the result as a ``RebootAttempt``: REQUESTED, INHIBITED, REFUSED or FAILED.
     Only once logind accepted (REQUESTED), post the ``Rebooting`` Event with
@@ -694,7 +627,8 @@ def _cordon(state: Cordoning, obs: Observation) -> _Step:
 def _drain(state: Draining, obs: Observation, now: float) -> _Step:
     config = obs.config
     if state.started_at is None or state.deadline is None:
-        return _Step((StartDrain(config.drain_options),), config.drain_timeout,
+        options = DrainOptions(evict_pods_without_controller=config.drain_pods_without_controller)
+        return _Step((StartDrain(options),), config.drain_timeout,
                      "draining: starting")
     if state.complete:
         patch = NodePatch(boot_id_before_reboot=obs.boot_id, blocked_reason="")

@@ -32,25 +32,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cluo.cycle.agent_core import DrainStatus
+from cluo.cycle.config import DrainTuning
 from cluo.cycle.drain_plan import BlockReason, DrainOptions, PodBlocker, PodSummary, plan_drain
 from cluo.cycle.eviction import BlockedByBudget, PodApi, PodDepartures
 from cluo.errors import CluoError
 
+# DrainTuning is defined with the other settings (cluo.cycle.config) and imported from
+# here too, with the drain it tunes.
+__all__ = ["DrainTuning", "Drainer"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DrainTuning:
-    concurrency: int = 8  # evictions in flight at once
-    poll_interval: float = 0.25  # seconds between rounds while pods terminate (no watch)
-    departure_wait: float = 2.0  # longest wait for terminating pods to go, when watching
-    budget_retry_base: float = 1.0  # first retry of a 429, doubling per refusal
-    budget_retry_max: float = 10.0
-    error_retry: float = 2.0  # after a failed list or eviction (API unavailable, ...)
-    idle_relist: float = 5.0  # re-list while only pods that block for good are left
 
 
 class Drainer:

@@ -58,7 +58,7 @@ def test_a_reboot_held_by_an_inhibitor_posts_its_refusals_then_one_rebooting(
             await asyncio.sleep(0.05)  # the fakes have no event to wait on
 
     async def scenario() -> None:
-        agent = Agent(settings, host=HOST, nodes=node, pods=FakePods(journal),
+        agent = Agent(settings, host=HOST, nodes=node, pods_factory=lambda: FakePods(journal),
                       engine_factory=lambda on_event: FakeEngine(on_event, NEED_REBOOT),
                       rebooter=Logind(system_bus_address),
                       notifier=JournaledNotifier(journal))

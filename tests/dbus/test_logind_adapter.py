@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cluo.cycle.agent_core import Inhibitor
+from cluo.cycle.inhibitors import Inhibitor
 from cluo_host.logind import Logind, LogindError, RebootFailed, RebootRefused
 from testbed.dbus_bus import CALL_TIMEOUT
 from testbed.dbus_templates import logind as login1

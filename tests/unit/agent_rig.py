@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
-from cluo.cycle.agent_core import Inhibitor
 from cluo.cycle.drain_plan import OwnerRef, PodSummary
 from cluo.cycle.eviction import (
     BlockedByBudget,
@@ -26,6 +25,7 @@ from cluo.cycle.eviction import (
     EvictionOutcome,
     PodState,
 )
+from cluo.cycle.inhibitors import Inhibitor
 from cluo.cycle.update_status import UpdateEngineStatus
 from cluo.errors import KubeError
 from cluo.kube.nodes import NodeChange, NodeEvent, NodeSnapshot
@@ -355,7 +355,7 @@ def run_agent(pods_setup: Callable[[FakePods], object] = lambda pods: None, *, u
         pods_setup(pods)
         rebooter = FakeLogind(journal)
         logind(rebooter)
-        agent = Agent(settings, host=HOST, nodes=node, pods=pods,
+        agent = Agent(settings, host=HOST, nodes=node, pods_factory=lambda: pods,
                       engine_factory=engine_factory, rebooter=rebooter,
                       notifier=JournaledNotifier(journal), watchdog_interval=watchdog_interval)
         result.agent = agent

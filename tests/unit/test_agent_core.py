@@ -36,7 +36,6 @@ from cluo.cycle.agent_core import (
     GrantWithdrawn,
     Idle,
     IllegalTransition,
-    Inhibitor,
     Observation,
     PatchNode,
     Reboot,
@@ -50,12 +49,12 @@ from cluo.cycle.agent_core import (
     Uncordoning,
     WaitingForAfterReboot,
     WaitingForGrant,
-    blocking_inhibitors,
     check_transition,
     decide,
     derive_state,
 )
 from cluo.cycle.drain_plan import BlockReason, DrainOptions, PodBlocker
+from cluo.cycle.inhibitors import Inhibitor, blocking_inhibitors
 from cluo.cycle.update_status import UpdateEngineStatus, UpdateOperation
 from cluo.protocol import FLUO_PREFIX, Keys, NodePatch, NodeProtocolState
 

@@ -296,7 +296,7 @@ def start_agent() -> Iterator[Callable[..., Rig]]:
         def engine(on_event: Callable[[UpdateEngineEvent], None]) -> FakeEngine:
             return FakeEngine()
 
-        agent = Agent(settings, host=HOST, nodes=nodes, pods=Unused(), engine_factory=engine,
+        agent = Agent(settings, host=HOST, nodes=nodes, pods_factory=Unused, engine_factory=engine,
                       rebooter=Unused(), notifier=notifier, watchdog_interval=0.01,
                       backoff=backoff)
         runner = RunningAgent(agent)

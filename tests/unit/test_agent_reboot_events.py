@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from cluo.cycle.agent_core import Inhibitor
+from cluo.cycle.inhibitors import Inhibitor
 from tests.unit.agent_rig import FakeLogind, run_agent
 
 pytestmark = pytest.mark.timeout(30)

@@ -22,7 +22,8 @@ from cluo.cycle.agent_core import (
     WaitingForAfterReboot,
     WaitingForGrant,
 )
-from cluo_host.login_message import CoordinatorConf, login_state
+from cluo_host.cycle import login_state
+from cluo_host.login_message import CoordinatorConf
 
 
 @pytest.mark.parametrize(
