@@ -213,7 +213,7 @@ class VirtualAgent:
         self._node: NodeSnapshot | None = None
         self._loop = asyncio.get_running_loop()
         self._actions = NodeActions(
-            name, nodes=nodes, pods=pods, keys=config.keys, tuning=config.drain,
+            name, nodes=nodes, pods_factory=lambda: pods, keys=config.keys, tuning=config.drain,
             clock=self._loop.time, on_node=self._set_node,
             on_drain_progress=lambda _status: self._wake.set(), component=COMPONENT)
         self._attempts: tuple[RebootAttempt, ...] = ()

@@ -6,8 +6,8 @@ host's requests) and runs the loop, through the adapters it was given (``NodeApi
 ``UpdateStatusSource``, ``Rebooter``, ``ServiceNotifier``, and a factory of the
 ``PodApi``). Each turn of the loop is ``CycleDriver``'s (cluo_host/cycle.py): it adds the
 drain and the reboot attempts it runs, asks ``decide`` and performs the actions; it is
-imported after ``READY=1``, with the decision core and the drain under it, since the start
-needs neither. Kubernetes calls are synchronous and run in threads; the node watch runs in
+imported after ``READY=1``, with the decision core under it, since the start needs
+neither. Kubernetes calls are synchronous and run in threads; the node watch runs in
 a thread of its own and wakes the loop on every change.
 
 The loop never sleeps blindly: it waits for a wake-up (node changed, update_engine
@@ -102,8 +102,8 @@ MANUAL_TRIGGERS = ("To ask for a reboot by hand, run `systemctl kill --kill-whom
 class Agent:
     """One agent for one node. ``await run(stop)`` until ``stop`` is set.
 
-    ``pods_factory`` makes the drain's ``PodApi`` when the first decision is made, after
-    ``READY=1``, like the decision core (``_start_cycle``).
+    ``pods_factory`` makes the drain's ``PodApi`` when the first drain starts
+    (cluo/cycle/node_actions.py).
     """
 
     def __init__(
@@ -279,12 +279,12 @@ class Agent:
                     f"no Node of this name; {NODE_NAME_HINT}")
 
     def _start_cycle(self) -> CycleDriver:
-        # Imported after READY=1, with the decision core, the drain and the Eviction API
-        # adapter under it: none is needed to start (docs/agent.md, Footprint).
+        # Imported after READY=1, with the decision core under it: the start needs
+        # neither (docs/agent.md, Footprint).
         from cluo_host.cycle import CycleDriver  # noqa: PLC0415
 
         return CycleDriver(
-            self._settings, self._host, nodes=self._nodes, pods=self._pods_factory(),
+            self._settings, self._host, nodes=self._nodes, pods_factory=self._pods_factory,
             rebooter=self._rebooter, notifier=self._notifier,
             login_message=self._login_message, clock=self._now, on_node=self._set_node,
             on_drain_progress=self._on_drain_progress, on_result=self._wake.set,

@@ -8,14 +8,16 @@ what its own actions left behind (the drain it runs, the reboot attempts it made
 its actions: the node's through ``NodeActions`` (cluo/cycle/node_actions.py: the node's
 writes, its Events and the drain), the reboot through logind.
 
-The Agent imports this module once ``READY=1`` is sent: the decision core, the drain and
-the Eviction API adapter it brings are not needed to start (docs/agent.md, Footprint).
+The Agent imports this module once ``READY=1`` is sent, and the decision core with it:
+neither is needed to start. The drain and the Eviction API adapter come later still, with
+the first drain (``NodeActions``; docs/agent.md, Footprint).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluo.cycle.agent_core import (
     Action,
@@ -38,7 +40,6 @@ from cluo.cycle.agent_core import (
     WaitingForGrant,
     decide,
 )
-from cluo.cycle.eviction import PodApi
 from cluo.cycle.inhibitors import blocking_inhibitors, describe_inhibitors
 from cluo.cycle.node_actions import NodeActions
 from cluo.cycle.update_status import UpdateEngineStatus
@@ -49,6 +50,9 @@ from cluo_host.host_facts import HostFacts
 from cluo_host.login_message import REBOOT_PLANNED, REBOOTING, RUNNING, CoordinatorConf
 from cluo_host.logind import Rebooter, RebootError, RebootRefused
 from cluo_host.notify import ServiceNotifier
+
+if TYPE_CHECKING:
+    from cluo.cycle.eviction import PodApi
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ class CycleDriver:
         host: HostFacts,
         *,
         nodes: NodeApi,
-        pods: PodApi,
+        pods_factory: Callable[[], PodApi],
         rebooter: Rebooter,
         notifier: ServiceNotifier,
         login_message: CoordinatorConf,
@@ -96,9 +100,9 @@ class CycleDriver:
         self._on_action = on_action
         # The node's side of the actions, and the drain (cluo/cycle/node_actions.py).
         self._actions = NodeActions(
-            self._name, nodes=nodes, pods=pods, keys=settings.keys, tuning=settings.drain,
-            clock=clock, on_node=on_node, on_drain_progress=on_drain_progress,
-            component=COMPONENT)
+            self._name, nodes=nodes, pods_factory=pods_factory, keys=settings.keys,
+            tuning=settings.drain, clock=clock, on_node=on_node,
+            on_drain_progress=on_drain_progress, component=COMPONENT)
         self._attempts: tuple[RebootAttempt, ...] = ()
         self._last_phase = ""
         self._last_status = ""

@@ -59,8 +59,8 @@ async def _run(settings: AgentSettings) -> int:
         return UpdateEngine(on_event)
 
     def pods() -> PodApi:
-        # Imported after READY=1, with the drain it serves: not needed to start
-        # (docs/agent.md, Footprint).
+        # Imported when the first drain starts (NodeActions), with the drain it serves:
+        # an agent that is not draining needs neither (docs/agent.md, Footprint).
         from cluo.cycle.eviction import KubePods  # noqa: PLC0415
 
         return KubePods(api)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cluo.cycle.agent_core import (
     AbortDrain,
@@ -28,25 +29,32 @@ from cluo.cycle.agent_core import (
     PatchNode,
     StartDrain,
 )
-from cluo.cycle.drainer import Drainer, DrainTuning
-from cluo.cycle.eviction import PodApi
+from cluo.cycle.config import DrainTuning
 from cluo.kube.nodes import NodeApi, NodeChange, NodeSnapshot
 from cluo.protocol import Keys
+
+if TYPE_CHECKING:
+    from cluo.cycle.drainer import Drainer
+    from cluo.cycle.eviction import PodApi
 
 log = logging.getLogger(__name__)
 
 
 class NodeActions:
-    """The node-side actions for node ``name``. Use on one event loop."""
+    """The node-side actions for node ``name``. Use on one event loop.
 
-    def __init__(self, name: str, *, nodes: NodeApi, pods: PodApi, keys: Keys,
-                 tuning: DrainTuning, clock: Callable[[], float],
+    ``pods_factory`` makes the drain's ``PodApi`` when the first drain starts.
+    """
+
+    def __init__(self, name: str, *, nodes: NodeApi, pods_factory: Callable[[], PodApi],
+                 keys: Keys, tuning: DrainTuning, clock: Callable[[], float],
                  on_node: Callable[[NodeSnapshot], None],
                  on_drain_progress: Callable[[DrainStatus], None],
                  component: str) -> None:
         self._name = name
         self._nodes = nodes
-        self._pods = pods
+        self._pods_factory = pods_factory
+        self._pods: PodApi | None = None  # made for the first drain
         self._keys = keys
         self._tuning = tuning
         self._clock = clock
@@ -74,6 +82,12 @@ class NodeActions:
                              extra={"NODE": name})
             case StartDrain(options=options):
                 await self.stop_drain()
+                # Imported with the first drain, as the pods' adapter is made: a node that
+                # is not draining needs neither (docs/agent.md, Footprint).
+                from cluo.cycle.drainer import Drainer  # noqa: PLC0415
+
+                if self._pods is None:
+                    self._pods = self._pods_factory()
                 self._drainer = Drainer(self._pods, name, options, self._on_drain_progress,
                                         started_at=self._clock(), clock=self._clock,
                                         tuning=self._tuning)
