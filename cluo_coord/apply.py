@@ -8,8 +8,8 @@ touch the same thing:
   the Events about it, and the brake's record of its failed reboot. So a node's changes
   keep the planner's order: its ``ReleaseSlot`` after the ``ResetRebootOk`` before it
   (planner rule 4), its group slot's ``AcquireSlot`` before its global one (rule 15),
-  ``RecordFailedReboot`` before the ``MarkStuck`` or ``LabelAfterReboot`` that goes with
-  it (rule 14);
+  ``RecordFailedReboot`` before the ``MarkStuck``, ``LabelAfterReboot`` or (without
+  after-reboot hooks) ``ResetRebootOk`` that goes with it (rule 14);
 - the same slot Lease (a grant checks its Leases, rule 3), or the leader Lease (the
   brake's records, one after another);
 - a hand-over (an ``AcquireSlot`` with ``handed_from``, of a global or a group slot)

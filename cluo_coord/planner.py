@@ -17,7 +17,9 @@ One reboot cycle, CLUO compatible (docs/protocol.md)::
     GrantRebootOk        reboot-ok=true, remove label + hook annotations  (node CAS,
                          and only while the slot Lease is unchanged)
       ... agent: reboot-in-progress, drain, reboot; reboot-needed=false, in-progress=false
-    LabelAfterReboot     once the reboot is proven (see ``reboot_proven``)
+    LabelAfterReboot     once the reboot is proven (see ``reboot_proven``); only with
+                         after-reboot hooks: without, ResetRebootOk follows the proof
+                         in the same plan, and no label is written
       ... after-reboot hook annotations become "true"
     ResetRebootOk        reboot-ok=false, remove labels + hook annotations  (node CAS);
                          and, if the agent cordoned the node, uncordon it and remove
@@ -136,7 +138,8 @@ cluster looks like (stale caches, restarts, partially applied plans, old coordin
     ``version`` label) older than the ``new-version`` it announced when it took the slot
     (recorded on the slot Lease). Each failure is recorded once per node on the leader
     Lease (``RecordFailedReboot``, before the MarkStuck or LabelAfterReboot that goes with
-    it, so a crash in between records it again rather than never); once K nodes are on the
+    it, or without after-reboot hooks the reset, so a crash in between records it again
+    rather than never); once K nodes are on the
     record and the roll is not paused, ``PauseRoll`` pauses it with a Warning Event, and
     the pause holds new slots as rule 6's does, until an admin resumes (which clears the
     record). A stuck slot is marked once, so a resumed roll does not count it again.
@@ -196,7 +199,7 @@ the release time and the stuck mark; see ``SlotLease`` for the Lease annotations
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -842,13 +845,13 @@ class _Builder:
         self, view: NodeView, slots: list[SlotLease], type_: EventType, reason: Reason,
         message: str, *, clear_release_slot: bool = False,
         drain_backoff: DrainBackoff | None = None, done: bool = False,
-        uncordon: bool = False,
+        uncordon: bool = False, reports: Sequence[_Report] = (),
     ) -> None:
         """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release;
         then the Event that reports it. ``done``: the holder's cycle ended (it no longer
         needs a reboot); its one global slot may go straight to the next node
         (``_handed``). ``uncordon``: the reset uncordons the node the agent cordoned
-        (rule 10)."""
+        (rule 10). ``reports``: Events that report the reset itself."""
         self.add(
             ResetRebootOk(
                 view.name,
@@ -859,6 +862,8 @@ class _Builder:
                 uncordon=uncordon,
             )
         )
+        for report in reports:
+            self.event(view.name, report.type, report.reason, report.message)
         releases: dict[str, tuple[SlotLease, Change]] = {}  # group ("": global) -> its
         for lease in slots:
             release = ReleaseSlot(lease.index, view.name, _lease_rv(lease), self.now,
@@ -1206,23 +1211,7 @@ def _advance_holder(
             _wait(name, primary, "the agent started another reboot during the after-reboot phase",
                   out)
         elif hooks_done(policy.after_reboot_annotations, view.annotations):
-            # Rule 10: the reboot is proven, so the reset uncordons a node the agent
-            # cordoned, and the release can follow it in this plan.
-            uncordon = cordoned_by_cluo(view)
-            if (unrecovered := out.health.gate(name)) is not None:
-                if uncordon:  # the workloads may need the node to come back
-                    out.add(ResetRebootOk(name, view.resource_version,
-                                          policy.hook_annotations, uncordon=True))
-                _wait(name, primary, f"waiting for the workloads to recover: {unrecovered}",
-                      out)
-            else:
-                out.reset_and_release(
-                    view, slots, EventType.NORMAL, Reason.REBOOT_FINISHED,
-                    f"After-reboot hooks done: {policy.keys.reboot_ok}=false"
-                    f"{', node uncordoned' if uncordon else ''}, reboot slot "
-                    f"{primary.index} released.",
-                    drain_backoff=_clear_drain_failures(view), done=True, uncordon=uncordon,
-                )
+            _finish_proven(view, slots, out)
         else:
             _wait(name, primary, "waiting for the after-reboot hooks", out)
         return
@@ -1234,20 +1223,25 @@ def _advance_holder(
             if rolled_back:
                 out.failed_reboot(name, f"came back on {view.os_version}, older than the "
                                         f"announced {primary.announced_version}")
-            out.add(
-                LabelAfterReboot(name, view.resource_version, policy.after_reboot_annotations)
-            )
-            out.event(
-                name, EventType.NORMAL, Reason.REBOOT_VERIFIED,
-                f"The node is back with boot id {view.boot_id}; running after-reboot hooks.",
-            )
+            hooks = policy.after_reboot_annotations
+            proof = [_Report(EventType.NORMAL, Reason.REBOOT_VERIFIED,
+                             f"The node is back with boot id {view.boot_id}; "
+                             + ("running after-reboot hooks." if hooks
+                                else "no after-reboot hooks."))]
             if rolled_back:
-                out.event(
-                    name, EventType.WARNING, Reason.REBOOT_ROLLED_BACK,
+                proof.append(_Report(
+                    EventType.WARNING, Reason.REBOOT_ROLLED_BACK,
                     f"The node came back on version {view.os_version}, older than the "
                     f"{primary.announced_version} it announced when it took reboot slot "
-                    f"{primary.index}: the update did not boot and was rolled back.",
-                )
+                    f"{primary.index}: the update did not boot and was rolled back."))
+            if not hooks:
+                # No after-reboot hooks, no after-reboot label: the cycle ends with the
+                # proof, as a grant follows the slot without before-reboot hooks.
+                _finish_proven(view, slots, out, proof=proof)
+                return
+            out.add(LabelAfterReboot(name, view.resource_version, hooks))
+            for report in proof:
+                out.event(name, report.type, report.reason, report.message)
         elif _aborted(state) and cordoned_by_cluo(view):
             # Rule 10: the grant stays out (so the node still reads as an abort) until
             # the agent has uncordoned it.
@@ -1307,6 +1301,45 @@ def _advance_holder(
                       [lease for lease in slots if lease.group], out)
     else:
         _wait(name, primary, "waiting for the before-reboot hooks", out)
+
+
+@dataclass(frozen=True)
+class _Report:
+    """An Event a change of this plan reports (``_Builder.event``'s arguments)."""
+
+    type: EventType
+    reason: Reason
+    message: str
+
+
+def _finish_proven(view: NodeView, slots: list[SlotLease], out: _Builder, *,
+                   proof: Sequence[_Report] = ()) -> None:
+    """A holder whose reboot is proven and whose after-reboot hooks are done: reset; the
+    reset uncordons the node the agent cordoned (rule 10), so the release (or the
+    hand-over) follows in this plan, unless the health gate holds the slot. ``proof``:
+    the proof's Events, when the proof is made in this plan (no after-reboot hooks, so no
+    after-reboot label: the reset is this plan's write for it, rule 14's record before it)."""
+    name = view.name
+    primary = slots[0]
+    policy = out.policy
+    uncordon = cordoned_by_cluo(view)
+    if (unrecovered := out.health.gate(name)) is not None:
+        if uncordon or proof:  # the workloads may need the node to come back
+            out.add(ResetRebootOk(name, view.resource_version, policy.hook_annotations,
+                                  uncordon=uncordon))
+            for report in proof:
+                out.event(name, report.type, report.reason, report.message)
+        _wait(name, primary, f"waiting for the workloads to recover: {unrecovered}", out)
+        return
+    hooks = "After-reboot hooks done" if policy.after_reboot_annotations else (
+        "No after-reboot hooks")
+    out.reset_and_release(
+        view, slots, EventType.NORMAL, Reason.REBOOT_FINISHED,
+        f"{hooks}: {policy.keys.reboot_ok}=false{', node uncordoned' if uncordon else ''}, "
+        f"reboot slot {primary.index} released.",
+        drain_backoff=_clear_drain_failures(view), done=True, uncordon=uncordon,
+        reports=proof,
+    )
 
 
 def _grant_holder(view: NodeView, slot: int, lease_version: str, group_slots: list[SlotLease],

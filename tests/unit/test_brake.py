@@ -23,13 +23,13 @@ from cluo_coord.planner import (
     AcquireSlot,
     EmitEvent,
     EventType,
-    LabelAfterReboot,
     MarkStuck,
     NodeView,
     PauseRoll,
     Plan,
     Reason,
     RecordFailedReboot,
+    ResetRebootOk,
     SlotLease,
 )
 from tests.unit.test_planner import KEYS, NOW, acquired, kinds, node, of, reasons, run, slot
@@ -154,7 +154,8 @@ def test_a_granted_holder_not_back_at_its_timeout_failed_the_reboot_proof(
 def test_a_holder_back_on_an_older_version_than_it_announced_failed_the_proof() -> None:
     result = run([back_on(OLD)], [announced("back")], max_failed_reboots=2)
     assert recorded(result) == [("back", f"came back on {OLD}, older than the announced {NEW}")]
-    assert kinds(result)[:2] == ["RecordFailedReboot", "LabelAfterReboot"]  # it finishes
+    # It finishes: without after-reboot hooks the reset follows the proof, after the record.
+    assert kinds(result)[:2] == ["RecordFailedReboot", "ResetRebootOk"]
     warning = [e for e in of(result, EmitEvent) if e.reason == Reason.REBOOT_ROLLED_BACK]
     assert warning and warning[0].type == EventType.WARNING
 
@@ -163,7 +164,7 @@ def test_a_holder_back_on_an_older_version_than_it_announced_failed_the_proof() 
 def test_a_holder_back_on_the_announced_version_or_newer_passes(version: str) -> None:
     result = run([back_on(version)], [announced("back")], max_failed_reboots=1)
     assert not recorded(result) and not of(result, PauseRoll)
-    assert of(result, LabelAfterReboot)
+    assert of(result, ResetRebootOk)
 
 
 def test_a_holder_that_announced_no_version_is_not_compared() -> None:

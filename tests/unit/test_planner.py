@@ -420,7 +420,7 @@ def test_in_flight_node_finishes_when_window_closes() -> None:
     before = run([node("a", needed=True, before_label=True)], [slot(0, "a")], windows=closed)
     assert [c.node for c in of(before, GrantRebootOk)] == ["a"]
     after = run([node("a", ok=True, boot="boot-2")], [slot(0, "a")], windows=closed)
-    assert [c.node for c in of(after, LabelAfterReboot)] == ["a"]
+    assert [c.node for c in of(after, ResetRebootOk)] == ["a"]
 
 
 def test_global_pause_lets_a_holder_finish_its_cycle() -> None:
@@ -522,11 +522,39 @@ def test_reboot_is_not_done_until_proven(view: NodeView, why: str) -> None:
 def test_min_ready_waits_and_says_when_to_look_again() -> None:
     view = node("a", ok=True, boot="boot-2", ready_since=NOW - timedelta(seconds=20))
     result = run([view], [slot(0, "a")], min_ready=timedelta(seconds=60))
-    assert of(result, LabelAfterReboot) == []
+    assert of(result, ResetRebootOk) == []
     assert result.recheck_after == timedelta(seconds=40)
     later = run([view], [slot(0, "a")], now=NOW + timedelta(seconds=40),
                 min_ready=timedelta(seconds=60))
-    assert [c.node for c in of(later, LabelAfterReboot)] == ["a"]
+    assert [c.node for c in of(later, ResetRebootOk)] == ["a"]
+
+
+def test_without_after_reboot_hooks_the_proof_ends_the_cycle_in_one_plan() -> None:
+    # No after-reboot label to write or wait on: the reset (which uncordons the node the
+    # agent cordoned) and the hand-over follow the proof, which is reported first.
+    back = node("a", ok=True, boot="boot-2", cordoned=True, marked=True)
+    result = run([back, node("b", needed=True)], [slot(0, "a", rv="9")])
+    assert of(result, LabelAfterReboot) == []
+    assert kinds(result)[:3] == ["ResetRebootOk", "EmitEvent", "AcquireSlot"]
+    assert of(result, ResetRebootOk)[0].uncordon
+    assert [(c.node, c.handed_from) for c in of(result, AcquireSlot)] == [("b", "a")]
+    assert reasons(result)[:2] == [Reason.REBOOT_VERIFIED, Reason.REBOOT_FINISHED]
+    assert "no after-reboot hooks" in of(result, EmitEvent)[0].message
+
+
+def test_without_after_reboot_hooks_a_closed_health_gate_keeps_the_slot_after_the_reset(
+) -> None:
+    back = node("a", ok=True, boot="boot-2")
+    held = plan([back], [slot(0, "a", rv="9")], NOW, Policy(),
+                health=Health(closed_gates={"a": "web: 1/2 ready"}))
+    assert kinds(held) == ["ResetRebootOk", "EmitEvent"]  # proven once, reported once
+    assert reasons(held) == [Reason.REBOOT_VERIFIED]
+    reset = node("a", boot="boot-2")
+    waiting = plan([reset], [slot(0, "a", rv="9")], NOW, Policy(),
+                   health=Health(closed_gates={"a": "web: 1/2 ready"}))
+    assert waiting.changes == ()
+    released = run([reset], [slot(0, "a", rv="9")])
+    assert kinds(released) == ["ResetRebootOk", "ReleaseSlot", "EmitEvent"]
 
 
 def test_waits_for_after_reboot_hooks_then_resets_before_releasing() -> None:
@@ -827,7 +855,7 @@ def test_reboot_timeout_says_when_to_look_again() -> None:
 def test_stuck_node_that_comes_back_finishes_normally() -> None:
     result = run([node("a", ok=True, boot="boot-2")],
                  [slot(0, "a", acquired=NOW - timedelta(hours=3), stuck=True)])
-    assert [c.node for c in of(result, LabelAfterReboot)] == ["a"]
+    assert [c.node for c in of(result, ResetRebootOk)] == ["a"]
 
 
 def test_holder_whose_node_is_gone_frees_its_slot_for_the_next_node() -> None:
