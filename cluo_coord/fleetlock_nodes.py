@@ -20,7 +20,8 @@ virtual agent per FleetLock node that asked, in an asyncio loop of its own threa
   reboot (Zincati reboots on any 2xx). Before that: ``waiting_for_slot``, ``draining`` or
   ``cycle_open``, a 409 Zincati asks again after. The holder asking again gets 200 again.
 - **After the reboot** the kubelet reports a new boot id, and the cycle goes on as the
-  agent's: reboot reported, ``reboot-ok=false`` awaited, uncordoned, marks cleared.
+  agent's: reboot reported, ``reboot-ok=false`` awaited (the planner's reset uncordons
+  the node), marks cleared.
 - **steady-state** is 200 once the node holds no slot and its cycle is over (the planner
   releases the slot after the node is Ready again and the gates pass); before, 409
   ``slot_held``. A client that asks for steady-state while its reboot only waits for a

@@ -13,7 +13,8 @@ The requests Zincati never sends (no header, bad JSON, GET) are sent by hand.
 - pre-reboot answered yes only once the node is cordoned and its pods evicted (checked
   from the cluster at the moment of the yes), the client found by the machine id the
   kubelet reports, derived as systemd does (``systemd-id128 -a``); then the reboot is
-  proven by the new boot id and the node is uncordoned and released;
+  proven by the new boot id and the node is uncordoned (by the planner's reset) and
+  released;
 - a pod a PodDisruptionBudget keeps: never a yes, the drain times out and the grant goes
   back, counted as a failed drain (the planner's backoff);
 - a coordinator stopped mid-drain: the next one resumes the cycle from the node's marks,
@@ -195,8 +196,12 @@ def test_pre_reboot_is_answered_only_once_the_node_is_cordoned_and_drained(
     wait_for(lambda: rig.done(name) and not rig.node(name).spec.unschedulable
              and KEYS.fleetlock_client not in rig.annotations(name), TIMEOUT,
              "the FleetLock node's cycle to end: released, uncordoned, unmarked")
-    for reason in ("RebootNeeded", "RebootGranted", "Rebooting", "Rebooted", "Uncordoned"):
+    for reason in ("RebootNeeded", "RebootGranted", "Rebooting", "Rebooted", "RebootFinished"):
         assert rig.events(name, reason), f"no {reason} Event from cluo-coord"
+    # The planner's reset uncordoned the node (the agent's part has nothing left to undo).
+    assert any("node uncordoned" in event.message
+               for event in rig.events(name, "RebootFinished"))
+    assert not rig.events(name, "Uncordoned")
     assert coord.metric('cluo_fleetlock_requests_total{endpoint="pre-reboot",result="ok"}') \
         == len(host.replies("pre-reboot")) - len(refusals)
 
