@@ -45,9 +45,11 @@ The cycle and its writes, one write (one request) per decision, in this order:
     Rebooted ────── W4 reboot-needed=false (annotation + label), reboot-in-progress=false,
       │                reboot-reason removed
     WaitingForAfterReboot
-      │ the coordinator sets reboot-ok=false (after-reboot hooks done)
+      │ the coordinator sets reboot-ok=false (after-reboot hooks done); cluo-coord
+      │ uncordons the node in that write and removes agent-made-unschedulable
     Uncordoning ─── W5 agent-made-unschedulable=false, boot-id-before-reboot removed and,
-                       only if agent-made-unschedulable=true and cordoned,
+                       only if agent-made-unschedulable=true and still cordoned (an
+                       older coordinator's reset, or the end of an aborted cycle),
                        spec.unschedulable=false (one patch of metadata and spec)
     Idle
 

@@ -558,6 +558,28 @@ def test_after_the_reboot_uncordons_and_clears_the_marks_in_one_write() -> None:
     assert not world.unschedulable
 
 
+def test_after_the_coordinators_uncordoning_reset_only_the_boot_id_is_removed() -> None:
+    # cluo-coord's reset of a proven reboot uncordons the node and removes the mark in its
+    # own write: the agent's last write of the cycle then has nothing to uncordon.
+    world = World(coordinator=False)
+    world.set_annotation("reboot-ok", "true")
+    world.run_until(WaitingForAfterReboot)
+    assert world.unschedulable
+    world.set_annotation("reboot-ok", "false")
+    del world.annotations[KEYS.agent_made_unschedulable]
+    world.unschedulable = False
+
+    decision = world.step()
+
+    assert isinstance(decision.state, Uncordoning)
+    assert [a for a in decision.actions if isinstance(a, PatchNode)] == [
+        PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot=""))]
+    assert not [a for a in decision.actions if isinstance(a, EmitEvent)]
+    assert isinstance(world.state(), Idle)
+    assert not world.unschedulable
+    assert KEYS.boot_id_before_reboot not in world.annotations
+
+
 def test_a_cycle_writes_the_node_once_per_step() -> None:
     world = World(engine=None, labels={}, annotations={})
     world.set_annotation("reboot-needed", "true")
