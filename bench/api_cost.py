@@ -19,9 +19,11 @@ every 45 minutes (with a random fuzz); checks every 5 minutes are six to nine ti
 and the agent's refresh rule is on update_engine's clock (cluo/cycle/agent_core.py,
 ``LAST_CHECKED_REFRESH``), so the count holds for any schedule of checks and for any pace of
 the playback.
-Per reboot: from update_engine saying UPDATED_NEED_REBOOT until the agent closed the cycle
-(the test plays the coordinator's grant and the host's reboot, as tests/kube/test_agent.py
-does); the restarted agent's start-up requests are part of the cycle.
+Per reboot: from update_engine saying UPDATED_NEED_REBOOT until a pause after the
+coordinator's reset (the test plays the coordinator's grant, its reset of a proven reboot,
+which uncordons the node and removes the agent's marks, and the host's reboot, as
+tests/kube/test_agent.py does); the restarted agent's start-up requests are part of the
+cycle.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ from bench.testbed import (
     read_audit_log,
     running_audited_plane,
 )
-from cluo.protocol import Keys
+from cluo.kube.nodes import node_patch
+from cluo.protocol import Keys, reset_patch
 from testbed.agent_host import AgentProcess, HostDir
 from testbed.dbus_bus import LOGIND_TEMPLATE, UPDATE_ENGINE_TEMPLATE, MockService, spawn_mock
 from testbed.kubelet import EmulatedNode, KubeletEmulator
@@ -308,11 +311,16 @@ class _Rig:
         self.wait(lambda: self.annotation("reboot-needed") == "false"
                   and self.annotation("reboot-in-progress") == "false",
                   "the agent to report the reboot")
-        self.set_annotation("reboot-ok", "false")
+        # cluo-coord's reset of a proven reboot: it uncordons the node and removes the
+        # agent's mark and boot id, so the cycle is over without a write of the agent's
+        # (whatever the agent still writes falls in the window's TAIL).
+        reset = reset_patch(KEYS, (), uncordon=True, finished=True)
+        self.core.patch_node(self.node.name, node_patch(
+            annotations=reset.annotations, labels=reset.labels, unschedulable=False))
         self.wait(lambda: self.annotation("boot-id-before-reboot") is None
-                  and self.annotation("agent-made-unschedulable") in (None, "false")
+                  and self.annotation("agent-made-unschedulable") is None
                   and not self.read().spec.unschedulable,
-                  "the agent to close the cycle and uncordon")
+                  "the coordinator's reset to land")
 
     def wait(self, predicate: Callable[[], object], what: str) -> None:
         try:

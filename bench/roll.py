@@ -658,16 +658,17 @@ def drained(boot_id: str) -> tuple[PatchNode, ...]:
 # Rebooted, booted with a new boot id: the reboot reported.
 REPORT_REBOOT = (PatchNode(NodePatch(reboot_needed=False, reboot_in_progress=False,
                                      blocked_reason="", reboot_reason="")),)
-# Uncordoning, at reboot-ok=false (the coordinator's reset): the agent's mark and the boot id
-# removed, and the node uncordoned only if the reset left it cordoned with the agent's mark
-# (an older coordinator's reset; cluo-coord's reset of a proven reboot uncordons it).
+# Uncordoning, at reboot-ok=false, only when the coordinator's reset left the agent's mark
+# or the boot id (an older coordinator's reset; cluo-coord's reset of a proven reboot
+# uncordons the node and removes both, and the agent then writes nothing): the mark and the
+# boot id removed, and the node uncordoned if it is still cordoned with the mark.
 FINISH = (PatchNode(NodePatch(agent_made_unschedulable=False, boot_id_before_reboot="")),)
 UNCORDON = (PatchNode(FINISH[0].patch, unschedulable=False),)
 
 
 def agent_cycle_writes(boot_id: str) -> tuple[PatchNode, ...]:
-    """Every request of a node's cycle, in order (the coordinator's reset uncordons it)."""
-    return TAKE_GRANT + drained(boot_id) + REPORT_REBOOT + FINISH
+    """Every request of a node's cycle, in order (cluo-coord's reset ends it)."""
+    return TAKE_GRANT + drained(boot_id) + REPORT_REBOOT
 
 
 def request_body(write: PatchNode) -> dict[str, Any]:
@@ -684,9 +685,10 @@ def describe_agent_writes() -> str:
         return "one patch" if len(writes) == 1 else f"{len(writes)} patches"
     return (f"at the grant, the grant taken and the node cordoned ({patches(TAKE_GRANT)}); "
             f"the boot id recorded ({patches(drained(''))}); after the reboot, its report "
-            f"({patches(REPORT_REBOOT)}); at the coordinator's reset, which uncordons the "
-            f"node, its marks cleared ({patches(FINISH)}; with the uncordon in it if the "
-            "reset left the node cordoned with the agent's mark)")
+            f"({patches(REPORT_REBOOT)}); nothing at the coordinator's reset, which "
+            "uncordons the node and removes the agent's mark and boot id (had a reset left "
+            f"them, the agent's {patches(FINISH)} would remove them, with the uncordon in it "
+            "if the node were still cordoned with the mark)")
 
 
 @dataclass(frozen=True)
@@ -706,9 +708,10 @@ class FastAgents:
     PatchNodes above): on reboot-ok=true (with reboot-needed=true, not in progress)
     TAKE_GRANT, then ``drained``; the host off, and on with a new boot id ``drain_reboot``
     seconds after its going off began; once the Node shows it Ready, REPORT_REBOOT; then,
-    when the watch shows the coordinator's reboot-ok=false, FINISH, or UNCORDON if the node
-    is still cordoned with the agent's mark, as agent_core's Uncordoning. Writes as the
-    stand-in account of bench/coord_rig.py.
+    when the watch shows the coordinator's reboot-ok=false, nothing if the reset removed the
+    agent's mark and boot id (cluo-coord's reset of a proven reboot), else FINISH, or
+    UNCORDON if the node is still cordoned with the mark, as agent_core's Uncordoning.
+    Writes as the stand-in account of bench/coord_rig.py.
     """
 
     def __init__(self, api: kubernetes.client.ApiClient, emulator: KubeletEmulator,
@@ -836,9 +839,11 @@ class FastAgents:
                        "the coordinator's reset (reboot-ok=false)")
             with self._lock:
                 seen = self._seen[name]
-            cordoned = (seen.unschedulable
-                        and seen.annotations.get(KEYS.agent_made_unschedulable) == "true")
-            self._write(name, UNCORDON if cordoned else FINISH)
+            if (KEYS.agent_made_unschedulable in seen.annotations
+                    or KEYS.boot_id_before_reboot in seen.annotations):
+                cordoned = (seen.unschedulable
+                            and seen.annotations.get(KEYS.agent_made_unschedulable) == "true")
+                self._write(name, UNCORDON if cordoned else FINISH)
         except Exception as err:
             if not self._stop.is_set():
                 self.errors.append(f"{name}: {err!r}")

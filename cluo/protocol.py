@@ -119,7 +119,9 @@ SPECS: tuple[KeySpec, ...] = (
             "admin cordoned stays cordoned."),
     KeySpec("boot-id-before-reboot", Kind.ANNOTATION, Writer.AGENT, "boot id",
             "/proc/sys/kernel/random/boot_id recorded just before the agent asked logind "
-            "to reboot; a different boot id afterwards proves the reboot happened.",
+            "to reboot; a different boot id afterwards proves the reboot happened. The "
+            "coordinator removes it in its reset at the end of a proven reboot, the agent "
+            "after an aborted or withdrawn cycle.",
             cluo_extension=True),
     KeySpec("blocked-reason", Kind.ANNOTATION, Writer.AGENT, "text, empty when none",
             "Why the agent's current cycle cannot go on (pods blocking the drain, a "
@@ -538,18 +540,22 @@ def drain_backoff_annotations(keys: Keys, backoff: DrainBackoff) -> dict[str, st
 def reset_patch(keys: Keys, clear_annotations: Iterable[str], *,
                 clear_release_slot: bool = False,
                 drain_backoff: DrainBackoff | None = None,
-                uncordon: bool = False) -> MetadataPatch:
+                uncordon: bool = False, finished: bool = False) -> MetadataPatch:
     """reboot-ok=false, both phase labels and every hook annotation removed; with
     ``clear_release_slot`` the admin's ``release-slot`` annotation too; with
     ``drain_backoff`` the drain failures recorded (or cleared) in the same write; with
     ``uncordon`` the agent's ``agent-made-unschedulable`` removed, for the write that
-    also sets spec.unschedulable false (the coordinator's uncordon at the end of a cycle)."""
+    also sets spec.unschedulable false (the coordinator's uncordon at the end of a cycle);
+    with ``finished`` (the node's cycle is over) the agent's ``boot-id-before-reboot``
+    removed, so the agent has nothing left to write for the cycle."""
     annotations = _deleting(clear_annotations)
     annotations[keys.reboot_ok] = FALSE
     if clear_release_slot:
         annotations[keys.release_slot] = None
     if uncordon:
         annotations[keys.agent_made_unschedulable] = None
+    if finished:
+        annotations[keys.boot_id_before_reboot] = None
     if drain_backoff is not None:
         annotations.update(drain_backoff_annotations(keys, drain_backoff))
     return MetadataPatch(labels={keys.before_reboot: None, keys.after_reboot: None},

@@ -443,11 +443,15 @@ class ResetRebootOk:
     # The agent cordoned the node and its reboot is proven: the same write uncordons it
     # (spec.unschedulable false) and removes agent-made-unschedulable (rule 10).
     uncordon: bool = False
+    # The node's cycle is over: the agent's boot-id-before-reboot goes too, so the agent
+    # has nothing left to write for it.
+    finished: bool = False
 
     def patch(self, keys: Keys) -> MetadataPatch:
         return reset_patch(keys, self.clear_annotations,
                            clear_release_slot=self.clear_release_slot,
-                           drain_backoff=self.drain_backoff, uncordon=self.uncordon)
+                           drain_backoff=self.drain_backoff, uncordon=self.uncordon,
+                           finished=self.finished)
 
 
 @dataclass(frozen=True)
@@ -850,8 +854,9 @@ class _Builder:
         """Rule 4: reboot-ok=false first (a CAS even when nothing changes), then release;
         then the Event that reports it. ``done``: the holder's cycle ended (it no longer
         needs a reboot); its one global slot may go straight to the next node
-        (``_handed``). ``uncordon``: the reset uncordons the node the agent cordoned
-        (rule 10). ``reports``: Events that report the reset itself."""
+        (``_handed``), and the reset removes the agent's boot id. ``uncordon``: the reset
+        uncordons the node the agent cordoned (rule 10). ``reports``: Events that report
+        the reset itself."""
         self.add(
             ResetRebootOk(
                 view.name,
@@ -860,6 +865,7 @@ class _Builder:
                 clear_release_slot=clear_release_slot,
                 drain_backoff=drain_backoff,
                 uncordon=uncordon,
+                finished=done,
             )
         )
         for report in reports:
@@ -1326,7 +1332,7 @@ def _finish_proven(view: NodeView, slots: list[SlotLease], out: _Builder, *,
     if (unrecovered := out.health.gate(name)) is not None:
         if uncordon or proof:  # the workloads may need the node to come back
             out.add(ResetRebootOk(name, view.resource_version, policy.hook_annotations,
-                                  uncordon=uncordon))
+                                  uncordon=uncordon, finished=True))
             for report in proof:
                 out.event(name, report.type, report.reason, report.message)
         _wait(name, primary, f"waiting for the workloads to recover: {unrecovered}", out)

@@ -7,9 +7,11 @@ agent-made-unschedulable and the cordon, in one request; the boot id before the 
 it powers the emulated host off (for ``down_for`` seconds) and on again (a new bootID),
 waits until the Node reports it, then reports reboot-needed=false,
 reboot-in-progress=false; once the coordinator has set reboot-ok=false (``finish_delay``
-later: an agent is not instant) it ends the cycle in one request: the mark and the boot
-id removed and, only if the mark is still there with the cordon (the coordinator's reset
-uncordons a node at the end of a proven reboot, planner rule 10), the uncordon.
+later: an agent is not instant) it ends the cycle: cluo-coord's reset of a proven reboot
+has uncordoned the node and removed the mark and the boot id (planner rule 10), and then
+there is nothing to write; a reset that left them (an aborted or withdrawn cycle, an
+older coordinator) gets one request: the mark and the boot id removed and, only if the
+mark is still there with the cordon, the uncordon.
 Each node's stand-in writes with that node's own credential (a client certificate of
 system:node:<name>, as the real agent uses its kubelet's), so the confinement of
 docs/security.md is exercised by the real authorizer and admission; the nodes are listed
@@ -55,7 +57,8 @@ class FakeAgents:
         self._finish_delay = finish_delay
         self._down_for = down_for
         self.uncordoned = 0  # uncordons made by the stand-ins (the rest: the coordinator's)
-        self.finishing_at: dict[str, float] = {}  # node -> monotonic time of its last write
+        self.finish_writes = 0  # cycles the stand-ins ended with a write of their own
+        self.finishing_at: dict[str, float] = {}  # node -> monotonic time its cycle ended
         self._stop = threading.Event()
         self._busy: set[str] = set()
         self._workers: list[threading.Thread] = []
@@ -133,12 +136,17 @@ class FakeAgents:
                 return  # the test is over before the after-reboot phase
         time.sleep(self._finish_delay)
         now = node.read_node(name)
+        annotations = now.metadata.annotations or {}
         uncordon = bool(now.spec.unschedulable) and (
-            (now.metadata.annotations or {}).get(keys.agent_made_unschedulable) == "true")
+            annotations.get(keys.agent_made_unschedulable) == "true")
         self.finishing_at[name] = time.monotonic()
+        if (keys.agent_made_unschedulable not in annotations
+                and keys.boot_id_before_reboot not in annotations):
+            return  # cluo-coord's reset ended the cycle: nothing left to write
         node.patch_node(name, {
             "metadata": {"annotations": {keys.agent_made_unschedulable: None,
                                          keys.boot_id_before_reboot: None}},
             **({"spec": {"unschedulable": False}} if uncordon else {})})
+        self.finish_writes += 1
         if uncordon:
             self.uncordoned += 1

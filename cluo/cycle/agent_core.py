@@ -46,10 +46,11 @@ The cycle and its writes, one write (one request) per decision, in this order:
       │                reboot-reason removed
     WaitingForAfterReboot
       │ the coordinator sets reboot-ok=false (after-reboot hooks done); cluo-coord
-      │ uncordons the node in that write and removes agent-made-unschedulable
+      │ uncordons the node in that write and removes agent-made-unschedulable and
+      │ boot-id-before-reboot: Idle, with nothing to write. Only when a reset left
+      │ them (an older coordinator's, or the end of an aborted cycle):
     Uncordoning ─── W5 agent-made-unschedulable=false, boot-id-before-reboot removed and,
-                       only if agent-made-unschedulable=true and still cordoned (an
-                       older coordinator's reset, or the end of an aborted cycle),
+                       only if agent-made-unschedulable=true and still cordoned,
                        spec.unschedulable=false (one patch of metadata and spec)
     Idle
 

@@ -243,13 +243,17 @@ def test_the_reset_uncordons_the_node_and_hands_its_slot_on_without_the_agent(
     first, by_admin, last = rig.add_nodes(3)
     rig.core.patch_node(by_admin, {"spec": {"unschedulable": True}})  # before cluo touches it
     rig.start()
-    # Agents that end their cycle (the recorded boot id removed) a second late: the
-    # hand-over does not wait for them.
+    # Agents that look at the end of their cycle a second late: the hand-over does not
+    # wait for them.
     with rig.agents(finish_delay=1.0) as agents:
         wait_for(_all_done(rig, [first, by_admin, last]), 60, "all three nodes to finish")
     assert not agents.errors
-    # Every uncordon was the coordinator's, in the reset's write (reboot-ok=false).
+    # Every uncordon was the coordinator's, in the reset's write (reboot-ok=false), which
+    # also removed the boot id: no agent had anything left to write.
     assert agents.uncordoned == 0
+    assert agents.finish_writes == 0
+    for name in (first, by_admin, last):
+        assert KEYS.boot_id_before_reboot not in rig.annotations(name)
     assert recorder.uncordons() == [(first, True), (last, True)]
     assert recorder.max_cordoned() == 1
     assert recorder.max_in_flight() == 1

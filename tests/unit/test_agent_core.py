@@ -558,9 +558,27 @@ def test_after_the_reboot_uncordons_and_clears_the_marks_in_one_write() -> None:
     assert not world.unschedulable
 
 
-def test_after_the_coordinators_uncordoning_reset_only_the_boot_id_is_removed() -> None:
-    # cluo-coord's reset of a proven reboot uncordons the node and removes the mark in its
-    # own write: the agent's last write of the cycle then has nothing to uncordon.
+def test_after_the_coordinators_finishing_reset_the_agent_writes_nothing() -> None:
+    # cluo-coord's reset of a proven reboot uncordons the node and removes the mark and the
+    # boot id in its own write: the cycle is over for the agent without a write of its own.
+    world = World(coordinator=False)
+    world.set_annotation("reboot-ok", "true")
+    world.run_until(WaitingForAfterReboot)
+    world.set_annotation("reboot-ok", "false")
+    del world.annotations[KEYS.agent_made_unschedulable]
+    del world.annotations[KEYS.boot_id_before_reboot]
+    world.unschedulable = False
+
+    decision = world.step()
+
+    assert isinstance(decision.state, Idle)
+    assert [a for a in decision.actions if isinstance(a, (PatchNode, EmitEvent))] == []
+    assert not world.unschedulable
+
+
+def test_after_an_older_coordinators_uncordoning_reset_only_the_boot_id_is_removed() -> None:
+    # A coordinator of the last release uncordons the node and removes the mark in its
+    # reset but leaves the boot id: the agent's last write removes it.
     world = World(coordinator=False)
     world.set_annotation("reboot-ok", "true")
     world.run_until(WaitingForAfterReboot)

@@ -564,7 +564,7 @@ def test_waits_for_after_reboot_hooks_then_resets_before_releasing() -> None:
     done = run([node("a", ok=True, after_label=True, boot="boot-2",
                      extra={AFTER_HOOK: TRUE})], leases, base=HOOKS)
     assert done.changes[:2] == (
-        ResetRebootOk("a", "100", (BEFORE_HOOK, AFTER_HOOK)),
+        ResetRebootOk("a", "100", (BEFORE_HOOK, AFTER_HOOK), finished=True),
         ReleaseSlot(0, "a", "9", NOW),
     )
     assert reasons(done) == [Reason.REBOOT_FINISHED]
@@ -580,6 +580,8 @@ def test_reset_of_a_proven_reboot_uncordons_the_node_and_hands_its_slot_over() -
     (reset,) = of(done, ResetRebootOk)
     assert reset.uncordon
     assert reset.patch(KEYS).annotations[KEYS.agent_made_unschedulable] is None
+    # The cycle is over: the agent's boot id goes too, so the agent writes nothing more.
+    assert reset.patch(KEYS).annotations[KEYS.boot_id_before_reboot] is None
     assert [(c.node, c.handed_from) for c in of(done, AcquireSlot)] == [("b", "a")]
     message = next(e.message for e in of(done, EmitEvent) if e.reason is Reason.REBOOT_FINISHED)
     assert "node uncordoned" in message
@@ -595,6 +597,7 @@ def test_reset_uncordons_while_the_health_gate_holds_the_slot() -> None:
                 health=Health(closed_gates={"a": "web: 1/2 ready"}))
     assert kinds(held) == ["ResetRebootOk"]
     assert of(held, ResetRebootOk)[0].uncordon
+    assert of(held, ResetRebootOk)[0].finished
     schedulable = node("a", ok=True, after_label=True, boot="boot-2", extra={AFTER_HOOK: TRUE})
     waiting = plan([schedulable], leases, NOW, HOOKS,
                    health=Health(closed_gates={"a": "web: 1/2 ready"}))
@@ -687,6 +690,8 @@ def test_aborted_drain_resets_the_grant_and_releases_the_slot() -> None:
     event = of(result, EmitEvent)[0]
     assert (event.type, event.reason) == (EventType.WARNING, Reason.DRAIN_BLOCKED)
     assert "PDB web allows 0 disruptions" in event.message
+    # The cycle is not over: what the agent recorded stays for the agent to clear.
+    assert KEYS.boot_id_before_reboot not in of(result, ResetRebootOk)[0].patch(KEYS).annotations
 
 
 # --------------------------------------------------------------------------- drain backoff

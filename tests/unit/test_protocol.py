@@ -135,7 +135,8 @@ def test_slot_lease_names() -> None:
 KEYS = Keys()
 HOOK = "example.com/drained"  # a user-chosen hook annotation
 # Keys of others that the coordinator deletes, as their meaning in SPECS says it does.
-CLEARED_BY_COORDINATOR = {"blocked-reason", "release-slot", "agent-made-unschedulable"}
+CLEARED_BY_COORDINATOR = {"blocked-reason", "release-slot", "agent-made-unschedulable",
+                          "boot-id-before-reboot"}
 
 
 def _spec(key: str, kind: Kind) -> tuple[str, Writer]:
@@ -164,7 +165,8 @@ def test_the_coordinator_sets_only_its_keys_and_clears_only_what_the_table_says(
     patches = [before_reboot_patch(KEYS, [HOOK]), grant_patch(KEYS, [HOOK]),
                after_reboot_patch(KEYS, [HOOK]),
                reset_patch(KEYS, [HOOK], clear_release_slot=True),
-               reset_patch(KEYS, [HOOK], uncordon=True)]
+               reset_patch(KEYS, [HOOK], uncordon=True),
+               reset_patch(KEYS, [HOOK], uncordon=True, finished=True)]
     for patch in patches:
         for key, kind, value in _writes(patch):
             if key == HOOK:
@@ -180,3 +182,10 @@ def test_the_grant_sets_reboot_ok_and_the_reset_sets_it_back_to_false() -> None:
     reset = reset_patch(KEYS, ())
     assert reset.annotations[KEYS.reboot_ok] == "false", "reboot-ok is never deleted"
     assert reset.labels == {KEYS.before_reboot: None, KEYS.after_reboot: None}
+
+
+def test_only_the_reset_that_ends_a_cycle_removes_the_agents_boot_id() -> None:
+    assert KEYS.boot_id_before_reboot not in reset_patch(KEYS, (), uncordon=True).annotations
+    finished = reset_patch(KEYS, (), finished=True)
+    assert finished.annotations[KEYS.boot_id_before_reboot] is None
+    assert KEYS.agent_made_unschedulable not in finished.annotations  # that is `uncordon`'s
