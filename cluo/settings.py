@@ -41,6 +41,7 @@ import re
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Generic, NoReturn, TextIO, TypeVar, cast
 
 from cluo.errors import ConfigError
@@ -83,6 +84,20 @@ def positive_duration(text: str) -> float:
     if seconds <= 0:
         raise ValueError("must be a positive duration")
     return seconds
+
+
+def as_timedelta(parse: Callable[[str], float]) -> Callable[[str], timedelta]:
+    """``parse`` (a duration parser into seconds) giving a timedelta; a duration too long
+    for one is refused as bad input."""
+
+    def parse_timedelta(text: str) -> timedelta:
+        seconds = parse(text)
+        try:
+            return timedelta(seconds=seconds)
+        except OverflowError:
+            raise ValueError("too long a duration") from None
+
+    return parse_timedelta
 
 
 def parse_boolean(text: str) -> bool:

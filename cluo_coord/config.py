@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 from cluo.errors import ConfigError
@@ -32,12 +31,14 @@ from cluo.settings import (
     Setting,
     SettingsLoader,
     Values,
+    as_timedelta,
     boolean,
     choice,
     go_aliases,
     go_refusals,
     optional_text,
     parse_duration,
+    positive_duration,
     positive_int,
     verbatim,
 )
@@ -98,24 +99,8 @@ class AdminSettings:
 # --- parsers of the coordinator's own value types ---------------------------------------
 
 
-def _duration(check: Callable[[float], str | None]) -> Callable[[str], timedelta]:
-    """A duration parser into a timedelta; ``check`` returns a reason to refuse it."""
-
-    def parse(value: str) -> timedelta:
-        seconds = parse_duration(value)
-        reason = check(seconds)
-        if reason:
-            raise ValueError(reason)
-        try:
-            return timedelta(seconds=seconds)
-        except OverflowError:
-            raise ValueError("too long a duration") from None
-
-    return parse
-
-
-_any_duration = _duration(lambda _: None)
-_positive_duration = _duration(lambda s: None if s > 0 else "must be a positive duration")
+_any_duration = as_timedelta(parse_duration)
+_positive_duration = as_timedelta(positive_duration)
 
 
 def _count_or_zero(value: str) -> int:

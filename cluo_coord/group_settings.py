@@ -14,11 +14,10 @@ declared for cluo.settings' one loader like every other flag in cluo_coord.confi
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 from typing import Any
 
 from cluo.errors import ConfigError
-from cluo.settings import Setting, Values, parse_duration
+from cluo.settings import Setting, Values, as_timedelta, parse_duration
 from cluo_coord.groups import Budget, Groups, GroupSpec, parse_groups
 
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -43,8 +42,7 @@ def _canary(value: str) -> str:
     return value
 
 
-def _soak(value: str) -> timedelta:
-    return timedelta(seconds=parse_duration(value))
+_soak = as_timedelta(parse_duration)
 
 
 def _groups(text: str) -> tuple[GroupSpec, ...]:

@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from cluo.errors import ConfigError
-from cluo.settings import Setting, Values, boolean, parse_duration
+from cluo.settings import Setting, Values, as_timedelta, boolean, parse_duration
 from cluo_coord.health import BudgetScope
 
 DEFAULT_BLOCKER_INTERVAL = "30s"
@@ -69,11 +69,14 @@ def _namespace(value: str) -> str:
     return value
 
 
-def _interval(value: str) -> timedelta:
+def _at_least_a_second(value: str) -> float:
     seconds = parse_duration(value)
     if seconds < 1:
         raise ValueError("must be at least 1s")
-    return timedelta(seconds=seconds)
+    return seconds
+
+
+_interval = as_timedelta(_at_least_a_second)
 
 
 HEALTH_GATE = boolean(

@@ -128,6 +128,12 @@ def test_cluo_window_and_several_windows_combine_in_the_time_zone() -> None:
         (["--metrics-address", "8080"], {}, "--metrics-address"),
         (["--namespace", "Bad_NS"], {}, "Bad_NS"),
         (["--log-level", "loud"], {}, "--log-level"),
+        # Durations too long for a timedelta are bad input, not a crash.
+        (["--reboot-timeout", "1e20"], {}, "--reboot-timeout: '1e20': too long a duration"),
+        (["--canary-group", "a", "--canary-soak", "1e20"], {},
+         "--canary-soak: '1e20': too long a duration"),
+        (["--blocker-interval", "1e20"], {}, "--blocker-interval: '1e20': too long a duration"),
+        (["--blocker-interval", "0.5"], {}, "--blocker-interval: '0.5': must be at least 1s"),
         # FLUO's and CLUO's update-operator spellings: errors name the spelling given.
         # FLUO took a lone start or length as no window at all; cluo refuses it.
         (["-reboot-window-start", "Thu 23:00"], {},
